@@ -1,0 +1,28 @@
+# One command each on a fresh machine: `make demo`, `make test`.
+PY ?= python3
+VENV := .venv
+BIN := $(VENV)/bin
+# The CPU build of torch that lies on this machine's disk; a bare `torch` would pull CUDA.
+TORCH_PIN ?= torch==2.13.0
+
+.PHONY: install test demo bench clean
+
+install: $(VENV)/.installed
+
+$(VENV)/.installed: pyproject.toml
+	test -x $(BIN)/python || $(PY) -m venv $(VENV)
+	$(BIN)/pip install -q --disable-pip-version-check "$(TORCH_PIN)"
+	$(BIN)/pip install -q --disable-pip-version-check -e '.[test]'
+	touch $@
+
+test: install
+	$(BIN)/python -m pytest -q
+
+demo: install
+	bash scripts/demo.sh
+
+bench: install
+	$(BIN)/python bench/shard_split.py
+
+clean:
+	rm -rf $(VENV) demo-out *.egg-info

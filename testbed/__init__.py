@@ -1,0 +1,1 @@
+"""Shaped links, scenarios and experiments; test models."""
