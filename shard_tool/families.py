@@ -7,6 +7,7 @@ Adding Qwen-MoE or OLMoE means adding one `Family` here; nothing else in the too
 
 from __future__ import annotations
 
+import dataclasses
 import re
 from dataclasses import dataclass, field
 from typing import Callable, Mapping
@@ -33,12 +34,7 @@ class ModelShape:
     tie_word_embeddings: bool
 
     def summary(self) -> dict:
-        return {
-            "model_type": self.model_type, "num_layers": self.num_layers,
-            "num_experts": self.num_experts, "top_k": self.top_k,
-            "hidden_size": self.hidden_size, "ffn_size": self.ffn_size,
-            "vocab_size": self.vocab_size,
-        }
+        return dataclasses.asdict(self)
 
 
 @dataclass(frozen=True)

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import importlib
 import inspect
+import warnings
 
 # English-heavy, pure-Python modules present in every CPython build.
 CORPUS_MODULES = (
@@ -25,17 +26,23 @@ CORPUS_MODULES = (
 def stdlib_docstrings() -> list[str]:
     """Docstrings of the modules above and their public members, in a fixed order."""
     texts = []
-    for module_name in CORPUS_MODULES:
-        try:
-            module = importlib.import_module(module_name)
-        except ImportError:
+    with warnings.catch_warnings():  # typing.io and friends warn when their docs are read
+        warnings.simplefilter("ignore")
+        for module_name in CORPUS_MODULES:
+            texts.extend(_module_docstrings(module_name))
+    return texts
+
+
+def _module_docstrings(module_name: str) -> list[str]:
+    try:
+        module = importlib.import_module(module_name)
+    except ImportError:
+        return []
+    texts = [doc] if (doc := inspect.getdoc(module)) else []
+    for name in sorted(vars(module)):
+        member = vars(module)[name]
+        if name.startswith("_") or getattr(member, "__module__", None) != module.__name__:
             continue
-        if doc := inspect.getdoc(module):
+        if doc := inspect.getdoc(member):
             texts.append(doc)
-        for name in sorted(vars(module)):
-            member = vars(module)[name]
-            if name.startswith("_") or getattr(member, "__module__", None) != module.__name__:
-                continue
-            if doc := inspect.getdoc(member):
-                texts.append(doc)
     return texts

@@ -1,0 +1,5 @@
+import sys
+
+from shard_tool.cli import main
+
+sys.exit(main())
