@@ -14,18 +14,16 @@ import math
 import os
 import struct
 from dataclasses import dataclass
-from typing import BinaryIO, Callable
-
-import torch
+from concurrent.futures import ThreadPoolExecutor
+from typing import Callable, Iterable
 
 from shard_tool.errors import ShardError
 
 DTYPE_BYTES = {"F64": 8, "F32": 4, "F16": 2, "BF16": 2, "I64": 8, "I32": 4, "I16": 2,
                "I8": 1, "U8": 1, "BOOL": 1, "F8_E4M3": 1, "F8_E5M2": 1}
-TORCH_DTYPE = {"F64": torch.float64, "F32": torch.float32, "F16": torch.float16,
-               "BF16": torch.bfloat16, "I64": torch.int64, "I32": torch.int32,
-               "I16": torch.int16, "I8": torch.int8, "U8": torch.uint8, "BOOL": torch.bool}
-ST_DTYPE = {v: k for k, v in TORCH_DTYPE.items()}
+TORCH_DTYPE_NAME = {"F64": "float64", "F32": "float32", "F16": "float16", "BF16": "bfloat16",
+                    "I64": "int64", "I32": "int32", "I16": "int16", "I8": "int8", "U8": "uint8",
+                    "BOOL": "bool"}
 FLOAT_CODES = ("F64", "F32", "F16", "BF16")
 MAX_HEADER_BYTES = 100 * 1024 * 1024  # same cap as the reference implementation
 COPY_CHUNK_BYTES = 16 * 1024 * 1024  # bounds the split's memory whatever the tensor size
@@ -81,23 +79,35 @@ def read_header(path: str) -> tuple[dict[str, TensorInfo], dict]:
     return tensors, metadata
 
 
-def read_tensor(info: TensorInfo) -> torch.Tensor:
+def torch_dtype(code: str):
+    """The torch dtype of a safetensors code. torch is imported only here: a plain split
+    (no dtype change) never loads it, which keeps its memory small."""
+    import torch
+
+    return getattr(torch, TORCH_DTYPE_NAME[code])
+
+
+def read_tensor(info: TensorInfo):
     """One tensor, read into memory (for small tensors and tests; the split streams instead)."""
+    import torch
+
     with open(info.path, "rb") as f:
         f.seek(info.offset)
         data = bytearray(info.nbytes)
         if f.readinto(data) != info.nbytes:
             raise ShardError(f"{info.path}: truncated while reading {info.name}")
     if info.nbytes == 0:
-        return torch.empty(info.shape, dtype=TORCH_DTYPE[info.dtype])
-    return torch.frombuffer(data, dtype=TORCH_DTYPE[info.dtype]).reshape(info.shape)
+        return torch.empty(info.shape, dtype=torch_dtype(info.dtype))
+    return torch.frombuffer(data, dtype=torch_dtype(info.dtype)).reshape(info.shape)
 
 
 def _converter(src: str, dst: str) -> Callable[[memoryview], object]:
     """Chunk -> bytes-like in the target dtype (elementwise, so chunks convert independently)."""
     if src == dst:
         return lambda chunk: chunk
-    src_t, dst_t = TORCH_DTYPE[src], TORCH_DTYPE[dst]
+    import torch
+
+    src_t, dst_t = torch_dtype(src), torch_dtype(dst)
     # uint8 view: numpy has no bfloat16, but any tensor's bytes export as uint8 without a copy
     return lambda chunk: torch.frombuffer(chunk, dtype=src_t).to(dst_t).view(torch.uint8).numpy()
 
@@ -106,63 +116,131 @@ class StreamingWriter:
     """Write a safetensors file whose tensor list is known up front, one tensor at a time.
 
     The header (names, dtypes, shapes, offsets) is written first; `copy_from` then streams each
-    tensor's bytes from its source in chunks, converting dtype on the way, hashing as it writes.
+    tensor's bytes from its source in chunks, hashing as it writes. Same-dtype bytes move by
+    copy_file_range (in the kernel, like `cp`) while a worker thread hashes the chunk just
+    read; a dtype change converts chunk by chunk in user space.
     """
 
     def __init__(self, path: str, layout: list[tuple[str, str, tuple[int, ...]]],
                  metadata: dict[str, str] | None = None):
         self.path = path
         self.order = [name for name, _, _ in layout]
+        self.dtypes = {name: dtype for name, dtype, _ in layout}
+        self.sizes = {name: math.prod(shape) * DTYPE_BYTES[dtype] for name, dtype, shape in layout}
         self._next = 0
         header: dict = {"__metadata__": dict(metadata or {"format": "pt"})}
         offset = 0
         for name, dtype, shape in layout:
-            nbytes = math.prod(shape) * DTYPE_BYTES[dtype]
             header[name] = {"dtype": dtype, "shape": list(shape),
-                            "data_offsets": [offset, offset + nbytes]}
-            offset += nbytes
+                            "data_offsets": [offset, offset + self.sizes[name]]}
+            offset += self.sizes[name]
         raw = json.dumps(header, separators=(",", ":")).encode()
         raw += b" " * (-len(raw) % 8)  # data starts 8-byte aligned, as the reference writes
-        self.dtypes = {name: dtype for name, dtype, _ in layout}
         self.hash = hashlib.sha256()
         self.bytes_written = 0
-        self._file: BinaryIO = open(path, "wb")
+        self._hasher = ThreadPoolExecutor(max_workers=1, thread_name_prefix="sha256")
+        self._fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
         self._write(struct.pack("<Q", len(raw)) + raw)
 
     def _write(self, data) -> None:
-        self._file.write(data)
-        self.hash.update(data)
+        view = memoryview(data).cast("B")
+        self.hash.update(view)
+        while view:
+            view = view[os.write(self._fd, view):]
         self.bytes_written += len(data)
 
-    def copy_from(self, src: TensorInfo, progress: Callable[[int], None] = lambda n: None) -> None:
-        name = self.order[self._next]
-        if name != src.name:
-            raise RuntimeError(f"tensors must be written in header order: {name} before {src.name}")
+    def _start(self, name: str) -> None:
+        expected = self.order[self._next]
+        if name != expected:
+            raise RuntimeError(f"tensors must be written in header order: {expected} before {name}")
         self._next += 1
-        convert = _converter(src.dtype, self.dtypes[name])
+
+    def _check_written(self, name: str, start: int) -> None:
+        if self.bytes_written - start != self.sizes[name]:
+            raise RuntimeError(f"{name}: wrote {self.bytes_written - start} bytes, "
+                               f"header says {self.sizes[name]}")
+
+    def append_raw(self, name: str, chunks: Iterable) -> None:
+        """Write tensor `name` from raw bytes in its target dtype (benchmarks, tests)."""
+        self._start(name)
+        start = self.bytes_written
+        for chunk in chunks:
+            self._write(chunk)
+        self._check_written(name, start)
+
+    def copy_from(self, src: TensorInfo, progress: Callable[[int], None] = lambda n: None) -> None:
+        """Append tensor `src` (the next in header order), converting to its target dtype.
+        Raises ShardError when the source turns out shorter than its header says."""
+        self._start(src.name)
+        start = self.bytes_written
+        with open(src.path, "rb", buffering=0) as f:
+            if src.dtype == self.dtypes[src.name]:
+                self._copy_same_dtype(f.fileno(), src, progress)
+            else:
+                self._copy_converted(f.fileno(), src, progress)
+        self._check_written(src.name, start)
+
+    def _copy_same_dtype(self, src_fd: int, src: TensorInfo, progress) -> None:
+        # two buffers: one being hashed by the worker while the next is read
+        chunk_bytes = min(COPY_CHUNK_BYTES, src.nbytes)
+        buffers = [bytearray(chunk_bytes), bytearray(chunk_bytes)]
+        pending = None
+        done = 0
+        while done < src.nbytes:
+            n = min(chunk_bytes, src.nbytes - done)
+            view = memoryview(buffers[(done // chunk_bytes) % 2])[:n]
+            if os.preadv(src_fd, [view], src.offset + done) != n:
+                raise ShardError(f"{src.path}: truncated while reading {src.name}")
+            if pending is not None:
+                pending.result()
+            pending = self._hasher.submit(self.hash.update, view)
+            self._copy_range(src_fd, src.offset + done, view)
+            done += n
+            self.bytes_written += n
+            progress(n)
+        if pending is not None:
+            pending.result()
+
+    def _copy_range(self, src_fd: int, src_offset: int, data: memoryview) -> None:
+        """In-kernel copy of bytes already read (and being hashed); plain write if refused."""
+        copied = 0
+        try:
+            while copied < len(data):
+                n = os.copy_file_range(src_fd, self._fd, len(data) - copied, src_offset + copied)
+                if n == 0:
+                    break
+                copied += n
+        except OSError:  # EXDEV/ENOSYS/EINVAL on some kernels and filesystems
+            pass
+        rest = data[copied:]
+        while rest:
+            rest = rest[os.write(self._fd, rest):]
+
+    def _copy_converted(self, src_fd: int, src: TensorInfo, progress) -> None:
+        convert = _converter(src.dtype, self.dtypes[src.name])
         # chunks hold whole elements of the source dtype so each converts on its own
         chunk_bytes = COPY_CHUNK_BYTES - COPY_CHUNK_BYTES % DTYPE_BYTES[src.dtype]
         buffer = bytearray(min(chunk_bytes, src.nbytes))
-        view = memoryview(buffer)
-        with open(src.path, "rb", buffering=0) as f:
-            f.seek(src.offset)
-            left = src.nbytes
-            while left:
-                n = f.readinto(view[: min(left, len(buffer))])
-                if not n:
-                    raise ShardError(f"{src.path}: truncated while reading {src.name}")
-                self._write(convert(view[:n]))
-                left -= n
-                progress(n)
+        done = 0
+        while done < src.nbytes:
+            view = memoryview(buffer)[: min(len(buffer), src.nbytes - done)]
+            n = os.preadv(src_fd, [view], src.offset + done)
+            if n != len(view):
+                raise ShardError(f"{src.path}: truncated while reading {src.name}")
+            self._write(convert(view))
+            done += n
+            progress(n)
 
     def close(self) -> str:
         """Finish the file (fsync'd); returns its sha256."""
         if self._next != len(self.order):
             raise RuntimeError(f"{self.path}: {len(self.order) - self._next} tensors not written")
-        self._file.flush()
-        os.fsync(self._file.fileno())
-        self._file.close()
+        os.fsync(self._fd)
+        self.abort()
         return self.hash.hexdigest()
 
     def abort(self) -> None:
-        self._file.close()
+        self._hasher.shutdown(wait=True)
+        if self._fd >= 0:
+            os.close(self._fd)
+            self._fd = -1

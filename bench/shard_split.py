@@ -1,0 +1,157 @@
+"""Split throughput and peak memory against a plain copy of the same bytes, in the same run.
+
+Writes Mixtral-shaped checkpoints (real HF layout: config.json, sharded safetensors with an
+index) of about --size-gb and twice that, then for each: a plain copy of its files (with fsync,
+as the split does), and `shard_tool split` in a child process whose peak RSS is read from
+wait4(). Prints times, the split/copy ratio and peak RSS as a share of the model.
+
+    .venv/bin/python bench/shard_split.py [--size-gb 1.5] [--dtype keep|bfloat16] [--dir DIR]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import shutil
+import subprocess
+import sys
+import tempfile
+import time
+
+from shard_tool.families import MIXTRAL
+from shard_tool.safetensors_io import DTYPE_BYTES, StreamingWriter
+
+HIDDEN, FFN, EXPERTS, VOCAB, HEADS, KV_HEADS = 1024, 3584, 8, 32000, 8, 2
+FILL_CHUNK_BYTES = 16 * 1024 * 1024
+
+
+def layer_count_for(size_bytes: float) -> int:
+    per_layer = EXPERTS * 3 * HIDDEN * FFN * 2 + (2 * HIDDEN * HIDDEN + 2 * HIDDEN * 256) * 2
+    return max(1, round((size_bytes - 2 * VOCAB * HIDDEN * 2) / per_layer))
+
+
+def write_checkpoint(folder: str, layers: int, files: int = 4) -> int:
+    """A bf16 Mixtral-shaped checkpoint of random bytes, `files` safetensors + index."""
+    from transformers import MixtralConfig
+
+    config = MixtralConfig(vocab_size=VOCAB, hidden_size=HIDDEN, intermediate_size=FFN,
+                           num_hidden_layers=layers, num_attention_heads=HEADS,
+                           num_key_value_heads=KV_HEADS, num_local_experts=EXPERTS,
+                           num_experts_per_tok=2, dtype="bfloat16")
+    os.makedirs(folder)
+    config.to_json_file(os.path.join(folder, "config.json"))
+    shape = MIXTRAL.shape_from_config(config.to_dict())
+    names = sorted(MIXTRAL.expected(shape).items())
+    fill = os.urandom(FILL_CHUNK_BYTES)
+    weight_map, total = {}, 0
+    per_file = -(-len(names) // files)
+    for i in range(files):
+        file_name = f"model-{i + 1:05d}-of-{files:05d}.safetensors"
+        group = names[i * per_file:(i + 1) * per_file]
+        writer = StreamingWriter(os.path.join(folder, file_name),
+                                 [(n, "BF16", s) for n, (s, _) in group])
+        for name, (tensor_shape, _) in group:
+            nbytes = DTYPE_BYTES["BF16"]
+            for d in tensor_shape:
+                nbytes *= d
+            chunks = (memoryview(fill)[: min(FILL_CHUNK_BYTES, nbytes - o)]
+                      for o in range(0, nbytes, FILL_CHUNK_BYTES))
+            writer.append_raw(name, chunks)
+            weight_map[name] = file_name
+        writer.close()
+        total += writer.bytes_written
+    with open(os.path.join(folder, "model.safetensors.index.json"), "w") as f:
+        json.dump({"metadata": {"total_size": total}, "weight_map": weight_map}, f)
+    return total
+
+
+def plain_copy(src: str, dst: str) -> float:
+    os.sync()  # start clean: no writeback of earlier runs billed to this one
+    start = time.perf_counter()
+    os.makedirs(dst)
+    for name in os.listdir(src):
+        shutil.copyfile(os.path.join(src, name), os.path.join(dst, name))
+        with open(os.path.join(dst, name), "rb") as f:
+            os.fsync(f.fileno())
+    return time.perf_counter() - start
+
+
+def peak_rss_bytes(pid: int) -> int:
+    """VmHWM of a live process. (wait4's ru_maxrss would carry over this parent's peak
+    across fork+exec, so the child is sampled through /proc instead.)"""
+    try:
+        with open(f"/proc/{pid}/status") as f:
+            for line in f:
+                if line.startswith("VmHWM:"):
+                    return int(line.split()[1]) * 1024
+    except (FileNotFoundError, ProcessLookupError):
+        pass
+    return 0
+
+
+def run_sampled(argv: list[str]) -> tuple[float, int]:
+    """Seconds and peak RSS (bytes) of a command in its own process."""
+    os.sync()
+    start = time.perf_counter()
+    proc = subprocess.Popen(argv, stdout=subprocess.DEVNULL)
+    peak = 0
+    while proc.poll() is None:
+        peak = max(peak, peak_rss_bytes(proc.pid))
+        time.sleep(0.005)
+    elapsed = time.perf_counter() - start
+    if proc.returncode != 0:
+        raise SystemExit(f"{' '.join(argv)} failed")
+    return elapsed, peak
+
+
+def timed_split(src: str, dst: str, dtype: str) -> tuple[float, int]:
+    return run_sampled([sys.executable, "-m", "shard_tool", "split", src, dst, "--dtype", dtype])
+
+
+def baseline_rss() -> int:
+    """Peak RSS of the interpreter importing the CLI and sleeping: the floor of any run."""
+    return run_sampled([sys.executable, "-c", "import shard_tool.cli, time; time.sleep(0.5)"])[1]
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--size-gb", type=float, default=1.5)
+    parser.add_argument("--dtype", default="keep")
+    parser.add_argument("--repeat", type=int, default=3)
+    parser.add_argument("--dir", default=None, help="scratch folder (default: a temp dir)")
+    args = parser.parse_args()
+    scratch = tempfile.mkdtemp(prefix="bench-split-", dir=args.dir)
+    rows = []
+    try:
+        for factor in (1, 2):
+            layers = layer_count_for(args.size_gb * factor * 1e9)
+            ckpt = os.path.join(scratch, f"ckpt{factor}")
+            size = write_checkpoint(ckpt, layers)
+            copies, splits = [], []
+            for _ in range(args.repeat):  # interleaved, so drift in the disk hits both alike
+                # outputs are removed at once: 24 GB of page cache cannot hold them all
+                copies.append(plain_copy(ckpt, os.path.join(scratch, "copy")))
+                shutil.rmtree(os.path.join(scratch, "copy"))
+                splits.append(timed_split(ckpt, os.path.join(scratch, "split"), args.dtype))
+                shutil.rmtree(os.path.join(scratch, "split"))
+            copy_s = min(copies)
+            split_s, rss = min(s[0] for s in splits), max(s[1] for s in splits)
+            rows.append((size, layers, copy_s, split_s, rss))
+            shutil.rmtree(ckpt)
+    finally:
+        shutil.rmtree(scratch, ignore_errors=True)
+    floor = baseline_rss()
+    print(f"shard_tool split --dtype {args.dtype} vs plain copy (both fsync'd), best time of {args.repeat}, worst RSS")
+    print(f"{'model':>9} {'layers':>6} {'copy s':>7} {'split s':>8} {'split/copy':>10} "
+          f"{'peak RSS':>9} {'RSS/model':>9}")
+    for size, layers, copy_s, split_s, rss in rows:
+        print(f"{size / 1e9:>7.2f}GB {layers:>6} {copy_s:>7.2f} {split_s:>8.2f} "
+              f"{split_s / copy_s:>9.2f}x {rss / 2**20:>7.0f}MB {100 * rss / size:>8.1f}%")
+    print(f"peak RSS growth from {rows[0][0] / 1e9:.2f} to {rows[1][0] / 1e9:.2f} GB: "
+          f"{(rows[1][4] - rows[0][4]) / 2**20:+.0f} MB "
+          f"(interpreter + CLI alone: {floor / 2**20:.0f} MB)")
+
+
+if __name__ == "__main__":
+    main()
