@@ -1,0 +1,168 @@
+"""Per-agent link estimates from real traffic: the update rule, pure (time is passed in).
+
+A reply's measured round trip is modeled as
+
+    round_trip = base RTT + (request + reply bytes) / throughput + compute on the agent
+
+The agent reports its compute time, so network = round_trip - compute. The base RTT is smoothed
+as TCP does (SRTT/RTTVAR, RFC 6298 constants); throughput from the transfer time left after the
+base RTT; compute speed as seconds per token per expert. Together they give the expected time for
+*this* request's bytes and tokens (the selector's latency t, Eq. 9) and a per-layer deadline.
+
+With a single message size the split between base RTT and throughput cannot be identified, but
+the estimate for that size still converges to the measured time (the RTT absorbs the rest);
+light probes (tiny) and prefill requests (large) separate the two.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, replace
+
+
+@dataclass(frozen=True)
+class LinkEstimatorConfig:
+    """Constants of the estimator; the defaults are for real links, from loopback to cellular."""
+
+    rtt_alpha: float = 1 / 8  # RFC 6298 alpha (SRTT gain)
+    rttvar_beta: float = 1 / 4  # RFC 6298 beta (RTTVAR gain)
+    rttvar_k: float = 4.0  # RFC 6298 K; also the noise bar a transfer time must clear
+    throughput_alpha: float = 1 / 8
+    compute_alpha: float = 1 / 8
+    # Priors, used until the first sample replaces each one: a modest LAN-ish link.
+    prior_rtt_s: float = 0.010
+    prior_throughput_bytes_per_s: float = 12.5e6  # 100 Mbit/s
+    prior_compute_s_per_token_expert: float = 1e-3
+    # Transfer times shorter than this are timer noise, never a throughput sample.
+    min_transfer_s: float = 50e-6
+    # deadline = expected * (1 + slack) + K * rttvar, at least the floor: a fault detector,
+    # so it errs long (throughput and compute vary more than the base RTT does).
+    deadline_slack_ratio: float = 0.5
+    deadline_floor_s: float = 0.25
+
+
+DEFAULT_CONFIG = LinkEstimatorConfig()
+
+
+@dataclass(frozen=True)
+class LinkSample:
+    """One completed request (or probe) to an agent, as observed by the base station."""
+
+    round_trip_s: float  # from the first byte sent to the reply received, base-station clock
+    compute_s: float  # agent-reported time spent computing (0 for a probe)
+    request_bytes: int
+    reply_bytes: int
+    tokens: int  # tokens in the request (0 for a probe)
+    experts: int  # experts the agent ran on those tokens (0 for a probe)
+    time_s: float  # base-station monotonic time when the reply arrived
+
+
+@dataclass(frozen=True)
+class LinkState:
+    """Estimates for one agent. Counts say which estimates are still the prior (count 0)."""
+
+    srtt_s: float  # smoothed base RTT (size-independent part of the network time)
+    rttvar_s: float  # its mean deviation
+    throughput_bytes_per_s: float  # request + reply bytes per second of transfer
+    compute_s_per_token_expert: float
+    samples: int = 0  # RTT samples (every update is one)
+    throughput_samples: int = 0
+    compute_samples: int = 0
+    last_update_s: float | None = None
+
+
+def initial_state(config: LinkEstimatorConfig = DEFAULT_CONFIG) -> LinkState:
+    """Priors before any sample; RTTVAR starts at half the RTT, as RFC 6298 does on its first."""
+    return LinkState(
+        srtt_s=config.prior_rtt_s,
+        rttvar_s=config.prior_rtt_s / 2,
+        throughput_bytes_per_s=config.prior_throughput_bytes_per_s,
+        compute_s_per_token_expert=config.prior_compute_s_per_token_expert,
+    )
+
+
+def _ewma(old: float, sample: float, gain: float, first: bool) -> float:
+    return sample if first else (1 - gain) * old + gain * sample
+
+
+def update(
+    state: LinkState, sample: LinkSample, config: LinkEstimatorConfig = DEFAULT_CONFIG
+) -> LinkState:
+    """The state after one sample. Throughput first (from the old base RTT), then the base RTT."""
+    network_s = max(sample.round_trip_s - sample.compute_s, 0.0)
+    payload_bytes = sample.request_bytes + sample.reply_bytes
+
+    # Throughput: transfer = network - base RTT, trusted only once the base RTT is a measurement
+    # and the transfer clears the RTT's own noise. Independently, if the bytes moved faster than
+    # the current estimate allows, bytes / network is a sure lower bound: take it.
+    throughput = state.throughput_bytes_per_s
+    throughput_samples = state.throughput_samples
+    if payload_bytes > 0:
+        transfer_s = network_s - state.srtt_s
+        noise_s = max(config.rttvar_k * state.rttvar_s, config.min_transfer_s)
+        rate_sample = None
+        if state.samples > 0 and transfer_s > noise_s:
+            rate_sample = payload_bytes / transfer_s
+        elif network_s > 0 and payload_bytes / throughput > network_s:
+            rate_sample = payload_bytes / network_s
+        if rate_sample is not None:
+            first = throughput_samples == 0
+            throughput = _ewma(throughput, rate_sample, config.throughput_alpha, first)
+            throughput_samples += 1
+
+    # Base RTT: what is left of the network time after the transfer (RFC 6298 Section 2).
+    rtt_sample = max(network_s - payload_bytes / throughput, 0.0)
+    if state.samples == 0:
+        srtt, rttvar = rtt_sample, rtt_sample / 2
+    else:
+        beta, alpha = config.rttvar_beta, config.rtt_alpha
+        rttvar = (1 - beta) * state.rttvar_s + beta * abs(state.srtt_s - rtt_sample)
+        srtt = (1 - alpha) * state.srtt_s + alpha * rtt_sample
+
+    # Compute speed: seconds per (token, expert) pair, from the agent's own timing.
+    compute = state.compute_s_per_token_expert
+    compute_samples = state.compute_samples
+    pairs = sample.tokens * sample.experts
+    if pairs > 0:
+        first = compute_samples == 0
+        compute = _ewma(compute, sample.compute_s / pairs, config.compute_alpha, first)
+        compute_samples += 1
+
+    return replace(
+        state,
+        srtt_s=srtt,
+        rttvar_s=rttvar,
+        throughput_bytes_per_s=throughput,
+        compute_s_per_token_expert=compute,
+        samples=state.samples + 1,
+        throughput_samples=throughput_samples,
+        compute_samples=compute_samples,
+        last_update_s=sample.time_s,
+    )
+
+
+def expected_time_s(
+    state: LinkState, request_bytes: int, reply_bytes: int, tokens: int, experts: int
+) -> float:
+    """Expected seconds for this request to come back: base RTT + transfer + compute."""
+    transfer_s = (request_bytes + reply_bytes) / state.throughput_bytes_per_s
+    compute_s = state.compute_s_per_token_expert * tokens * experts
+    return state.srtt_s + transfer_s + compute_s
+
+
+def deadline_s(
+    state: LinkState,
+    request_bytes: int,
+    reply_bytes: int,
+    tokens: int,
+    experts: int,
+    config: LinkEstimatorConfig = DEFAULT_CONFIG,
+) -> float:
+    """How long to wait for this request before treating it as lost (per layer)."""
+    expected = expected_time_s(state, request_bytes, reply_bytes, tokens, experts)
+    bound = expected * (1 + config.deadline_slack_ratio) + config.rttvar_k * state.rttvar_s
+    return max(bound, config.deadline_floor_s)
+
+
+def age_s(state: LinkState, now_s: float) -> float:
+    """Seconds since the last sample (inf if none): the link monitor probes stale agents."""
+    return float("inf") if state.last_update_s is None else now_s - state.last_update_s

@@ -1,0 +1,127 @@
+"""The link estimator's update rule against numbers worked out by hand (default constants:
+alpha 1/8, beta 1/4, K 4; priors RTT 10 ms, 12.5e6 B/s, 1 ms per token-expert)."""
+
+from __future__ import annotations
+
+import pytest
+
+from basestation.link_estimator import (
+    LinkEstimatorConfig,
+    LinkSample,
+    age_s,
+    deadline_s,
+    expected_time_s,
+    initial_state,
+    update,
+)
+
+approx = pytest.approx
+
+
+def probe(round_trip_s: float, time_s: float = 0.0) -> LinkSample:
+    return LinkSample(round_trip_s, 0.0, 0, 0, tokens=0, experts=0, time_s=time_s)
+
+
+def test_priors():
+    s = initial_state()
+    assert (s.srtt_s, s.rttvar_s, s.samples, s.last_update_s) == (0.010, 0.005, 0, None)
+    # 10 ms + 2000 B / 12.5e6 B/s (0.16 ms) + 1 token * 2 experts * 1 ms = 12.16 ms
+    assert expected_time_s(s, 1000, 1000, tokens=1, experts=2) == approx(0.01216)
+    assert age_s(s, 5.0) == float("inf")
+
+
+def test_rfc6298_smoothing_on_probes():
+    # First R = 10 ms: SRTT = 10, RTTVAR = 5. Second R = 20 ms:
+    # RTTVAR = 3/4 * 5 + 1/4 * |10 - 20| = 6.25 ms; SRTT = 7/8 * 10 + 1/8 * 20 = 11.25 ms.
+    s = update(initial_state(), probe(0.010, time_s=1.0))
+    assert (s.srtt_s, s.rttvar_s) == (approx(0.010), approx(0.005))
+    s = update(s, probe(0.020, time_s=2.0))
+    assert (s.srtt_s, s.rttvar_s) == (approx(0.01125), approx(0.00625))
+    # Probes carry no bytes and no tokens: throughput and compute keep their priors.
+    assert (s.throughput_samples, s.compute_samples, s.samples) == (0, 0, 2)
+    assert s.throughput_bytes_per_s == 12.5e6 and s.compute_s_per_token_expert == 1e-3
+    assert s.last_update_s == 2.0 and age_s(s, 2.5) == approx(0.5)
+
+
+def first_decode_sample() -> LinkSample:
+    return LinkSample(0.025, 0.003, 8192, 8192, tokens=1, experts=2, time_s=100.0)
+
+
+def test_first_sample_splits_with_the_prior_throughput():
+    # network = 25 - 3 = 22 ms; bytes 16384 at the prior 12.5e6 B/s = 1.31072 ms (< 22 ms, so
+    # no lower-bound sample; no transfer sample on a first sample, the base RTT is still a prior).
+    # RTT sample = 22 - 1.31072 = 20.68928 ms: SRTT = that, RTTVAR = half = 10.34464 ms.
+    # compute: 3 ms / (1 token * 2 experts) = 1.5 ms per token-expert (first: replaces prior).
+    s = update(initial_state(), first_decode_sample())
+    assert s.srtt_s == approx(0.02068928)
+    assert s.rttvar_s == approx(0.01034464)
+    assert s.throughput_bytes_per_s == 12.5e6 and s.throughput_samples == 0
+    assert s.compute_s_per_token_expert == approx(1.5e-3)
+    # Same request again: 20.68928 + 1.31072 + 3 = 25 ms, the measured round trip.
+    assert expected_time_s(s, 8192, 8192, tokens=1, experts=2) == approx(0.025)
+
+
+def test_large_transfer_gives_a_throughput_sample():
+    # After the first sample (SRTT 20.68928 ms, RTTVAR 10.34464 ms), a prefill of 100 tokens:
+    # round trip 300 ms, compute 50 ms -> network 250 ms; transfer = 250 - 20.68928 = 229.31072 ms
+    # > K * RTTVAR = 41.37856 ms, so a sample: 2e6 B / 0.22931072 s = 8,721,790 B/s (first:
+    # replaces the prior). RTT sample = 250 - 2e6 / 8,721,790 = 20.68928 ms = SRTT, so SRTT stays
+    # and RTTVAR = 3/4 * 10.34464 = 7.75848 ms. compute: 50 ms / 100 = 0.5 ms;
+    # 7/8 * 1.5 + 1/8 * 0.5 = 1.375 ms.
+    s = update(initial_state(), first_decode_sample())
+    s = update(s, LinkSample(0.300, 0.050, 1_000_000, 1_000_000, 100, 1, time_s=101.0))
+    assert s.throughput_bytes_per_s == approx(8_721_790, rel=1e-6)
+    assert s.throughput_samples == 1
+    assert s.srtt_s == approx(0.02068928)
+    assert s.rttvar_s == approx(0.00775848)
+    assert s.compute_s_per_token_expert == approx(1.375e-3)
+
+    # A slower prefill (network 300 ms) shares the blame between throughput and base RTT:
+    # transfer 279.31072 ms -> 7,160,481 B/s; throughput 7/8 * 8,721,790 + 1/8 * 7,160,481
+    # = 8,526,627 B/s; RTT sample 300 - 2e6 / 8,526,627 = 300 - 234.5592 = 65.4408 ms;
+    # RTTVAR = 3/4 * 7.75848 + 1/4 * |20.68928 - 65.4408| = 17.00670 ms;
+    # SRTT = 7/8 * 20.68928 + 1/8 * 65.4408 = 26.28322 ms.
+    s = update(s, LinkSample(0.350, 0.050, 1_000_000, 1_000_000, 100, 1, time_s=102.0))
+    assert s.throughput_bytes_per_s == approx(8_526_627, rel=1e-6)
+    assert s.rttvar_s == approx(0.0170067, rel=1e-5)
+    assert s.srtt_s == approx(0.0262832, rel=1e-5)
+
+
+def test_faster_than_the_estimate_is_a_lower_bound_sample():
+    # Loopback: 16384 B back in 80 us. At the prior 12.5e6 B/s the bytes alone would take
+    # 1.31 ms > 80 us, so throughput is at least 16384 / 80e-6 = 204.8e6 B/s (taken). The RTT
+    # sample is then 80 us - 16384 / 204.8e6 = 0, so SRTT = RTTVAR = 0.
+    s = update(initial_state(), LinkSample(80e-6, 0.0, 8192, 8192, 0, 0, time_s=1.0))
+    assert s.throughput_bytes_per_s == approx(204.8e6)
+    assert s.srtt_s == approx(0.0, abs=1e-12) and s.rttvar_s == approx(0.0, abs=1e-12)
+    assert expected_time_s(s, 8192, 8192, 0, 0) == approx(80e-6)
+
+
+def test_small_jitter_is_not_a_throughput_sample():
+    # SRTT 10 ms, RTTVAR 5 ms after one probe; 10.5 ms for 256 bytes: transfer 0.5 ms is under
+    # K * RTTVAR = 20 ms, so no throughput sample (256 B / 0.5 ms would claim 512 kB/s).
+    s = update(initial_state(), probe(0.010))
+    s = update(s, LinkSample(0.0105, 0.0, 128, 128, 0, 0, time_s=1.0))
+    assert s.throughput_samples == 0 and s.throughput_bytes_per_s == 12.5e6
+
+
+def test_steady_traffic_converges_to_the_measured_time():
+    s = initial_state()
+    for i in range(100):
+        s = update(s, LinkSample(0.040, 0.004, 65536, 65536, 8, 1, time_s=float(i)))
+    assert expected_time_s(s, 65536, 65536, 8, 1) == approx(0.040, rel=1e-3)
+
+
+def test_compute_longer_than_round_trip_is_clamped():
+    # An agent that reports more compute than the round trip (its clock or ours): network 0.
+    s = update(initial_state(), LinkSample(0.001, 0.002, 0, 0, 1, 1, time_s=0.0))
+    assert s.srtt_s == 0.0 and s.compute_s_per_token_expert == approx(0.002)
+
+
+def test_deadline():
+    # Priors: expected 12.16 ms (test_priors); 12.16 * 1.5 + 4 * 5 ms = 38.24 ms; the default
+    # floor 250 ms wins. With floor 10 ms: 38.24 ms.
+    s = initial_state()
+    assert deadline_s(s, 1000, 1000, 1, 2) == 0.25
+    config = LinkEstimatorConfig(deadline_floor_s=0.010)
+    assert deadline_s(s, 1000, 1000, 1, 2, config) == approx(0.03824)
