@@ -1,8 +1,116 @@
-"""`basestation`: lands with issue 4 (generate, chat, status)."""
+"""`basestation`: generate, chat and status against live edge agents."""
 
+from __future__ import annotations
+
+import argparse
+import json
+import signal
 import sys
 
+from basestation.session import RosterError, build_roster
+from shard_tool.errors import ShardError
 
-def main(argv=None) -> int:
-    print("basestation: not built yet (issue 4); see README", file=sys.stderr)
-    return 2
+
+def add_roster_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--agent", action="append", default=[], metavar="EXPERTS=tcp://HOST:PORT",
+                   help="a listening agent, e.g. 3=tcp://10.0.0.3:5600 (repeatable)")
+    p.add_argument("--agents", metavar="FILE", help="TOML roster: [agents] \"3\" = \"tcp://…\"")
+    p.add_argument("--listen", metavar="tcp://0.0.0.0:PORT", help="accept dial-in agents here")
+    p.add_argument("--wait-s", type=float, default=30.0,
+                   help="how long to wait for every expert's agent (default 30)")
+
+
+def add_model_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--shards", required=True, metavar="DIR", help="split folder (shard_tool)")
+    add_roster_args(p)
+    p.add_argument("--theta", type=float, default=0.0, help="WLR drop threshold (0: never drop)")
+    p.add_argument("--latency", choices=("measured", "model"), default="measured")
+    p.add_argument("--dtype", default="auto", help="auto|bfloat16|float16|float32")
+    p.add_argument("--wire-dtype", default=None, help="activations on the wire: "
+                   "float32|bfloat16|float16|int8 (default: the compute dtype)")
+    p.add_argument("--allow-missing", action="store_true",
+                   help="run with the experts that have no agent dropped")
+    p.add_argument("--local-fallback", metavar="EXPERTS|all",
+                   help="load these experts here too, used when their agent is down")
+    p.add_argument("--max-new-tokens", type=int, default=64)
+    p.add_argument("--temperature", type=float, default=0.0, help="0: greedy")
+    p.add_argument("--ignore-eos", action="store_true")
+
+
+def _open(args):
+    from basestation.session import open_session
+
+    if not 0.0 <= args.theta <= 1.0:
+        raise RosterError(f"--theta {args.theta}: must be in [0, 1]")
+    roster = build_roster(args.agent, args.agents, args.listen)
+    return open_session(args.shards, roster, theta=args.theta, latency=args.latency,
+                        dtype=args.dtype, wire_dtype=args.wire_dtype, wait_s=args.wait_s,
+                        allow_missing=args.allow_missing, local_fallback=args.local_fallback,
+                        progress=sys.stderr.isatty())
+
+
+def cmd_generate(args) -> int:
+    from basestation.generate import generate
+
+    session = _open(args)
+    try:
+        tokenizer = session.base.tokenizer
+        input_ids = tokenizer(args.prompt, return_tensors="pt").input_ids
+        stream = None if args.json else (lambda piece: print(piece, end="", flush=True))
+        result = generate(session, input_ids, args.max_new_tokens, args.temperature,
+                          args.ignore_eos, on_text=stream)
+        if args.json:
+            print(json.dumps(result.to_json()))
+        else:
+            print()
+            print(result.summary(), file=sys.stderr)
+    finally:
+        session.close()
+    return 130 if result.interrupted else 0
+
+
+def cmd_chat(args) -> int:
+    from basestation.chat import run_chat
+
+    session = _open(args)
+    try:
+        return run_chat(session, args)
+    finally:
+        session.close()
+
+
+def cmd_status(args) -> int:
+    from basestation.status import run_status
+
+    roster = build_roster(args.agent, args.agents, args.listen)
+    return run_status(roster, args.wait_s)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="basestation", description=__doc__)
+    sub = parser.add_subparsers(dest="command", required=True)
+    p = sub.add_parser("generate", help="generate a completion through the agents")
+    add_model_args(p)
+    p.add_argument("--prompt", required=True)
+    p.add_argument("--json", action="store_true", help="one JSON object with every figure")
+    p.set_defaults(func=cmd_generate)
+    p = sub.add_parser("chat", help="interactive chat (tokens stream as they come)")
+    add_model_args(p)
+    p.set_defaults(func=cmd_chat)
+    p = sub.add_parser("status", help="table of every agent: reachable, experts, RTT, …")
+    add_roster_args(p)
+    p.set_defaults(func=cmd_status, wait_s=3.0)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    signal.signal(signal.SIGTERM, signal.default_int_handler)
+    try:
+        return args.func(args)
+    except (RosterError, ShardError) as e:
+        print(f"basestation: error: {e}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("\nbasestation: interrupted", file=sys.stderr)
+        return 130

@@ -72,6 +72,8 @@ class Family:
     shape_from_config: Callable[[Mapping], ModelShape]
     entries: tuple[Entry, ...]
     expert_projs: tuple[str, ...]  # the projections that make one expert, in call order
+    # on-disk -> in-memory name fragments (transformers renames some modules at load time)
+    in_memory_renames: tuple[tuple[str, str], ...] = ()
     _patterns: list = field(default_factory=list, compare=False, repr=False)
 
     def __post_init__(self):
@@ -97,6 +99,12 @@ class Family:
     def format(self, role: TensorRole) -> str:
         """The checkpoint name of a role: the inverse of `parse`."""
         return role.template.format(layer=role.layer, expert=role.expert)
+
+    def in_memory_name(self, name: str) -> str:
+        """The name transformers' model class gives this checkpoint tensor in memory."""
+        for disk, memory in self.in_memory_renames:
+            name = name.replace(disk, memory)
+        return name
 
     def entry(self, template: str) -> Entry:
         return next(e for e in self.entries if e.template == template)
@@ -145,6 +153,7 @@ MIXTRAL = Family(
     model_types=("mixtral",),
     shape_from_config=_mixtral_shape,
     expert_projs=("w1", "w2", "w3"),
+    in_memory_renames=((".block_sparse_moe.", ".mlp."),),  # transformers >= 5
     entries=(
         Entry("model.embed_tokens.weight", EMBED, lambda s: (s.vocab_size, s.hidden_size)),
         Entry(_L + "input_layernorm.weight", NORM, lambda s: (s.hidden_size,)),

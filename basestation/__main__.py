@@ -1,0 +1,5 @@
+import sys
+
+from basestation.cli import main
+
+sys.exit(main())

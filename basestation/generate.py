@@ -1,0 +1,118 @@
+"""Generation through the distributed model, with per-token timing and per-agent figures.
+
+Sampling, stopping and the KV cache are transformers' `generate`; a streamer timestamps each
+token as it comes (the first one includes the prefill).
+"""
+
+from __future__ import annotations
+
+import copy
+import dataclasses
+import time
+from dataclasses import dataclass, field
+from typing import Callable
+
+import torch
+
+
+@dataclass
+class GenerationResult:
+    text: str
+    token_ids: list[int]
+    token_latency_ms: list[float]
+    expert_calls: int
+    experts_dropped: int
+    fault_drops: int
+    retries: int
+    agents: list[dict] = field(default_factory=list)
+    interrupted: bool = False
+
+    @property
+    def tokens_per_s(self) -> float:
+        total_s = sum(self.token_latency_ms) / 1e3
+        return len(self.token_ids) / total_s if total_s > 0 else 0.0
+
+    def to_json(self) -> dict:
+        out = dataclasses.asdict(self)
+        out["tokens_per_s"] = round(self.tokens_per_s, 3)
+        out["token_latency_ms"] = [round(t, 3) for t in self.token_latency_ms]
+        return out
+
+    def summary(self) -> str:
+        mean_ms = sum(self.token_latency_ms) / max(1, len(self.token_latency_ms))
+        considered = self.expert_calls + self.experts_dropped
+        share = 100 * self.experts_dropped / considered if considered else 0.0
+        return (f"[{len(self.token_ids)} tokens, {self.tokens_per_s:.1f} tokens/s, mean token "
+                f"latency {mean_ms:.1f} ms, experts dropped {self.experts_dropped} "
+                f"({share:.1f} %)" + (", interrupted" if self.interrupted else "") + "]")
+
+
+class TimingStreamer:
+    """transformers streamer protocol (put/end): timestamps tokens, forwards text pieces."""
+
+    def __init__(self, tokenizer, on_text: Callable[[str], None] | None = None):
+        self.tokenizer = tokenizer
+        self.on_text = on_text
+        self.token_ids: list[int] = []
+        self.times_s: list[float] = []
+        self._prompt_seen = False
+        self._text = ""
+
+    def put(self, value: torch.Tensor) -> None:
+        now = time.perf_counter()
+        if not self._prompt_seen:  # generate() first streams the prompt
+            self._prompt_seen = True
+            self.times_s.append(now)
+            return
+        self.token_ids.extend(value.reshape(-1).tolist())
+        self.times_s.append(now)
+        if self.on_text is not None:
+            text = self.tokenizer.decode(self.token_ids, skip_special_tokens=True)
+            if not text.endswith("\ufffd"):  # wait for a split multi-byte character
+                self.on_text(text[len(self._text):])
+                self._text = text
+
+    def end(self) -> None:
+        pass
+
+    def latencies_ms(self) -> list[float]:
+        return [(b - a) * 1e3 for a, b in zip(self.times_s, self.times_s[1:])]
+
+
+def generate(session, input_ids: torch.Tensor, max_new_tokens: int = 32,
+             temperature: float = 0.0, ignore_eos: bool = False,
+             on_text: Callable[[str], None] | None = None) -> GenerationResult:
+    """Run generation; Ctrl-C ends it early (the result says so)."""
+    base = session.base
+    dispatcher = session.dispatcher
+    before = dataclasses.replace(dispatcher.stats)
+    streamer = TimingStreamer(base.tokenizer, on_text)
+    kwargs = dict(max_new_tokens=max_new_tokens, streamer=streamer,
+                  pad_token_id=base.tokenizer.eos_token_id,
+                  attention_mask=torch.ones_like(input_ids))
+    if temperature > 0:
+        kwargs.update(do_sample=True, temperature=temperature, top_p=1.0, top_k=0)
+    else:
+        kwargs.update(do_sample=False, temperature=None, top_p=None, top_k=None)
+    if ignore_eos:  # a config with no eos: generation runs to max_new_tokens
+        config = copy.deepcopy(base.model.generation_config)
+        config.eos_token_id = None
+        kwargs["generation_config"] = config
+    interrupted = False
+    try:
+        with torch.inference_mode():
+            base.model.generate(input_ids.to(base.device), **kwargs)
+    except KeyboardInterrupt:
+        interrupted = True
+    stats = dispatcher.stats
+    token_ids = streamer.token_ids
+    return GenerationResult(
+        text=base.tokenizer.decode(token_ids, skip_special_tokens=True),
+        token_ids=token_ids,
+        token_latency_ms=streamer.latencies_ms()[: len(token_ids)],
+        expert_calls=stats.expert_calls - before.expert_calls,
+        experts_dropped=stats.experts_dropped - before.experts_dropped,
+        fault_drops=stats.fault_drops - before.fault_drops,
+        retries=stats.retries - before.retries,
+        agents=[a.figures() for a in dispatcher.agents],
+        interrupted=interrupted)

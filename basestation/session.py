@@ -1,0 +1,202 @@
+"""A live base station: roster in, agents found and checked, model loaded, ready to generate.
+
+Agents that listen are connected to (`--agent 3=tcp://HOST:PORT`, `--agents FILE`); agents
+that dial in are listened for (`--listen tcp://0.0.0.0:PORT`). Every expert id must end up with
+a live agent serving this model's fingerprint (or a local fallback), else a one-line error,
+unless `--allow-missing`.
+"""
+
+from __future__ import annotations
+
+import sys
+import time
+import tomllib
+from dataclasses import dataclass
+
+from basestation.dispatch import AgentLink, Dispatcher
+from edge_agent import protocol as P
+from edge_agent.cli import UsageError, parse_experts
+from edge_agent.client import AgentClient, PeerUnreachable
+from shard_tool.errors import ShardError
+from shard_tool.manifest import load_manifest
+
+INFO_RETRY_S = 0.5  # re-ask an agent that has not answered INFO yet
+
+
+class RosterError(Exception):
+    """The roster or the agents it names cannot make a working base station."""
+
+
+@dataclass(frozen=True)
+class Roster:
+    endpoints: dict[str, tuple[int, ...]]  # listening agent endpoint -> expert ids it should host
+    listen: str | None = None  # where dial-in agents connect
+
+
+def parse_agent_flag(value: str) -> tuple[tuple[int, ...], str]:
+    """'3=tcp://h:p' or '0-3=tcp://h:p' -> (ids, endpoint). Raises RosterError."""
+    spec, sep, endpoint = value.partition("=")
+    if not sep or not endpoint.startswith(("tcp://", "ipc://")):
+        raise RosterError(f"--agent {value!r}: expected EXPERTS=tcp://HOST:PORT (e.g. 3=tcp://"
+                          "10.0.0.3:5600)")
+    try:
+        return parse_experts(spec), endpoint
+    except UsageError:
+        raise RosterError(f"--agent {value!r}: expert ids like 3, 0,3 or 0-3") from None
+
+
+def read_roster_file(path: str) -> list[tuple[tuple[int, ...], str]]:
+    """A TOML roster: an [agents] table of "EXPERTS" = "tcp://HOST:PORT". Raises RosterError."""
+    try:
+        with open(path, "rb") as f:
+            data = tomllib.load(f)
+    except OSError as e:
+        raise RosterError(f"{path}: {e.strerror}") from None
+    except tomllib.TOMLDecodeError as e:
+        raise RosterError(f"{path}: not valid TOML: {e}") from None
+    agents = data.get("agents")
+    if not isinstance(agents, dict) or not agents:
+        raise RosterError(f'{path}: needs an [agents] table, e.g. "3" = "tcp://10.0.0.3:5600"')
+    return [parse_agent_flag(f"{spec}={endpoint}") for spec, endpoint in agents.items()]
+
+
+def build_roster(agent_flags: list[str], agents_file: str | None, listen: str | None) -> Roster:
+    entries = [parse_agent_flag(v) for v in agent_flags or []]
+    if agents_file:
+        entries += read_roster_file(agents_file)
+    if not entries and not listen:
+        raise RosterError("no agents: give --agent EXPERTS=tcp://HOST:PORT, --agents FILE "
+                          "or --listen tcp://0.0.0.0:PORT")
+    endpoints: dict[str, tuple[int, ...]] = {}
+    claimed: dict[int, str] = {}
+    for ids, endpoint in entries:
+        for expert in ids:
+            if expert in claimed and claimed[expert] != endpoint:
+                raise RosterError(f"expert {expert} is given to both {claimed[expert]} and "
+                                  f"{endpoint}")
+            claimed[expert] = endpoint
+        endpoints[endpoint] = tuple(sorted(set(endpoints.get(endpoint, ())) | set(ids)))
+    return Roster(endpoints=endpoints, listen=listen)
+
+
+def connect_agents(client: AgentClient, roster: Roster, fingerprint: str, num_experts: int,
+                   wait_s: float, need_all: bool, progress: bool = True) -> list[AgentLink]:
+    """Find every agent of the roster (and dial-ins), check it serves this model, wait for the
+    experts up to `wait_s` with a countdown. Raises RosterError."""
+    for endpoint in roster.endpoints:
+        client.connect(endpoint)
+    if roster.listen:
+        client.bind(roster.listen)
+    found: dict[bytes, AgentLink] = {}
+    asked: dict[int, tuple[bytes, float]] = {}
+    deadline = time.monotonic() + wait_s
+    shown = None
+    while True:
+        now = time.monotonic()
+        for endpoint in roster.endpoints:
+            peer = endpoint.encode()
+            if peer in found or any(p == peer and now - t < INFO_RETRY_S
+                                    for p, t in asked.values()):
+                continue
+            try:
+                asked[client.send(peer, P.INFO)] = (peer, now)
+            except PeerUnreachable:
+                pass
+        for peer, info in list(client.hellos.items()):
+            if peer not in found and info.get("serving"):
+                found[peer] = _agent_from_info(peer.decode(errors="replace"), peer, info,
+                                               fingerprint, None)
+        covered = {e for a in found.values() for e in a.experts}
+        missing = sorted(set(range(num_experts)) - covered)
+        if not missing or now >= deadline:
+            break
+        left = int(deadline - now) + 1
+        if progress and shown != (left, tuple(missing)):
+            print(f"\rwaiting for experts {_ids(missing)} ({left} s left) ", end="",
+                  file=sys.stderr, flush=True)
+            shown = (left, tuple(missing))
+        reply = client.recv(min(0.1, max(0.0, deadline - now)))
+        if reply is None or reply.id not in asked:
+            continue
+        peer, _ = asked.pop(reply.id)
+        if reply.kind == P.ERROR:
+            raise RosterError(f"{peer.decode()}: {reply.header.get('message')}")
+        if reply.kind == P.INFO_REPLY and peer not in found:
+            info = reply.header.get("info") or {}
+            if not info.get("serving"):
+                continue  # waiting for a pushed shard: ask again
+            found[peer] = _agent_from_info(peer.decode(), peer, info, fingerprint,
+                                           roster.endpoints[peer.decode()])
+    if shown is not None:
+        print(file=sys.stderr)
+    if missing and need_all:
+        silent = [e for e in roster.endpoints if e.encode() not in found]
+        hint = f"; no answer from {', '.join(silent)}" if silent else ""
+        raise RosterError(f"no agent for experts {_ids(missing)} after {wait_s:g} s{hint} "
+                          "(--allow-missing runs without them)")
+    return sorted(found.values(), key=lambda a: a.experts)
+
+
+def _agent_from_info(name: str, peer: bytes, info: dict, fingerprint: str,
+                     expected: tuple[int, ...] | None) -> AgentLink:
+    if info.get("fingerprint") != fingerprint:
+        raise RosterError(f"{name} serves a different model (fingerprint "
+                          f"{str(info.get('fingerprint'))[:16]}, ours {fingerprint[:16]})")
+    experts = tuple(int(e) for e in info.get("experts", ()))
+    if expected is not None and not set(expected) <= set(experts):
+        raise RosterError(f"{name} hosts experts {_ids(experts)}, the roster says "
+                          f"{_ids(expected)}")
+    return AgentLink(name=name, peer=peer, experts=experts, info=info)
+
+
+def _ids(ids) -> str:
+    return ",".join(str(i) for i in ids)
+
+
+@dataclass
+class Session:
+    client: AgentClient
+    dispatcher: Dispatcher
+    base: object  # basestation.model.BaseModel
+
+    def close(self) -> None:
+        self.client.close()
+
+
+def open_session(shards: str, roster: Roster, theta: float = 0.0, latency: str = "measured",
+                 dtype: str = "auto", wire_dtype: str | None = None, wait_s: float = 30.0,
+                 allow_missing: bool = False, local_fallback: str | None = None,
+                 progress: bool = True) -> Session:
+    """Raises RosterError or ShardError with a message for the user."""
+    from basestation.model import load_base_model
+
+    manifest = load_manifest(shards)
+    num_experts = manifest.num_experts
+    fallback = None
+    if local_fallback:
+        from edge_agent.shards import load_experts
+
+        ids = list(range(num_experts)) if local_fallback == "all" else \
+            list(parse_experts(local_fallback))
+        fallback = load_experts(shards, ids, device="cpu", dtype=dtype)
+    client = AgentClient()
+    try:
+        agents = connect_agents(client, roster, manifest.fingerprint, num_experts, wait_s,
+                                need_all=not allow_missing and fallback is None,
+                                progress=progress)
+        if fallback is not None and not allow_missing:
+            covered = {e for a in agents for e in a.experts} | set(fallback.weights)
+            if len(covered) < num_experts:
+                raise RosterError(f"no agent or fallback for experts "
+                                  f"{_ids(sorted(set(range(num_experts)) - covered))}")
+        dispatcher = Dispatcher(client, agents, num_experts, int(manifest.model["hidden_size"]),
+                                int(manifest.model["ffn_size"]), theta=theta, latency=latency,
+                                wire_dtype=wire_dtype, fallback=fallback)
+        base = load_base_model(shards, dispatcher, dtype=dtype)
+    except BaseException:
+        client.close()
+        raise
+    return Session(client=client, dispatcher=dispatcher, base=base)
+
+
+__all__ = ["Roster", "RosterError", "ShardError", "build_roster", "open_session", "Session"]

@@ -1,0 +1,62 @@
+"""`basestation status`: one table of every agent, from INFO and a few timed pings."""
+
+from __future__ import annotations
+
+import statistics
+import time
+
+from basestation.session import Roster
+from edge_agent import protocol as P
+from edge_agent.client import AgentClient
+
+PINGS = 5
+PROBE_BYTES = 64 * 1024  # one throughput probe per agent
+
+
+def run_status(roster: Roster, wait_s: float) -> int:
+    """Prints the table; exit 0 when every agent answered, 1 otherwise."""
+    rows = []
+    with AgentClient() as client:
+        peers = {endpoint: client.connect(endpoint) for endpoint in roster.endpoints}
+        if roster.listen:
+            client.bind(roster.listen)
+            client.wait_hello(wait_s)
+        targets = list(peers.items()) + [(p.decode(errors="replace"), p) for p in client.hellos]
+        for name, peer in targets:
+            rows.append(_probe(client, name, peer, wait_s))
+    print(f"{'agent':<28} {'up':<3} {'experts':<9} {'device':<22} {'rtt ms':>8} "
+          f"{'MB/s':>8} {'tokens/s':>10}")
+    for r in rows:
+        print(f"{r['agent'][:28]:<28} {'yes' if r['up'] else 'NO':<3} {r['experts']:<9} "
+              f"{r['device'][:22]:<22} {r['rtt_ms']:>8} {r['mb_s']:>8} {r['tokens_s']:>10}")
+    return 0 if rows and all(r["up"] for r in rows) else 1
+
+
+def _probe(client: AgentClient, name: str, peer: bytes, wait_s: float) -> dict:
+    row = {"agent": name, "up": False, "experts": "-", "device": "-", "rtt_ms": "-",
+           "mb_s": "-", "tokens_s": "-"}
+    deadline = time.monotonic() + wait_s
+    info = None
+    while info is None and time.monotonic() < deadline:
+        try:
+            info = client.info(peer, timeout_s=min(1.0, max(0.05, deadline - time.monotonic())))
+        except Exception:  # not connected yet, or silent: try until the deadline
+            time.sleep(0.05)
+    if info is None:
+        return row
+    row.update(up=True, experts=",".join(map(str, info.get("experts", []))),
+               device=str(info.get("device_name") or info.get("device", "?")))
+    rtts = []
+    for _ in range(PINGS):
+        start = time.perf_counter()
+        client.call(peer, P.PING, timeout_s=1.0)
+        rtts.append(time.perf_counter() - start)
+    start = time.perf_counter()
+    client.call(peer, P.PING, [bytes(PROBE_BYTES)], timeout_s=2.0, reply_bytes=PROBE_BYTES)
+    transfer_s = max(1e-6, time.perf_counter() - start - statistics.median(rtts))
+    row["rtt_ms"] = f"{statistics.median(rtts) * 1e3:.3f}"
+    row["mb_s"] = f"{2 * PROBE_BYTES / transfer_s / 1e6:.1f}"
+    throughput = info.get("throughput") or {}
+    if "tokens_per_s" in throughput:
+        row["tokens_s"] = f"{throughput['tokens_per_s']:.0f}"
+    return row
