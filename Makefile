@@ -19,7 +19,7 @@ test: install
 	$(BIN)/python -m pytest -q
 
 demo: install
-	bash scripts/demo.sh
+	$(BIN)/testbed demo --out demo-out
 
 bench: install
 	$(BIN)/python bench/shard_split.py

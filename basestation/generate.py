@@ -87,21 +87,20 @@ def generate(session, input_ids: torch.Tensor, max_new_tokens: int = 32,
     dispatcher = session.dispatcher
     before = dataclasses.replace(dispatcher.stats)
     streamer = TimingStreamer(base.tokenizer, on_text)
-    kwargs = dict(max_new_tokens=max_new_tokens, streamer=streamer,
-                  pad_token_id=base.tokenizer.eos_token_id,
-                  attention_mask=torch.ones_like(input_ids))
+    config = copy.deepcopy(base.model.generation_config)
+    config.max_new_tokens = max_new_tokens
+    config.pad_token_id = base.tokenizer.eos_token_id
     if temperature > 0:
-        kwargs.update(do_sample=True, temperature=temperature, top_p=1.0, top_k=0)
+        config.do_sample, config.temperature, config.top_p, config.top_k = True, temperature, 1.0, 0
     else:
-        kwargs.update(do_sample=False, temperature=None, top_p=None, top_k=None)
-    if ignore_eos:  # a config with no eos: generation runs to max_new_tokens
-        config = copy.deepcopy(base.model.generation_config)
+        config.do_sample, config.temperature, config.top_p, config.top_k = False, None, None, None
+    if ignore_eos:  # no eos: generation runs to max_new_tokens
         config.eos_token_id = None
-        kwargs["generation_config"] = config
     interrupted = False
     try:
         with torch.inference_mode():
-            base.model.generate(input_ids.to(base.device), **kwargs)
+            base.model.generate(input_ids.to(base.device), generation_config=config,
+                                streamer=streamer, attention_mask=torch.ones_like(input_ids))
     except KeyboardInterrupt:
         interrupted = True
     stats = dispatcher.stats

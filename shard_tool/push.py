@@ -1,6 +1,139 @@
-"""`shard_tool push`: placeholder until the edge agent's store lands (issue 3)."""
+"""`shard_tool push OUT --expert 3 --to tcp://HOST:PORT`: send expert shards to an edge agent.
+
+The agent must run with `--store DIR`. The shard goes in chunks, each with its sha256; the
+agent keeps what it received, so a push that was interrupted resumes where it stopped. The
+agent checks the whole file against the manifest, renames it into place and starts serving.
+The wire protocol is the agent's (edge_agent/protocol.py, edge_agent/store.py).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import sys
+from dataclasses import dataclass
+
+from shard_tool.errors import ShardError
+from shard_tool.manifest import MANIFEST_NAME, load_manifest
+
+DEFAULT_CHUNK_BYTES = 4 * 1024 * 1024  # a few MiB: small enough for HWM/size caps, big enough
+DEFAULT_TIMEOUT_S = 15.0  # per chunk; raise it for slow links
+END_CHECK_BYTES_PER_S = 50e6  # the agent re-hashes the shard before it answers the last step
+
+
+@dataclass(frozen=True)
+class PushResult:
+    expert: int
+    bytes: int
+    resumed_from: int  # bytes the agent already held
+    sent_bytes: int
+    serving: bool  # the agent has loaded all its experts and serves
+
+
+@dataclass(frozen=True)
+class PushFaults:
+    """Fault injection for tests: stop after N chunks, or flip a byte of chunk N (0-based)."""
+
+    stop_after_chunks: int | None = None
+    corrupt_chunk: int | None = None
+
+
+def push(src: str, expert: int, to: str, chunk_bytes: int = DEFAULT_CHUNK_BYTES,
+         timeout_s: float = DEFAULT_TIMEOUT_S, progress: bool | None = None,
+         faults: PushFaults = PushFaults()) -> PushResult:
+    """Push expert `expert`'s shard of split folder `src` to the agent at `to`.
+
+    Raises ShardError: bad split folder, agent unreachable or silent, push refused.
+    """
+    from edge_agent import protocol as P
+    from edge_agent.client import AgentClient, AgentError, PeerUnreachable
+
+    manifest = load_manifest(src)
+    entry = manifest.expert_file(expert)
+    path = os.path.join(src, entry.path)
+    try:
+        size = os.path.getsize(path)
+    except OSError:
+        raise ShardError(f"{entry.path}: missing in {src}") from None
+    if size != entry.bytes:
+        raise ShardError(f"{entry.path}: {size} bytes, manifest says {entry.bytes}")
+    with open(os.path.join(src, MANIFEST_NAME), "rb") as f:
+        manifest_bytes = f.read()
+    if progress is None:
+        progress = sys.stderr.isatty()
+
+    client = AgentClient(sockets=P.SocketConfig(max_message_bytes=chunk_bytes + (1 << 20)))
+    peer = client.connect(to)
+    bar = None
+    try:
+        ack = client.call(peer, P.PUSH_BEGIN, [manifest_bytes], timeout_s=timeout_s,
+                          expert=expert).header
+        offset = resumed_from = int(ack["offset"])
+        sent = chunks = 0
+        from tqdm import tqdm
+
+        bar = tqdm(total=entry.bytes, initial=offset, unit="B", unit_scale=True,
+                   desc=f"expert {expert}", disable=not progress, file=sys.stderr)
+        with open(path, "rb") as f:
+            while offset < entry.bytes:
+                if faults.stop_after_chunks is not None and chunks >= faults.stop_after_chunks:
+                    raise ShardError(f"push interrupted after {chunks} chunks (fault injection)")
+                f.seek(offset)
+                data = f.read(min(chunk_bytes, entry.bytes - offset))
+                digest = hashlib.sha256(data).hexdigest()
+                if faults.corrupt_chunk == chunks:
+                    data = bytes([data[0] ^ 0xFF]) + data[1:]
+                ack = client.call(peer, P.PUSH_CHUNK, [data], timeout_s=timeout_s,
+                                  expert=expert, offset=offset, sha256=digest).header
+                new_offset = int(ack["offset"])
+                bar.update(new_offset - offset)
+                sent += len(data) if new_offset == offset + len(data) else 0
+                offset = new_offset  # the agent says where it is; it may ask us to go back
+                chunks += 1
+        ack = client.call(peer, P.PUSH_END, timeout_s=timeout_s + entry.bytes /
+                          END_CHECK_BYTES_PER_S, expert=expert).header
+        return PushResult(expert=expert, bytes=entry.bytes, resumed_from=resumed_from,
+                          sent_bytes=sent, serving=bool(ack.get("serving")))
+    except AgentError as e:
+        raise ShardError(f"push refused by the agent at {to}: {e.message}") from None
+    except (TimeoutError, PeerUnreachable):
+        raise ShardError(f"{to}: no answer within {timeout_s} s (is `edge_agent --store` "
+                         "running there?)") from None
+    finally:
+        if bar is not None:
+            bar.close()
+        client.close()
+
+
+def cmd_push(args) -> int:
+    from edge_agent.cli import UsageError, parse_experts
+
+    try:
+        experts = parse_experts(args.expert)
+    except UsageError as e:
+        raise ShardError(str(e)) from None
+    faults = PushFaults(stop_after_chunks=args.fault_stop_after_chunks,
+                        corrupt_chunk=args.fault_corrupt_chunk)
+    for expert in experts:
+        result = push(args.out, expert, args.to, chunk_bytes=int(args.chunk_mb * 2**20),
+                      timeout_s=args.timeout_s, faults=faults)
+        resumed = f", resumed at {result.resumed_from} bytes" if result.resumed_from else ""
+        print(f"pushed expert {expert} to {args.to}: {result.bytes} bytes{resumed}; agent "
+              f"{'serving' if result.serving else 'waiting for its other experts'}", flush=True)
+    return 0
 
 
 def add_parser(subparsers) -> None:
-    p = subparsers.add_parser("push", help="send an expert shard to an edge agent")
-    p.set_defaults(func=lambda args: (_ for _ in ()).throw(SystemExit("push: not built yet")))
+    import argparse
+
+    p = subparsers.add_parser("push", help="send expert shards to an edge agent (--store)")
+    p.add_argument("out", help="split folder (manifest.json + experts/)")
+    p.add_argument("--expert", required=True, help="expert ids: 3, 0,3 or 0-3")
+    p.add_argument("--to", required=True, metavar="tcp://HOST:PORT",
+                   help="the agent's --bind address")
+    p.add_argument("--chunk-mb", type=float, default=DEFAULT_CHUNK_BYTES / 2**20)
+    p.add_argument("--timeout-s", type=float, default=DEFAULT_TIMEOUT_S,
+                   help="deadline for each step's answer")
+    p.add_argument("--fault-stop-after-chunks", type=int, help=argparse.SUPPRESS)
+    p.add_argument("--fault-corrupt-chunk", type=int, help=argparse.SUPPRESS)
+    p.set_defaults(func=cmd_push)

@@ -27,6 +27,12 @@ def cmd_make_model(args) -> int:
     return 0
 
 
+def cmd_demo(args) -> int:
+    from testbed.demo import run_demo
+
+    return run_demo(args.out)
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="testbed", description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True)
@@ -45,6 +51,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="e.g. 200KB or 1GB: write sharded files with an index")
     p.add_argument("--seed", type=int, default=0)
     p.set_defaults(func=cmd_make_model)
+    p = sub.add_parser("demo", help="make, split, serve on loopback and generate at several θ")
+    p.add_argument("--out", default="demo-out")
+    p.set_defaults(func=cmd_demo)
     return parser
 
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import time
 
 import pytest
 import torch
@@ -107,6 +108,12 @@ def test_killed_agent_generation_completes_and_rejoins(start_agent, tiny_split):
 
         start_agent("--expert", "4-7", "--shards", tiny_split, "--bind", endpoint)
         calls_before = figures[endpoint]["calls"]
+        # the dispatcher re-probes the dead agent with capped backoff (2 s) and takes it back
+        deadline = time.monotonic() + 20
+        victim_link = next(a for a in session.dispatcher.agents if a.name == endpoint)
+        while not victim_link.alive and time.monotonic() < deadline:
+            session.dispatcher.poll_probes(0.1)
+        assert victim_link.alive
         result = generate(session, ids, max_new_tokens=24, ignore_eos=True)
         after = {a["agent"]: a for a in result.agents}[endpoint]
         assert after["alive"] and after["calls"] > calls_before

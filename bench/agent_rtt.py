@@ -1,0 +1,136 @@
+"""Round trip of an expert call vs a bare pyzmq DEALER/ROUTER ping-pong of the same bytes.
+
+    .venv/bin/python bench/agent_rtt.py [--hidden 4096 --ffn 2048 --rounds 200]
+
+Makes a one-layer Mixtral checkpoint with a realistic hidden size, splits it, starts a real
+`edge_agent` process on loopback TCP and times `AgentClient.expert` for 1, 16 and 256 tokens.
+In the same run, a bare echo process (ROUTER, no protocol, no torch) answers a DEALER with the
+same request and reply sizes. Agent overhead = (rtt - compute_s reported by the agent) vs bare.
+Targets (issue 3): overhead adds <= 50 % to the bare round trip at 1 token, <= 20 % at 256.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import re
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, ROOT)
+
+ECHO_SERVER = """
+import sys, zmq
+ctx = zmq.Context(); s = ctx.socket(zmq.ROUTER); s.linger = 0
+port = s.bind_to_random_port("tcp://127.0.0.1"); print(port, flush=True)
+while True:
+    frames = s.recv_multipart(copy=False)
+    s.send_multipart(frames, copy=False)
+"""
+TOKENS = (1, 16, 256)
+TARGET_OVERHEAD = {1: 0.50, 256: 0.20}
+
+
+def start(cmd: list[str], pattern: str, timeout_s: float = 300) -> tuple[subprocess.Popen, str]:
+    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, text=True, cwd=ROOT)
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        line = proc.stdout.readline()
+        if not line:
+            break
+        match = re.search(pattern, line)
+        if match:
+            return proc, match.group(1)
+    proc.kill()
+    raise SystemExit(f"bench: {cmd[:4]} did not start")
+
+
+def bare_rtts_s(sock, payload: bytes, rounds: int) -> list[float]:
+    out = []
+    for _ in range(rounds):
+        start = time.perf_counter()
+        sock.send_multipart([b"h" * 60, payload], copy=False)
+        sock.recv_multipart(copy=False)
+        out.append(time.perf_counter() - start)
+    return out
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--hidden", type=int, default=4096)
+    parser.add_argument("--ffn", type=int, default=2048)
+    parser.add_argument("--rounds", type=int, default=200, help="timed calls per size and side")
+    args = parser.parse_args()
+
+    import torch
+    import zmq
+
+    from edge_agent.client import AgentClient
+    from shard_tool.split import split
+    from testbed.make_model import ModelSpec, make_model
+
+    tmp = tempfile.mkdtemp(prefix="agent-rtt-")
+    spec = ModelSpec(layers=1, hidden=args.hidden, intermediate=args.ffn, experts=2, heads=32,
+                     kv_heads=8, vocab=512, dtype="fp32")
+    make_model(os.path.join(tmp, "model"), spec)
+    split(os.path.join(tmp, "model"), os.path.join(tmp, "out"))
+    agent, endpoint = start([sys.executable, "-m", "edge_agent", "--expert", "0", "--shards",
+                             os.path.join(tmp, "out"), "--bind", "tcp://127.0.0.1:*"],
+                            r"serving (tcp://\S+)")
+    echo, port = start([sys.executable, "-c", ECHO_SERVER], r"(\d+)")
+    client = AgentClient()
+    ctx = zmq.Context()
+    bare = ctx.socket(zmq.DEALER)
+    bare.linger = 0
+    bare.connect(f"tcp://127.0.0.1:{port}")
+    try:
+        peer = client.connect(endpoint)
+        info = client.info(peer, timeout_s=60)
+        print(f"agent: {info['device_name']} ({info['device']}, {torch.get_num_threads()} "
+              f"threads), hidden {args.hidden}, ffn {args.ffn}, wire float32, "
+              f"self-benchmark {info['throughput']['tokens_per_s']:.0f} tokens/s")
+        print(f"{'tokens':>6} {'bytes':>9} {'bare_us':>8} {'rtt_us':>8} {'compute_us':>10} "
+              f"{'rtt-compute_us':>14} {'rtt/bare':>8} {'overhead':>8} target")
+        for tokens in TOKENS:
+            x = torch.randn(tokens, args.hidden)
+            payload = bytes(x.numel() * 4)
+            rtts, computes, bares = [], [], []
+            for block in range(5):  # alternate blocks so drift hits both sides alike
+                bare_rtts_s(bare, payload, 10)
+                for _ in range(10):
+                    client.expert(peer, 0, x, [(0, tokens)])
+                bares += bare_rtts_s(bare, payload, args.rounds // 5)
+                for _ in range(args.rounds // 5):
+                    start_s = time.perf_counter()
+                    _, reply = client.expert(peer, 0, x, [(0, tokens)])
+                    rtts.append(time.perf_counter() - start_s)
+                    computes.append(reply.header["compute_s"])
+            bare_us = statistics.median(bares) * 1e6
+            rtt_us = statistics.median(rtts) * 1e6
+            compute_us = statistics.median(computes) * 1e6
+            net_us = statistics.median(r - c for r, c in zip(rtts, computes)) * 1e6
+            overhead = net_us / bare_us - 1
+            target = TARGET_OVERHEAD.get(tokens)
+            verdict = "" if target is None else (
+                f"<= {target:.0%} {'ok' if overhead <= target else 'MISSED'}")
+            print(f"{tokens:>6} {len(payload):>9} {bare_us:>8.0f} {rtt_us:>8.0f} "
+                  f"{compute_us:>10.0f} {net_us:>14.0f} {rtt_us / bare_us:>8.2f} "
+                  f"{overhead:>+8.0%} {verdict}")
+    finally:
+        client.close()
+        bare.close(linger=0)
+        ctx.term()
+        for proc in (agent, echo):
+            proc.terminate()
+            proc.wait(timeout=30)
+        import shutil
+
+        shutil.rmtree(tmp, ignore_errors=True)
+
+
+if __name__ == "__main__":
+    main()

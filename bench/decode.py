@@ -1,0 +1,151 @@
+"""Per-token decode time: 8 loopback agents against transformers running the model locally.
+
+Same checkpoint, same prompt, greedy, same number of new tokens, in the same run. The
+distributed time is split into base-station compute (everything but waiting for agents),
+the gather wait (network + agent compute), and the agents' own reported compute.
+
+    .venv/bin/python bench/decode.py [--model DIR] [--tokens 64] [--layers 4 --hidden 256 ...]
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import shutil
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+
+import torch
+
+REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+PROMPT = "The queue module implements multi-producer, multi-consumer queues."
+
+
+def start_agents(shards: str, experts: int) -> tuple[list[subprocess.Popen], list[str]]:
+    procs, flags = [], []
+    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONUNBUFFERED="1")
+    for expert in range(experts):
+        proc = subprocess.Popen([sys.executable, "-m", "edge_agent", "--expert", str(expert),
+                                 "--shards", shards, "--bind", "tcp://127.0.0.1:*"],
+                                stdout=subprocess.PIPE, text=True, cwd=REPO_ROOT, env=env)
+        procs.append(proc)
+    for expert, proc in enumerate(procs):
+        line = proc.stdout.readline()  # "edge_agent ready: serving tcp://… …"
+        if "serving" not in line:
+            raise SystemExit(f"agent {expert} did not start: {line!r}")
+        flags.append(f"{expert}={line.split('serving ')[1].split()[0]}")
+    return procs, flags
+
+
+def local_per_token_ms(checkpoint: str, tokens: int, repeats: int) -> float:
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(checkpoint)
+    model = AutoModelForCausalLM.from_pretrained(checkpoint, dtype=torch.float32).eval()
+    ids = tokenizer(PROMPT, return_tensors="pt").input_ids
+    config = model.generation_config
+    config.eos_token_id = None
+    times = []
+    for _ in range(repeats):
+        stamps = []
+
+        class Stamp:
+            def put(self, value):
+                stamps.append(time.perf_counter())
+
+            def end(self):
+                pass
+
+        with torch.inference_mode():
+            model.generate(ids, generation_config=config, max_new_tokens=tokens,
+                           do_sample=False, streamer=Stamp(),
+                           pad_token_id=tokenizer.eos_token_id,
+                           attention_mask=torch.ones_like(ids))
+        decode = [b - a for a, b in zip(stamps[2:], stamps[3:])]  # after prefill
+        times.append(statistics.median(decode) * 1e3)
+    return min(times)
+
+
+def distributed(shards: str, flags: list[str], tokens: int, repeats: int) -> dict:
+    from basestation.generate import generate
+    from basestation.session import build_roster, open_session
+
+    session = open_session(shards, build_roster(flags, None, None), dtype="float32",
+                           wait_s=60, progress=False)
+    try:
+        ids = session.base.tokenizer(PROMPT, return_tensors="pt").input_ids
+        generate(session, ids, max_new_tokens=8, ignore_eos=True)  # warm up links
+        best = None
+        for _ in range(repeats):
+            stats = session.dispatcher.stats
+            wait0 = stats.network_s
+            compute0 = sum(a.compute_s_total for a in session.dispatcher.agents)
+            result = generate(session, ids, max_new_tokens=tokens, ignore_eos=True)
+            decode_ms = statistics.median(result.token_latency_ms[1:])
+            total_s = sum(result.token_latency_ms) / 1e3
+            wait_s = stats.network_s - wait0
+            agent_s = sum(a.compute_s_total for a in session.dispatcher.agents) - compute0
+            row = {"decode_ms": decode_ms,
+                   "base_ms": (total_s - wait_s) / tokens * 1e3,
+                   "gather_ms": wait_s / tokens * 1e3,
+                   "agent_compute_ms": agent_s / tokens * 1e3}
+            if best is None or row["decode_ms"] < best["decode_ms"]:
+                best = row
+        return best
+    finally:
+        session.close()
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--model", help="checkpoint folder (default: make one)")
+    parser.add_argument("--tokens", type=int, default=64)
+    parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--layers", type=int, default=4)
+    parser.add_argument("--hidden", type=int, default=256)
+    parser.add_argument("--intermediate", type=int, default=512)
+    args = parser.parse_args()
+    torch.set_num_threads(1)  # the agents get the other core's share
+    scratch = tempfile.mkdtemp(prefix="bench-decode-")
+    procs = []
+    try:
+        checkpoint = args.model
+        if checkpoint is None:
+            from testbed.make_model import ModelSpec, make_model
+
+            checkpoint = os.path.join(scratch, "model")
+            make_model(checkpoint, ModelSpec(layers=args.layers, hidden=args.hidden,
+                                             intermediate=args.intermediate, heads=8,
+                                             kv_heads=2, vocab=2048))
+        from shard_tool.split import split
+
+        shards = os.path.join(scratch, "shards")
+        manifest = split(checkpoint, shards)
+        procs, flags = start_agents(shards, manifest.num_experts)
+        local_ms = local_per_token_ms(checkpoint, args.tokens, args.repeats)
+        dist = distributed(shards, flags, args.tokens, args.repeats)
+    finally:
+        for proc in procs:
+            proc.terminate()
+        for proc in procs:
+            proc.wait(timeout=20)
+        shutil.rmtree(scratch, ignore_errors=True)
+    model = manifest.model
+    print(f"model: {model['num_layers']} layers, hidden {model['hidden_size']}, ffn "
+          f"{model['ffn_size']}, {model['num_experts']} experts top-{model['top_k']}, "
+          f"{model['dtype']}; {args.tokens} new tokens, median decode step, best of "
+          f"{args.repeats}")
+    print(f"local transformers      {local_ms:8.2f} ms/token")
+    print(f"distributed (8 agents)  {dist['decode_ms']:8.2f} ms/token   "
+          f"{dist['decode_ms'] / local_ms:.2f}x local")
+    print(f"  base-station compute  {dist['base_ms']:8.2f} ms/token (mean)")
+    print(f"  gather wait           {dist['gather_ms']:8.2f} ms/token "
+          f"(network + agents; agents report {dist['agent_compute_ms']:.2f} ms of compute, "
+          f"summed over agents)")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,213 @@
+"""A small synchronous client for agents: the base station's dispatcher, push and probes use it.
+
+One ROUTER socket talks to many agents at once, in both directions (see protocol.py):
+`connect(endpoint)` for listening agents, `bind(endpoint)` for agents that dial in and announce
+themselves with HELLO. Send several requests, then `wait` for their ids; replies to requests
+that were given up on arrive later and are discarded by id (counted in `late_replies`).
+"""
+
+from __future__ import annotations
+
+import itertools
+import os
+import time
+from dataclasses import dataclass
+from typing import Sequence
+
+import torch
+import zmq
+
+from edge_agent import protocol as P
+
+DEFAULT_TIMEOUT_S = 5.0
+
+
+class AgentError(Exception):
+    """An agent answered with an ERROR reply."""
+
+    def __init__(self, code: str, message: str):
+        super().__init__(f"{code}: {message}")
+        self.code = code
+        self.message = message
+
+
+class PeerUnreachable(Exception):
+    """No connection to that agent now (never connected, gone, or its send queue is full)."""
+
+
+@dataclass(frozen=True)
+class Reply:
+    peer: bytes
+    header: dict
+    frames: list  # payload frames (zmq.Frame), wrapped without copies by `tensor()`
+
+    @property
+    def kind(self) -> str:
+        return self.header["kind"]
+
+    @property
+    def id(self) -> int | None:
+        return self.header.get("id")
+
+    def check(self) -> "Reply":
+        """Raises AgentError when this is an ERROR reply."""
+        if self.kind == P.ERROR:
+            raise AgentError(str(self.header.get("code")), str(self.header.get("message")))
+        return self
+
+    def tensor(self) -> torch.Tensor:
+        """The reply's [T, H] tensor. Raises ProtocolError when it does not match its header."""
+        return P.decode_tensor(self.header, self.frames)
+
+
+class AgentClient:
+    def __init__(self, routing_id: bytes | None = None,
+                 sockets: P.SocketConfig = P.SocketConfig(), ctx: zmq.Context | None = None):
+        self._own_ctx = ctx is None
+        self.ctx = ctx or zmq.Context()
+        self.sock = self.ctx.socket(zmq.ROUTER)
+        self.sock.setsockopt(zmq.ROUTING_ID, routing_id or
+                             f"bs-{os.getpid()}-{os.urandom(4).hex()}".encode())
+        # IMMEDIATE stays off: with it a ROUTER ignores CONNECT_ROUTING_ID (libzmq 4.3.5)
+        P.configure_socket(self.sock, sockets, immediate=False)
+        self._ids = itertools.count(1)
+        self.hellos: dict[bytes, dict] = {}  # dial-in agents: routing id -> latest info
+        self.late_replies = 0
+        self.endpoints: dict[str, bytes] = {}  # connected endpoint -> alias
+
+    # -- connections ------------------------------------------------------------------------
+
+    def connect(self, endpoint: str, alias: bytes | None = None) -> bytes:
+        """Connect to a listening agent; returns the peer name to send to (default: endpoint)."""
+        alias = alias or endpoint.encode()
+        # A second connect with an alias already in use aborts the process (libzmq 4.3.5
+        # router.cpp assertion, measured): connect each endpoint once, reuse its alias.
+        if endpoint in self.endpoints:
+            if self.endpoints[endpoint] != alias:
+                raise ValueError(f"{endpoint} is already connected as {self.endpoints[endpoint]!r}")
+            return alias
+        if alias in self.endpoints.values():
+            raise ValueError(f"alias {alias!r} is already used for another endpoint")
+        self.sock.setsockopt(zmq.CONNECT_ROUTING_ID, alias)
+        self.sock.connect(endpoint)
+        self.endpoints[endpoint] = alias
+        return alias
+
+    def bind(self, endpoint: str) -> str:
+        """Listen for dial-in agents; returns the bound endpoint (resolves a `*` port)."""
+        self.sock.bind(endpoint)
+        return self.sock.getsockopt_string(zmq.LAST_ENDPOINT)
+
+    def close(self) -> None:
+        self.sock.close(linger=0)
+        if self._own_ctx:
+            self.ctx.term()
+
+    def __enter__(self) -> "AgentClient":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+    # -- sending ----------------------------------------------------------------------------
+
+    def send(self, peer: bytes, kind: str, frames: Sequence = (), **fields) -> int:
+        """Send one request; returns its id. Raises PeerUnreachable."""
+        request_id = next(self._ids)
+        try:
+            self.sock.send_multipart([peer, P.pack(kind, request_id, **fields), *frames],
+                                     flags=zmq.NOBLOCK, copy=False)
+        except zmq.Again:
+            raise PeerUnreachable(f"{peer!r}: send queue full (agent not reading)") from None
+        except zmq.ZMQError as e:
+            if e.errno == zmq.EHOSTUNREACH:
+                raise PeerUnreachable(f"{peer!r}: not connected") from None
+            raise
+        return request_id
+
+    def send_expert(self, peer: bytes, layer: int, x: torch.Tensor,
+                    counts: Sequence[tuple[int, int]], wire_dtype: str | None = None,
+                    reply_dtype: str | None = None) -> int:
+        """x [T, H]: the tokens of each (expert id, tokens) in `counts`, in that order."""
+        dtype = wire_dtype or P.DTYPE_NAME[x.dtype]
+        frames, fields = P.encode_tensor(x, dtype)
+        if reply_dtype:
+            fields["reply_dtype"] = reply_dtype
+        return self.send(peer, P.EXPERT, frames, layer=layer,
+                         experts=[[int(e), int(n)] for e, n in counts], **fields)
+
+    # -- receiving --------------------------------------------------------------------------
+
+    def recv(self, timeout_s: float) -> Reply | None:
+        """The next reply from any agent, or None at the deadline. HELLOs are recorded in
+        `hellos` and not returned; malformed messages are skipped."""
+        deadline = time.monotonic() + timeout_s
+        while True:
+            left_ms = max(0, int((deadline - time.monotonic()) * 1000))
+            if not self.sock.poll(left_ms):
+                return None
+            frames = self.sock.recv_multipart(copy=False)
+            if len(frames) < 2:
+                continue
+            try:
+                header = P.unpack(frames[1].buffer)
+            except P.ProtocolError:
+                continue
+            peer = frames[0].bytes
+            if header["kind"] == P.HELLO:
+                self.hellos[peer] = header.get("info") or {}
+                continue
+            return Reply(peer, header, frames[2:])
+
+    def wait(self, request_ids: set[int], timeout_s: float) -> dict[int, Reply]:
+        """Replies to these ids (as many as arrive before the deadline); others are discarded."""
+        pending, replies = set(request_ids), {}
+        deadline = time.monotonic() + timeout_s
+        while pending:
+            reply = self.recv(max(0.0, deadline - time.monotonic()))
+            if reply is None:
+                break
+            if reply.id in pending:
+                pending.discard(reply.id)
+                replies[reply.id] = reply
+            else:
+                self.late_replies += 1
+        return replies
+
+    def wait_hello(self, timeout_s: float, peer: bytes | None = None) -> bytes | None:
+        """Wait until a dial-in agent (or this one) announces itself; returns its routing id."""
+        deadline = time.monotonic() + timeout_s
+        while True:
+            ready = [p for p in self.hellos if peer is None or p == peer]
+            if ready:
+                return ready[0]
+            left = deadline - time.monotonic()
+            if left <= 0:
+                return None
+            reply = self.recv(min(left, 0.1))
+            if reply is not None:
+                self.late_replies += 1
+
+    # -- one call, for probes and tools ---------------------------------------------------
+
+    def call(self, peer: bytes, kind: str, frames: Sequence = (),
+             timeout_s: float = DEFAULT_TIMEOUT_S, **fields) -> Reply:
+        """Send and wait. Raises TimeoutError, PeerUnreachable, AgentError."""
+        request_id = self.send(peer, kind, frames, **fields)
+        reply = self.wait({request_id}, timeout_s).get(request_id)
+        if reply is None:
+            raise TimeoutError(f"{peer!r}: no reply to {kind} within {timeout_s} s")
+        return reply.check()
+
+    def expert(self, peer: bytes, layer: int, x: torch.Tensor,
+               counts: Sequence[tuple[int, int]], timeout_s: float = DEFAULT_TIMEOUT_S,
+               **dtypes) -> tuple[torch.Tensor, Reply]:
+        """One expert call. Raises TimeoutError, PeerUnreachable, AgentError, ProtocolError."""
+        request_id = self.send_expert(peer, layer, x, counts, **dtypes)
+        reply = self.wait({request_id}, timeout_s).get(request_id)
+        if reply is None:
+            raise TimeoutError(f"{peer!r}: no reply to layer {layer} within {timeout_s} s")
+        return reply.check().tensor(), reply
+
+    def info(self, peer: bytes, timeout_s: float = DEFAULT_TIMEOUT_S) -> dict:
+        return self.call(peer, P.INFO, timeout_s=timeout_s).header["info"]

@@ -1,0 +1,238 @@
+"""The edge-agent wire protocol: one module, one version, shared by agent, pusher and base station.
+
+Socket roles (design.md, "ZeroMQ lessons"):
+    base station   one ROUTER socket for every agent, both directions at once:
+                   - listening agents (`edge_agent --bind`): the ROUTER *connects* to the agent,
+                     naming the peer with CONNECT_ROUTING_ID (the alias, e.g. the address);
+                   - dial-in agents (`edge_agent --basestation`): the same ROUTER *binds*; the
+                     agent's DEALER connects with a fixed routing id and announces itself (HELLO).
+                   Requests to many agents are in flight at once; replies carry the request id.
+    agent          ROUTER bound on `--bind` (it may have several peers: base station, pusher,
+                   probes, so replies must be addressed), and/or a DEALER dialled out to
+                   `--basestation` (exactly one peer).
+    pusher         DEALER connected to an agent's ROUTER (`shard_tool push`).
+Never REQ/REP: one lost reply wedges it.
+
+Message = multipart [header, *payload]; ROUTER sockets add the peer's routing id in front.
+    header    msgpack map; always "v" (PROTOCOL_VERSION), "kind", "id" (request id, int; a reply
+              echoes it so late replies can be discarded).
+    payload   raw tensor bytes, C order, no pickle: frame 0 = data, frame 1 = per-token float32
+              scales when dtype is "int8".
+Kinds and their extra header fields:
+    EXPERT        layer, experts [[expert_id, tokens], ...] (tokens of each expert, in frame
+                  order), dtype (wire dtype of this tensor), shape [tokens, hidden],
+                  reply_dtype (optional; default: dtype)
+    EXPERT_REPLY  layer, experts, dtype, shape, compute_s (time spent computing on the box)
+    PING          reply_bytes (optional: answer with that many bytes; else echo the payload)
+    PONG          bytes
+    INFO / INFO_REPLY   info {experts, layers, hidden, dtype, device, fingerprint, ...}
+    HELLO         info: a dial-in agent's announcement (sent on every (re)connection)
+    PUSH_BEGIN / PUSH_CHUNK / PUSH_END / PUSH_ACK   shard upload, see edge_agent/store.py
+    ERROR         code (one of ERR_*), message; id is None when the request had none
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import Any, Sequence
+
+import msgpack
+import torch
+import zmq
+
+PROTOCOL_VERSION = 1
+
+# Message kinds
+EXPERT = "expert"
+EXPERT_REPLY = "expert_reply"
+PING = "ping"
+PONG = "pong"
+INFO = "info"
+INFO_REPLY = "info_reply"
+HELLO = "hello"
+PUSH_BEGIN = "push_begin"
+PUSH_CHUNK = "push_chunk"
+PUSH_END = "push_end"
+PUSH_ACK = "push_ack"
+ERROR = "error"
+REQUEST_KINDS = (EXPERT, PING, INFO, PUSH_BEGIN, PUSH_CHUNK, PUSH_END)
+
+# Error codes carried by ERROR replies
+ERR_MALFORMED = "malformed"
+ERR_VERSION = "version"
+ERR_UNKNOWN_KIND = "unknown_kind"
+ERR_UNKNOWN_LAYER = "unknown_layer"
+ERR_UNKNOWN_EXPERT = "unknown_expert"
+ERR_SHAPE = "shape"
+ERR_DTYPE = "dtype"
+ERR_TOO_LARGE = "too_large"
+ERR_NOT_READY = "not_ready"  # waiting for a pushed shard
+ERR_PUSH = "push_refused"
+ERR_INTERNAL = "internal"
+
+# Wire dtypes (the paper's epsilon: bytes per activation element)
+WIRE_DTYPES: dict[str, torch.dtype] = {
+    "float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16,
+    "int8": torch.int8,
+}
+DTYPE_ALIASES = {"fp32": "float32", "bf16": "bfloat16", "fp16": "float16"}
+DTYPE_NAME = {v: k for k, v in WIRE_DTYPES.items()}
+
+# Liveness and flow control (measured values and reasons in design.md)
+HEARTBEAT_INTERVAL_S = 0.2
+HEARTBEAT_TIMEOUT_S = 1.0  # a dead peer is noticed in about a second
+RECONNECT_INTERVAL_S = 0.1
+RECONNECT_INTERVAL_MAX_S = 2.0  # capped exponential backoff (libzmq doubles up to this)
+HWM_MESSAGES = 16  # HWM counts messages, not bytes: keep it small so a stalled peer costs little
+MAX_MESSAGE_BYTES = 256 * 1024 * 1024  # MAXMSGSIZE: what a peer can make us allocate per frame
+
+
+class ProtocolError(Exception):
+    """A message that breaks the protocol. `code` is one of ERR_*; sent back as an ERROR reply."""
+
+    def __init__(self, code: str, message: str):
+        super().__init__(message)
+        self.code = code
+        self.message = message
+
+
+@dataclass(frozen=True)
+class SocketConfig:
+    heartbeat_interval_s: float = HEARTBEAT_INTERVAL_S
+    heartbeat_timeout_s: float = HEARTBEAT_TIMEOUT_S
+    reconnect_interval_s: float = RECONNECT_INTERVAL_S
+    reconnect_interval_max_s: float = RECONNECT_INTERVAL_MAX_S
+    hwm_messages: int = HWM_MESSAGES
+    max_message_bytes: int = MAX_MESSAGE_BYTES
+
+
+def configure_socket(sock: zmq.Socket, config: SocketConfig = SocketConfig(),
+                     immediate: bool = True) -> None:
+    """Apply the options every socket of this system needs, before bind/connect."""
+    sock.setsockopt(zmq.LINGER, 0)  # default linger is infinite: term() would hang
+    sock.setsockopt(zmq.SNDHWM, config.hwm_messages)
+    sock.setsockopt(zmq.RCVHWM, config.hwm_messages)
+    sock.setsockopt(zmq.MAXMSGSIZE, config.max_message_bytes)
+    sock.setsockopt(zmq.HEARTBEAT_IVL, int(config.heartbeat_interval_s * 1000))
+    sock.setsockopt(zmq.HEARTBEAT_TIMEOUT, int(config.heartbeat_timeout_s * 1000))
+    sock.setsockopt(zmq.HEARTBEAT_TTL, int(config.heartbeat_timeout_s * 1000))
+    sock.setsockopt(zmq.RECONNECT_IVL, int(config.reconnect_interval_s * 1000))
+    sock.setsockopt(zmq.RECONNECT_IVL_MAX, int(config.reconnect_interval_max_s * 1000))
+    # IMMEDIATE: no queueing for peers that are not there (requests would arrive stale).
+    # Measured on libzmq 4.3.5: a ROUTER with IMMEDIATE=1 ignores CONNECT_ROUTING_ID, so the
+    # base station's ROUTER turns it off and relies on request ids + small HWM instead.
+    sock.setsockopt(zmq.IMMEDIATE, 1 if immediate else 0)
+    if sock.type == zmq.ROUTER:
+        sock.setsockopt(zmq.ROUTER_MANDATORY, 1)  # sending to a gone peer raises, not vanishes
+        sock.setsockopt(zmq.ROUTER_HANDOVER, 1)  # a restarted peer with the same id takes over
+
+
+# ---------------------------------------------------------------------------------------------
+# Header and frames
+
+
+def pack(kind: str, request_id: int | None, **fields: Any) -> bytes:
+    fields.update(v=PROTOCOL_VERSION, kind=kind, id=request_id)
+    return msgpack.packb(fields)
+
+
+def unpack(frame) -> dict:
+    """Decode and check a header frame. Raises ProtocolError (malformed, version)."""
+    try:
+        header = msgpack.unpackb(frame, raw=False, strict_map_key=True)
+    except Exception:  # msgpack raises many types on garbage
+        raise ProtocolError(ERR_MALFORMED, "header is not msgpack") from None
+    if not isinstance(header, dict):
+        raise ProtocolError(ERR_MALFORMED, "header is not a map")
+    if header.get("v") != PROTOCOL_VERSION:
+        raise ProtocolError(ERR_VERSION, f"protocol version {header.get('v')!r} is not "
+                                         f"{PROTOCOL_VERSION}")
+    if not isinstance(header.get("kind"), str):
+        raise ProtocolError(ERR_MALFORMED, "header has no kind")
+    request_id = header.get("id")
+    if request_id is not None and not isinstance(request_id, int):
+        raise ProtocolError(ERR_MALFORMED, "request id is not an integer")
+    return header
+
+
+def request_id_of(frame) -> int | None:
+    """Best-effort request id of a header that failed to unpack (for the error reply)."""
+    try:
+        header = msgpack.unpackb(frame, raw=False)
+        request_id = header.get("id") if isinstance(header, dict) else None
+        return request_id if isinstance(request_id, int) else None
+    except Exception:
+        return None
+
+
+def wire_dtype_name(name: str) -> str:
+    """Canonical wire dtype name. Raises ProtocolError(ERR_DTYPE)."""
+    name = DTYPE_ALIASES.get(name, name) if isinstance(name, str) else name
+    if name not in WIRE_DTYPES:
+        raise ProtocolError(ERR_DTYPE, f"unknown wire dtype {name!r}")
+    return name
+
+
+def _bytes_view(tensor: torch.Tensor):
+    """A contiguous tensor's bytes as a buffer, without a copy (numpy has no bfloat16)."""
+    return tensor.contiguous().reshape(-1).view(torch.uint8).numpy()
+
+
+def encode_tensor(x: torch.Tensor, dtype: str) -> tuple[list, dict]:
+    """[T, H] activations -> (payload frames, header fields) in wire dtype `dtype`.
+
+    int8 is symmetric per token: x ~= q * scale, scale = max|x| / 127 (frame 1: float32 [T]).
+    """
+    dtype = wire_dtype_name(dtype)
+    fields = {"dtype": dtype, "shape": list(x.shape)}
+    if x.device.type != "cpu":
+        x = x.cpu()
+    if dtype == "int8":
+        xf = x.float()
+        scale = xf.abs().amax(dim=-1, keepdim=True).clamp_min(1e-30) / 127.0  # [T, 1]
+        q = torch.round(xf / scale).clamp_(-127, 127).to(torch.int8)
+        return [_bytes_view(q), _bytes_view(scale.reshape(-1))], fields
+    return [_bytes_view(x.to(WIRE_DTYPES[dtype]))], fields
+
+
+def _frame_tensor(frame, dtype: torch.dtype, count: int) -> torch.Tensor:
+    buffer = frame.buffer if hasattr(frame, "buffer") else memoryview(frame)
+    itemsize = torch.empty((), dtype=dtype).element_size()
+    if len(buffer) != count * itemsize:
+        raise ProtocolError(ERR_SHAPE, f"payload is {len(buffer)} bytes, header implies "
+                                       f"{count * itemsize}")
+    if count == 0:
+        return torch.empty(0, dtype=dtype)
+    tensor = torch.frombuffer(buffer, dtype=dtype)  # no copy: wraps the received frame
+    if tensor.data_ptr() % itemsize:  # tiny frames live inside the message struct, unaligned
+        tensor = tensor.clone()
+    return tensor
+
+
+def decode_tensor(header: dict, frames: Sequence, hidden: int | None = None) -> torch.Tensor:
+    """Payload frames -> [T, H] tensor (wire dtype; int8 is dequantised to float32).
+
+    Raises ProtocolError (ERR_DTYPE, ERR_SHAPE, ERR_MALFORMED) on any mismatch.
+    """
+    dtype = wire_dtype_name(header.get("dtype"))
+    shape = header.get("shape")
+    if (not isinstance(shape, list) or len(shape) != 2
+            or not all(isinstance(d, int) and d >= 0 for d in shape)):
+        raise ProtocolError(ERR_SHAPE, f"shape {shape!r} is not [tokens, hidden]")
+    if hidden is not None and shape[1] != hidden:
+        raise ProtocolError(ERR_SHAPE, f"hidden size {shape[1]} is not {hidden}")
+    expected_frames = 2 if dtype == "int8" else 1
+    if len(frames) != expected_frames:
+        raise ProtocolError(ERR_MALFORMED, f"{len(frames)} payload frames, {dtype} needs "
+                                           f"{expected_frames}")
+    count = math.prod(shape)
+    x = _frame_tensor(frames[0], WIRE_DTYPES[dtype], count).view(shape)
+    if dtype == "int8":
+        scale = _frame_tensor(frames[1], torch.float32, shape[0]).view(shape[0], 1)
+        x = x.float() * scale
+    return x
+
+
+def error_header(request_id: int | None, code: str, message: str) -> bytes:
+    return pack(ERROR, request_id, code=code, message=message)

@@ -1,0 +1,392 @@
+"""The agent's sockets and serving loop: one request at a time, synchronous (design.md)."""
+
+from __future__ import annotations
+
+import logging
+import os
+import platform
+import socket as pysocket
+import time
+from dataclasses import dataclass, field
+from typing import Callable
+
+import torch
+import zmq
+from zmq.utils.monitor import recv_monitor_message
+
+from edge_agent import protocol as P
+from edge_agent.expert_math import expert_forward, flops_per_token
+from edge_agent.faults import FaultConfig, FaultInjector
+from edge_agent.shards import LoadedExperts, load_experts, missing_experts
+from edge_agent.store import ShardStore
+from shard_tool.errors import ShardError
+
+log = logging.getLogger("edge_agent")
+
+POLL_INTERVAL_S = 0.1  # how often the loop looks at the stop flag and pending announcements
+DRAIN_BATCH = 64  # messages handled per socket before polling again (fairness between sockets)
+BENCH_TOKENS = 64
+BENCH_BUDGET_S = 0.3  # the self-benchmark at start stays short
+MONITOR_EVENTS = (zmq.EVENT_HANDSHAKE_SUCCEEDED | zmq.EVENT_HANDSHAKE_FAILED_PROTOCOL
+                  | zmq.EVENT_HANDSHAKE_FAILED_NO_DETAIL | zmq.EVENT_DISCONNECTED)
+
+
+@dataclass(frozen=True)
+class AgentConfig:
+    experts: tuple[int, ...]
+    shards_dir: str | None = None  # --shards: must hold the shards now
+    store_dir: str | None = None  # --store: waits for pushed shards
+    bind: str | None = None  # listening mode
+    basestation: str | None = None  # dial-in mode
+    advertise: str | None = None
+    agent_id: str | None = None  # dial-in routing id; default from host name and experts
+    device: str = "auto"
+    dtype: str = "auto"
+    self_benchmark: bool = True
+    sockets: P.SocketConfig = field(default_factory=P.SocketConfig)
+    faults: FaultConfig = field(default_factory=FaultConfig)
+
+
+def default_agent_id(experts: tuple[int, ...]) -> str:
+    return f"edge-{pysocket.gethostname()}-e{','.join(map(str, experts))}"
+
+
+def advertise_address(endpoint: str) -> str:
+    """The address others reach a bound endpoint on: a wildcard host becomes this box's IPv4
+    address on the default route's interface (netifaces), else the first non-loopback one."""
+    if not endpoint.startswith("tcp://"):
+        return endpoint
+    host, _, port = endpoint[len("tcp://"):].rpartition(":")
+    if host not in ("0.0.0.0", "*", "[::]", "::"):
+        return endpoint
+    try:
+        import netifaces
+
+        candidates = []
+        default = netifaces.gateways().get("default", {}).get(netifaces.AF_INET)
+        if default:
+            candidates.append(default[1])
+        candidates += [i for i in netifaces.interfaces() if i not in candidates]
+        for name in candidates:
+            for addr in netifaces.ifaddresses(name).get(netifaces.AF_INET, []):
+                ip = addr.get("addr", "")
+                if ip and not ip.startswith("127."):
+                    return f"tcp://{ip}:{port}"
+    except Exception as e:  # netifaces missing or an odd interface: fall back, say why
+        log.debug("advertise: netifaces failed: %s", e)
+    return f"tcp://127.0.0.1:{port}"
+
+
+def device_facts(device: torch.device) -> dict:
+    if device.type == "cuda":
+        props = torch.cuda.get_device_properties(device)
+        free, total = torch.cuda.mem_get_info(device)
+        return {"device": str(device), "device_name": props.name, "memory_bytes": total,
+                "memory_free_bytes": free}
+    name = platform.processor() or platform.machine()
+    try:
+        with open("/proc/cpuinfo") as f:
+            name = next(line.split(":", 1)[1].strip() for line in f if line.startswith("model name"))
+    except (OSError, StopIteration):
+        pass
+    memory = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+    return {"device": "cpu", "device_name": name, "memory_bytes": memory,
+            "threads": torch.get_num_threads()}
+
+
+def self_benchmark(loaded: LoadedExperts) -> dict:
+    """Measured expert throughput of this box (tokens/s and FLOP/s of one expert FFN)."""
+    weights = loaded.weights[loaded.experts[0]][0]
+    x = torch.randn(BENCH_TOKENS, loaded.hidden_size, device=loaded.device, dtype=loaded.dtype)
+    sync = torch.cuda.synchronize if loaded.device.type == "cuda" else (lambda: None)
+    expert_forward(x, weights)  # warm-up
+    sync()
+    runs, start = 0, time.perf_counter()
+    while True:
+        expert_forward(x, weights)
+        runs += 1
+        sync()
+        elapsed_s = time.perf_counter() - start
+        if elapsed_s >= BENCH_BUDGET_S or runs >= 200:
+            break
+    tokens_per_s = runs * BENCH_TOKENS / elapsed_s
+    return {"tokens_per_s": tokens_per_s, "batch_tokens": BENCH_TOKENS,
+            "flop_per_s": tokens_per_s * flops_per_token(loaded.hidden_size, loaded.ffn_size)}
+
+
+class Agent:
+    def __init__(self, config: AgentConfig, ready: Callable[[str], None] = print):
+        self.config = config
+        self.ready = ready
+        self.loaded: LoadedExperts | None = None
+        self.store = ShardStore(config.store_dir, list(config.experts)) if config.store_dir else None
+        self.faults = FaultInjector(config.faults)
+        self.throughput: dict = {}
+        self.stop_requested = False
+        self.ctx: zmq.Context | None = None
+        self.router: zmq.Socket | None = None
+        self.dealer: zmq.Socket | None = None
+        self.monitors: dict = {}  # monitor socket -> the socket it watches
+        self.bound_endpoint: str | None = None
+        self.advertised: str | None = None
+        self.hello_pending = False
+        self._zeros = b""
+
+    # -- lifecycle ----------------------------------------------------------------------------
+
+    def load(self, folder: str) -> None:
+        """Raises ShardError (missing, corrupt, wrong shape)."""
+        self.loaded = load_experts(folder, list(self.config.experts), self.config.device,
+                                   self.config.dtype)
+        if self.config.self_benchmark:
+            self.throughput = self_benchmark(self.loaded)
+
+    def open_sockets(self) -> None:
+        """Raises zmq.ZMQError when the bind address is taken or invalid."""
+        self.ctx = zmq.Context()
+        if self.config.bind:
+            self.router = self.ctx.socket(zmq.ROUTER)
+            P.configure_socket(self.router, self.config.sockets)
+            self.router.bind(self.config.bind)
+            self.bound_endpoint = self.router.getsockopt_string(zmq.LAST_ENDPOINT)
+            self.advertised = self.config.advertise or advertise_address(self.bound_endpoint)
+            self._watch(self.router)
+        if self.config.basestation:
+            self.dealer = self.ctx.socket(zmq.DEALER)
+            self.dealer.setsockopt(zmq.ROUTING_ID, (self.config.agent_id or default_agent_id(
+                self.config.experts)).encode()[:255])
+            P.configure_socket(self.dealer, self.config.sockets)
+            self.dealer.connect(self.config.basestation)
+            self._watch(self.dealer)
+            self.hello_pending = True
+        if not self.advertised:
+            self.advertised = self.config.advertise
+
+    def _watch(self, sock: zmq.Socket) -> None:
+        self.monitors[sock.get_monitor_socket(MONITOR_EVENTS)] = sock
+
+    def close(self) -> None:
+        for monitor, sock in self.monitors.items():
+            try:
+                sock.disable_monitor()
+            except zmq.ZMQError:
+                pass
+            monitor.close(linger=0)
+        for sock in (self.router, self.dealer):
+            if sock is not None:
+                sock.close(linger=0)
+        if self.store:
+            self.store.close()
+        if self.ctx is not None:
+            self.ctx.term()
+
+    def where(self) -> str:
+        parts = []
+        if self.bound_endpoint:
+            parts.append(f"serving {self.bound_endpoint} (advertised {self.advertised})")
+        if self.config.basestation:
+            parts.append(f"dialling {self.config.basestation}")
+        return ", ".join(parts)
+
+    def announce_ready(self) -> None:
+        loaded = self.loaded
+        self.ready(f"edge_agent ready: {self.where()} experts "
+                   f"{','.join(map(str, loaded.experts))} layers {loaded.num_layers} "
+                   f"device {loaded.device} dtype {str(loaded.dtype).removeprefix('torch.')}")
+
+    # -- serving ------------------------------------------------------------------------------
+
+    def run(self) -> None:
+        poller = zmq.Poller()
+        for sock in (self.router, self.dealer):
+            if sock is not None:
+                poller.register(sock, zmq.POLLIN)
+        for monitor in self.monitors:
+            poller.register(monitor, zmq.POLLIN)
+        while not self.stop_requested:
+            if self.hello_pending:
+                self._send_hello()
+            ready = dict(poller.poll(int(POLL_INTERVAL_S * 1000)))
+            for sock in ready:
+                if sock in self.monitors:
+                    self._on_monitor(sock)
+                else:
+                    self._drain(sock)
+
+    def _drain(self, sock: zmq.Socket) -> None:
+        for _ in range(DRAIN_BATCH):
+            if self.stop_requested:
+                return
+            try:
+                frames = sock.recv_multipart(flags=zmq.NOBLOCK, copy=False)
+            except zmq.Again:
+                return
+            route = frames[:1] if sock.type == zmq.ROUTER else []
+            body = frames[len(route):]
+            reply = self.handle(body)
+            if reply is None:
+                continue
+            try:
+                sock.send_multipart(route + reply, flags=zmq.NOBLOCK, copy=False)
+            except zmq.Again:
+                log.warning("dropped a reply: the peer is not reading (send queue full)")
+            except zmq.ZMQError as e:  # EHOSTUNREACH: the peer left before its reply was ready
+                log.warning("dropped a reply: %s", e.strerror)
+
+    def handle(self, body: list) -> list | None:
+        """Frames of one request -> frames of its reply (None: nothing to send)."""
+        if not body:
+            log.warning("dropped an empty message")
+            return None
+        request_id = None
+        try:
+            header = P.unpack(body[0].buffer)
+            request_id = header["id"]
+            return self.dispatch(header, body[1:])
+        except P.ProtocolError as e:
+            if request_id is None:
+                request_id = P.request_id_of(body[0].buffer)
+            log.info("bad request %s: %s: %s", request_id, e.code, e.message)
+            return [P.error_header(request_id, e.code, e.message)]
+        except Exception as e:  # a bug must not take the box down: report it and go on
+            log.exception("internal error on request %s", request_id)
+            return [P.error_header(request_id, P.ERR_INTERNAL, f"{type(e).__name__}: {e}")]
+
+    def dispatch(self, header: dict, payload: list) -> list | None:
+        kind, request_id = header["kind"], header["id"]
+        if kind == P.EXPERT:
+            if not self.faults.before_expert():
+                log.info("fault injection: dropped expert request %s", request_id)
+                return None
+            return self.expert(header, payload)
+        if kind == P.PING:
+            return self.ping(header, payload)
+        if kind == P.INFO:
+            return [P.pack(P.INFO_REPLY, request_id, info=self.info())]
+        if kind in (P.PUSH_BEGIN, P.PUSH_CHUNK, P.PUSH_END):
+            return self.push(kind, header, payload)
+        raise P.ProtocolError(P.ERR_UNKNOWN_KIND, f"unknown message kind {kind!r}")
+
+    def expert(self, header: dict, payload: list) -> list:
+        loaded = self.loaded
+        if loaded is None:
+            raise P.ProtocolError(P.ERR_NOT_READY, "no shard loaded yet (waiting for a push)")
+        layer, experts = header.get("layer"), header.get("experts")
+        if not isinstance(layer, int) or not 0 <= layer < loaded.num_layers:
+            raise P.ProtocolError(P.ERR_UNKNOWN_LAYER, f"layer {layer!r} is not in "
+                                                       f"0..{loaded.num_layers - 1}")
+        if (not isinstance(experts, list) or not experts
+                or not all(isinstance(e, list) and len(e) == 2 for e in experts)):
+            raise P.ProtocolError(P.ERR_MALFORMED, "experts must be [[expert_id, tokens], ...]")
+        for expert, tokens in experts:
+            if not isinstance(expert, int) or expert not in loaded.weights:
+                raise P.ProtocolError(P.ERR_UNKNOWN_EXPERT, f"expert {expert!r} is not hosted "
+                                                            f"here (hosted: {loaded.experts})")
+            if not isinstance(tokens, int) or tokens < 0:
+                raise P.ProtocolError(P.ERR_SHAPE, f"token count {tokens!r} of expert {expert}")
+        x = P.decode_tensor(header, payload, hidden=loaded.hidden_size)  # [T, D]
+        if sum(t for _, t in experts) != x.shape[0]:
+            raise P.ProtocolError(P.ERR_SHAPE, f"token counts sum to "
+                                               f"{sum(t for _, t in experts)}, shape has "
+                                               f"{x.shape[0]} tokens")
+        reply_dtype = P.wire_dtype_name(header.get("reply_dtype") or header["dtype"])
+        start = time.perf_counter()
+        x = x.to(device=loaded.device, dtype=loaded.dtype)
+        outputs, offset = [], 0
+        with torch.inference_mode():
+            for expert, tokens in experts:
+                outputs.append(expert_forward(x[offset:offset + tokens],
+                                              loaded.weights[expert][layer]))
+                offset += tokens
+            out = outputs[0] if len(outputs) == 1 else torch.cat(outputs)
+        if loaded.device.type == "cuda":
+            out = out.cpu()  # includes the wait for the kernels
+        compute_s = time.perf_counter() - start
+        frames, fields = P.encode_tensor(out, reply_dtype)
+        return [P.pack(P.EXPERT_REPLY, header["id"], layer=layer, experts=experts,
+                       compute_s=compute_s, **fields)] + frames
+
+    def ping(self, header: dict, payload: list) -> list:
+        reply_bytes = header.get("reply_bytes")
+        if reply_bytes is None:
+            return [P.pack(P.PONG, header["id"], bytes=sum(len(f.buffer) for f in payload))] \
+                + list(payload)
+        if not isinstance(reply_bytes, int) or not 0 <= reply_bytes <= \
+                self.config.sockets.max_message_bytes:
+            raise P.ProtocolError(P.ERR_TOO_LARGE, f"reply_bytes {reply_bytes!r} is out of range")
+        if len(self._zeros) < reply_bytes:
+            self._zeros = bytes(reply_bytes)
+        data = memoryview(self._zeros)[:reply_bytes]
+        return [P.pack(P.PONG, header["id"], bytes=reply_bytes), data]
+
+    def info(self) -> dict:
+        loaded = self.loaded
+        info = {
+            "protocol": P.PROTOCOL_VERSION,
+            "agent_id": self.config.agent_id or default_agent_id(self.config.experts),
+            "experts": list(self.config.experts),
+            "serving": loaded is not None,
+            "advertise": self.advertised,
+            "capabilities": {"wire_dtypes": list(P.WIRE_DTYPES), "push": self.store is not None,
+                             "max_message_bytes": self.config.sockets.max_message_bytes},
+            "pid": os.getpid(),
+        }
+        if loaded is None:
+            folder = self.config.store_dir or self.config.shards_dir
+            info["missing"] = missing_experts(folder, list(self.config.experts)) if folder else []
+            return info
+        info.update(
+            layers=loaded.num_layers, hidden=loaded.hidden_size, ffn=loaded.ffn_size,
+            dtype=str(loaded.dtype).removeprefix("torch."),
+            fingerprint=loaded.manifest.fingerprint, model=loaded.manifest.model,
+            shard_bytes=loaded.shard_bytes, throughput=self.throughput,
+            **device_facts(loaded.device))
+        return info
+
+    def push(self, kind: str, header: dict, payload: list) -> list:
+        if self.store is None:
+            raise P.ProtocolError(P.ERR_PUSH, "this agent was not started with --store DIR")
+        if kind == P.PUSH_BEGIN:
+            ack = self.store.begin(header, payload)
+        elif kind == P.PUSH_CHUNK:
+            ack = self.store.chunk(header, payload)
+        else:
+            ack = self.store.end(header)
+            if self.loaded is None and not missing_experts(self.store.folder,
+                                                           list(self.config.experts)):
+                try:
+                    self.load(self.store.folder)
+                except ShardError as e:
+                    raise P.ProtocolError(P.ERR_PUSH, f"received, but loading failed: {e}") \
+                        from None
+                self.announce_ready()
+                self.hello_pending = self.dealer is not None  # re-announce with the model
+            ack["serving"] = self.loaded is not None
+        return [P.pack(P.PUSH_ACK, header["id"], expert=header.get("expert"), **ack)]
+
+    # -- dial-in and connection events ------------------------------------------------------
+
+    def _send_hello(self) -> None:
+        try:
+            self.dealer.send(P.pack(P.HELLO, 0, info=self.info()), flags=zmq.NOBLOCK)
+            self.hello_pending = False
+            log.info("announced to %s", self.config.basestation)
+        except zmq.Again:  # not connected yet (IMMEDIATE): the next connect event retries
+            pass
+
+    def _on_monitor(self, monitor: zmq.Socket) -> None:
+        while True:
+            try:
+                event = recv_monitor_message(monitor, flags=zmq.NOBLOCK)
+            except zmq.Again:
+                return
+            kind, endpoint = event["event"], event.get("endpoint", b"").decode(errors="replace")
+            watched = self.monitors[monitor]
+            if kind in (zmq.EVENT_HANDSHAKE_FAILED_PROTOCOL, zmq.EVENT_HANDSHAKE_FAILED_NO_DETAIL):
+                log.warning("dropped a connection on %s: ZMTP handshake failed (not a ZeroMQ "
+                            "peer, or garbage on the port)", endpoint)
+            elif kind == zmq.EVENT_DISCONNECTED:
+                log.info("peer disconnected on %s (closed, heartbeat timeout, or a message over "
+                         "the %d-byte cap)", endpoint, self.config.sockets.max_message_bytes)
+            elif kind == zmq.EVENT_HANDSHAKE_SUCCEEDED and watched is self.dealer:
+                self.hello_pending = True  # (re)connected to the base station: announce again

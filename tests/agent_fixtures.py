@@ -1,0 +1,136 @@
+"""Helpers for the edge-agent tests: real agent processes with deadlines, always killed."""
+
+from __future__ import annotations
+
+import os
+import queue
+import re
+import signal
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+
+import pytest
+
+REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+START_TIMEOUT_S = 60.0  # torch import + load on a busy 2-core machine
+READY_RE = re.compile(r"serving (tcp://\S+)")
+
+
+def _die_with_parent() -> None:
+    """Linux: the agent gets SIGKILL if the test process dies before its finalizers run."""
+    try:
+        import ctypes
+
+        ctypes.CDLL("libc.so.6", use_errno=True).prctl(1, signal.SIGKILL)  # PR_SET_PDEATHSIG
+    except OSError:
+        pass
+
+
+class AgentProcess:
+    """`python -m edge_agent ...` with stdout lines read by a thread (so waits have deadlines)."""
+
+    def __init__(self, args: list[str]):
+        self.args = args
+        self.stderr_file = tempfile.TemporaryFile(mode="w+")
+        env = dict(os.environ, PYTHONUNBUFFERED="1", OMP_NUM_THREADS="1")
+        self.proc = subprocess.Popen([sys.executable, "-m", "edge_agent", *args], cwd=REPO_ROOT,
+                                     stdout=subprocess.PIPE, stderr=self.stderr_file, text=True,
+                                     env=env, preexec_fn=_die_with_parent)
+        self.lines: queue.Queue[str | None] = queue.Queue()
+        self.endpoint: str | None = None
+        self.last_line = ""
+        threading.Thread(target=self._read, daemon=True).start()
+
+    def _read(self) -> None:
+        for line in self.proc.stdout:
+            self.lines.put(line.rstrip("\n"))
+        self.lines.put(None)
+
+    def wait_line(self, prefix: str, timeout_s: float = START_TIMEOUT_S) -> str:
+        """The next stdout line starting with `prefix`; fails the test at the deadline."""
+        deadline = time.monotonic() + timeout_s
+        while True:
+            try:
+                line = self.lines.get(timeout=max(0.01, deadline - time.monotonic()))
+            except queue.Empty:
+                pytest.fail(f"agent printed no {prefix!r} line within {timeout_s} s; "
+                            f"stderr:\n{self.stderr()}")
+            if line is None:
+                pytest.fail(f"agent exited ({self.proc.wait()}) before {prefix!r}; "
+                            f"stderr:\n{self.stderr()}")
+            if line.startswith(prefix):
+                match = READY_RE.search(line)
+                if match:
+                    self.endpoint = match.group(1)
+                self.last_line = line
+                return line
+
+    def stderr(self) -> str:
+        self.stderr_file.flush()
+        self.stderr_file.seek(0)
+        return self.stderr_file.read()
+
+    def alive(self) -> bool:
+        return self.proc.poll() is None
+
+    def stop(self, sig: int = signal.SIGTERM, timeout_s: float = 20.0) -> int:
+        if self.alive():
+            self.proc.send_signal(sig)
+        try:
+            return self.proc.wait(timeout=timeout_s)
+        except subprocess.TimeoutExpired:
+            self.proc.kill()
+            self.proc.wait()
+            pytest.fail(f"agent did not exit within {timeout_s} s of signal {sig}")
+
+    def kill(self) -> None:
+        if self.alive():
+            self.proc.kill()
+        self.proc.wait(timeout=20)
+
+
+def _agents():
+    started: list[AgentProcess] = []
+
+    def start(*args: str, ready: str | None = "edge_agent ready") -> AgentProcess:
+        agent = AgentProcess(list(args))
+        started.append(agent)
+        if ready:
+            agent.wait_line(ready)
+        return agent
+
+    yield start
+    for agent in started:
+        agent.kill()
+        agent.stderr_file.close()
+
+
+@pytest.fixture
+def start_agent():
+    """start_agent(*args, ready="edge_agent ready") -> AgentProcess; all killed at teardown."""
+    yield from _agents()
+
+
+@pytest.fixture(scope="module")
+def start_module_agent():
+    """As start_agent, for agents shared by the tests of one module."""
+    yield from _agents()
+
+
+@pytest.fixture
+def client():
+    from edge_agent.client import AgentClient
+
+    with AgentClient() as c:
+        yield c
+
+
+def free_port() -> int:
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]

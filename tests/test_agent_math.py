@@ -1,0 +1,95 @@
+"""Expert math and wire encoding, in process: checked against transformers' own Mixtral experts."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+import zmq
+
+from edge_agent import protocol as P
+from edge_agent.expert_math import ExpertWeights, expert_forward, swiglu
+from edge_agent.shards import load_experts
+
+
+@pytest.fixture(scope="module")
+def hf_model(tiny_checkpoint):
+    from transformers import MixtralForCausalLM
+
+    return MixtralForCausalLM.from_pretrained(tiny_checkpoint, dtype=torch.float32).eval()
+
+
+def transformers_expert(hf_model, layer: int, expert: int, x: torch.Tensor) -> torch.Tensor:
+    """The library's MixtralExperts forward, routing every token to `expert` with weight 1."""
+    experts = hf_model.model.layers[layer].mlp.experts
+    index = torch.full((x.shape[0], 1), expert, dtype=torch.long)
+    with torch.no_grad():
+        return experts(x, index, torch.ones(x.shape[0], 1))
+
+
+def assert_close_rel(actual, expected, rel=1e-5):
+    error = (actual.float() - expected.float()).abs().max().item()
+    scale = expected.float().abs().max().item()
+    assert error <= rel * scale, f"max error {error} vs scale {scale}"
+
+
+def test_swiglu_by_hand():
+    # D = 1, F = 1: w2 * silu(w1 x) * w3 x with silu(a) = a * sigmoid(a)
+    x, w1, w2, w3 = (torch.tensor([[v]]) for v in (2.0, 0.5, 3.0, -1.0))
+    silu = 1.0 * torch.sigmoid(torch.tensor(1.0))
+    assert torch.allclose(swiglu(x, w1, w2, w3), 3.0 * silu * -2.0)
+    fused = ExpertWeights.from_w123(w1, w2, w3)
+    assert torch.allclose(expert_forward(x, fused), swiglu(x, w1, w2, w3))
+
+
+def test_loaded_expert_matches_transformers(tiny_split, hf_model):
+    loaded = load_experts(tiny_split, [0, 5], device="cpu")
+    assert loaded.experts == [0, 5] and loaded.dtype == torch.float32
+    torch.manual_seed(1)
+    x = torch.randn(7, loaded.hidden_size)
+    for layer in range(loaded.num_layers):
+        for expert in (0, 5):
+            ours = expert_forward(x, loaded.weights[expert][layer])
+            assert_close_rel(ours, transformers_expert(hf_model, layer, expert, x))
+
+
+@pytest.mark.parametrize("dtype", ["float32", "bfloat16", "float16", "int8"])
+def test_tensor_framing_round_trip_without_copies(dtype):
+    ctx = zmq.Context()
+    a, b = ctx.socket(zmq.PAIR), ctx.socket(zmq.PAIR)
+    try:
+        a.bind("inproc://framing")
+        b.connect("inproc://framing")
+        x = torch.randn(300, 64)
+        frames, fields = P.encode_tensor(x, dtype)
+        a.send_multipart([P.pack(P.EXPERT, 1, **fields), *frames], copy=False)
+        got = b.recv_multipart(copy=False)
+        header = P.unpack(got[0].buffer)
+        y = P.decode_tensor(header, got[1:], hidden=64)
+        tolerance = {"float32": 0, "bfloat16": 1e-2, "float16": 1e-3, "int8": 1e-2}[dtype]
+        if tolerance:
+            assert_close_rel(y, x, rel=tolerance)
+        else:
+            assert torch.equal(y, x)
+        if dtype != "int8":  # the tensor wraps the received frame's memory
+            assert y.data_ptr() == torch.frombuffer(got[1].buffer, dtype=torch.uint8).data_ptr()
+    finally:
+        a.close(linger=0)
+        b.close(linger=0)
+        ctx.term()
+
+
+def test_header_checks():
+    with pytest.raises(P.ProtocolError) as e:
+        P.unpack(b"\xc1garbage")
+    assert e.value.code == P.ERR_MALFORMED
+    import msgpack
+
+    with pytest.raises(P.ProtocolError) as e:
+        P.unpack(msgpack.packb({"v": 99, "kind": P.PING, "id": 1}))
+    assert e.value.code == P.ERR_VERSION
+    with pytest.raises(P.ProtocolError) as e:
+        P.decode_tensor({"dtype": "complex64", "shape": [1, 1]}, [b"x" * 8])
+    assert e.value.code == P.ERR_DTYPE
+    with pytest.raises(P.ProtocolError) as e:
+        P.decode_tensor({"dtype": "float32", "shape": [2, 4]}, [b"x" * 8])
+    assert e.value.code == P.ERR_SHAPE
