@@ -145,10 +145,8 @@ def sha256_file(path: str, progress=lambda n: None) -> str:
     return digest.hexdigest()
 
 
-def check_file(folder: str, entry: FileEntry, progress=lambda n: None) -> None:
-    """Size, sha256 and (for safetensors) the tensor list of one file. Raises ShardError."""
-    from shard_tool.safetensors_io import read_header  # torch import only when needed
-
+def check_size(folder: str, entry: FileEntry) -> str:
+    """The file's path, once its size matches the manifest. Raises ShardError."""
     path = os.path.join(folder, entry.path)
     try:
         size = os.path.getsize(path)
@@ -156,6 +154,14 @@ def check_file(folder: str, entry: FileEntry, progress=lambda n: None) -> None:
         raise ShardError(f"{entry.path}: missing") from None
     if size != entry.bytes:
         raise ShardError(f"{entry.path}: {size} bytes, manifest says {entry.bytes}")
+    return path
+
+
+def check_file(folder: str, entry: FileEntry, progress=lambda n: None) -> None:
+    """Size, sha256 and (for safetensors) the tensor list of one file. Raises ShardError."""
+    from shard_tool.safetensors_io import read_header
+
+    path = check_size(folder, entry)
     if sha256_file(path, progress) != entry.sha256:
         raise ShardError(f"{entry.path}: sha256 does not match the manifest (corrupt)")
     if entry.tensors:

@@ -14,7 +14,7 @@ import sys
 from dataclasses import dataclass
 
 from shard_tool.errors import ShardError
-from shard_tool.manifest import MANIFEST_NAME, load_manifest
+from shard_tool.manifest import MANIFEST_NAME, check_size, load_manifest
 
 DEFAULT_CHUNK_BYTES = 4 * 1024 * 1024  # a few MiB: small enough for HWM/size caps, big enough
 DEFAULT_TIMEOUT_S = 15.0  # per chunk; raise it for slow links
@@ -50,13 +50,7 @@ def push(src: str, expert: int, to: str, chunk_bytes: int = DEFAULT_CHUNK_BYTES,
 
     manifest = load_manifest(src)
     entry = manifest.expert_file(expert)
-    path = os.path.join(src, entry.path)
-    try:
-        size = os.path.getsize(path)
-    except OSError:
-        raise ShardError(f"{entry.path}: missing in {src}") from None
-    if size != entry.bytes:
-        raise ShardError(f"{entry.path}: {size} bytes, manifest says {entry.bytes}")
+    path = check_size(src, entry)
     with open(os.path.join(src, MANIFEST_NAME), "rb") as f:
         manifest_bytes = f.read()
     if progress is None:
