@@ -42,6 +42,23 @@ class ChannelScenario:
                 f"{len(self.distances_m)} distances but {len(self.device_flops)} device_flops"
             )
 
+    @classmethod
+    def from_dict(cls, table: dict) -> "ChannelScenario":
+        """From a scenario file's [paper] table (defaults for missing keys; other keys are
+        the caller's). Raises KeyError, TypeError or ValueError on bad values."""
+        distances_m = tuple(float(d) for d in table.get("distances_m", cls.distances_m))
+        flops = table.get("device_flops", cls.device_flops[0])
+        device_flops = tuple(float(f) for f in flops) if isinstance(flops, (list, tuple)) \
+            else (float(flops),) * len(distances_m)
+        return cls(carrier_ghz=float(table.get("carrier_ghz", cls.carrier_ghz)),
+                   distances_m=distances_m,
+                   bs_power_w=float(table.get("bs_power_w", cls.bs_power_w)),
+                   device_power_w=float(table.get("device_power_w", cls.device_power_w)),
+                   total_bandwidth_hz=float(table.get("total_bandwidth_hz",
+                                                      cls.total_bandwidth_hz)),
+                   noise_dbm_per_hz=float(table.get("noise_dbm_per_hz", cls.noise_dbm_per_hz)),
+                   device_flops=device_flops)
+
     @property
     def num_devices(self) -> int:
         return len(self.distances_m)

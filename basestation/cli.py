@@ -24,7 +24,11 @@ def add_model_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--shards", required=True, metavar="DIR", help="split folder (shard_tool)")
     add_roster_args(p)
     p.add_argument("--theta", type=float, default=0.0, help="WLR drop threshold (0: never drop)")
-    p.add_argument("--latency", choices=("measured", "model"), default="measured")
+    p.add_argument("--latency", choices=("measured", "model"), default="measured",
+                   help="measured links (default) or the paper's modeled channel")
+    p.add_argument("--channel", metavar="FILE", help="for --latency model: a scenario TOML "
+                   "with a [paper] table (distances, powers, bandwidth); default: the paper's "
+                   "8 devices at 50-400 m")
     p.add_argument("--dtype", default="auto", help="auto|bfloat16|float16|float32")
     p.add_argument("--wire-dtype", default=None, help="activations on the wire: "
                    "float32|bfloat16|float16|int8 (default: the compute dtype)")
@@ -38,7 +42,7 @@ def add_model_args(p: argparse.ArgumentParser) -> None:
 
 
 def _open(args):
-    from basestation.session import open_session
+    from basestation.session import open_session, read_channel_file
 
     if not 0.0 <= args.theta <= 1.0:
         raise RosterError(f"--theta {args.theta}: must be in [0, 1]")
@@ -46,6 +50,7 @@ def _open(args):
     return open_session(args.shards, roster, theta=args.theta, latency=args.latency,
                         dtype=args.dtype, wire_dtype=args.wire_dtype, wait_s=args.wait_s,
                         allow_missing=args.allow_missing, local_fallback=args.local_fallback,
+                        channel=read_channel_file(args.channel) if args.channel else None,
                         progress=sys.stderr.isatty())
 
 

@@ -149,6 +149,22 @@ def _agent_from_info(name: str, peer: bytes, info: dict, fingerprint: str,
     return AgentLink(name=name, peer=peer, experts=experts, info=info)
 
 
+def read_channel_file(path: str):
+    """The [paper] table of a scenario file, for --latency model. Raises RosterError."""
+    from basestation.channel_model import ChannelScenario
+
+    try:
+        with open(path, "rb") as f:
+            table = tomllib.load(f)["paper"]
+        return ChannelScenario.from_dict(table)
+    except OSError as e:
+        raise RosterError(f"{path}: {e.strerror}") from None
+    except tomllib.TOMLDecodeError as e:
+        raise RosterError(f"{path}: not valid TOML: {e}") from None
+    except (KeyError, TypeError, ValueError) as e:
+        raise RosterError(f"{path}: needs a [paper] table with the channel ({e})") from None
+
+
 def _ids(ids) -> str:
     return ",".join(str(i) for i in ids)
 
@@ -166,7 +182,7 @@ class Session:
 def open_session(shards: str, roster: Roster, theta: float = 0.0, latency: str = "measured",
                  dtype: str = "auto", wire_dtype: str | None = None, wait_s: float = 30.0,
                  allow_missing: bool = False, local_fallback: str | None = None,
-                 progress: bool = True) -> Session:
+                 channel=None, progress: bool = True) -> Session:
     """Raises RosterError or ShardError with a message for the user."""
     from basestation.model import load_base_model
 
@@ -191,7 +207,7 @@ def open_session(shards: str, roster: Roster, theta: float = 0.0, latency: str =
                                   f"{_ids(sorted(set(range(num_experts)) - covered))}")
         dispatcher = Dispatcher(client, agents, num_experts, int(manifest.model["hidden_size"]),
                                 int(manifest.model["ffn_size"]), theta=theta, latency=latency,
-                                wire_dtype=wire_dtype, fallback=fallback)
+                                scenario=channel, wire_dtype=wire_dtype, fallback=fallback)
         base = load_base_model(shards, dispatcher, dtype=dtype)
     except BaseException:
         client.close()

@@ -182,3 +182,22 @@ def test_status_table(two_agents, run_cli):
     assert result.returncode == 0, result.stderr
     lines = result.stdout.strip().splitlines()
     assert len(lines) == 3 and all(" yes " in line for line in lines[1:])  # header + 2 agents
+
+
+def test_modeled_latency_drops_the_far_devices(two_agents, tiny_split):
+    """--latency model: the paper's channel instead of measurements. Experts 4-7 at 20 km get
+    ~30x the latency of 0-3 at 50 m, so WLR drops them first."""
+    from basestation.channel_model import ChannelScenario
+
+    channel = ChannelScenario(distances_m=(50.0,) * 4 + (20000.0,) * 4)
+    roster = build_roster(two_agents, None, None)
+    session = open_session(tiny_split, roster, theta=0.3, latency="model", wait_s=20,
+                           channel=channel, progress=False)
+    try:
+        ids = session.base.tokenizer(PROMPT, return_tensors="pt").input_ids
+        result = generate(session, ids, max_new_tokens=16, ignore_eos=True)
+    finally:
+        session.close()
+    drops = {tuple(a["experts"]): a["drops"] for a in result.agents}
+    assert result.experts_dropped > 0
+    assert drops[(4, 5, 6, 7)] > 3 * max(1, drops[(0, 1, 2, 3)])
