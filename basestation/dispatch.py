@@ -28,7 +28,8 @@ from edge_agent.expert_math import expert_forward
 PROBE_BACKOFF_START_S = 0.05  # first re-probe of a dead agent
 PROBE_BACKOFF_MAX_S = 2.0  # cap of the exponential backoff between probes
 IDLE_PROBE_AFTER_S = 1.0  # an agent unused this long gets a light ping (keeps RTT fresh)
-RETRY_DEADLINE_FLOOR_S = 0.25
+CALIBRATION_ROUNDS = 3  # pings per agent when a session starts
+CALIBRATION_TOKENS = 16  # size of the payload probe, in tokens of hidden activations
 
 
 @dataclass
@@ -79,7 +80,8 @@ class Dispatcher:
     def __init__(self, client: AgentClient, agents: list[AgentLink], num_experts: int,
                  hidden_size: int, ffn_size: int, theta: float = 0.0,
                  latency: str = "measured", scenario: ChannelScenario | None = None,
-                 wire_dtype: str | None = None, fallback=None, seed: int = 0):
+                 wire_dtype: str | None = None, element_bytes: int = 2, fallback=None,
+                 seed: int = 0):
         self.client = client
         self.agents = agents
         self.num_experts = num_experts
@@ -96,7 +98,7 @@ class Dispatcher:
             for expert in agent.experts:
                 self.owner.setdefault(expert, agent)
         self.stats = LayerStats()
-        self._element_bytes = 2
+        self._element_bytes = element_bytes  # bytes per activation on the wire (the paper's ε)
 
     # -- what the selector needs ----------------------------------------------------------
 
@@ -136,8 +138,6 @@ class Dispatcher:
     def run_experts(self, layer: int, x: torch.Tensor, w: torch.Tensor,
                     selection: Selection) -> torch.Tensor:
         """x [T, H], w [T, E] router probabilities -> weighted expert sum [T, H]."""
-        self._element_bytes = x.element_size() if self.wire_dtype is None else \
-            P.WIRE_DTYPES[P.wire_dtype_name(self.wire_dtype)].itemsize
         self._probe_dead_and_idle()
         groups = tokens_per_expert(selection)
         self._count_selector_drops(selection)
@@ -323,6 +323,36 @@ class Dispatcher:
                         request_bytes=0, reply_bytes=0, tokens=0, experts=0, time_s=arrived_s))
                 return True
         return False
+
+    def calibrate(self, rounds: int = CALIBRATION_ROUNDS, timeout_s: float = 2.0) -> None:
+        """Seed every link's estimate before the first token: a few pings, then one payload
+        the size of a 16-token request each way (else the first selections use priors)."""
+        payload_bytes = CALIBRATION_TOKENS * self.hidden_size * self._element_bytes
+        for round_index in range(rounds + 1):
+            nbytes = payload_bytes if round_index == rounds else 0
+            sent = {}
+            for agent in self.agents:
+                try:
+                    frames = [bytes(nbytes)] if nbytes else []
+                    request_id = self.client.send(agent.peer, P.PING, frames,
+                                                  **({"reply_bytes": nbytes} if nbytes else {}))
+                    sent[request_id] = (agent, time.perf_counter())
+                except PeerUnreachable:
+                    continue
+            deadline = time.perf_counter() + timeout_s
+            while sent:
+                reply = self.client.recv(max(0.0, deadline - time.perf_counter()))
+                if reply is None:
+                    break
+                entry = sent.pop(reply.id, None)
+                if entry is None or reply.kind != P.PONG:
+                    continue
+                agent, sent_s = entry
+                arrived_s = time.perf_counter()
+                agent.state = links.update(agent.state, links.LinkSample(
+                    round_trip_s=arrived_s - sent_s, compute_s=0.0, request_bytes=nbytes,
+                    reply_bytes=nbytes, tokens=0, experts=0, time_s=arrived_s))
+                agent.last_used_s = arrived_s
 
     def poll_probes(self, timeout_s: float = 0.0) -> None:
         """Take in probe replies outside a layer call (idle time, status)."""

@@ -184,10 +184,16 @@ def open_session(shards: str, roster: Roster, theta: float = 0.0, latency: str =
                  allow_missing: bool = False, local_fallback: str | None = None,
                  channel=None, progress: bool = True) -> Session:
     """Raises RosterError or ShardError with a message for the user."""
-    from basestation.model import load_base_model
+    from basestation.model import load_base_model, resolve_dtype
 
     manifest = load_manifest(shards)
     num_experts = manifest.num_experts
+    try:
+        wire = P.WIRE_DTYPES[P.wire_dtype_name(wire_dtype)] if wire_dtype else \
+            resolve_dtype(dtype, manifest)
+    except P.ProtocolError:
+        raise RosterError(f"--wire-dtype {wire_dtype}: one of {', '.join(P.WIRE_DTYPES)}") \
+            from None
     fallback = None
     if local_fallback:
         from edge_agent.shards import load_experts
@@ -207,8 +213,10 @@ def open_session(shards: str, roster: Roster, theta: float = 0.0, latency: str =
                                   f"{_ids(sorted(set(range(num_experts)) - covered))}")
         dispatcher = Dispatcher(client, agents, num_experts, int(manifest.model["hidden_size"]),
                                 int(manifest.model["ffn_size"]), theta=theta, latency=latency,
-                                scenario=channel, wire_dtype=wire_dtype, fallback=fallback)
+                                scenario=channel, wire_dtype=wire_dtype,
+                                element_bytes=wire.itemsize, fallback=fallback)
         base = load_base_model(shards, dispatcher, dtype=dtype)
+        dispatcher.calibrate()
     except BaseException:
         client.close()
         raise
