@@ -1,9 +1,10 @@
-"""`testbed`: test models now; links, scenarios and experiments as they land."""
+"""`testbed`: test models, shaped links, θ sweeps and their figures, the demo."""
 
 from __future__ import annotations
 
 import argparse
 import os
+import signal
 import sys
 
 from testbed.make_model import DTYPES, ModelSpec, make_model
@@ -27,6 +28,40 @@ def cmd_make_model(args) -> int:
     return 0
 
 
+def cmd_sweep(args) -> int:
+    from testbed.report import table
+    from testbed.sweep import SweepConfig, run_sweep
+
+    try:
+        thetas = tuple(float(t) for t in args.thetas.split(","))
+    except ValueError:
+        raise SystemExit(f"testbed: error: --thetas {args.thetas!r}: numbers like 0,0.1,0.2")
+    prompts = None
+    if args.prompts:
+        with open(args.prompts) as f:
+            prompts = tuple(line.strip() for line in f if line.strip())
+    config = SweepConfig(shards=args.shards, out=args.out, scenario=args.scenario, thetas=thetas,
+                         num_agents=args.agents, max_new_tokens=args.max_new_tokens,
+                         eval_text=args.eval_text, eval_tokens=args.eval_tokens,
+                         mc_file=args.mc, mc_items=args.mc_items, latency=args.latency,
+                         **({"prompts": prompts} if prompts else {}))
+    results = run_sweep(config)
+    from testbed.report import read_results
+
+    print(table(read_results(args.out)))
+    print(f"records: {results} (and .csv); figures: testbed report {args.out}")
+    return 0
+
+
+def cmd_report(args) -> int:
+    from testbed.report import draw, read_results, table
+
+    print(table(read_results(args.out)))
+    for path in draw(args.out):
+        print(f"wrote {path}")
+    return 0
+
+
 def cmd_demo(args) -> int:
     from testbed.demo import run_demo
 
@@ -34,6 +69,8 @@ def cmd_demo(args) -> int:
 
 
 def build_parser() -> argparse.ArgumentParser:
+    from testbed import links_cli, train_tiny
+
     parser = argparse.ArgumentParser(prog="testbed", description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True)
     p = sub.add_parser("make-model", help="write a small random Mixtral checkpoint + tokenizer")
@@ -51,16 +88,49 @@ def build_parser() -> argparse.ArgumentParser:
                    help="e.g. 200KB or 1GB: write sharded files with an index")
     p.add_argument("--seed", type=int, default=0)
     p.set_defaults(func=cmd_make_model)
-    p = sub.add_parser("demo", help="make, split, serve on loopback and generate at several θ")
+
+    train_tiny.add_parser(sub)
+    links_cli.add_parsers(sub)
+
+    p = sub.add_parser("sweep", help="θ sweep through agents behind shaped links")
+    p.add_argument("--shards", required=True, metavar="DIR")
+    p.add_argument("--scenario", default="uniform", help="uniform | one-bad-link | flaky | "
+                   "paper | FILE.toml")
+    p.add_argument("--thetas", default="0,0.1,0.2,0.3")
+    p.add_argument("--agents", type=int, default=None, help="default: one per expert")
+    p.add_argument("--prompts", metavar="FILE", help="one prompt per line")
+    p.add_argument("--max-new-tokens", type=int, default=24)
+    p.add_argument("--eval-text", metavar="FILE", help="held-out text: perplexity, top-1")
+    p.add_argument("--eval-tokens", type=int, default=256)
+    p.add_argument("--mc", metavar="FILE.jsonl", help="multiple-choice set")
+    p.add_argument("--mc-items", type=int, default=40)
+    p.add_argument("--latency", choices=("measured", "model"), default="measured")
+    p.add_argument("--out", required=True, metavar="DIR")
+    p.set_defaults(func=cmd_sweep)
+
+    p = sub.add_parser("report", help="table and figures (PNG) of a sweep")
+    p.add_argument("out", metavar="DIR")
+    p.set_defaults(func=cmd_report)
+
+    p = sub.add_parser("demo", help="the whole path: model, split, shaped links, θ sweep, plot")
     p.add_argument("--out", default="demo-out")
     p.set_defaults(func=cmd_demo)
     return parser
 
 
 def main(argv: list[str] | None = None) -> int:
+    from basestation.session import RosterError
+    from shard_tool.errors import ShardError
+    from testbed.links import TestbedError
+
     args = build_parser().parse_args(argv)
+    # SIGTERM cleans up like Ctrl-C (namespaces, agents)
+    signal.signal(signal.SIGTERM, signal.default_int_handler)
     try:
         return args.func(args)
+    except (TestbedError, RosterError, ShardError) as e:
+        print(f"testbed: error: {e}", file=sys.stderr)
+        return 2
     except KeyboardInterrupt:
         print("testbed: interrupted", file=sys.stderr)
         return 130

@@ -1,0 +1,219 @@
+"""`testbed sweep`: θ sweeps through real agents behind shaped links; one record per θ.
+
+For each θ: the prompts are generated through the base station (per-token latency, tokens/s,
+experts called and dropped per agent), then quality is scored through the same distributed
+model (held-out perplexity, top-1 next-token accuracy, multiple-choice accuracy, agreement of
+the generated tokens with θ = 0). Records are appended to results.jsonl as they are made, so
+Ctrl-C keeps what is done; a CSV is written at the end.
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+import os
+import statistics
+import subprocess
+import sys
+import threading
+import time
+from dataclasses import dataclass
+
+from basestation.generate import generate
+from basestation.session import build_roster, open_session
+from testbed import quality, scenarios
+from testbed.links import TestbedError
+
+DEFAULT_PROMPTS = (
+    "The queue module implements",
+    "To open a file for reading, use",
+    "A dictionary maps keys to",
+    "The following example shows how to",
+)
+CSV_FIELDS = ("scenario", "backend", "theta", "latency", "tokens", "median_token_ms",
+              "p95_token_ms", "mean_token_ms", "tokens_per_s", "expert_calls",
+              "experts_dropped", "drop_rate", "fault_drops", "perplexity", "top1_accuracy",
+              "mc_accuracy", "agreement")
+
+
+@dataclass(frozen=True)
+class SweepConfig:
+    shards: str
+    out: str
+    scenario: str = "uniform"
+    thetas: tuple[float, ...] = (0.0, 0.1, 0.2, 0.3)
+    num_agents: int | None = None  # default: one per expert
+    prompts: tuple[str, ...] = DEFAULT_PROMPTS
+    max_new_tokens: int = 24
+    eval_text: str | None = None  # held-out text to score (perplexity, top-1)
+    eval_tokens: int = 256
+    mc_file: str | None = None  # JSONL {question, choices, answer}
+    mc_items: int = 40
+    latency: str = "measured"
+    progress: bool = True
+
+
+def code_version() -> str:
+    from shard_tool import __version__
+
+    try:
+        rev = subprocess.run(["git", "describe", "--always", "--dirty"], capture_output=True,
+                             text=True, timeout=5, cwd=os.path.dirname(__file__)).stdout.strip()
+    except (OSError, subprocess.SubprocessError):
+        rev = ""
+    return f"{__version__}+{rev}" if rev else __version__
+
+
+class ScheduleRunner(threading.Thread):
+    """Re-applies the scenario's shapes while the sweep runs (flaky links, fading epochs)."""
+
+    def __init__(self, testbed, scenario, num_agents: int):
+        super().__init__(daemon=True, name="link-schedule")
+        self.testbed, self.scenario, self.num_agents = testbed, scenario, num_agents
+        self.stop_event = threading.Event()
+        self.errors: list[str] = []
+
+    def run(self) -> None:
+        start = time.monotonic()
+        applied = scenarios.shapes_at(self.scenario, self.num_agents, 0.0)
+        while not self.stop_event.wait(self.scenario.step_s / 2):
+            shapes = scenarios.shapes_at(self.scenario, self.num_agents,
+                                         time.monotonic() - start)
+            for agent, shape in shapes.items():
+                if shape != applied.get(agent):
+                    try:
+                        self.testbed.degrade(agent, shape)
+                    except Exception as e:  # keep the sweep going; the record notes it
+                        self.errors.append(f"agent {agent}: {e}")
+                    applied[agent] = shape
+
+    def stop(self) -> None:
+        self.stop_event.set()
+        self.join(timeout=10)
+
+
+def _quality(model, tokenizer, config: SweepConfig) -> dict:
+    out = {}
+    if config.eval_text:
+        with open(config.eval_text) as f:
+            scores = quality.score_tokens(model, tokenizer, f.read(),
+                                          max_tokens=config.eval_tokens)
+        out.update(perplexity=scores.perplexity, top1_accuracy=scores.accuracy)
+    if config.mc_file:
+        mc = quality.multiple_choice(model, tokenizer, config.mc_file,
+                                     max_items=config.mc_items)
+        out.update(mc_accuracy=mc["acc"], mc_accuracy_norm=mc["acc_norm"], mc_items=mc["items"])
+    return out
+
+
+def run_sweep(config: SweepConfig) -> str:
+    """Runs the sweep; returns the results.jsonl path. Raises TestbedError, RosterError."""
+    from shard_tool.manifest import load_manifest
+    from testbed import links
+
+    manifest = load_manifest(config.shards)
+    num_agents = config.num_agents or manifest.num_experts
+    scenario = scenarios.load(config.scenario)
+    os.makedirs(config.out, exist_ok=True)
+    results_path = os.path.join(config.out, "results.jsonl")
+    state_dir = os.path.join(config.out, "testbed-state")
+    bed = links.up(config.shards, num_agents,
+                   scenarios.shapes_at(scenario, num_agents, 0.0), state_dir=state_dir)
+    schedule = None
+    session = None
+    try:
+        session = open_session(config.shards, build_roster([], bed.roster_path, None),
+                               latency=config.latency, wait_s=60, progress=False)
+        if scenario.changes_over_time:
+            schedule = ScheduleRunner(bed, scenario, num_agents)
+            schedule.start()
+        tokenizer = session.base.tokenizer
+        prompt_ids = [tokenizer(p, return_tensors="pt").input_ids for p in config.prompts]
+        generate(session, prompt_ids[0], max_new_tokens=4, ignore_eos=True)  # learn the links
+        reference: list[list[int]] | None = None
+        base_record = {"scenario": scenario.name, "backend": bed.backend,
+                       "fingerprint": manifest.fingerprint, "code_version": code_version(),
+                       "latency": config.latency, "agents": num_agents}
+        bar = _bar(len(config.thetas), config.progress)
+        with open(results_path, "a") as results:
+            for theta in config.thetas:
+                session.dispatcher.theta = theta
+                record = dict(base_record, theta=theta,
+                              **_generation_figures(session, prompt_ids, config, bed))
+                token_ids = record.pop("_token_ids")
+                reference = reference or token_ids
+                record["agreement"] = statistics.fmean(
+                    quality.sequence_agreement(ref, ids)["position"]
+                    for ref, ids in zip(reference, token_ids))
+                record.update(_quality(session.base.model, tokenizer, config))
+                record["schedule_errors"] = list(schedule.errors) if schedule else []
+                record["time"] = time.strftime("%Y-%m-%dT%H:%M:%S%z")
+                results.write(json.dumps(record) + "\n")
+                results.flush()
+                if bar is not None:
+                    bar.update(1)
+                    bar.set_postfix(theta=theta, ms=round(record["median_token_ms"], 2))
+        if bar is not None:
+            bar.close()
+    finally:
+        if schedule is not None:
+            schedule.stop()
+        if session is not None:
+            session.close()
+        bed.down()
+    write_csv(results_path)
+    return results_path
+
+
+def _bar(total: int, enabled: bool):
+    if not enabled or not sys.stderr.isatty():
+        return None
+    from tqdm import tqdm
+
+    return tqdm(total=total, desc="sweep", unit="θ", file=sys.stderr)
+
+
+def _generation_figures(session, prompt_ids, config: SweepConfig, bed) -> dict:
+    dispatcher = session.dispatcher
+    before = {a.name: (a.calls, a.drops, a.failures) for a in dispatcher.agents}
+    latencies, token_ids = [], []
+    calls = dropped = faults = 0
+    for ids in prompt_ids:
+        result = generate(session, ids, max_new_tokens=config.max_new_tokens, ignore_eos=True)
+        latencies += result.token_latency_ms[1:]  # decode steps; the first includes prefill
+        token_ids.append(result.token_ids)
+        calls += result.expert_calls
+        dropped += result.experts_dropped
+        faults += result.fault_drops
+    latencies.sort()
+    agents = {}
+    for agent in dispatcher.agents:
+        c0, d0, f0 = before[agent.name]
+        agents[agent.name] = {"experts": list(agent.experts), "calls": agent.calls - c0,
+                              "drops": agent.drops - d0, "failures": agent.failures - f0,
+                              "rtt_ms": round(agent.state.srtt_s * 1e3, 3)}
+    total_s = sum(latencies) / 1e3
+    return {
+        "tokens": len(latencies),
+        "median_token_ms": statistics.median(latencies),
+        "p95_token_ms": latencies[int(0.95 * (len(latencies) - 1))],
+        "mean_token_ms": statistics.fmean(latencies),
+        "tokens_per_s": len(latencies) / total_s if total_s else 0.0,
+        "expert_calls": calls, "experts_dropped": dropped, "fault_drops": faults,
+        "drop_rate": dropped / max(1, calls + dropped),
+        "per_agent": agents, "_token_ids": token_ids,
+    }
+
+
+def write_csv(results_path: str) -> str:
+    rows = [json.loads(line) for line in open(results_path) if line.strip()]
+    csv_path = os.path.splitext(results_path)[0] + ".csv"
+    with open(csv_path, "w", newline="") as f:
+        writer = csv.DictWriter(f, fieldnames=CSV_FIELDS, extrasaction="ignore")
+        writer.writeheader()
+        for row in rows:
+            writer.writerow(row)
+    return csv_path
+
+
+__all__ = ["SweepConfig", "run_sweep", "write_csv", "TestbedError"]
