@@ -247,12 +247,18 @@ def _make_link(agent: dict) -> None:
     _ip("-n", ns, "link", "set", "lo", "up")  # the relay reaches the agent on loopback
 
 
-def _apply(state: dict, agent: dict, shape: LinkShape) -> None:
+def _apply(state: dict, agent: dict, shape: LinkShape, old: LinkShape | None = None) -> None:
+    """Shape one link; with OLD (what it has now), touch only the parts that change: a
+    scenario re-applies shapes every epoch, and each tc/nft call costs a process and can
+    drop what a replaced qdisc held."""
     try:
-        shaping.apply(state["backend"], agent["ns"], agent["host_dev"], agent["ns_dev"], shape)
+        shaping.apply(state["backend"], agent["ns"], agent["host_dev"], agent["ns_dev"], shape,
+                      old)
     except shaping.ShapingError as e:
         raise TestbedError(str(e)) from None
-    if agent.get("relay_settings"):
+    relay_same = old is not None and (old.delay_ms, old.jitter_ms) == (shape.delay_ms,
+                                                                        shape.jitter_ms)
+    if agent.get("relay_settings") and not relay_same:
         if not write_settings(agent["relay_settings"], shape.delay_ms, shape.jitter_ms,
                               wait=True):
             raise TestbedError(f"agent {agent['index']}'s relay did not take the new delay "
@@ -455,7 +461,7 @@ def degrade(state_dir: str, agent: int, shape: LinkShape, *, by_expert: bool = F
     entry = _find(state, index)
     if state["backend"] == shaping.LOOPBACK:
         raise TestbedError("links cannot be shaped: agents are on loopback (not root)")
-    _apply(state, entry, shape.check())
+    _apply(state, entry, shape.check(), old=shape_of(entry))
     entry["shape"] = dataclasses.asdict(shape)
     save_state(state_dir, state)
 

@@ -160,18 +160,21 @@ def _nft(ns: str, ns_dev: str, shape) -> None:
         run(cmd, input_text=nft_script(ns_dev, shape, "inet"))  # no egress hook: older kernel
 
 
-def apply(backend: str, ns: str, host_dev: str, ns_dev: str, shape) -> None:
-    """Shape the veth pair (host_dev on the host, ns_dev inside ns) in both directions.
-    Delay and jitter of the fallback are the relay's job (see relay.write_settings).
-    Raises ShapingError."""
+def apply(backend: str, ns: str, host_dev: str, ns_dev: str, shape, old=None) -> None:
+    """Shape the veth pair (host_dev on the host, ns_dev inside ns) in both directions;
+    with OLD, the shape the link has now, only what differs is changed. Delay and jitter of
+    the fallback are the relay's job (see relay.write_settings). Raises ShapingError."""
     if backend == NETEM:
-        args = netem_args(shape)
-        _set_root(None, host_dev, args)
-        _set_root(ns, ns_dev, args)
+        if old is None or netem_args(old) != netem_args(shape):
+            args = netem_args(shape)
+            _set_root(None, host_dev, args)
+            _set_root(ns, ns_dev, args)
     elif backend == FALLBACK:
-        tbf = _tbf_args(shape.rate_mbit) if shape.rate_mbit else None
-        _set_root(None, host_dev, tbf)
-        _set_root(ns, ns_dev, tbf)
-        _nft(ns, ns_dev, shape)
+        if old is None or old.rate_mbit != shape.rate_mbit:
+            tbf = _tbf_args(shape.rate_mbit) if shape.rate_mbit else None
+            _set_root(None, host_dev, tbf)
+            _set_root(ns, ns_dev, tbf)
+        if old is None or (old.loss_pct, old.down) != (shape.loss_pct, shape.down):
+            _nft(ns, ns_dev, shape)
     else:
         raise ShapingError(f"backend {backend!r} cannot shape links")
