@@ -400,11 +400,12 @@ def evaluate(ckpt: str, held_docs: list[dict], counts, sample_text: str, mc_path
     figures["theta_slow_experts"] = {
         str(theta): {k: v for k, v in score(ids, theta=theta, latency_s=slow).items()
                      if k != "load"} for theta in (0.0, 0.1, 0.2, 0.3, 0.5)}
-    sample_ids = [tokenizer.bos_token_id, *quality._token_ids(tokenizer, sample_text)]
+    # as the tests score it: the first 4096 tokens after <s>, all scored
+    sample_ids = [tokenizer.bos_token_id, *quality._token_ids(tokenizer, sample_text)[:4096]]
     figures["heldout_sample"] = quality.score_tokens(
-        model, tokenizer, sample_ids, 4096, bos=False).to_json()
+        model, tokenizer, sample_text, max_tokens=4096).to_json()
     figures["heldout_sample_unigram_perplexity"] = round(
-        math.exp(unigram_nll(counts, sample_ids[:4097])), 2)
+        math.exp(unigram_nll(counts, sample_ids)), 2)
     mc = {}
     for name, kw in (("stock", {}), ("top1", {"theta": 0.5}), ("random_experts",
                                                                 {"random_experts": True})):

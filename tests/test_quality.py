@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+import os
 from types import SimpleNamespace
 
 import pytest
@@ -126,3 +127,46 @@ def test_choice_items_file(tmp_path):
     path.write_text('{"question": "q", "choices": ["x"], "answer": 3}\n')
     with pytest.raises(ValueError, match="mc.jsonl:1"):
         quality.load_choice_items(str(path))
+
+
+def test_works_through_the_base_stations_model(tmp_path):
+    """The sweep passes the distributed model (RemoteMoeBlocks); here its experts run locally."""
+    from transformers import AutoModelForCausalLM
+
+    from basestation.model import combine, load_base_model, tokens_per_expert
+    from shard_tool.split import split
+    data = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))),
+                        "testbed", "data")
+    ckpt = os.path.join(data, "tiny-mixtral")
+    full = AutoModelForCausalLM.from_pretrained(ckpt, dtype=torch.float32).eval()
+
+    class LocalRuntime:  # the MoeRuntime protocol, experts computed from the full model
+        theta = 0.0
+
+        def latency_s(self, layer, tokens):
+            return torch.ones(8)
+
+        def available(self):
+            return None
+
+        def run_experts(self, layer, x, w, selection):
+            experts = full.model.layers[layer].mlp.experts
+            outputs = []
+            for e, (token_idx, slot) in tokens_per_expert(selection).items():
+                gate, up = torch.nn.functional.linear(
+                    x[token_idx], experts.gate_up_proj[e]).chunk(2, dim=-1)
+                y = torch.nn.functional.linear(experts.act_fn(gate) * up, experts.down_proj[e])
+                outputs.append((e, token_idx, slot, y))
+            return combine(x.shape[0], x.shape[1], x.dtype, selection, outputs)
+
+    split(ckpt, str(tmp_path / "shards"))
+    base = load_base_model(str(tmp_path / "shards"), LocalRuntime(), dtype="float32")
+    with open(f"{data}/heldout-sample.txt") as f:
+        text = f.read()
+    remote = quality.score_tokens(base.model, base.tokenizer, text, max_tokens=512)
+    local = quality.score_tokens(full, base.tokenizer, text, max_tokens=512)
+    assert remote.tokens == local.tokens == 512
+    assert remote.perplexity == pytest.approx(local.perplexity, rel=1e-4)
+    items = quality.load_choice_items(f"{data}/mc-heldout.jsonl", max_items=5)
+    assert (quality.multiple_choice(base.model, base.tokenizer, items)["predictions"]
+            == quality.multiple_choice(full, base.tokenizer, items)["predictions"])
