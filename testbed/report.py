@@ -52,9 +52,12 @@ def draw(folder: str) -> list[str]:
     by_scenario: dict[str, list[dict]] = {}
     for r in rows:
         by_scenario.setdefault(r["scenario"], []).append(r)
-    quality_key = "mc_accuracy" if any(r.get("mc_accuracy") is not None for r in rows) else \
-        "perplexity" if any(r.get("perplexity") is not None for r in rows) else "agreement"
-    quality_label = {"mc_accuracy": "multiple-choice accuracy", "perplexity": "perplexity",
+    # perplexity first: over a few hundred tokens it moves less by chance than a small
+    # multiple-choice set does
+    quality_key = next((k for k in ("perplexity", "mc_accuracy")
+                        if any(r.get(k) is not None for r in rows)), "agreement")
+    quality_label = {"mc_accuracy": "multiple-choice accuracy",
+                     "perplexity": "held-out perplexity (lower is better)",
                      "agreement": "agreement with θ = 0"}[quality_key]
 
     fig, axes = plt.subplots(1, len(by_scenario), figsize=(5 * len(by_scenario), 3.8),
@@ -83,7 +86,8 @@ def draw(folder: str) -> list[str]:
                              squeeze=False)
     for ax, (scenario, srows) in zip(axes[0], by_scenario.items()):
         srows = sorted(srows, key=lambda r: r["theta"])
-        agents = sorted(srows[0]["per_agent"])
+        agents = sorted(srows[0]["per_agent"],
+                        key=lambda name: min(srows[0]["per_agent"][name]["experts"]))
         width = 0.8 / max(1, len(srows))
         for i, r in enumerate(srows):
             rates = []
