@@ -29,7 +29,9 @@ def add_model_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--channel", metavar="FILE", help="for --latency model: a scenario TOML "
                    "with a [paper] table (distances, powers, bandwidth); default: the paper's "
                    "8 devices at 50-400 m")
-    p.add_argument("--dtype", default="auto", help="auto|bfloat16|float16|float32")
+    p.add_argument("--dtype", default="auto", help="auto (the model's on a GPU, float32 on a "
+                   "CPU) | bfloat16 | float16 | float32")
+    p.add_argument("--device", default="auto", help="auto (CUDA when torch sees it) | cpu | cuda")
     p.add_argument("--wire-dtype", default=None, help="activations on the wire: "
                    "float32|bfloat16|float16|int8 (default: the compute dtype)")
     p.add_argument("--allow-missing", action="store_true",
@@ -51,6 +53,7 @@ def _open(args):
                         dtype=args.dtype, wire_dtype=args.wire_dtype, wait_s=args.wait_s,
                         allow_missing=args.allow_missing, local_fallback=args.local_fallback,
                         channel=read_channel_file(args.channel) if args.channel else None,
+                        device=args.device,
                         progress=sys.stderr.isatty())
 
 

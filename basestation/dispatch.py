@@ -193,7 +193,7 @@ class Dispatcher:
         outputs = []
         for expert in local:  # outage fallback: compute here while the agents work
             token_idx, slot = groups[expert]
-            y = expert_forward(x[token_idx].to(self.fallback.dtype),
+            y = expert_forward(x[token_idx].to(self.fallback.device, self.fallback.dtype),
                                self.fallback.weights[expert][layer])
             outputs.append((expert, token_idx, slot, y.to(x.dtype)))
             self.stats.expert_calls += int(token_idx.numel())
@@ -247,7 +247,8 @@ class Dispatcher:
     # -- faults -----------------------------------------------------------------------------
 
     def _drop_failed(self, selection: Selection, failed: set[int]) -> Selection:
-        hit = selection.keep & torch.isin(selection.experts, torch.tensor(sorted(failed)))
+        hit = selection.keep & torch.isin(
+            selection.experts, torch.tensor(sorted(failed), device=selection.experts.device))
         keep = selection.keep & ~hit
         n_hit = int(hit.sum())
         self.stats.experts_dropped += n_hit
@@ -263,11 +264,12 @@ class Dispatcher:
         if orphans.numel() == 0:
             return [], selection
         live = torch.tensor([(self._live(q) or self._has_fallback(q)) and q not in failed
-                             for q in range(self.num_experts)])
+                             for q in range(self.num_experts)], device=w.device)
         if not bool(live.any()):
             self.stats.residual_only += int(orphans.numel())
             return [], selection
-        score = wlr(w[orphans], self.latency_s(layer, 1)).masked_fill(~live, -1.0)  # [n, E]
+        score = wlr(w[orphans], self.latency_s(layer, 1).to(w.device)).masked_fill(
+            ~live, -1.0)  # [n, E]
         best = score.argmax(dim=-1)  # [n]
         # a retried token uses one expert at weight 1, in slot 0
         experts, weights = selection.experts.clone(), selection.weights.clone()
@@ -279,7 +281,7 @@ class Dispatcher:
         outputs, failed_again = self._scatter_gather(
             layer, x, tokens_per_expert(selection._replace(experts=experts, keep=retry_keep)))
         if failed_again:
-            lost = torch.isin(best, torch.tensor(sorted(failed_again)))
+            lost = torch.isin(best, torch.tensor(sorted(failed_again), device=best.device))
             retry_keep[orphans[lost], 0] = False
             weights[orphans[lost], 0] = 0.0
             self.stats.residual_only += int(lost.sum())

@@ -19,12 +19,11 @@ import torch.nn.functional as F
 from torch import nn
 
 from basestation.selector import Selection, select_experts
+from edge_agent.shards import resolve_device, resolve_dtype
 from shard_tool.errors import ShardError
 from shard_tool.families import FAMILIES
 from shard_tool.manifest import BASESTATION_DIR, Manifest, check_file, load_manifest
 
-COMPUTE_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16,
-                  "fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 
 
 class MoeRuntime(Protocol):
@@ -73,9 +72,10 @@ def combine(num_tokens: int, hidden: int, dtype: torch.dtype, selection: Selecti
 
     expert_outputs: [(expert id, token_idx [n], slot [n], output [n, H])].
     """
-    out = torch.zeros(num_tokens, hidden, dtype=dtype)  # [T, H]
+    device = selection.weights.device
+    out = torch.zeros(num_tokens, hidden, dtype=dtype, device=device)  # [T, H]
     for _, token_idx, slot, y in sorted(expert_outputs, key=lambda item: item[0]):
-        weighted = y * selection.weights[token_idx, slot, None]
+        weighted = y.to(device) * selection.weights[token_idx, slot, None]
         out.index_add_(0, token_idx, weighted.to(dtype))
     return out
 
@@ -104,16 +104,8 @@ class BaseModel:
     device: torch.device
 
 
-def resolve_dtype(name: str, manifest: Manifest) -> torch.dtype:
-    if name == "auto":
-        return COMPUTE_DTYPES[manifest.model["dtype"]]
-    if name not in COMPUTE_DTYPES:
-        raise ShardError(f"unknown --dtype {name} (auto, bfloat16, float16, float32)")
-    return COMPUTE_DTYPES[name]
-
-
 def load_base_model(shards: str, runtime: MoeRuntime, dtype: str = "auto",
-                    device: str = "cpu", verify: bool = True) -> BaseModel:
+                    device: str = "auto", verify: bool = True) -> BaseModel:
     """Load the base-station shard of split folder `shards`. Raises ShardError."""
     from safetensors.torch import load_file
     from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
@@ -127,8 +119,8 @@ def load_base_model(shards: str, runtime: MoeRuntime, dtype: str = "auto",
         for entry in base_entries:
             check_file(shards, entry)
     base_dir = os.path.join(shards, BASESTATION_DIR)
-    torch_dtype = resolve_dtype(dtype, manifest)
-    torch_device = torch.device(device)
+    torch_device = resolve_device(device)
+    torch_dtype = resolve_dtype(dtype, manifest, torch_device)
     config = AutoConfig.from_pretrained(base_dir)
     tokenizer = AutoTokenizer.from_pretrained(base_dir)
 

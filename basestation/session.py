@@ -182,15 +182,16 @@ class Session:
 def open_session(shards: str, roster: Roster, theta: float = 0.0, latency: str = "measured",
                  dtype: str = "auto", wire_dtype: str | None = None, wait_s: float = 30.0,
                  allow_missing: bool = False, local_fallback: str | None = None,
-                 channel=None, progress: bool = True) -> Session:
+                 channel=None, device: str = "auto", progress: bool = True) -> Session:
     """Raises RosterError or ShardError with a message for the user."""
-    from basestation.model import load_base_model, resolve_dtype
+    from basestation.model import load_base_model
+    from edge_agent.shards import resolve_device, resolve_dtype
 
     manifest = load_manifest(shards)
     num_experts = manifest.num_experts
     try:
         wire = P.WIRE_DTYPES[P.wire_dtype_name(wire_dtype)] if wire_dtype else \
-            resolve_dtype(dtype, manifest)
+            resolve_dtype(dtype, manifest, resolve_device(device))
     except P.ProtocolError:
         raise RosterError(f"--wire-dtype {wire_dtype}: one of {', '.join(P.WIRE_DTYPES)}") \
             from None
@@ -215,7 +216,7 @@ def open_session(shards: str, roster: Roster, theta: float = 0.0, latency: str =
                                 int(manifest.model["ffn_size"]), theta=theta, latency=latency,
                                 scenario=channel, wire_dtype=wire_dtype,
                                 element_bytes=wire.itemsize, fallback=fallback)
-        base = load_base_model(shards, dispatcher, dtype=dtype)
+        base = load_base_model(shards, dispatcher, dtype=dtype, device=device)
         dispatcher.calibrate()
     except BaseException:
         client.close()
