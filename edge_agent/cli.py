@@ -51,7 +51,8 @@ def build_parser() -> argparse.ArgumentParser:
                    "(default: edge-HOSTNAME-eEXPERTS)")
     p.add_argument("--device", default="auto", help="auto (CUDA when present) | cpu | cuda")
     p.add_argument("--dtype", default="auto",
-                   help="auto (the model's on CUDA, float32 on a CPU) | bfloat16 | float16 | float32 (bf16/fp16/fp32)")
+                   help="auto (the model's on CUDA, float32 on a CPU) | bfloat16 | float16 | "
+                   "float32 (or bf16/fp16/fp32)")
     p.add_argument("--heartbeat-timeout-s", type=float, default=SocketConfig.heartbeat_timeout_s,
                    help="drop a silent peer after this long (keep it above the longest "
                    "transfer on the slowest link)")
