@@ -48,6 +48,8 @@ def local_per_token_ms(checkpoint: str, tokens: int, repeats: int) -> float:
     ids = tokenizer(PROMPT, return_tensors="pt").input_ids
     config = model.generation_config
     config.eos_token_id = None
+    config.max_new_tokens, config.do_sample = tokens, False
+    config.pad_token_id = tokenizer.eos_token_id
     times = []
     for _ in range(repeats):
         stamps = []
@@ -60,9 +62,7 @@ def local_per_token_ms(checkpoint: str, tokens: int, repeats: int) -> float:
                 pass
 
         with torch.inference_mode():
-            model.generate(ids, generation_config=config, max_new_tokens=tokens,
-                           do_sample=False, streamer=Stamp(),
-                           pad_token_id=tokenizer.eos_token_id,
+            model.generate(ids, generation_config=config, streamer=Stamp(),
                            attention_mask=torch.ones_like(ids))
         decode = [b - a for a, b in zip(stamps[2:], stamps[3:])]  # after prefill
         times.append(statistics.median(decode) * 1e3)
