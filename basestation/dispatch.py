@@ -98,6 +98,8 @@ class Dispatcher:
             for expert in agent.experts:
                 self.owner.setdefault(expert, agent)
         self.stats = LayerStats()
+        self._available: torch.Tensor | None = None  # cached; cleared when liveness changes
+        self._available_stale = True
         self._element_bytes = element_bytes  # bytes per activation on the wire (the paper's ε)
 
     # -- what the selector needs ----------------------------------------------------------
@@ -122,9 +124,14 @@ class Dispatcher:
         return t
 
     def available(self) -> torch.Tensor | None:
-        mask = torch.tensor([self._live(q) or self._has_fallback(q)
-                             for q in range(self.num_experts)])
-        return None if bool(mask.all()) else mask
+        """[E] bool of experts with a live agent or a fallback; None when all have one.
+        Rebuilt only when an agent dies or comes back, not on every layer call."""
+        if self._available_stale:
+            mask = torch.tensor([self._live(q) or self._has_fallback(q)
+                                 for q in range(self.num_experts)])
+            self._available = None if bool(mask.all()) else mask
+            self._available_stale = False
+        return self._available
 
     def _live(self, expert: int) -> bool:
         agent = self.owner.get(expert)
@@ -159,21 +166,21 @@ class Dispatcher:
                         ) -> tuple[list, set[int]]:
         """Send every agent its experts' tokens, then gather. Returns the outputs
         [(expert, token_idx, slot, y)] and the experts that failed."""
-        by_agent: dict[int, list[int]] = {}
+        by_agent: dict[int, tuple[AgentLink, list[int]]] = {}  # id(agent) -> agent, its experts
         local: list[int] = []
+        failed: set[int] = set()
         for expert in groups:
             agent = self.owner.get(expert)
             if agent is not None and agent.alive:
-                by_agent.setdefault(id(agent), []).append(expert)
+                by_agent.setdefault(id(agent), (agent, []))[1].append(expert)
             elif self._has_fallback(expert):
                 local.append(expert)
-        agents_by_id = {id(a): a for a in self.agents}
+            else:
+                failed.add(expert)
         pending: dict[int, tuple[AgentLink, list[int], float, int]] = {}
-        failed: set[int] = set(groups) - {e for es in by_agent.values() for e in es} - set(local)
         deadline = 0.0
         start = time.perf_counter()
-        for agent_key, experts in by_agent.items():
-            agent = agents_by_id[agent_key]
+        for agent, experts in by_agent.values():
             experts.sort()
             rows = torch.cat([groups[e][0] for e in experts])
             request = x[rows]  # [n, H], experts' tokens back to back
@@ -241,6 +248,7 @@ class Dispatcher:
         agent.failures += 1
         if agent.alive:
             agent.alive = False
+            self._available_stale = True
             agent.backoff_s = PROBE_BACKOFF_START_S
             agent.next_probe_s = time.perf_counter() + agent.backoff_s
 
@@ -320,6 +328,7 @@ class Dispatcher:
                     if not agent.alive:
                         agent.alive = True
                         agent.backoff_s = PROBE_BACKOFF_START_S
+                        self._available_stale = True
                     agent.state = links.update(agent.state, links.LinkSample(
                         round_trip_s=arrived_s - agent.probe_sent_s, compute_s=0.0,
                         request_bytes=0, reply_bytes=0, tokens=0, experts=0, time_s=arrived_s))
