@@ -56,22 +56,30 @@ def train_tokenizer(vocab_size: int, texts: list[str]):
         chat_template=CHAT_TEMPLATE)
 
 
+def mixtral_config(spec, tokenizer, max_positions: int, **extra):
+    """transformers' MixtralConfig for a spec with the fields of ModelSpec (train-tiny's
+    TrainSpec has them too) and the tokenizer's special ids."""
+    from transformers import MixtralConfig
+
+    return MixtralConfig(
+        vocab_size=spec.vocab, hidden_size=spec.hidden, intermediate_size=spec.intermediate,
+        num_hidden_layers=spec.layers, num_attention_heads=spec.heads,
+        num_key_value_heads=spec.kv_heads, num_local_experts=spec.experts,
+        num_experts_per_tok=spec.top_k, max_position_embeddings=max_positions,
+        bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id,
+        tie_word_embeddings=False, **extra)
+
+
 def make_model(out: str, spec: ModelSpec) -> None:
     """Write the checkpoint into OUT (all-or-nothing: built beside it, renamed at the end)."""
     import torch
-    from transformers import MixtralConfig, MixtralForCausalLM
+    from transformers import MixtralForCausalLM
 
     # 256 byte symbols + specials must fit, or the tokenizer cannot encode every input
     if spec.vocab < 259 + 16:
         raise ValueError(f"--vocab {spec.vocab} is too small (byte-level BPE needs >= 275)")
     tokenizer = train_tokenizer(spec.vocab, stdlib_docstrings())
-    config = MixtralConfig(
-        vocab_size=spec.vocab, hidden_size=spec.hidden, intermediate_size=spec.intermediate,
-        num_hidden_layers=spec.layers, num_attention_heads=spec.heads,
-        num_key_value_heads=spec.kv_heads, num_local_experts=spec.experts,
-        num_experts_per_tok=spec.top_k, max_position_embeddings=4096,
-        bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id,
-        tie_word_embeddings=False)
+    config = mixtral_config(spec, tokenizer, max_positions=4096)
     torch.manual_seed(spec.seed)
     model = MixtralForCausalLM(config).to(getattr(torch, DTYPES[spec.dtype])).eval()
 

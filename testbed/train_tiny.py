@@ -74,16 +74,12 @@ def encode_docs(tokenizer, docs: list[dict]):
 
 def build_model(spec: TrainSpec, tokenizer):
     import torch
-    from transformers import MixtralConfig, MixtralForCausalLM
+    from transformers import MixtralForCausalLM
 
-    config = MixtralConfig(
-        vocab_size=spec.vocab, hidden_size=spec.hidden, intermediate_size=spec.intermediate,
-        num_hidden_layers=spec.layers, num_attention_heads=spec.heads,
-        num_key_value_heads=spec.kv_heads, num_local_experts=spec.experts,
-        num_experts_per_tok=spec.top_k, max_position_embeddings=1024,
-        bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id,
-        tie_word_embeddings=False, output_router_logits=True,
-        router_aux_loss_coef=spec.aux_loss_coef, router_jitter_noise=0.0)
+    from testbed.make_model import mixtral_config
+
+    config = mixtral_config(spec, tokenizer, max_positions=1024, output_router_logits=True,
+                            router_aux_loss_coef=spec.aux_loss_coef, router_jitter_noise=0.0)
     torch.manual_seed(spec.seed)
     model = MixtralForCausalLM(config)
     # batched expert math for training (transformers' grouped_mm; same function as the loop)
@@ -214,10 +210,11 @@ class LocalMoeBlock:
         self.considered = 0
 
     def expert_ffn(self, expert: int, x):
-        import torch.nn.functional as F
+        """The agent's own expert math on this block's fused weights (Mixtral's act is SiLU)."""
+        from edge_agent.expert_math import ExpertWeights, expert_forward
 
-        gate, up = F.linear(x, self.experts.gate_up_proj[expert]).chunk(2, dim=-1)
-        return F.linear(self.experts.act_fn(gate) * up, self.experts.down_proj[expert])
+        return expert_forward(x, ExpertWeights(gate_up=self.experts.gate_up_proj[expert],
+                                               down=self.experts.down_proj[expert]))
 
     def __call__(self, hidden_states):
         import torch
@@ -563,7 +560,7 @@ WLR selection (`basestation.selector`) with experts 6 and 7 on links 4× slower
 
 Routing load on the same text (share of the kept token-expert assignments, %; balanced = 12.5):
 
-| layer | """ + " | ".join(f"e{e}" for e in range(spec["experts"])) + f""" |
+| layer | """ + " | ".join(f"e{e}" for e in range(spec["experts"])) + """ |
 |---|""" + "---|" * spec["experts"] + f"""
 {load_rows}
 
