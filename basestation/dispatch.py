@@ -114,14 +114,14 @@ class Dispatcher:
                                    bytes_per_element=self._element_bytes, rng=self.rng)
             return torch.as_tensor(np.resize(t, self.num_experts), dtype=torch.float32)
         nbytes = self._request_bytes(tokens)
-        t = torch.full((self.num_experts,), float("inf"))
+        t = [float("inf")] * self.num_experts  # a list first: one tensor op, not E setitems
         for expert in range(self.num_experts):
             agent = self.owner.get(expert)
             if agent is not None and agent.alive:
                 t[expert] = links.expected_time_s(agent.state, nbytes, nbytes, tokens, 1)
             elif self._has_fallback(expert):
                 t[expert] = float(tokens) * 1e-3  # local, no network
-        return t
+        return torch.tensor(t)
 
     def available(self) -> torch.Tensor | None:
         """[E] bool of experts with a live agent or a fallback; None when all have one.
@@ -182,9 +182,10 @@ class Dispatcher:
         start = time.perf_counter()
         for agent, experts in by_agent.values():
             experts.sort()
-            rows = torch.cat([groups[e][0] for e in experts])
+            rows = groups[experts[0]][0] if len(experts) == 1 else \
+                torch.cat([groups[e][0] for e in experts])
             request = x[rows]  # [n, H], experts' tokens back to back
-            counts = [(e, int(groups[e][0].numel())) for e in experts]
+            counts = [(e, len(groups[e][0])) for e in experts]
             nbytes = request.numel() * self._element_bytes
             try:
                 request_id = self.client.send_expert(agent.peer, layer, request, counts,
@@ -223,8 +224,8 @@ class Dispatcher:
                 failed.update(experts)
                 continue
             self._record(agent, reply, sent_s, arrived_s, nbytes, y.shape[0], len(experts))
-            for expert, part in zip(experts, y.split([int(groups[e][0].numel())
-                                                     for e in experts])):
+            parts = (y,) if len(experts) == 1 else y.split([len(groups[e][0]) for e in experts])
+            for expert, part in zip(experts, parts):
                 token_idx, slot = groups[expert]
                 outputs.append((expert, token_idx, slot, part))
         for agent, experts, _, _ in pending.values():  # silent past the deadline

@@ -80,8 +80,24 @@ def combine(num_tokens: int, hidden: int, dtype: torch.dtype, selection: Selecti
     return out
 
 
+SMALL_SELECTION = 64  # (token, slot) pairs up to which grouping in Python beats torch ops
+
+
 def tokens_per_expert(selection: Selection) -> dict[int, tuple[torch.Tensor, torch.Tensor]]:
-    """expert id -> (token_idx, slot) of the kept (token, slot) pairs routed to it."""
+    """expert id -> (token_idx, slot) of the kept (token, slot) pairs routed to it, in
+    ascending expert id, token order kept within an expert."""
+    if selection.keep.numel() <= SMALL_SELECTION:  # decode: a token or a few
+        lists: dict[int, tuple[list[int], list[int]]] = {}
+        for token, (row_experts, row_keep) in enumerate(zip(selection.experts.tolist(),
+                                                            selection.keep.tolist())):
+            for slot, (expert, kept) in enumerate(zip(row_experts, row_keep)):
+                if kept:
+                    lists.setdefault(expert, ([], []))[0].append(token)
+                    lists[expert][1].append(slot)
+        device = selection.keep.device
+        return {expert: (torch.tensor(lists[expert][0], device=device),
+                         torch.tensor(lists[expert][1], device=device))
+                for expert in sorted(lists)}
     token_idx, slot = torch.nonzero(selection.keep, as_tuple=True)
     experts = selection.experts[token_idx, slot]
     order = torch.argsort(experts, stable=True)  # token order kept within an expert

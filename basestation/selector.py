@@ -77,6 +77,15 @@ def select_experts(
             f"latency shape {tuple(t.shape)} is neither [E] nor [T, E] for w {tuple(w.shape)}"
         )
 
+    if theta <= 0 and available is None:
+        # Stock routing, in as few torch calls as possible (this runs per layer per token): the
+        # same topk and the same division as the general path below, so the same bits.
+        top_w, experts = torch.topk(w, top_k, dim=-1)  # [T, K]
+        keep = torch.ones_like(experts, dtype=torch.bool)
+        dropped = torch.zeros_like(keep)
+        return Selection(experts, top_w / top_w.sum(dim=-1, keepdim=True), keep, dropped,
+                         torch.zeros(num_tokens, dtype=torch.int64, device=w.device))
+
     # Top-k by weight exactly as MixtralTopKRouter: torch.topk of the softmax, then /= sum.
     scores = w
     if available is not None:

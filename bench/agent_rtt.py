@@ -63,7 +63,10 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--hidden", type=int, default=4096)
     parser.add_argument("--ffn", type=int, default=2048)
-    parser.add_argument("--rounds", type=int, default=200, help="timed calls per size and side")
+    parser.add_argument("--rounds", type=int, default=400, help="timed calls per size and side")
+    parser.add_argument("--blocks", action="store_true",
+                        help="time bare and agent calls in alternating blocks of rounds/5 "
+                             "instead of call by call")
     args = parser.parse_args()
 
     import torch
@@ -98,11 +101,22 @@ def main() -> None:
         for tokens in TOKENS:
             x = torch.randn(tokens, args.hidden)
             payload = bytes(x.numel() * 4)
+            for _ in range(10):  # warm-up
+                bare_rtts_s(bare, payload, 1)
+                client.expert(peer, 0, x, [(0, tokens)])
             rtts, computes, bares = [], [], []
-            for block in range(5):  # alternate blocks so drift hits both sides alike
-                bare_rtts_s(bare, payload, 10)
-                for _ in range(10):
-                    client.expert(peer, 0, x, [(0, tokens)])
+            # Call by call, alternating: both sides see the same machine state. (Blocks of bare
+            # calls back to back keep the 4 MiB buffers hot in cache, which an expert call
+            # never sees: its FFN evicts them; --blocks measures that way too.)
+            for _ in range(args.rounds):
+                if args.blocks:
+                    break
+                bares += bare_rtts_s(bare, payload, 1)
+                start_s = time.perf_counter()
+                _, reply = client.expert(peer, 0, x, [(0, tokens)])
+                rtts.append(time.perf_counter() - start_s)
+                computes.append(reply.header["compute_s"])
+            for _ in range(5 if args.blocks else 0):
                 bares += bare_rtts_s(bare, payload, args.rounds // 5)
                 for _ in range(args.rounds // 5):
                     start_s = time.perf_counter()

@@ -16,6 +16,7 @@ from typing import Sequence
 
 import torch
 import zmq
+from zmq.backend import zmq_poll
 
 from edge_agent import protocol as P
 
@@ -142,9 +143,10 @@ class AgentClient:
         """The next reply from any agent, or None at the deadline. HELLOs are recorded in
         `hellos` and not returned; malformed messages are skipped."""
         deadline = time.monotonic() + timeout_s
+        poll_items = [(self.sock, zmq.POLLIN)]  # zmq_poll: Socket.poll builds a Poller per call
         while True:
             left_ms = max(0, int((deadline - time.monotonic()) * 1000))
-            if not self.sock.poll(left_ms):
+            if not zmq_poll(poll_items, left_ms):
                 return None
             frames = self.sock.recv_multipart(copy=False)
             if len(frames) < 2:

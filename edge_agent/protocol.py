@@ -193,12 +193,17 @@ def encode_tensor(x: torch.Tensor, dtype: str) -> tuple[list, dict]:
         scale = xf.abs().amax(dim=-1, keepdim=True).clamp_min(1e-30) / 127.0  # [T, 1]
         q = torch.round(xf / scale).clamp_(-127, 127).to(torch.int8)
         return [_bytes_view(q), _bytes_view(scale.reshape(-1))], fields
-    return [_bytes_view(x.to(WIRE_DTYPES[dtype]))], fields
+    wire = WIRE_DTYPES[dtype]
+    if x.dtype != wire:
+        x = x.to(wire)
+    if wire is not torch.bfloat16 and x.is_contiguous():
+        return [x.numpy()], fields  # the common case, one call: numpy shares the memory
+    return [_bytes_view(x)], fields
 
 
 def _frame_tensor(frame, dtype: torch.dtype, count: int) -> torch.Tensor:
     buffer = frame.buffer if hasattr(frame, "buffer") else memoryview(frame)
-    itemsize = torch.empty((), dtype=dtype).element_size()
+    itemsize = dtype.itemsize
     if len(buffer) != count * itemsize:
         raise ProtocolError(ERR_SHAPE, f"payload is {len(buffer)} bytes, header implies "
                                        f"{count * itemsize}")

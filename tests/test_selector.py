@@ -37,6 +37,40 @@ def test_theta_zero_is_stock_mixtral_routing_bit_for_bit(top_k, seed):
     assert sel.keep.all() and not sel.dropped.any() and int(sel.drops.sum()) == 0
 
 
+@pytest.mark.parametrize("top_k", [1, 2, 3])
+def test_stock_fast_path_matches_the_general_path(top_k):
+    # theta = 0 with no mask takes a short path; an all-true mask forces the general one
+    torch.manual_seed(top_k)
+    probs = torch.softmax(torch.randn(16, 8), dim=-1)
+    latency_s = torch.rand(8) + 1e-3
+    fast = select_experts(probs, latency_s, theta=0.0, top_k=top_k)
+    general = select_experts(probs, latency_s, theta=0.0, top_k=top_k,
+                             available=torch.ones(8, dtype=torch.bool))
+    for name, a, b in zip(fast._fields, fast, general):
+        assert a.dtype == b.dtype and torch.equal(a, b), name
+
+
+@pytest.mark.parametrize("theta", [0.0, 0.3])
+def test_token_grouping_python_path_matches_the_torch_path(theta, monkeypatch):
+    from basestation import model
+
+    torch.manual_seed(7)
+    probs = torch.softmax(torch.randn(12, 8), dim=-1)
+    latency_s = torch.rand(8) + 1e-3
+    available = torch.ones(8, dtype=torch.bool)
+    available[5] = False
+    sel = select_experts(probs, latency_s, theta=theta, top_k=3, available=available)
+    small = model.tokens_per_expert(sel)  # 36 pairs: the Python path
+    monkeypatch.setattr(model, "SMALL_SELECTION", 0)
+    large = model.tokens_per_expert(sel)
+    assert list(small) == list(large) == sorted(large) and 5 not in small
+    for expert in large:
+        assert torch.equal(small[expert][0], large[expert][0]), expert
+        assert torch.equal(small[expert][1], large[expert][1]), expert
+    kept = int(sel.keep.sum())
+    assert sum(len(t) for t, _ in small.values()) == kept > 0
+
+
 def test_k2_drops_the_slow_heavy_expert():
     # top-2 = experts 0 (w 0.5) and 1 (w 0.3). t0 = 2 s, t1 = 0.5 s.
     # WLR0 = 0.5/2 = 0.25, WLR1 = 0.3/0.5 = 0.6; kappa = 0.25/(0.25+0.6) = 0.2941.
