@@ -147,7 +147,8 @@ class Dispatcher:
         """x [T, H], w [T, E] router probabilities -> weighted expert sum [T, H]."""
         self._probe_dead_and_idle()
         groups = tokens_per_expert(selection)
-        self._count_selector_drops(selection)
+        if self.theta > 0:  # theta <= 0 never drops
+            self._count_selector_drops(selection)
         outputs, failed = self._scatter_gather(layer, x, groups)
         if failed:
             selection = self._drop_failed(selection, failed)

@@ -24,20 +24,30 @@ REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 PROMPT = "The queue module implements multi-producer, multi-consumer queues."
 
 
-def start_agents(shards: str, experts: int) -> tuple[list[subprocess.Popen], list[str]]:
+def start_agents(shards: str, groups: list[str]) -> tuple[list[subprocess.Popen], list[str]]:
+    """One agent process per group of expert ids ("3" or "0-7"); returns the roster flags."""
     procs, flags = [], []
     env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONUNBUFFERED="1")
-    for expert in range(experts):
-        proc = subprocess.Popen([sys.executable, "-m", "edge_agent", "--expert", str(expert),
+    for group in groups:
+        proc = subprocess.Popen([sys.executable, "-m", "edge_agent", "--expert", group,
                                  "--shards", shards, "--bind", "tcp://127.0.0.1:*"],
                                 stdout=subprocess.PIPE, text=True, cwd=REPO_ROOT, env=env)
         procs.append(proc)
-    for expert, proc in enumerate(procs):
+    for group, proc in zip(groups, procs):
         line = proc.stdout.readline()  # "edge_agent ready: serving tcp://… …"
         if "serving" not in line:
-            raise SystemExit(f"agent {expert} did not start: {line!r}")
-        flags.append(f"{expert}={line.split('serving ')[1].split()[0]}")
+            raise SystemExit(f"agent {group} did not start: {line!r}")
+        address = line.split("serving ")[1].split()[0]
+        first, _, last = group.partition("-")
+        flags += [f"{expert}={address}" for expert in range(int(first), int(last or first) + 1)]
     return procs, flags
+
+
+def stop(procs: list[subprocess.Popen]) -> None:
+    for proc in procs:
+        proc.terminate()
+    for proc in procs:
+        proc.wait(timeout=20)
 
 
 def local_per_token_ms(checkpoint: str, tokens: int, repeats: int) -> float:
@@ -110,7 +120,7 @@ def main() -> None:
     args = parser.parse_args()
     torch.set_num_threads(1)  # the agents get the other core's share
     scratch = tempfile.mkdtemp(prefix="bench-decode-")
-    procs = []
+    procs: list[subprocess.Popen] = []
     try:
         checkpoint = args.model
         if checkpoint is None:
@@ -124,14 +134,17 @@ def main() -> None:
 
         shards = os.path.join(scratch, "shards")
         manifest = split(checkpoint, shards)
-        procs, flags = start_agents(shards, manifest.num_experts)
+        experts = manifest.num_experts
         local_ms = local_per_token_ms(checkpoint, args.tokens, args.repeats)
+        procs, flags = start_agents(shards, [str(e) for e in range(experts)])
         dist = distributed(shards, flags, args.tokens, args.repeats)
+        stop(procs)
+        # The same run with one agent process hosting every expert: what the protocol costs
+        # when the machine is not also juggling one process per expert.
+        procs, flags = start_agents(shards, [f"0-{experts - 1}"])
+        single = distributed(shards, flags, args.tokens, args.repeats)
     finally:
-        for proc in procs:
-            proc.terminate()
-        for proc in procs:
-            proc.wait(timeout=20)
+        stop(procs)
         shutil.rmtree(scratch, ignore_errors=True)
     model = manifest.model
     print(f"model: {model['num_layers']} layers, hidden {model['hidden_size']}, ffn "
@@ -145,6 +158,9 @@ def main() -> None:
     print(f"  gather wait           {dist['gather_ms']:8.2f} ms/token "
           f"(network + agents; agents report {dist['agent_compute_ms']:.2f} ms of compute, "
           f"summed over agents)")
+    print(f"distributed (1 agent)   {single['decode_ms']:8.2f} ms/token   "
+          f"{single['decode_ms'] / local_ms:.2f}x local   (all experts in one agent process; "
+          f"base station {single['base_ms']:.2f}, gather {single['gather_ms']:.2f} ms/token)")
 
 
 if __name__ == "__main__":

@@ -36,7 +36,7 @@ class PeerUnreachable(Exception):
     """No connection to that agent now (never connected, gone, or its send queue is full)."""
 
 
-@dataclass(frozen=True)
+@dataclass(slots=True)  # not frozen: a frozen dataclass pays for its __init__ on every reply
 class Reply:
     peer: bytes
     header: dict
@@ -72,6 +72,7 @@ class AgentClient:
         # IMMEDIATE stays off: with it a ROUTER ignores CONNECT_ROUTING_ID (libzmq 4.3.5)
         P.configure_socket(self.sock, sockets, immediate=False)
         self._ids = itertools.count(1)
+        self._poll_items = [(self.sock, zmq.POLLIN)]  # zmq_poll: Socket.poll builds a Poller
         self.hellos: dict[bytes, dict] = {}  # dial-in agents: routing id -> latest info
         self.late_replies = 0
         self.endpoints: dict[str, bytes] = {}  # connected endpoint -> alias
@@ -143,10 +144,9 @@ class AgentClient:
         """The next reply from any agent, or None at the deadline. HELLOs are recorded in
         `hellos` and not returned; malformed messages are skipped."""
         deadline = time.monotonic() + timeout_s
-        poll_items = [(self.sock, zmq.POLLIN)]  # zmq_poll: Socket.poll builds a Poller per call
         while True:
             left_ms = max(0, int((deadline - time.monotonic()) * 1000))
-            if not zmq_poll(poll_items, left_ms):
+            if not zmq_poll(self._poll_items, left_ms):
                 return None
             frames = self.sock.recv_multipart(copy=False)
             if len(frames) < 2:

@@ -39,10 +39,14 @@ def swiglu(x: torch.Tensor, w1: torch.Tensor, w2: torch.Tensor, w3: torch.Tensor
     return F.linear(F.silu(F.linear(x, w1)) * F.linear(x, w3), w2)
 
 
-def expert_forward(x: torch.Tensor, weights: ExpertWeights) -> torch.Tensor:
-    """x [T, D] -> [T, D], in the weights' dtype and device."""
+def expert_forward(x: torch.Tensor, weights: ExpertWeights,
+                   out: torch.Tensor | None = None) -> torch.Tensor:
+    """x [T, D] -> [T, D], in the weights' dtype and device. `out` [T, D] receives the result
+    and may be x itself: x is consumed by the first projection before the second writes."""
     gate, up = F.linear(x, weights.gate_up).chunk(2, dim=-1)  # [T, F] each
-    return F.linear(F.silu(gate) * up, weights.down)  # [T, D]
+    if out is None:
+        return F.linear(F.silu(gate) * up, weights.down)  # [T, D]
+    return torch.matmul(F.silu(gate) * up, weights.down.t(), out=out)
 
 
 def flops_per_token(hidden_size: int, ffn_size: int) -> int:

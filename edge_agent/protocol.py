@@ -201,18 +201,19 @@ def encode_tensor(x: torch.Tensor, dtype: str) -> tuple[list, dict]:
     return [_bytes_view(x)], fields
 
 
-def _frame_tensor(frame, dtype: torch.dtype, count: int) -> torch.Tensor:
+def _frame_tensor(frame, dtype: torch.dtype, count: int) -> tuple[torch.Tensor, bool]:
+    """(tensor, whether it is a view of the frame's memory rather than a copy)."""
     buffer = frame.buffer if hasattr(frame, "buffer") else memoryview(frame)
     itemsize = dtype.itemsize
     if len(buffer) != count * itemsize:
         raise ProtocolError(ERR_SHAPE, f"payload is {len(buffer)} bytes, header implies "
                                        f"{count * itemsize}")
     if count == 0:
-        return torch.empty(0, dtype=dtype)
+        return torch.empty(0, dtype=dtype), False
     tensor = torch.frombuffer(buffer, dtype=dtype)  # no copy: wraps the received frame
     if tensor.data_ptr() % itemsize:  # tiny frames live inside the message struct, unaligned
-        tensor = tensor.clone()
-    return tensor
+        return tensor.clone(), False
+    return tensor, not buffer.readonly
 
 
 def decode_tensor(header: dict, frames: Sequence, hidden: int | None = None) -> torch.Tensor:
@@ -220,6 +221,13 @@ def decode_tensor(header: dict, frames: Sequence, hidden: int | None = None) -> 
 
     Raises ProtocolError (ERR_DTYPE, ERR_SHAPE, ERR_MALFORMED) on any mismatch.
     """
+    return decode_tensor_view(header, frames, hidden)[0]
+
+
+def decode_tensor_view(header: dict, frames: Sequence, hidden: int | None = None
+                       ) -> tuple[torch.Tensor, bool]:
+    """decode_tensor, and whether the tensor is a view of frame 0's memory (writable when the
+    frame is a received zmq.Frame: the agent answers in it)."""
     dtype = wire_dtype_name(header.get("dtype"))
     shape = header.get("shape")
     if (not isinstance(shape, list) or len(shape) != 2
@@ -232,11 +240,12 @@ def decode_tensor(header: dict, frames: Sequence, hidden: int | None = None) -> 
         raise ProtocolError(ERR_MALFORMED, f"{len(frames)} payload frames, {dtype} needs "
                                            f"{expected_frames}")
     count = math.prod(shape)
-    x = _frame_tensor(frames[0], WIRE_DTYPES[dtype], count).view(shape)
+    x, is_view = _frame_tensor(frames[0], WIRE_DTYPES[dtype], count)
+    x = x.view(shape)
     if dtype == "int8":
-        scale = _frame_tensor(frames[1], torch.float32, shape[0]).view(shape[0], 1)
-        x = x.float() * scale
-    return x
+        scale = _frame_tensor(frames[1], torch.float32, shape[0])[0].view(shape[0], 1)
+        return x.float() * scale, False
+    return x, is_view
 
 
 def error_header(request_id: int | None, code: str, message: str) -> bytes:

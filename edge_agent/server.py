@@ -271,37 +271,54 @@ class Agent:
         if not isinstance(layer, int) or not 0 <= layer < loaded.num_layers:
             raise P.ProtocolError(P.ERR_UNKNOWN_LAYER, f"layer {layer!r} is not in "
                                                        f"0..{loaded.num_layers - 1}")
-        if (not isinstance(experts, list) or not experts
-                or not all(isinstance(e, list) and len(e) == 2 for e in experts)):
+        if not isinstance(experts, list) or not experts:
             raise P.ProtocolError(P.ERR_MALFORMED, "experts must be [[expert_id, tokens], ...]")
-        for expert, tokens in experts:
+        total_tokens = 0
+        for entry in experts:
+            if not isinstance(entry, list) or len(entry) != 2:
+                raise P.ProtocolError(P.ERR_MALFORMED,
+                                      "experts must be [[expert_id, tokens], ...]")
+            expert, tokens = entry
             if not isinstance(expert, int) or expert not in loaded.weights:
                 raise P.ProtocolError(P.ERR_UNKNOWN_EXPERT, f"expert {expert!r} is not hosted "
                                                             f"here (hosted: {loaded.experts})")
             if not isinstance(tokens, int) or tokens < 0:
                 raise P.ProtocolError(P.ERR_SHAPE, f"token count {tokens!r} of expert {expert}")
-        x = P.decode_tensor(header, payload, hidden=loaded.hidden_size)  # [T, D]
-        if sum(t for _, t in experts) != x.shape[0]:
-            raise P.ProtocolError(P.ERR_SHAPE, f"token counts sum to "
-                                               f"{sum(t for _, t in experts)}, shape has "
+            total_tokens += tokens
+        x, is_view = P.decode_tensor_view(header, payload, hidden=loaded.hidden_size)  # [T, D]
+        if total_tokens != x.shape[0]:
+            raise P.ProtocolError(P.ERR_SHAPE, f"token counts sum to {total_tokens}, shape has "
                                                f"{x.shape[0]} tokens")
-        reply_dtype = P.wire_dtype_name(header.get("reply_dtype") or header["dtype"])
+        wire_dtype = P.wire_dtype_name(header["dtype"])
+        reply_dtype = P.wire_dtype_name(header.get("reply_dtype") or wire_dtype)
+        # Answer in the request's own frame when the reply has its dtype and shape: no
+        # allocation, and the frame goes back as an echo would (no copy, and no round trip
+        # through pyzmq's garbage-collector thread, which a zero-copy send of a new buffer costs).
+        in_place = is_view and reply_dtype == wire_dtype
         start = time.perf_counter()
+        compute_x = x
         if x.dtype != loaded.dtype or x.device != loaded.device:
-            x = x.to(device=loaded.device, dtype=loaded.dtype)
+            compute_x = x.to(device=loaded.device, dtype=loaded.dtype)
+        out = x if in_place and compute_x is x else None  # CPU, same dtype: write straight in
         if len(experts) == 1:
-            out = expert_forward(x, loaded.weights[experts[0][0]][layer])
+            y = expert_forward(compute_x, loaded.weights[experts[0][0]][layer], out=out)
         else:
-            outputs, offset = [], 0
+            parts, offset = [], 0
             for expert, tokens in experts:
-                outputs.append(expert_forward(x[offset:offset + tokens],
-                                              loaded.weights[expert][layer]))
+                rows = slice(offset, offset + tokens)
+                parts.append(expert_forward(compute_x[rows], loaded.weights[expert][layer],
+                                            out=None if out is None else out[rows]))
                 offset += tokens
-            out = torch.cat(outputs)
-        if loaded.device.type == "cuda":
-            out = out.cpu()  # includes the wait for the kernels
+            y = out if out is not None else torch.cat(parts)
+        if in_place and y is not x:
+            x.copy_(y)  # another device or dtype: one conversion, into the frame
+        elif loaded.device.type == "cuda":
+            y = y.cpu()  # includes the wait for the kernels
         compute_s = time.perf_counter() - start
-        frames, fields = P.encode_tensor(out, reply_dtype)
+        if in_place:
+            frames, fields = [payload[0]], {"dtype": wire_dtype, "shape": list(x.shape)}
+        else:
+            frames, fields = P.encode_tensor(y, reply_dtype)
         return [P.pack(P.EXPERT_REPLY, header["id"], layer=layer, experts=experts,
                        compute_s=compute_s, **fields)] + frames
 
