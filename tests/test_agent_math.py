@@ -93,3 +93,32 @@ def test_header_checks():
     with pytest.raises(P.ProtocolError) as e:
         P.decode_tensor({"dtype": "float32", "shape": [2, 4]}, [b"x" * 8])
     assert e.value.code == P.ERR_SHAPE
+
+
+@pytest.mark.parametrize("wire,reply,in_place", [("float32", None, True),
+                                                 ("bfloat16", None, True),
+                                                 ("float32", "bfloat16", False),
+                                                 ("int8", None, False)])
+def test_agent_answers_in_the_request_frame_when_the_dtype_is_kept(tiny_split, hf_model, wire,
+                                                                    reply, in_place):
+    from edge_agent.server import Agent, AgentConfig
+
+    agent = Agent(AgentConfig(experts=(0, 3), shards_dir=tiny_split, self_benchmark=False))
+    agent.load(tiny_split)
+    torch.manual_seed(3)
+    x = torch.randn(5, agent.loaded.hidden_size)
+    frames, fields = P.encode_tensor(x, wire)
+    payload = [zmq.Frame(bytes(memoryview(f).cast("B"))) for f in frames]  # writable, as received
+    sent = bytes(payload[0].buffer)
+    header = P.pack(P.EXPERT, 7, layer=1, experts=[[0, 2], [3, 3]], **fields,
+                    **({"reply_dtype": reply} if reply else {}))
+    with torch.inference_mode():
+        out = agent.handle([zmq.Frame(header), *payload])
+    got = P.unpack(out[0])
+    assert got["kind"] == P.EXPERT_REPLY and got["dtype"] == (reply or wire)
+    assert (out[1] is payload[0]) == in_place  # the request's frame went back
+    assert (bytes(payload[0].buffer) != sent) == in_place  # ...holding the answer, or untouched
+    y = P.decode_tensor(got, out[1:])
+    tolerance = {"float32": 1e-5, "bfloat16": 2e-2, "int8": 5e-2}[reply or wire]
+    assert_close_rel(y[:2], transformers_expert(hf_model, 1, 0, x[:2]), rel=tolerance)
+    assert_close_rel(y[2:], transformers_expert(hf_model, 1, 3, x[2:]), rel=tolerance)
