@@ -152,7 +152,7 @@ class AgentClient:
             if len(frames) < 2:
                 continue
             try:
-                header = P.unpack(frames[1].buffer)
+                header = P.unpack(frames[1])
             except P.ProtocolError:
                 continue
             peer = frames[0].bytes

@@ -186,7 +186,7 @@ def encode_tensor(x: torch.Tensor, dtype: str) -> tuple[list, dict]:
     """
     dtype = wire_dtype_name(dtype)
     fields = {"dtype": dtype, "shape": list(x.shape)}
-    if x.device.type != "cpu":
+    if not x.is_cpu:
         x = x.cpu()
     if dtype == "int8":
         xf = x.float()

@@ -236,7 +236,7 @@ class Agent:
             return None
         request_id = None
         try:
-            header = P.unpack(body[0].buffer)
+            header = P.unpack(body[0])
             request_id = header["id"]
             return self.dispatch(header, body[1:])
         except P.ProtocolError as e:
@@ -296,8 +296,8 @@ class Agent:
         # through pyzmq's garbage-collector thread, which a zero-copy send of a new buffer costs).
         in_place = is_view and reply_dtype == wire_dtype
         start = time.perf_counter()
-        compute_x = x
-        if x.dtype != loaded.dtype or x.device != loaded.device:
+        compute_x = x  # a decoded tensor is on the CPU
+        if x.dtype is not loaded.dtype or loaded.device.type != "cpu":
             compute_x = x.to(device=loaded.device, dtype=loaded.dtype)
         out = x if in_place and compute_x is x else None  # CPU, same dtype: write straight in
         if len(experts) == 1:
@@ -316,7 +316,7 @@ class Agent:
             y = y.cpu()  # includes the wait for the kernels
         compute_s = time.perf_counter() - start
         if in_place:
-            frames, fields = [payload[0]], {"dtype": wire_dtype, "shape": list(x.shape)}
+            frames, fields = [payload[0]], {"dtype": wire_dtype, "shape": header["shape"]}
         else:
             frames, fields = P.encode_tensor(y, reply_dtype)
         return [P.pack(P.EXPERT_REPLY, header["id"], layer=layer, experts=experts,
