@@ -7,6 +7,8 @@ Makes a one-layer Mixtral checkpoint with a realistic hidden size, splits it, st
 In the same run, a bare echo process (ROUTER, no protocol, no torch) answers a DEALER with the
 same request and reply sizes. Agent overhead = (rtt - compute_s reported by the agent) vs bare.
 Targets (issue 3): overhead adds <= 50 % to the bare round trip at 1 token, <= 20 % at 256.
+Then the same protocol work in this process, hot, without sockets: what it costs when no
+process has to wake up.
 """
 
 from __future__ import annotations
@@ -57,6 +59,46 @@ def bare_rtts_s(sock, payload: bytes, rounds: int) -> list[float]:
         sock.recv_multipart(copy=False)
         out.append(time.perf_counter() - start)
     return out
+
+
+def in_process(shards: str, hidden: int, rounds: int) -> None:
+    """The protocol's own cost, hot, with no sockets and no process wake-ups: the agent's
+    handling of a request (header, checks, tensor view, reply header) beside the FFN alone,
+    and the client's encode + header and reply header + decode."""
+    import torch
+    import zmq
+
+    from edge_agent import protocol as P
+    from edge_agent.server import Agent, AgentConfig
+
+    agent = Agent(AgentConfig(experts=(0,), shards_dir=shards, self_benchmark=False))
+    agent.load(shards)
+    print(f"in process, hot (medians of {rounds}): {'tokens':>6} {'ffn_us':>8} "
+          f"{'agent_protocol_us':>17} {'client_us':>9}")
+    with torch.inference_mode():
+        for tokens in TOKENS:
+            x = torch.randn(tokens, hidden)
+            ffn, handled, client = [], [], []
+            for _ in range(rounds):
+                start_s = time.perf_counter()
+                frames, fields = P.encode_tensor(x, "float32")
+                header = P.pack(P.EXPERT, 1, layer=0, experts=[[0, tokens]], **fields)
+                encoded_s = time.perf_counter() - start_s
+                # as received: zmq owns the bytes (a copy, so no pyzmq gc thread runs meanwhile)
+                request = [zmq.Frame(header), zmq.Frame(frames[0], copy=True)]
+                start_s = time.perf_counter()
+                reply = agent.handle(request)
+                handled_s = time.perf_counter() - start_s
+                start_s = time.perf_counter()
+                reply_header = P.unpack(reply[0])
+                P.decode_tensor(reply_header, reply[1:])
+                client.append(encoded_s + time.perf_counter() - start_s)
+                ffn.append(reply_header["compute_s"])
+                handled.append(handled_s - reply_header["compute_s"])
+                del request, reply  # freeing the 4 MiB message is not the protocol's work
+            print(f"{'':36}{tokens:>6} {statistics.median(ffn) * 1e6:>8.1f} "
+                  f"{statistics.median(handled) * 1e6:>17.1f} "
+                  f"{statistics.median(client) * 1e6:>9.1f}")
 
 
 def main() -> None:
@@ -134,6 +176,7 @@ def main() -> None:
             print(f"{tokens:>6} {len(payload):>9} {bare_us:>8.0f} {rtt_us:>8.0f} "
                   f"{compute_us:>10.0f} {net_us:>14.0f} {rtt_us / bare_us:>8.2f} "
                   f"{overhead:>+8.0%} {verdict}")
+        in_process(os.path.join(tmp, "out"), args.hidden, args.rounds)
     finally:
         client.close()
         bare.close(linger=0)
