@@ -1,6 +1,6 @@
 """Round trip of an expert call vs a bare pyzmq DEALER/ROUTER ping-pong of the same bytes.
 
-    .venv/bin/python bench/agent_rtt.py [--hidden 4096 --ffn 2048 --rounds 200]
+    .venv/bin/python bench/agent_rtt.py [--hidden 4096 --ffn 2048 --rounds 400 --pin]
 
 Makes a one-layer Mixtral checkpoint with a realistic hidden size, splits it, starts a real
 `edge_agent` process on loopback TCP and times `AgentClient.expert` for 1, 16 and 256 tokens.
@@ -37,8 +37,22 @@ TOKENS = (1, 16, 256)
 TARGET_OVERHEAD = {1: 0.50, 256: 0.20}
 
 
-def start(cmd: list[str], pattern: str, timeout_s: float = 300) -> tuple[subprocess.Popen, str]:
-    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, text=True, cwd=ROOT)
+def server_cpus(pin: bool) -> set[int] | None:
+    """--pin: the servers (agent and bare echo alike) on the last CPU, this client on the others,
+    as if they were two machines; without it the scheduler mixes them on every core."""
+    cpus = sorted(os.sched_getaffinity(0))
+    if not pin:
+        return None
+    if len(cpus) < 2:
+        raise SystemExit("bench: --pin needs at least 2 CPUs")
+    os.sched_setaffinity(0, set(cpus[:-1]))
+    return {cpus[-1]}
+
+
+def start(cmd: list[str], pattern: str, cpus: set[int] | None = None,
+          timeout_s: float = 300) -> tuple[subprocess.Popen, str]:
+    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, text=True, cwd=ROOT,
+                            preexec_fn=(lambda: os.sched_setaffinity(0, cpus)) if cpus else None)
     deadline = time.monotonic() + timeout_s
     while time.monotonic() < deadline:
         line = proc.stdout.readline()
@@ -109,7 +123,10 @@ def main() -> None:
     parser.add_argument("--blocks", action="store_true",
                         help="time bare and agent calls in alternating blocks of rounds/5 "
                              "instead of call by call")
+    parser.add_argument("--pin", action="store_true",
+                        help="servers on the last CPU, this client on the others")
     args = parser.parse_args()
+    cpus = server_cpus(args.pin)
 
     import torch
     import zmq
@@ -125,8 +142,8 @@ def main() -> None:
     split(os.path.join(tmp, "model"), os.path.join(tmp, "out"))
     agent, endpoint = start([sys.executable, "-m", "edge_agent", "--expert", "0", "--shards",
                              os.path.join(tmp, "out"), "--bind", "tcp://127.0.0.1:*"],
-                            r"serving (tcp://\S+)")
-    echo, port = start([sys.executable, "-c", ECHO_SERVER], r"(\d+)")
+                            r"serving (tcp://\S+)", cpus)
+    echo, port = start([sys.executable, "-c", ECHO_SERVER], r"(\d+)", cpus)
     client = AgentClient()
     ctx = zmq.Context()
     bare = ctx.socket(zmq.DEALER)
@@ -137,7 +154,8 @@ def main() -> None:
         info = client.info(peer, timeout_s=60)
         print(f"agent: {info['device_name']} ({info['device']}, {torch.get_num_threads()} "
               f"threads), hidden {args.hidden}, ffn {args.ffn}, wire float32, "
-              f"self-benchmark {info['throughput']['tokens_per_s']:.0f} tokens/s")
+              f"self-benchmark {info['throughput']['tokens_per_s']:.0f} tokens/s, "
+              f"{'servers pinned to CPU ' + str(min(cpus)) if cpus else 'not pinned'}")
         print(f"{'tokens':>6} {'bytes':>9} {'bare_us':>8} {'rtt_us':>8} {'compute_us':>10} "
               f"{'rtt-compute_us':>14} {'rtt/bare':>8} {'overhead':>8} target")
         for tokens in TOKENS:

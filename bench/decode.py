@@ -4,7 +4,7 @@ Same checkpoint, same prompt, greedy, same number of new tokens, in the same run
 distributed time is split into base-station compute (everything but waiting for agents),
 the gather wait (network + agent compute), and the agents' own reported compute.
 
-    .venv/bin/python bench/decode.py [--model DIR] [--tokens 64] [--layers 4 --hidden 256 ...]
+    .venv/bin/python bench/decode.py [--model DIR] [--tokens 64] [--pin] [--layers 4 --hidden 256 ...]
 """
 
 from __future__ import annotations
@@ -24,14 +24,29 @@ REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 PROMPT = "The queue module implements multi-producer, multi-consumer queues."
 
 
-def start_agents(shards: str, groups: list[str]) -> tuple[list[subprocess.Popen], list[str]]:
+def agent_cpus(pin: bool) -> set[int] | None:
+    """--pin: agents on the last CPU, the base station (and the local run) on the others, as if
+    the agents were boxes of their own; without it the scheduler mixes them on every core."""
+    cpus = sorted(os.sched_getaffinity(0))
+    if not pin:
+        return None
+    if len(cpus) < 2:
+        raise SystemExit("bench: --pin needs at least 2 CPUs")
+    os.sched_setaffinity(0, set(cpus[:-1]))
+    return {cpus[-1]}
+
+
+def start_agents(shards: str, groups: list[str], cpus: set[int] | None = None
+                 ) -> tuple[list[subprocess.Popen], list[str]]:
     """One agent process per group of expert ids ("3" or "0-7"); returns the roster flags."""
     procs, flags = [], []
     env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONUNBUFFERED="1")
     for group in groups:
         proc = subprocess.Popen([sys.executable, "-m", "edge_agent", "--expert", group,
                                  "--shards", shards, "--bind", "tcp://127.0.0.1:*"],
-                                stdout=subprocess.PIPE, text=True, cwd=REPO_ROOT, env=env)
+                                stdout=subprocess.PIPE, text=True, cwd=REPO_ROOT, env=env,
+                                preexec_fn=(lambda: os.sched_setaffinity(0, cpus)) if cpus
+                                else None)
         procs.append(proc)
     for group, proc in zip(groups, procs):
         line = proc.stdout.readline()  # "edge_agent ready: serving tcp://… …"
@@ -117,7 +132,10 @@ def main() -> None:
     parser.add_argument("--layers", type=int, default=4)
     parser.add_argument("--hidden", type=int, default=256)
     parser.add_argument("--intermediate", type=int, default=512)
+    parser.add_argument("--pin", action="store_true",
+                        help="agents on the last CPU, the base station on the others")
     args = parser.parse_args()
+    cpus = agent_cpus(args.pin)
     torch.set_num_threads(1)  # the agents get the other core's share
     scratch = tempfile.mkdtemp(prefix="bench-decode-")
     procs: list[subprocess.Popen] = []
@@ -136,12 +154,12 @@ def main() -> None:
         manifest = split(checkpoint, shards)
         experts = manifest.num_experts
         local_ms = local_per_token_ms(checkpoint, args.tokens, args.repeats)
-        procs, flags = start_agents(shards, [str(e) for e in range(experts)])
+        procs, flags = start_agents(shards, [str(e) for e in range(experts)], cpus)
         dist = distributed(shards, flags, args.tokens, args.repeats)
         stop(procs)
         # The same run with one agent process hosting every expert: what the protocol costs
         # when the machine is not also juggling one process per expert.
-        procs, flags = start_agents(shards, [f"0-{experts - 1}"])
+        procs, flags = start_agents(shards, [f"0-{experts - 1}"], cpus)
         single = distributed(shards, flags, args.tokens, args.repeats)
     finally:
         stop(procs)
@@ -150,7 +168,7 @@ def main() -> None:
     print(f"model: {model['num_layers']} layers, hidden {model['hidden_size']}, ffn "
           f"{model['ffn_size']}, {model['num_experts']} experts top-{model['top_k']}, "
           f"{model['dtype']}; {args.tokens} new tokens, median decode step, best of "
-          f"{args.repeats}")
+          f"{args.repeats}; {'agents pinned to CPU ' + str(min(cpus)) if cpus else 'not pinned'}")
     print(f"local transformers      {local_ms:8.2f} ms/token")
     print(f"distributed (8 agents)  {dist['decode_ms']:8.2f} ms/token   "
           f"{dist['decode_ms'] / local_ms:.2f}x local")
