@@ -100,6 +100,7 @@ class Dispatcher:
         self.stats = LayerStats()
         self._available: torch.Tensor | None = None  # cached; cleared when liveness changes
         self._available_stale = True
+        self._probes: dict[int, AgentLink] = {}  # request id of a probe in flight -> its agent
         self._element_bytes = element_bytes  # bytes per activation on the wire (the paper's ε)
 
     # -- what the selector needs ----------------------------------------------------------
@@ -185,9 +186,10 @@ class Dispatcher:
             experts.sort()
             rows = groups[experts[0]][0] if len(experts) == 1 else \
                 torch.cat([groups[e][0] for e in experts])
-            request = x[rows]  # [n, H], experts' tokens back to back
+            # [n, H], experts' tokens back to back; decode's one token needs no gather
+            request = x if x.shape[0] == 1 and len(rows) == 1 else x[rows]
             counts = [(e, len(groups[e][0])) for e in experts]
-            nbytes = request.numel() * self._element_bytes
+            nbytes = len(rows) * self.hidden_size * self._element_bytes
             try:
                 request_id = self.client.send_expert(agent.peer, layer, request, counts,
                                                      wire_dtype=self.wire_dtype)
@@ -198,7 +200,7 @@ class Dispatcher:
             sent_s = time.perf_counter()
             pending[request_id] = (agent, experts, sent_s, nbytes)
             deadline = max(deadline, sent_s + links.deadline_s(
-                agent.state, nbytes, nbytes, int(rows.numel()), len(experts)))
+                agent.state, nbytes, nbytes, len(rows), len(experts)))
         outputs = []
         for expert in local:  # outage fallback: compute here while the agents work
             token_idx, slot = groups[expert]
@@ -306,6 +308,7 @@ class Dispatcher:
             if agent.probe_id is not None:
                 if now - agent.probe_sent_s < PROBE_BACKOFF_MAX_S:
                     continue
+                self._probes.pop(agent.probe_id, None)
                 agent.probe_id = None  # lost: try again
             due = (not agent.alive and now >= agent.next_probe_s) or \
                   (agent.alive and now - agent.last_used_s > IDLE_PROBE_AFTER_S)
@@ -313,6 +316,7 @@ class Dispatcher:
                 continue
             try:
                 agent.probe_id = self.client.send(agent.peer, P.PING)
+                self._probes[agent.probe_id] = agent
                 agent.probe_sent_s = now
             except PeerUnreachable:
                 pass
@@ -323,19 +327,19 @@ class Dispatcher:
                 agent.last_used_s = now
 
     def _handle_probe(self, reply, arrived_s: float) -> bool:
-        for agent in self.agents:
-            if agent.probe_id is not None and reply.id == agent.probe_id:
-                agent.probe_id = None
-                if reply.kind == P.PONG:
-                    if not agent.alive:
-                        agent.alive = True
-                        agent.backoff_s = PROBE_BACKOFF_START_S
-                        self._available_stale = True
-                    agent.state = links.update(agent.state, links.LinkSample(
-                        round_trip_s=arrived_s - agent.probe_sent_s, compute_s=0.0,
-                        request_bytes=0, reply_bytes=0, tokens=0, experts=0, time_s=arrived_s))
-                return True
-        return False
+        agent = self._probes.pop(reply.id, None)  # a dict: this runs for every reply
+        if agent is None:
+            return False
+        agent.probe_id = None
+        if reply.kind == P.PONG:
+            if not agent.alive:
+                agent.alive = True
+                agent.backoff_s = PROBE_BACKOFF_START_S
+                self._available_stale = True
+            agent.state = links.update(agent.state, links.LinkSample(
+                round_trip_s=arrived_s - agent.probe_sent_s, compute_s=0.0,
+                request_bytes=0, reply_bytes=0, tokens=0, experts=0, time_s=arrived_s))
+        return True
 
     def calibrate(self, rounds: int = CALIBRATION_ROUNDS, timeout_s: float = 2.0) -> None:
         """Seed every link's estimate before the first token: a few pings, then one payload

@@ -16,7 +16,7 @@ light probes (tiny) and prefill requests (large) separate the two.
 
 from __future__ import annotations
 
-from dataclasses import dataclass, replace
+from dataclasses import dataclass
 
 
 @dataclass(frozen=True)
@@ -127,8 +127,7 @@ def update(
         compute = _ewma(compute, sample.compute_s / pairs, config.compute_alpha, first)
         compute_samples += 1
 
-    return replace(
-        state,
+    return LinkState(  # every field anew (dataclasses.replace re-reads the fields each call)
         srtt_s=srtt,
         rttvar_s=rttvar,
         throughput_bytes_per_s=throughput,

@@ -74,7 +74,13 @@ def combine(num_tokens: int, hidden: int, dtype: torch.dtype, selection: Selecti
     """
     device = selection.weights.device
     out = torch.zeros(num_tokens, hidden, dtype=dtype, device=device)  # [T, H]
-    for _, token_idx, slot, y in sorted(expert_outputs, key=lambda item: item[0]):
+    ordered = sorted(expert_outputs, key=lambda item: item[0])
+    if num_tokens == 1:  # decode: the same products and sums, weights read once as floats
+        weights = selection.weights[0].tolist()  # float32 values, exact as Python floats
+        for _, _, slot, y in ordered:
+            out += (y.to(device) * weights[int(slot)]).to(dtype)
+        return out
+    for _, token_idx, slot, y in ordered:
         weighted = y.to(device) * selection.weights[token_idx, slot, None]
         out.index_add_(0, token_idx, weighted.to(dtype))
     return out

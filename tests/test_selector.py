@@ -71,6 +71,22 @@ def test_token_grouping_python_path_matches_the_torch_path(theta, monkeypatch):
     assert sum(len(t) for t, _ in small.values()) == kept > 0
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_one_token_combine_is_the_general_sum_bit_for_bit(dtype):
+    from basestation.model import combine, tokens_per_expert
+
+    torch.manual_seed(11)
+    for _ in range(20):
+        probs = torch.softmax(torch.randn(1, 8), dim=-1)
+        sel = select_experts(probs, torch.rand(8) + 1e-3, theta=0.0, top_k=3)
+        outputs = [(e, t, s, torch.randn(len(t), 16, dtype=dtype))
+                   for e, (t, s) in tokens_per_expert(sel).items()]
+        expected = torch.zeros(1, 16, dtype=dtype)  # MixtralExperts' arithmetic, by hand
+        for _, token_idx, slot, y in sorted(outputs, key=lambda item: item[0]):
+            expected.index_add_(0, token_idx, (y * sel.weights[token_idx, slot, None]).to(dtype))
+        assert torch.equal(combine(1, 16, dtype, sel, outputs), expected)
+
+
 def test_k2_drops_the_slow_heavy_expert():
     # top-2 = experts 0 (w 0.5) and 1 (w 0.3). t0 = 2 s, t1 = 0.5 s.
     # WLR0 = 0.5/2 = 0.25, WLR1 = 0.3/0.5 = 0.6; kappa = 0.25/(0.25+0.6) = 0.2941.
