@@ -131,6 +131,10 @@ class Agent:
         self.advertised: str | None = None
         self.hello_pending = False
         self._zeros = b""
+        # Answering in the request's frame is safe when the bytes crossed a kernel (tcp, ipc);
+        # over inproc a zero-copy frame can be the sender's own tensor memory.
+        self._answer_in_place = not any((e or "").startswith("inproc://")
+                                        for e in (config.bind, config.basestation))
 
     # -- lifecycle ----------------------------------------------------------------------------
 
@@ -294,7 +298,7 @@ class Agent:
         # Answer in the request's own frame when the reply has its dtype and shape: no
         # allocation, and the frame goes back as an echo would (no copy, and no round trip
         # through pyzmq's garbage-collector thread, which a zero-copy send of a new buffer costs).
-        in_place = is_view and reply_dtype == wire_dtype
+        in_place = is_view and reply_dtype == wire_dtype and self._answer_in_place
         start = time.perf_counter()
         compute_x = x  # a decoded tensor is on the CPU
         if x.dtype is not loaded.dtype or loaded.device.type != "cpu":

@@ -122,3 +122,22 @@ def test_agent_answers_in_the_request_frame_when_the_dtype_is_kept(tiny_split, h
     tolerance = {"float32": 1e-5, "bfloat16": 2e-2, "int8": 5e-2}[reply or wire]
     assert_close_rel(y[:2], transformers_expert(hf_model, 1, 0, x[:2]), rel=tolerance)
     assert_close_rel(y[2:], transformers_expert(hf_model, 1, 3, x[2:]), rel=tolerance)
+
+
+def test_agent_never_answers_in_place_over_inproc(tiny_split):
+    # over inproc a zero-copy frame may be the sender's own tensor: it must stay untouched
+    from edge_agent.server import Agent, AgentConfig
+
+    agent = Agent(AgentConfig(experts=(0,), shards_dir=tiny_split, bind="inproc://agent",
+                              self_benchmark=False))
+    agent.load(tiny_split)
+    x = torch.randn(3, agent.loaded.hidden_size)
+    frames, fields = P.encode_tensor(x, "float32")
+    payload = zmq.Frame(bytes(memoryview(frames[0]).cast("B")))
+    sent = bytes(payload.buffer)
+    with torch.inference_mode():
+        out = agent.handle([zmq.Frame(P.pack(P.EXPERT, 1, layer=0, experts=[[0, 3]], **fields)),
+                            payload])
+    assert out[1] is not payload and bytes(payload.buffer) == sent
+    assert torch.allclose(P.decode_tensor(P.unpack(out[0]), out[1:]),
+                          expert_forward(x, agent.loaded.weights[0][0]))
