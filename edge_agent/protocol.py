@@ -203,10 +203,11 @@ def encode_tensor(x: torch.Tensor, dtype: str) -> tuple[list, dict]:
 
 def _frame_tensor(frame, dtype: torch.dtype, count: int) -> tuple[torch.Tensor, bool]:
     """(tensor, whether it is a view of the frame's memory rather than a copy)."""
-    buffer = frame.buffer if hasattr(frame, "buffer") else memoryview(frame)
+    # a received zmq.Frame, or any buffer (bytes, a numpy array: flattened to its bytes)
+    buffer = frame.buffer if hasattr(frame, "buffer") else memoryview(frame).cast("B")
     itemsize = dtype.itemsize
-    if len(buffer) != count * itemsize:
-        raise ProtocolError(ERR_SHAPE, f"payload is {len(buffer)} bytes, header implies "
+    if buffer.nbytes != count * itemsize:
+        raise ProtocolError(ERR_SHAPE, f"payload is {buffer.nbytes} bytes, header implies "
                                        f"{count * itemsize}")
     if count == 0:
         return torch.empty(0, dtype=dtype), False
