@@ -201,9 +201,10 @@ class Agent:
     # -- serving ------------------------------------------------------------------------------
 
     def run(self) -> None:
-        # Hot path (design.md: on a small box every Python and torch call on the way costs
-        # several microseconds cold): one zmq_poll over a fixed list, one message per ready
-        # socket per turn (round-robin between sockets), no per-request autograd state.
+        # Hot path: right after a wake-up every Python and torch call on the way runs several
+        # times slower than in a hot loop (README, Performance), so it does as few as it can:
+        # one zmq_poll over a fixed list, one message per ready socket per turn (round-robin
+        # between sockets), no per-request autograd state.
         served = [s for s in (self.router, self.dealer) if s is not None]
         items = [(s, zmq.POLLIN) for s in served] + [(m, zmq.POLLIN) for m in self.monitors]
         timeout_ms = int(POLL_INTERVAL_S * 1000)
