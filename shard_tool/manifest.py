@@ -110,19 +110,26 @@ class Manifest:
         return manifest
 
 
-def load_manifest(folder: str) -> Manifest:
-    """Read OUT/manifest.json. Raises ShardError when missing or malformed."""
-    path = os.path.join(folder, MANIFEST_NAME)
+def read_json_object(path: str, missing: str, kind: str) -> dict:
+    """A JSON file holding one object. Raises ShardError: `missing` when there is no file,
+    else unreadable, or "not a `kind`"."""
     try:
         with open(path, "rb") as f:
             data = json.load(f)
     except FileNotFoundError:
-        raise ShardError(f"{folder}: no {MANIFEST_NAME} (not a shard_tool split)") from None
+        raise ShardError(missing) from None
     except (OSError, ValueError) as e:
         raise ShardError(f"{path}: unreadable: {e}") from None
     if not isinstance(data, dict):
-        raise ShardError(f"{path}: not a manifest")
-    return Manifest.from_json(data)
+        raise ShardError(f"{path}: not a {kind}")
+    return data
+
+
+def load_manifest(folder: str) -> Manifest:
+    """Read OUT/manifest.json. Raises ShardError when missing or malformed."""
+    return Manifest.from_json(read_json_object(
+        os.path.join(folder, MANIFEST_NAME),
+        f"{folder}: no {MANIFEST_NAME} (not a shard_tool split)", "manifest"))
 
 
 def write_manifest(folder: str, manifest: Manifest) -> None:

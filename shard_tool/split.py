@@ -18,7 +18,8 @@ from shard_tool import __version__
 from shard_tool.errors import ShardError
 from shard_tool.families import EXPERT, Family, ModelShape, family_for_config
 from shard_tool.manifest import (BASESTATION_DIR, EXPERTS_DIR, FileEntry, Manifest,
-                                 expert_file_path, sha256_file, write_manifest)
+                                 expert_file_path, read_json_object, sha256_file,
+                                 write_manifest)
 from shard_tool.safetensors_io import FLOAT_CODES, StreamingWriter, TensorInfo, read_header
 
 INDEX_NAME = "model.safetensors.index.json"
@@ -34,19 +35,11 @@ CONFIG_DTYPE_NAME = {"BF16": "bfloat16", "F16": "float16", "F32": "float32"}
 
 
 def read_config(src: str) -> dict:
-    path = os.path.join(src, "config.json")
     if not os.path.isdir(src):
         raise ShardError(f"{src}: no such checkpoint folder")
-    try:
-        with open(path) as f:
-            config = json.load(f)
-    except FileNotFoundError:
-        raise ShardError(f"{src}: no config.json (not a HuggingFace checkpoint)") from None
-    except (OSError, ValueError) as e:
-        raise ShardError(f"{path}: unreadable: {e}") from None
-    if not isinstance(config, dict):
-        raise ShardError(f"{path}: not a config object")
-    return config
+    return read_json_object(os.path.join(src, "config.json"),
+                            f"{src}: no config.json (not a HuggingFace checkpoint)",
+                            "config object")
 
 
 def read_source_tensors(src: str) -> dict[str, TensorInfo]:
