@@ -25,6 +25,8 @@ import time
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 
+from pinning import split_cpus  # noqa: E402  (bench/, beside this script)
+
 ECHO_SERVER = """
 import sys, zmq
 ctx = zmq.Context(); s = ctx.socket(zmq.ROUTER); s.linger = 0
@@ -35,18 +37,6 @@ while True:
 """
 TOKENS = (1, 16, 256)
 TARGET_OVERHEAD = {1: 0.50, 256: 0.20}
-
-
-def server_cpus(pin: bool) -> set[int] | None:
-    """--pin: the servers (agent and bare echo alike) on the last CPU, this client on the others,
-    as if they were two machines; without it the scheduler mixes them on every core."""
-    cpus = sorted(os.sched_getaffinity(0))
-    if not pin:
-        return None
-    if len(cpus) < 2:
-        raise SystemExit("bench: --pin needs at least 2 CPUs")
-    os.sched_setaffinity(0, set(cpus[:-1]))
-    return {cpus[-1]}
 
 
 def start(cmd: list[str], pattern: str, cpus: set[int] | None = None,
@@ -126,7 +116,7 @@ def main() -> None:
     parser.add_argument("--pin", action="store_true",
                         help="servers on the last CPU, this client on the others")
     args = parser.parse_args()
-    cpus = server_cpus(args.pin)
+    cpus = split_cpus(args.pin)
 
     import torch
     import zmq

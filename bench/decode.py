@@ -20,20 +20,10 @@ import time
 
 import torch
 
+from pinning import split_cpus  # bench/, beside this script
+
 REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 PROMPT = "The queue module implements multi-producer, multi-consumer queues."
-
-
-def agent_cpus(pin: bool) -> set[int] | None:
-    """--pin: agents on the last CPU, the base station (and the local run) on the others, as if
-    the agents were boxes of their own; without it the scheduler mixes them on every core."""
-    cpus = sorted(os.sched_getaffinity(0))
-    if not pin:
-        return None
-    if len(cpus) < 2:
-        raise SystemExit("bench: --pin needs at least 2 CPUs")
-    os.sched_setaffinity(0, set(cpus[:-1]))
-    return {cpus[-1]}
 
 
 def start_agents(shards: str, groups: list[str], cpus: set[int] | None = None
@@ -135,7 +125,7 @@ def main() -> None:
     parser.add_argument("--pin", action="store_true",
                         help="agents on the last CPU, the base station on the others")
     args = parser.parse_args()
-    cpus = agent_cpus(args.pin)
+    cpus = split_cpus(args.pin)
     torch.set_num_threads(1)  # the agents get the other core's share
     scratch = tempfile.mkdtemp(prefix="bench-decode-")
     procs: list[subprocess.Popen] = []
