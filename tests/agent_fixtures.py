@@ -120,6 +120,16 @@ def start_module_agent():
     yield from _agents()
 
 
+@pytest.fixture(scope="module")
+def two_agents(start_module_agent, tiny_split):
+    """Experts 0-3 on one agent, 4-7 on another: the roster flags for them."""
+    low = start_module_agent("--expert", "0-3", "--shards", tiny_split,
+                             "--bind", "tcp://127.0.0.1:*")
+    high = start_module_agent("--expert", "4-7", "--shards", tiny_split,
+                              "--bind", "tcp://127.0.0.1:*")
+    return [f"0-3={low.endpoint}", f"4-7={high.endpoint}"]
+
+
 @pytest.fixture
 def client():
     from edge_agent.client import AgentClient

@@ -8,23 +8,13 @@ import time
 import pytest
 import torch
 
-from agent_fixtures import free_port, start_agent, start_module_agent  # noqa: F401
+from agent_fixtures import free_port, start_agent, start_module_agent, two_agents  # noqa: F401
 from basestation.generate import generate
 from basestation.session import RosterError, build_roster, open_session
 from testbed.make_model import ModelSpec
 
 pytestmark = pytest.mark.integration
 PROMPT = "Return the list of items in the queue."
-
-
-@pytest.fixture(scope="module")
-def two_agents(start_module_agent, tiny_split):
-    """Experts 0-3 on one agent, 4-7 on another: the roster flags for them."""
-    low = start_module_agent("--expert", "0-3", "--shards", tiny_split,
-                             "--bind", "tcp://127.0.0.1:*")
-    high = start_module_agent("--expert", "4-7", "--shards", tiny_split,
-                              "--bind", "tcp://127.0.0.1:*")
-    return [f"0-3={low.endpoint}", f"4-7={high.endpoint}"]
 
 
 def reference_tokens(checkpoint: str, prompt: str, max_new_tokens: int) -> list[int]:

@@ -9,21 +9,16 @@ import sys
 import pexpect
 import pytest
 
-from agent_fixtures import REPO_ROOT, start_module_agent  # noqa: F401
+from agent_fixtures import REPO_ROOT, start_module_agent, two_agents  # noqa: F401
 
 pytestmark = pytest.mark.integration
 TIMEOUT_S = 60
 
 
 @pytest.fixture(scope="module")
-def chat(start_module_agent, tiny_split):
-    low = start_module_agent("--expert", "0-3", "--shards", tiny_split,
-                             "--bind", "tcp://127.0.0.1:*")
-    high = start_module_agent("--expert", "4-7", "--shards", tiny_split,
-                              "--bind", "tcp://127.0.0.1:*")
+def chat(two_agents, tiny_split):
     child = pexpect.spawn(sys.executable, ["-m", "basestation", "chat", "--shards", tiny_split,
-                                           "--agent", f"0-3={low.endpoint}",
-                                           "--agent", f"4-7={high.endpoint}",
+                                           *[a for flag in two_agents for a in ("--agent", flag)],
                                            "--max-new-tokens", "12", "--ignore-eos"],
                           cwd=REPO_ROOT, encoding="utf-8", timeout=TIMEOUT_S,
                           env=dict(os.environ, PYTHONUNBUFFERED="1"))
