@@ -148,8 +148,7 @@ class Dispatcher:
         """x [T, H], w [T, E] router probabilities -> weighted expert sum [T, H]."""
         self._probe_dead_and_idle()
         groups = tokens_per_expert(selection)
-        if self.theta > 0:  # theta <= 0 never drops
-            self._count_selector_drops(selection)
+        self._count_selector_drops(selection)
         outputs, failed = self._scatter_gather(layer, x, groups)
         if failed:
             selection = self._drop_failed(selection, failed)
@@ -158,6 +157,8 @@ class Dispatcher:
         return combine(x.shape[0], x.shape[1], x.dtype, selection, outputs)
 
     def _count_selector_drops(self, selection: Selection) -> None:
+        if self.theta <= 0:  # the selector never drops then: skip the torch ops per layer
+            return
         dropped = selection.experts[selection.dropped]
         self.stats.experts_dropped += int(dropped.numel())
         for expert in dropped.tolist():
@@ -189,7 +190,7 @@ class Dispatcher:
             # [n, H], experts' tokens back to back; decode's one token needs no gather
             request = x if x.shape[0] == 1 and len(rows) == 1 else x[rows]
             counts = [(e, len(groups[e][0])) for e in experts]
-            nbytes = len(rows) * self.hidden_size * self._element_bytes
+            nbytes = self._request_bytes(len(rows))
             try:
                 request_id = self.client.send_expert(agent.peer, layer, request, counts,
                                                      wire_dtype=self.wire_dtype)
