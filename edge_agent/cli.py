@@ -9,6 +9,7 @@ import sys
 
 from edge_agent.faults import parse_faults
 from edge_agent.protocol import SocketConfig
+from shard_tool.expert_ids import parse_expert_ids
 
 DEFAULT_BIND = "tcp://0.0.0.0:5600"
 EXIT_USAGE = 2
@@ -19,18 +20,12 @@ class UsageError(Exception):
 
 
 def parse_experts(spec: str) -> tuple[int, ...]:
-    """'3' | '0,3' | '0-3' | '0-1,6' -> sorted unique ids. Raises UsageError."""
-    ids: set[int] = set()
+    """--expert value -> sorted unique ids (syntax owned by shard_tool.expert_ids). Raises
+    UsageError."""
     try:
-        for part in spec.split(","):
-            low, sep, high = part.strip().partition("-")
-            first, last = int(low), int(high) if sep else int(low)
-            if first < 0 or last < first:
-                raise ValueError
-            ids.update(range(first, last + 1))
-    except ValueError:
-        raise UsageError(f"--expert {spec!r}: expected ids like 3, 0,3 or 0-3") from None
-    return tuple(sorted(ids))
+        return parse_expert_ids(spec)
+    except ValueError as e:
+        raise UsageError(f"--expert {e}") from None
 
 
 def build_parser() -> argparse.ArgumentParser:

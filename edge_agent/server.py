@@ -31,6 +31,9 @@ MONITOR_EVENTS = (zmq.EVENT_HANDSHAKE_SUCCEEDED | zmq.EVENT_HANDSHAKE_FAILED_PRO
                   | zmq.EVENT_HANDSHAKE_FAILED_NO_DETAIL | zmq.EVENT_DISCONNECTED)
 
 
+ALIGN_BYTES = 64  # what torch's CPU allocator gives; what the BLAS kernels expect
+
+
 @dataclass(frozen=True)
 class AgentConfig:
     experts: tuple[int, ...]
@@ -96,7 +99,7 @@ def device_facts(device: torch.device) -> dict:
 
 def self_benchmark(loaded: LoadedExperts) -> dict:
     """Measured expert throughput of this box (tokens/s and FLOP/s of one expert FFN)."""
-    weights = loaded.weights[loaded.experts[0]][0]
+    weights = loaded.weights[loaded.experts[0]][loaded.moe_layers[0]]
     x = torch.randn(BENCH_TOKENS, loaded.hidden_size, device=loaded.device, dtype=loaded.dtype)
     sync = torch.cuda.synchronize if loaded.device.type == "cuda" else (lambda: None)
     expert_forward(x, weights)  # warm-up
@@ -273,9 +276,9 @@ class Agent:
         if loaded is None:
             raise P.ProtocolError(P.ERR_NOT_READY, "no shard loaded yet (waiting for a push)")
         layer, experts = header.get("layer"), header.get("experts")
-        if not isinstance(layer, int) or not 0 <= layer < loaded.num_layers:
-            raise P.ProtocolError(P.ERR_UNKNOWN_LAYER, f"layer {layer!r} is not in "
-                                                       f"0..{loaded.num_layers - 1}")
+        if not isinstance(layer, int) or layer not in loaded.moe_layers:
+            raise P.ProtocolError(P.ERR_UNKNOWN_LAYER, f"layer {layer!r} has no routed experts "
+                                                       f"(MoE layers: {list(loaded.moe_layers)})")
         if not isinstance(experts, list) or not experts:
             raise P.ProtocolError(P.ERR_MALFORMED, "experts must be [[expert_id, tokens], ...]")
         total_tokens = 0
@@ -304,6 +307,10 @@ class Agent:
         compute_x = x  # a decoded tensor is on the CPU
         if x.dtype is not loaded.dtype or loaded.device.type != "cpu":
             compute_x = x.to(device=loaded.device, dtype=loaded.dtype)
+        elif x.data_ptr() % ALIGN_BYTES:
+            # a frame is only 8-byte aligned, and CPU matmuls round differently on unaligned
+            # rows (measured): compute on an aligned copy so the bits are transformers' own
+            compute_x = x.clone()
         out = x if in_place and compute_x is x else None  # CPU, same dtype: write straight in
         if len(experts) == 1:
             y = expert_forward(compute_x, loaded.weights[experts[0][0]][layer], out=out)

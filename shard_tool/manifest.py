@@ -2,9 +2,11 @@
 
 Layout of a split folder (OUT):
     manifest.json
-    basestation/model.safetensors   every non-expert tensor (routers included)
+    basestation/model.safetensors   every tensor but the routed experts (routers, shared
+                                    experts and dense MLPs included), checkpoint names kept
     basestation/config.json, generation_config.json, tokenizer files
-    experts/expert-003.safetensors  expert 3's w1, w2, w3 of every layer
+    experts/expert-003.safetensors  routed expert 3 of every MoE layer (fused tensors sliced;
+                                    names in shard_tool/families.py)
 
 An edge box holds manifest.json and its own expert file(s) only; checks cover what is present
 and what is asked for.
@@ -51,7 +53,7 @@ class FileEntry:
 @dataclass(frozen=True)
 class Manifest:
     family: str
-    model: dict  # ModelShape.summary() plus "dtype"
+    model: dict  # ModelShape.summary() (families.py) plus "dtype"
     files: tuple[FileEntry, ...]
     tool_version: str = "0"
     format_version: int = FORMAT_VERSION
@@ -68,6 +70,11 @@ class Manifest:
     @property
     def num_layers(self) -> int:
         return int(self.model["num_layers"])
+
+    @property
+    def moe_layers(self) -> list[int]:
+        """Layers with routed experts (manifests from before moe_layers: Mixtral, every layer)."""
+        return [int(i) for i in self.model.get("moe_layers", range(self.num_layers))]
 
     @property
     def num_experts(self) -> int:

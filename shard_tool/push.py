@@ -100,12 +100,12 @@ def push(src: str, expert: int, to: str, chunk_bytes: int = DEFAULT_CHUNK_BYTES,
 
 
 def cmd_push(args) -> int:
-    from edge_agent.cli import UsageError, parse_experts
+    from shard_tool.expert_ids import parse_expert_ids
 
     try:
-        experts = parse_experts(args.expert)
-    except UsageError as e:
-        raise ShardError(str(e)) from None
+        experts = parse_expert_ids(args.expert)
+    except ValueError as e:
+        raise ShardError(f"--expert {e}") from None
     faults = PushFaults(stop_after_chunks=args.fault_stop_after_chunks,
                         corrupt_chunk=args.fault_corrupt_chunk)
     for expert in experts:

@@ -7,6 +7,7 @@ so OUT is either complete or absent.
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import shutil
@@ -16,7 +17,7 @@ from contextlib import nullcontext
 
 from shard_tool import __version__
 from shard_tool.errors import ShardError
-from shard_tool.families import EXPERT, Family, ModelShape, family_for_config
+from shard_tool.families import Family, ModelShape, family_for_config, supported_model_types
 from shard_tool.manifest import (BASESTATION_DIR, EXPERTS_DIR, FileEntry, Manifest,
                                  expert_file_path, read_json_object, sha256_file,
                                  write_manifest)
@@ -73,31 +74,62 @@ def read_source_tensors(src: str) -> dict[str, TensorInfo]:
     return read_header(single)[0]
 
 
+def expert_slice(info: TensorInfo, expert: int, name: str) -> TensorInfo:
+    """Expert `expert`'s part of a tensor fused on disk, named `name`. With the expert axis
+    first it is one contiguous byte range, so the writer streams just that range in chunks."""
+    nbytes = info.nbytes // info.shape[0]
+    return dataclasses.replace(info, name=name, shape=info.shape[1:],
+                               offset=info.offset + expert * nbytes, nbytes=nbytes)
+
+
+def _layers_text(layers: tuple[int, ...]) -> str:
+    """(1, 2, 3, 5) -> "1-3,5": keeps the error for a 60-layer model on one line."""
+    runs: list[list[int]] = []
+    for layer in layers:
+        if runs and layer == runs[-1][1] + 1:
+            runs[-1][1] = layer
+        else:
+            runs.append([layer, layer])
+    return ",".join(str(a) if a == b else f"{a}-{b}" for a, b in runs)
+
+
 def plan_split(family: Family, shape: ModelShape, tensors: dict[str, TensorInfo]
-               ) -> tuple[list[str], dict[int, list[str]]]:
-    """Check names and shapes against config.json; return base names and names per expert."""
+               ) -> tuple[list[str], dict[int, list[TensorInfo]]]:
+    """Check the routed-expert tensors against config.json. Returns the base-station names and,
+    per expert id, the sources of its shard (whole tensors or slices, under their shard names).
+    Raises ShardError."""
     expected = family.expected(shape)
-    for name, (want_shape, optional) in expected.items():
-        if name not in tensors and not optional:
+    for name in expected:
+        if name not in tensors:
             raise ShardError(f"tensor {name} is missing from the checkpoint")
     base, experts = [], {q: [] for q in range(shape.num_experts)}
     for name, info in tensors.items():
-        role = family.parse(name)
-        if role is None:  # not in the table: stays with the base station, untouched
-            base.append(name)
+        ref = family.parse(name)
+        if ref is None:
+            if family.looks_like_expert(name):  # never let a routed expert reach the base station
+                raise ShardError(f"tensor {name} looks like a routed expert, but the "
+                                 f"{family.name} table does not know it")
+            base.append(name)  # not a routed expert: stays with the base station, untouched
             continue
         if name not in expected:
-            raise ShardError(f"tensor {name} does not fit config.json "
-                             f"({shape.num_layers} layers, {shape.num_experts} experts)")
-        want_shape = expected[name][0]
+            raise ShardError(
+                f"tensor {name} does not fit config.json ({shape.num_experts} experts in MoE "
+                f"layers {_layers_text(shape.moe_layers)}, {shape.expert_quant or 'unquantised'})")
+        want_shape, want_dtype = expected[name]
         if info.shape != want_shape:
             raise ShardError(f"tensor {name} has shape {list(info.shape)}, "
                              f"config.json implies {list(want_shape)}")
-        if role.role == EXPERT:
-            experts[role.expert].append(name)
+        if want_dtype is not None and info.dtype != want_dtype:
+            raise ShardError(f"tensor {name} is {info.dtype}, {shape.expert_quant} needs "
+                             f"{want_dtype}")
+        row = ref.tensor
+        if row.fused:
+            for q in range(shape.num_experts):
+                experts[q].append(expert_slice(info, q, row.shard_name(ref.layer, q)))
         else:
-            base.append(name)
-    return sorted(base), {q: sorted(names) for q, names in experts.items()}
+            experts[ref.expert].append(
+                dataclasses.replace(info, name=row.shard_name(ref.layer, ref.expert)))
+    return sorted(base), {q: sorted(infos, key=lambda i: i.name) for q, infos in experts.items()}
 
 
 def _progress_bar(total_bytes: int, enabled: bool):
@@ -109,16 +141,18 @@ def _progress_bar(total_bytes: int, enabled: bool):
                 desc="split", file=sys.stderr, dynamic_ncols=True)
 
 
-def _write_shard(staging: str, rel_path: str, names: list[str], tensors: dict[str, TensorInfo],
-                 out_code: str | None, role: str, expert: int | None, advance) -> FileEntry:
-    def target_dtype(info: TensorInfo) -> str:
-        return out_code if out_code and info.dtype in FLOAT_CODES else info.dtype
+def _target_dtype(info: TensorInfo, out_code: str | None) -> str:
+    # only floats convert: MXFP4 blocks and scales (uint8) are codes, not numbers
+    return out_code if out_code and info.dtype in FLOAT_CODES else info.dtype
 
-    layout = [(n, target_dtype(tensors[n]), tensors[n].shape) for n in names]
+
+def _write_shard(staging: str, rel_path: str, sources: list[TensorInfo], out_code: str | None,
+                 role: str, expert: int | None, advance) -> FileEntry:
+    layout = [(i.name, _target_dtype(i, out_code), i.shape) for i in sources]
     writer = StreamingWriter(os.path.join(staging, rel_path), layout)
     try:
-        for name in names:
-            writer.copy_from(tensors[name], advance)
+        for info in sources:
+            writer.copy_from(info, advance)
         digest = writer.close()
     except BaseException:
         writer.abort()
@@ -128,7 +162,22 @@ def _write_shard(staging: str, rel_path: str, names: list[str], tensors: dict[st
                      tensors={n: {"dtype": d, "shape": list(s)} for n, d, s in layout})
 
 
-def _copy_aux(src: str, staging: str, config: dict, out_code: str | None) -> list[FileEntry]:
+def _basestation_config(config: dict, out_code: str | None, drop_quantization: bool
+                        ) -> dict | None:
+    """config.json as the base station needs it, or None when the source's is right as is."""
+    if not out_code and not drop_quantization:
+        return None
+    config = dict(config)
+    if out_code:  # the config's dtype says what the weights are; keep it true after a conversion
+        config["dtype"] = CONFIG_DTYPE_NAME[out_code]
+        config.pop("torch_dtype", None)
+    if drop_quantization:  # only the experts were quantised: the base station builds a plain model
+        config.pop("quantization_config", None)
+    return config
+
+
+def _copy_aux(src: str, staging: str, config: dict | None) -> list[FileEntry]:
+    """Copy the base station's side files; `config` (if given) replaces config.json."""
     entries = []
     for file_name in AUX_FILES:
         src_path = os.path.join(src, file_name)
@@ -136,10 +185,7 @@ def _copy_aux(src: str, staging: str, config: dict, out_code: str | None) -> lis
             continue
         rel_path = f"{BASESTATION_DIR}/{file_name}"
         dst_path = os.path.join(staging, rel_path)
-        if file_name == "config.json" and out_code:
-            # the config's dtype says what the weights are; keep it true after a conversion
-            config = dict(config, dtype=CONFIG_DTYPE_NAME[out_code])
-            config.pop("torch_dtype", None)
+        if file_name == "config.json" and config is not None:
             with open(dst_path, "w") as f:
                 json.dump(config, f, indent=2)
         else:
@@ -161,14 +207,27 @@ def split(src: str, out: str, dtype: str = "keep", force: bool = False,
     config = read_config(src)
     family = family_for_config(config)
     if family is None:
-        raise ShardError(f"{src}: model_type {config.get('model_type')!r} is not a supported "
-                         "Mixtral-family MoE")
+        raise ShardError(f"{src}: model_type {config.get('model_type')!r} is not a supported MoE "
+                         f"(supported: {', '.join(supported_model_types())})")
     try:
         shape = family.shape_from_config(config)
-    except (KeyError, TypeError, ValueError) as e:
-        raise ShardError(f"{src}/config.json: not a {family.name} MoE config ({e})") from None
+    except (KeyError, TypeError, ValueError, AttributeError) as e:
+        raise ShardError(f"{src}/config.json: not a {family.name} MoE config "
+                         f"({type(e).__name__}: {e})") from None
+    if shape.expert_quant not in family.quant_methods():
+        known = sorted(q for q in family.quant_methods() if q) or ["none"]
+        raise ShardError(f"{src}: quant_method {shape.expert_quant!r} is not supported for "
+                         f"{family.name} (supported: {', '.join(known)})")
+    if shape.num_experts < 1 or not shape.moe_layers:
+        raise ShardError(f"{src}/config.json: no routed experts ({shape.num_experts} experts, "
+                         f"{len(shape.moe_layers)} MoE layers)")
     tensors = read_source_tensors(src)
-    base_names, expert_names = plan_split(family, shape, tensors)
+    base_names, expert_sources = plan_split(family, shape, tensors)
+    # blocks/scales left in the base shard mean the rest of the model is quantised too
+    base_quantised = any(n.endswith(("_blocks", "_scales")) for n in base_names)
+    base_config = _basestation_config(config, out_code,
+                                      drop_quantization=bool(shape.expert_quant) and
+                                      not base_quantised)
 
     parent = os.path.dirname(out)
     os.makedirs(parent, exist_ok=True)
@@ -180,15 +239,18 @@ def split(src: str, out: str, dtype: str = "keep", force: bool = False,
         total_bytes = sum(info.nbytes for info in tensors.values())
         with _progress_bar(total_bytes, progress) as bar:
             advance = bar.update if bar is not None else (lambda n: None)
-            files = [_write_shard(staging, BASESTATION_WEIGHTS, base_names, tensors, out_code,
-                                  "basestation", None, advance)]
-            for expert, names in expert_names.items():
-                files.append(_write_shard(staging, expert_file_path(expert), names, tensors,
-                                          out_code, "expert", expert, advance))
-        files += _copy_aux(src, staging, config, out_code)
-        sample = tensors[expert_names[0][0]]
+            files = [_write_shard(staging, BASESTATION_WEIGHTS,
+                                  [tensors[n] for n in base_names], out_code, "basestation",
+                                  None, advance)]
+            for expert, sources in expert_sources.items():
+                files.append(_write_shard(staging, expert_file_path(expert), sources, out_code,
+                                          "expert", expert, advance))
+        files += _copy_aux(src, staging, base_config)
+        # the model's float dtype (MXFP4 codes are uint8; their biases say what it computes in)
+        sample = next((i for i in expert_sources[0] if i.dtype in FLOAT_CODES),
+                      expert_sources[0][0])
         model = dict(shape.summary(), dtype=CONFIG_DTYPE_NAME.get(
-            out_code or sample.dtype, sample.dtype))
+            _target_dtype(sample, out_code), sample.dtype))
         manifest = Manifest(family=family.name, model=model, files=tuple(files),
                             tool_version=__version__)
         write_manifest(staging, manifest)

@@ -32,11 +32,26 @@ def verify(folder: str, progress: bool = False) -> Manifest:
     return manifest
 
 
+def _element_bytes(manifest: Manifest) -> int:
+    return DTYPE_BYTES.get({"bfloat16": "BF16", "float16": "F16"}.get(
+        manifest.model["dtype"], "F32"), 4)
+
+
+def weight_memory_bytes(manifest: Manifest, entry) -> int:
+    """Bytes the shard's weights take on its device: its size, or for MXFP4 experts (the agent
+    dequantises at load) three [H, F] matrices and two biases per MoE layer in the model dtype."""
+    model = manifest.model
+    if entry.role != "expert" or not model.get("expert_quant"):
+        return entry.bytes
+    hidden, ffn = model["hidden_size"], model["ffn_size"]
+    per_layer = 3 * hidden * ffn + 2 * ffn + hidden
+    return len(manifest.moe_layers) * per_layer * _element_bytes(manifest)
+
+
 def working_memory_bytes(manifest: Manifest, role: str) -> int:
     """Activation/KV memory beside the weights for one device of `role` (see constants)."""
     model = manifest.model
-    element_bytes = DTYPE_BYTES.get({"bfloat16": "BF16", "float16": "F16"}.get(
-        model["dtype"], "F32"), 4)
+    element_bytes = _element_bytes(manifest)
     if role == "expert":  # x, w1 x, w3 x, output for a prefill batch, one layer at a time
         per_token = 2 * model["hidden_size"] + 2 * model["ffn_size"]
         return PREFILL_TOKENS * per_token * element_bytes
@@ -55,9 +70,11 @@ def format_bytes(n: float) -> str:
 def inspect_table(manifest: Manifest) -> str:
     model = manifest.model
     lines = [
-        f"{manifest.family}: {model['num_layers']} layers, {model['num_experts']} experts "
-        f"(top-{model['top_k']}), hidden {model['hidden_size']}, ffn {model['ffn_size']}, "
-        f"{model['dtype']}; fingerprint {manifest.fingerprint[:16]}",
+        f"{manifest.family}: {model['num_layers']} layers ({len(manifest.moe_layers)} MoE), "
+        f"{model['num_experts']} experts (top-{model['top_k']}), hidden {model['hidden_size']}, "
+        f"ffn {model['ffn_size']}, {model['dtype']}"
+        f"{' (experts ' + model['expert_quant'] + ')' if model.get('expert_quant') else ''}; "
+        f"fingerprint {manifest.fingerprint[:16]}",
         f"device memory = weights + working set ({PREFILL_TOKENS}-token prefill for an expert, "
         f"{CONTEXT_TOKENS}-token KV cache for the base station)",
         "",
@@ -65,7 +82,8 @@ def inspect_table(manifest: Manifest) -> str:
     ]
     shards = [e for e in manifest.files if e.tensors]
     for entry in sorted(shards, key=lambda e: (e.role != "basestation", e.path)):
-        device_bytes = entry.bytes + working_memory_bytes(manifest, entry.role)
+        device_bytes = (weight_memory_bytes(manifest, entry)
+                        + working_memory_bytes(manifest, entry.role))
         aux_bytes = 0
         if entry.role == "basestation":
             aux_bytes = sum(e.bytes for e in manifest.files

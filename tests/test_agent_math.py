@@ -46,7 +46,8 @@ def test_loaded_expert_matches_transformers(tiny_split, hf_model):
     assert loaded.experts == [0, 5] and loaded.dtype == torch.float32
     torch.manual_seed(1)
     x = torch.randn(7, loaded.hidden_size)
-    for layer in range(loaded.num_layers):
+    assert loaded.moe_layers == tuple(range(loaded.num_layers))  # Mixtral: every layer
+    for layer in loaded.moe_layers:
         for expert in (0, 5):
             ours = expert_forward(x, loaded.weights[expert][layer])
             assert_close_rel(ours, transformers_expert(hf_model, layer, expert, x))

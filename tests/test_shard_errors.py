@@ -63,7 +63,7 @@ def break_no_weights(ckpt: str) -> None:
 
 CASES = {
     "missing tensor": (break_missing_tensor, "experts.5.w2.weight is missing"),
-    "not mixtral": (break_not_mixtral, "not a supported Mixtral-family MoE"),
+    "not mixtral": (break_not_mixtral, "'llama' is not a supported MoE (supported: "),
     "shape contradicts config": (break_shape, "config.json implies"),
     "truncated file": (break_truncate, "truncated"),
     "corrupt header": (break_header, "corrupt safetensors header"),

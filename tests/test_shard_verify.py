@@ -7,7 +7,7 @@ import shutil
 
 import pytest
 
-from shard_tool.families import EXPERT, MIXTRAL, ROUTER, family_for_config
+from shard_tool.families import DOWN, MIXTRAL, family_for_config
 from shard_tool.manifest import load_manifest
 
 
@@ -78,16 +78,21 @@ def test_family_table_round_trips():
     family = family_for_config(config)
     assert family is MIXTRAL
     shape = family.shape_from_config(config)
+    assert shape.moe_layers == (0, 1, 2) and (shape.expert_kind, shape.activation) == (
+        "swiglu", "silu")
     expected = family.expected(shape)
-    # 1 embed + 1 norm + 1 lm_head + per layer: 4 attention, 2 norms, 1 router, 8 x 3 experts
-    assert len(expected) == 3 + 3 * (4 + 2 + 1 + 24)
+    # the table lists routed experts only: per layer 8 experts x 3 projections
+    assert len(expected) == 3 * 24
     for name in expected:
-        role = family.parse(name)
-        assert role is not None and family.format(role) == name
-    role = family.parse("model.layers.2.block_sparse_moe.experts.7.w3.weight")
-    assert (role.role, role.layer, role.expert, role.proj) == (EXPERT, 2, 7, "w3")
-    assert family.parse("model.layers.1.block_sparse_moe.gate.weight").role == ROUTER
+        ref = family.parse(name)
+        assert ref is not None and ref.tensor.disk_name(ref.layer, ref.expert) == name
+    ref = family.parse("model.layers.2.block_sparse_moe.experts.7.w2.weight")
+    assert (ref.layer, ref.expert, ref.tensor.part) == (2, 7, DOWN)
+    # the router is not a routed expert: it stays with the base station
+    assert family.parse("model.layers.1.block_sparse_moe.gate.weight") is None
+    assert not family.looks_like_expert("model.layers.1.block_sparse_moe.gate.weight")
+    # an experts layout the table does not know is flagged, never passed to the base station
     assert family.parse("model.layers.1.mlp.experts.gate_up_proj") is None
+    assert family.looks_like_expert("model.layers.1.mlp.experts.gate_up_proj")
     assert expected["model.layers.0.block_sparse_moe.experts.0.w2.weight"][0] == (64, 128)
-    assert expected["model.layers.0.self_attn.k_proj.weight"][0] == (32, 64)
     assert family_for_config({"model_type": "llama"}) is None
