@@ -25,10 +25,10 @@ def agents_table(agents: list[dict]) -> str:
 
 def run_chat(session, args, read=input, write=print) -> int:
     tokenizer = session.base.tokenizer
-    dispatcher = session.dispatcher
+    theta = session.theta  # this conversation's θ; /theta changes it
     messages: list[dict] = []
     totals = {"tokens": 0, "seconds": 0.0, "calls": 0, "dropped": 0}
-    write(f"connected to {len(dispatcher.agents)} agents, theta {dispatcher.theta:g}. {HELP}")
+    write(f"connected to {len(session.agents)} agents, theta {theta:g}. {HELP}")
     while True:
         try:
             line = read("you> ").strip()
@@ -46,26 +46,26 @@ def run_chat(session, args, read=input, write=print) -> int:
                 return 0
             if command == "/theta":
                 try:
-                    theta = float(value)
-                    if not 0.0 <= theta <= 1.0:
+                    new_theta = float(value)
+                    if not 0.0 <= new_theta <= 1.0:
                         raise ValueError
                 except ValueError:
                     write("usage: /theta X with 0 <= X <= 1")
                     continue
-                dispatcher.theta = theta
+                theta = new_theta
                 write(f"theta = {theta:g}")
             elif command == "/reset":
                 messages.clear()
                 write("conversation cleared")
             elif command in ("/stats", "/devices"):
-                dispatcher.poll_probes(0.05)
-                write(agents_table([a.figures() for a in dispatcher.agents]))
+                session.poll_probes(0.05)
+                write(agents_table([a.figures() for a in session.agents]))
                 if command == "/stats":
                     considered = totals["calls"] + totals["dropped"]
                     rate = totals["tokens"] / totals["seconds"] if totals["seconds"] else 0.0
                     drop = 100 * totals["dropped"] / considered if considered else 0.0
                     write(f"session: {totals['tokens']} tokens, {rate:.1f} tokens/s, "
-                          f"drop rate {drop:.1f} %, theta {dispatcher.theta:g}")
+                          f"drop rate {drop:.1f} %, theta {theta:g}")
             else:
                 write(HELP)
             continue
@@ -76,7 +76,7 @@ def run_chat(session, args, read=input, write=print) -> int:
         sys.stdout.flush()
         result: GenerationResult = generate(
             session, input_ids, args.max_new_tokens, args.temperature, args.ignore_eos,
-            on_text=lambda piece: (sys.stdout.write(piece), sys.stdout.flush()))
+            on_text=lambda piece: (sys.stdout.write(piece), sys.stdout.flush()), theta=theta)
         write("")
         write(result.summary())
         messages.append({"role": "assistant", "content": result.text})

@@ -81,11 +81,14 @@ class TimingStreamer:
 
 def generate(session, input_ids: torch.Tensor, max_new_tokens: int = 32,
              temperature: float = 0.0, ignore_eos: bool = False,
-             on_text: Callable[[str], None] | None = None) -> GenerationResult:
-    """Run generation; Ctrl-C ends it early (the result says so)."""
+             on_text: Callable[[str], None] | None = None,
+             theta: float | None = None) -> GenerationResult:
+    """Run generation at this request's θ (default: the session's); Ctrl-C ends it early
+    (the result says so)."""
     base = session.base
-    dispatcher = session.dispatcher
-    before = dataclasses.replace(dispatcher.stats)
+    runtime = session.runtime
+    runtime.theta = session.theta if theta is None else theta
+    before = dataclasses.replace(runtime.stats)
     streamer = TimingStreamer(base.tokenizer, on_text)
     config = copy.deepcopy(base.model.generation_config)
     config.max_new_tokens = max_new_tokens
@@ -103,7 +106,7 @@ def generate(session, input_ids: torch.Tensor, max_new_tokens: int = 32,
                                 streamer=streamer, attention_mask=torch.ones_like(input_ids))
     except KeyboardInterrupt:
         interrupted = True
-    stats = dispatcher.stats
+    stats = runtime.stats
     token_ids = streamer.token_ids
     return GenerationResult(
         text=base.tokenizer.decode(token_ids, skip_special_tokens=True),
@@ -113,5 +116,5 @@ def generate(session, input_ids: torch.Tensor, max_new_tokens: int = 32,
         experts_dropped=stats.experts_dropped - before.experts_dropped,
         fault_drops=stats.fault_drops - before.fault_drops,
         retries=stats.retries - before.retries,
-        agents=[a.figures() for a in dispatcher.agents],
+        agents=[a.figures() for a in session.agents],
         interrupted=interrupted)

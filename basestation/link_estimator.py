@@ -12,6 +12,12 @@ base RTT; compute speed as seconds per token per expert. Together they give the 
 With a single message size the split between base RTT and throughput cannot be identified, but
 the estimate for that size still converges to the measured time (the RTT absorbs the rest);
 light probes (tiny) and prefill requests (large) separate the two.
+
+Estimates must never go stale on one bad sample: WLR avoids a slow agent, so a single outlier that
+made it look slow would otherwise stay for good (seen: 46 of 59 slots dropped for one of eight
+identical loopback agents). So a sample may move an estimate up at most `max_step_ratio` times
+(bounded influence of one outlier), and a sample that says "faster" is believed with a larger gain
+(a link cannot look faster than it is, but timer noise and one-off stalls make it look slower).
 """
 
 from __future__ import annotations
@@ -38,6 +44,12 @@ class LinkEstimatorConfig:
     # so it errs long (throughput and compute vary more than the base RTT does).
     deadline_slack_ratio: float = 0.5
     deadline_floor_s: float = 0.25
+    # One sample counts as at most this many times the current estimate (RTT, compute time,
+    # 1/throughput): a real slowdown is learned over a few samples, one outlier moves little.
+    max_step_ratio: float = 4.0
+    # Gain for samples that say faster than the estimate: a recovered link gets its share back
+    # within a few samples (probes keep coming while WLR avoids it).
+    recovery_alpha: float = 1 / 2
 
 
 DEFAULT_CONFIG = LinkEstimatorConfig()
@@ -106,7 +118,10 @@ def update(
             rate_sample = payload_bytes / network_s
         if rate_sample is not None:
             first = throughput_samples == 0
-            throughput = _ewma(throughput, rate_sample, config.throughput_alpha, first)
+            if not first:
+                rate_sample = max(rate_sample, throughput / config.max_step_ratio)
+            gain = config.recovery_alpha if rate_sample > throughput else config.throughput_alpha
+            throughput = _ewma(throughput, rate_sample, gain, first)
             throughput_samples += 1
 
     # Base RTT: what is left of the network time after the transfer (RFC 6298 Section 2).
@@ -114,7 +129,10 @@ def update(
     if state.samples == 0:
         srtt, rttvar = rtt_sample, rtt_sample / 2
     else:
-        beta, alpha = config.rttvar_beta, config.rtt_alpha
+        rtt_sample = min(rtt_sample, config.max_step_ratio * (state.srtt_s + state.rttvar_s)
+                         + config.min_transfer_s)
+        beta = config.rttvar_beta
+        alpha = config.recovery_alpha if rtt_sample < state.srtt_s else config.rtt_alpha
         rttvar = (1 - beta) * state.rttvar_s + beta * abs(state.srtt_s - rtt_sample)
         srtt = (1 - alpha) * state.srtt_s + alpha * rtt_sample
 
@@ -124,7 +142,11 @@ def update(
     pairs = sample.tokens * sample.experts
     if pairs > 0:
         first = compute_samples == 0
-        compute = _ewma(compute, sample.compute_s / pairs, config.compute_alpha, first)
+        per_pair_s = sample.compute_s / pairs
+        if not first:
+            per_pair_s = min(per_pair_s, config.max_step_ratio * compute)
+        gain = config.recovery_alpha if per_pair_s < compute else config.compute_alpha
+        compute = _ewma(compute, per_pair_s, gain, first)
         compute_samples += 1
 
     return LinkState(  # every field anew (dataclasses.replace re-reads the fields each call)

@@ -1,12 +1,23 @@
-"""The WLR expert-selection policy (WDMoE paper §III, Algorithm 1) as a pure, vectorised function.
+"""The WLR expert-selection policy (WDMoE paper §III, Algorithm 1), per box, as a pure function.
 
-For each token the router's top-k experts are taken exactly as Mixtral does; then, among the
-experts still kept, the one with the smallest weight-to-latency ratio (WLR = w / t, Eq. 9) is
-dropped while kappa = min(WLR) / (min(WLR) + max(WLR)) (Eq. 10) is <= theta and more than one
-expert remains. The kept weights are renormalised to sum to one. theta = 0 never drops, so it
-reproduces stock Mixtral routing bit for bit.
+The family's own router (transformers' code) has already chosen every token's top-k slots
+(expert ids and weights). This module decides which of those slots to call.
 
-Shape legend: T = tokens, E = experts (all of them), K = top_k slots.
+Latency is per **box** (agent): with several experts on one agent, that agent answers one
+request per layer carrying all of them, so what a slot costs is its box's time for the whole
+layer request, and dropping one of two experts on a slow box saves nothing. The rule therefore
+acts on the boxes a token uses: a box's weight is the sum of the token's top-k weights it hosts,
+
+    WLR_b = W_b / t_b                                           (Eq. 9, per box)
+    kappa = min_b WLR_b / (min_b WLR_b + max_b WLR_b)           (Eq. 10)
+
+and while kappa <= theta and more than one box remains, every slot of the box with the smallest
+WLR is dropped, which takes that box off this token's critical path. With one expert per box
+this is exactly the paper's Algorithm 1. The kept weights are rescaled to keep the top-k's
+total weight (for Mixtral, whose top-k weights sum to 1, that is the paper's renormalisation).
+theta <= 0 never drops and returns the router's weights untouched, bit for bit.
+
+Shape legend: T = tokens, K = top-k slots, E = experts, B = boxes.
 Imports only torch: no clocks, no sockets; latencies are passed in.
 """
 
@@ -18,106 +29,103 @@ import torch
 
 
 class Selection(NamedTuple):
-    """What the selector chose for every token.
+    """Which of the router's top-k slots to call, and with which weights.
 
-    experts: [T, K] int64, the top-k expert ids by router weight, in descending weight order.
-        A slot with no available expert to fill it (fewer than K available) holds -1.
-    weights: [T, K] float, the kept experts' renormalised weights; 0 where a slot is not kept.
+    experts: [T, K] int64, the router's expert ids (unchanged).
+    weights: [T, K] float, the weights to combine with: the router's where nothing was dropped
+        for that token, else the kept ones rescaled to the top-k total; 0 where not kept.
     keep:    [T, K] bool, the slots whose expert must be called.
-    dropped: [T, K] bool, the slots removed by the WLR rule (a subset of ~keep).
-    drops:   [T] int64, how many experts the WLR rule removed for each token.
+    dropped: [T, K] bool, slots removed by the WLR rule or for lack of a live expert.
     """
 
     experts: torch.Tensor
     weights: torch.Tensor
     keep: torch.Tensor
     dropped: torch.Tensor
-    drops: torch.Tensor
 
 
 def wlr(w: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
-    """Weight-to-latency ratio, Eq. 9: WLR = w ⊘ t element-wise. w [..., E]; t [E] or [..., E]."""
+    """Weight-to-latency ratio, Eq. 9: WLR = w ⊘ t element-wise."""
     return w / t.to(w.dtype)
 
 
-def renormalise(weights: torch.Tensor, keep: torch.Tensor) -> torch.Tensor:
-    """Zero the slots not kept and scale the rest to sum to 1 per token; a token with none stays 0.
+def rescale(weights: torch.Tensor, keep: torch.Tensor) -> torch.Tensor:
+    """Zero the slots not kept; scale the kept ones so each token keeps its top-k total weight.
 
-    Same op order as Mixtral's `top_value /= top_value.sum(-1)`, so with every slot kept the
-    result is bit-identical to stock routing.
+    weights, keep: [T, K]. Tokens with every slot kept are returned untouched (bit for bit);
+    a token with none kept gets zeros (its MoE output is then zero: the residual alone).
     """
     kept = torch.where(keep, weights, torch.zeros_like(weights))
-    total = kept.sum(dim=-1, keepdim=True)
-    return kept / torch.where(total > 0, total, torch.ones_like(total))
+    full = weights.sum(dim=-1, keepdim=True)  # [T, 1]
+    part = kept.sum(dim=-1, keepdim=True)
+    scaled = kept * (full / torch.where(part != 0, part, torch.ones_like(part)))
+    untouched = keep.all(dim=-1, keepdim=True)
+    return torch.where(untouched, weights, scaled)
 
 
-def select_experts(
-    w: torch.Tensor,
-    t: torch.Tensor,
+def _box_weights(weights: torch.Tensor, slot_box: torch.Tensor, keep: torch.Tensor
+                 ) -> torch.Tensor:
+    """[T, K]: for each slot, the token's kept weight on that slot's box (W_b of Eq. 9)."""
+    same_box = slot_box[:, :, None] == slot_box[:, None, :]  # [T, K, K]
+    kept_w = torch.where(keep, weights, torch.zeros_like(weights))  # [T, K]
+    return (same_box * kept_w[:, None, :]).sum(dim=-1)
+
+
+def select(
+    experts: torch.Tensor,
+    weights: torch.Tensor,
+    box_of_expert: torch.Tensor,
+    box_latency_s: torch.Tensor,
     theta: float,
-    top_k: int,
     available: torch.Tensor | None = None,
 ) -> Selection:
-    """Algorithm 1 for every token at once.
+    """Algorithm 1 over boxes, for every token at once.
 
-    w: [T, E] router probabilities (softmax of the gate logits over all experts, as Mixtral's
-        router computes them, normally float32).
-    t: [E] or [T, E] expected seconds for the device hosting each expert to return; must be > 0
-        (inf is allowed: WLR 0, so that expert is the first to go when theta > 0).
+    experts: [T, K] the router's top-k expert ids; weights: [T, K] their router weights (any
+        scale: softmax, sigmoid, unnormalised; WLR ratios do not depend on it).
+    box_of_expert: [E] int64, the box hosting each expert.
+    box_latency_s: [B] expected seconds for each box to return this layer's request; must be
+        > 0 (inf allowed: WLR 0, the first to go).
     theta: drop threshold on kappa (Eq. 10); theta <= 0 never drops.
-    top_k: K, experts per token before any drop.
-    available: optional [E] bool; False experts are never chosen (as if absent from the
-        router) and top-k is taken among the available ones.
+    available: optional [E] bool; slots of unavailable experts are dropped first (no box can
+        serve them) and do not count as boxes.
     """
-    num_tokens, num_experts = w.shape  # w: [T, E]
-    if not 1 <= top_k <= num_experts:
-        raise ValueError(f"top_k={top_k} must be in 1..{num_experts}")
-    if t.shape not in ((num_experts,), (num_tokens, num_experts)):
-        raise ValueError(
-            f"latency shape {tuple(t.shape)} is neither [E] nor [T, E] for w {tuple(w.shape)}"
-        )
-
-    if theta <= 0 and available is None:
-        # Stock routing, in as few torch calls as possible (this runs per layer per token): the
-        # same topk and the same division as the general path below, so the same bits.
-        top_w, experts = torch.topk(w, top_k, dim=-1)  # [T, K]
-        keep = torch.ones_like(experts, dtype=torch.bool)
-        dropped = torch.zeros_like(keep)
-        return Selection(experts, top_w / top_w.sum(dim=-1, keepdim=True), keep, dropped,
-                         torch.zeros(num_tokens, dtype=torch.int64, device=w.device))
-
-    # Top-k by weight exactly as MixtralTopKRouter: torch.topk of the softmax, then /= sum.
-    scores = w
+    if experts.shape != weights.shape or experts.dim() != 2:
+        raise ValueError(f"experts {tuple(experts.shape)} and weights {tuple(weights.shape)} "
+                         "must both be [T, K]")
+    num_experts = box_of_expert.shape[0]
+    if experts.numel() and not (0 <= int(experts.min()) and int(experts.max()) < num_experts):
+        raise ValueError(f"expert ids outside 0..{num_experts - 1}")
+    keep = torch.ones_like(experts, dtype=torch.bool)
     if available is not None:
-        scores = w.masked_fill(~available.to(w.device, torch.bool), float("-inf"))
-    top_w, experts = torch.topk(scores, top_k, dim=-1)  # [T, K]
-    filled = torch.isfinite(top_w)  # False only for slots with no available expert left
-    experts = torch.where(filled, experts, torch.full_like(experts, -1))
+        keep = available.to(experts.device)[experts]
+    if theta <= 0:
+        if available is None:  # stock routing: nothing to decide, the router's bits untouched
+            return Selection(experts, weights, keep, ~keep)
+        return Selection(experts, rescale(weights, keep), keep, ~keep)
 
-    # WLR of the chosen experts, Eq. 9, gathered per slot: [T, K].
-    t_full = t.to(w.device, w.dtype).expand(num_tokens, num_experts)
-    top_t = torch.gather(t_full, 1, experts.clamp(min=0))
-    top_wlr = wlr(torch.where(filled, top_w, torch.zeros_like(top_w)), top_t)
-
-    keep = filled.clone()
-    slot = torch.arange(top_k, device=w.device)
-    if theta > 0:
-        # At most K-1 rounds; each drops one expert from every token whose kappa <= theta.
-        # kappa can only grow after a drop (min rises, max stays), so a token that stops, stays.
-        for _ in range(top_k - 1):
-            n_kept = keep.sum(dim=-1)  # [T]
-            inf = torch.full_like(top_wlr, float("inf"))
-            wlr_min, _ = torch.where(keep, top_wlr, inf).min(dim=-1)  # [T]
-            wlr_max, _ = torch.where(keep, top_wlr, -inf).max(dim=-1)  # [T]
-            kappa = wlr_min / (wlr_min + wlr_max)  # Eq. 10; NaN (0/0, inf/inf) never drops
-            drop_token = (n_kept > 1) & (kappa <= theta)  # [T]
-            if not bool(drop_token.any()):
-                break
-            # The kept slot with the smallest WLR; on a tie, the later slot (lower router weight).
-            is_min = keep & (top_wlr == wlr_min[:, None])
-            victim = torch.where(is_min, slot, torch.full_like(slot, -1)).max(dim=-1).values
-            keep = keep & ~((slot[None, :] == victim[:, None]) & drop_token[:, None])
-
-    weights = renormalise(top_w, keep)  # [T, K]; all kept: stock Mixtral's /= sum, bit for bit
-    dropped = filled & ~keep
-    return Selection(experts, weights, keep, dropped, dropped.sum(dim=-1))
+    slot_box = box_of_expert.to(experts.device)[experts]  # [T, K]
+    slot_t = box_latency_s.to(weights.device, torch.float64)[slot_box]  # [T, K]
+    num_slots = experts.shape[1]
+    slot = torch.arange(num_slots, device=experts.device)
+    # a slot "leads" its box when no earlier kept slot of the token is on the same box
+    earlier = slot[None, :, None] > slot[None, None, :]  # [1, K(this), K(other)]
+    for _ in range(num_slots - 1):  # each round takes one box off every token still over theta
+        same_box = slot_box[:, :, None] == slot_box[:, None, :]
+        leads = keep & ~(same_box & earlier & keep[:, None, :]).any(dim=-1)  # [T, K]
+        n_boxes = leads.sum(dim=-1)  # [T]
+        box_wlr = wlr(_box_weights(weights.double(), slot_box, keep), slot_t)  # [T, K]
+        inf = torch.full_like(box_wlr, float("inf"))
+        wlr_min = torch.where(leads, box_wlr, inf).min(dim=-1).values  # [T]
+        wlr_max = torch.where(leads, box_wlr, -inf).max(dim=-1).values
+        kappa = wlr_min / (wlr_min + wlr_max)  # Eq. 10; NaN (0/0, inf/inf) never drops
+        drop_token = (n_boxes > 1) & (kappa <= theta)  # [T]
+        if not bool(drop_token.any()):
+            break
+        # the box with the smallest WLR; on a tie, the one whose leading slot comes later
+        # (lower router weight)
+        is_min = leads & (box_wlr == wlr_min[:, None])
+        victim_slot = torch.where(is_min, slot, torch.full_like(slot, -1)).max(dim=-1).values
+        victim_box = slot_box.gather(1, victim_slot.clamp(min=0)[:, None])  # [T, 1]
+        keep = keep & ~((slot_box == victim_box) & drop_token[:, None])
+    return Selection(experts, rescale(weights, keep), keep, ~keep)

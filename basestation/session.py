@@ -13,10 +13,13 @@ import time
 import tomllib
 from dataclasses import dataclass
 
-from basestation.dispatch import AgentLink, Dispatcher
+from basestation.dispatch import Dispatcher
+from basestation.liveness import AgentLink, Prober
+from basestation.moe_layer import MoeRuntime
 from edge_agent import protocol as P
-from edge_agent.cli import UsageError, parse_experts
 from edge_agent.client import AgentClient, PeerUnreachable
+from shard_tool.expert_ids import format_expert_ids as _ids
+from shard_tool.expert_ids import parse_expert_ids
 from shard_tool.errors import ShardError
 from shard_tool.manifest import load_manifest
 
@@ -40,8 +43,8 @@ def parse_agent_flag(value: str) -> tuple[tuple[int, ...], str]:
         raise RosterError(f"--agent {value!r}: expected EXPERTS=tcp://HOST:PORT (e.g. 3=tcp://"
                           "10.0.0.3:5600)")
     try:
-        return parse_experts(spec), endpoint
-    except UsageError:
+        return parse_expert_ids(spec), endpoint
+    except ValueError:
         raise RosterError(f"--agent {value!r}: expert ids like 3, 0,3 or 0-3") from None
 
 
@@ -88,6 +91,7 @@ def connect_agents(client: AgentClient, roster: Roster, fingerprint: str, num_ex
     if roster.listen:
         client.bind(roster.listen)
     found: dict[bytes, AgentLink] = {}
+    refused: set[bytes] = set()
     asked: dict[int, tuple[bytes, float]] = {}
     deadline = time.monotonic() + wait_s
     shown = None
@@ -103,9 +107,14 @@ def connect_agents(client: AgentClient, roster: Roster, fingerprint: str, num_ex
             except PeerUnreachable:
                 pass
         for peer, info in list(client.hellos.items()):
-            if peer not in found and info.get("serving"):
-                found[peer] = _agent_from_info(peer.decode(errors="replace"), peer, info,
-                                               fingerprint, None)
+            if peer not in found and peer not in refused and isinstance(info, dict) \
+                    and info.get("serving"):
+                try:  # a dial-in is anyone who can reach the port: refuse it, don't stop
+                    found[peer] = _agent_from_info(peer.decode(errors="replace"), peer, info,
+                                                   fingerprint, None, num_experts)
+                except RosterError as e:
+                    refused.add(peer)
+                    print(f"basestation: ignoring dial-in agent: {e}", file=sys.stderr)
         covered = {e for a in found.values() for e in a.experts}
         missing = sorted(set(range(num_experts)) - covered)
         if not missing or now >= deadline:
@@ -123,10 +132,10 @@ def connect_agents(client: AgentClient, roster: Roster, fingerprint: str, num_ex
             raise RosterError(f"{peer.decode()}: {reply.header.get('message')}")
         if reply.kind == P.INFO_REPLY and peer not in found:
             info = reply.header.get("info") or {}
-            if not info.get("serving"):
+            if not isinstance(info, dict) or not info.get("serving"):
                 continue  # waiting for a pushed shard: ask again
             found[peer] = _agent_from_info(peer.decode(), peer, info, fingerprint,
-                                           roster.endpoints[peer.decode()])
+                                           roster.endpoints[peer.decode()], num_experts)
     if shown is not None:
         print(file=sys.stderr)
     if missing and need_all:
@@ -138,11 +147,15 @@ def connect_agents(client: AgentClient, roster: Roster, fingerprint: str, num_ex
 
 
 def _agent_from_info(name: str, peer: bytes, info: dict, fingerprint: str,
-                     expected: tuple[int, ...] | None) -> AgentLink:
+                     expected: tuple[int, ...] | None, num_experts: int) -> AgentLink:
     if info.get("fingerprint") != fingerprint:
         raise RosterError(f"{name} serves a different model (fingerprint "
                           f"{str(info.get('fingerprint'))[:16]}, ours {fingerprint[:16]})")
-    experts = tuple(int(e) for e in info.get("experts", ()))
+    raw = info.get("experts")
+    if not isinstance(raw, list) or not raw or not all(
+            isinstance(e, int) and not isinstance(e, bool) and 0 <= e < num_experts for e in raw):
+        raise RosterError(f"{name} announced a malformed expert list {str(raw)[:40]}")
+    experts = tuple(sorted(set(raw)))
     if expected is not None and not set(expected) <= set(experts):
         raise RosterError(f"{name} hosts experts {_ids(experts)}, the roster says "
                           f"{_ids(expected)}")
@@ -165,15 +178,23 @@ def read_channel_file(path: str):
         raise RosterError(f"{path}: needs a [paper] table with the channel ({e})") from None
 
 
-def _ids(ids) -> str:
-    return ",".join(str(i) for i in ids)
-
-
 @dataclass
 class Session:
     client: AgentClient
-    dispatcher: Dispatcher
+    runtime: MoeRuntime  # the MoE layers' shared state: agents, dispatcher, stats
     base: object  # basestation.model.BaseModel
+    theta: float = 0.0  # the default θ of requests that do not say
+
+    @property
+    def agents(self) -> list[AgentLink]:
+        return self.runtime.agents
+
+    @property
+    def dispatcher(self) -> Dispatcher:
+        return self.runtime.dispatcher
+
+    def poll_probes(self, timeout_s: float = 0.0) -> None:
+        self.dispatcher.prober.poll(timeout_s)
 
     def close(self) -> None:
         self.client.close()
@@ -189,6 +210,7 @@ def open_session(shards: str, roster: Roster, theta: float = 0.0, latency: str =
 
     manifest = load_manifest(shards)
     num_experts = manifest.num_experts
+    hidden = int(manifest.model["hidden_size"])
     try:
         wire = P.WIRE_DTYPES[P.wire_dtype_name(wire_dtype)] if wire_dtype else \
             resolve_dtype(dtype, manifest, resolve_device(device))
@@ -199,8 +221,11 @@ def open_session(shards: str, roster: Roster, theta: float = 0.0, latency: str =
     if local_fallback:
         from edge_agent.shards import load_experts
 
-        ids = list(range(num_experts)) if local_fallback == "all" else \
-            list(parse_experts(local_fallback))
+        try:
+            ids = list(range(num_experts)) if local_fallback == "all" else \
+                list(parse_expert_ids(local_fallback))
+        except ValueError as e:
+            raise RosterError(f"--local-fallback {e}") from None
         fallback = load_experts(shards, ids, device="cpu", dtype=dtype)
     client = AgentClient()
     try:
@@ -212,16 +237,19 @@ def open_session(shards: str, roster: Roster, theta: float = 0.0, latency: str =
             if len(covered) < num_experts:
                 raise RosterError(f"no agent or fallback for experts "
                                   f"{_ids(sorted(set(range(num_experts)) - covered))}")
-        dispatcher = Dispatcher(client, agents, num_experts, int(manifest.model["hidden_size"]),
-                                int(manifest.model["ffn_size"]), theta=theta, latency=latency,
-                                scenario=channel, wire_dtype=wire_dtype,
+        moe_layers = manifest.model.get("moe_layers") or [0]
+        prober = Prober(client, agents, hidden, probe_layer=int(moe_layers[0]),
+                        wire_dtype=wire_dtype, element_bytes=wire.itemsize)
+        dispatcher = Dispatcher(client, agents, hidden, prober, wire_dtype=wire_dtype,
                                 element_bytes=wire.itemsize, fallback=fallback)
-        base = load_base_model(shards, dispatcher, dtype=dtype, device=device)
-        dispatcher.calibrate()
+        runtime = MoeRuntime(dispatcher, num_experts, hidden, int(manifest.model["ffn_size"]),
+                             latency=latency, scenario=channel)
+        base = load_base_model(shards, runtime, dtype=dtype, device=device)
+        prober.calibrate()
     except BaseException:
         client.close()
         raise
-    return Session(client=client, dispatcher=dispatcher, base=base)
+    return Session(client=client, runtime=runtime, base=base, theta=theta)
 
 
 __all__ = ["Roster", "RosterError", "ShardError", "build_roster", "open_session", "Session"]

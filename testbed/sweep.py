@@ -137,9 +137,8 @@ def run_sweep(config: SweepConfig) -> str:
         bar = _bar(len(config.thetas), config.progress)
         with open(results_path, "a") as results:
             for theta in config.thetas:
-                session.dispatcher.theta = theta
                 record = dict(base_record, theta=theta,
-                              **_generation_figures(session, prompt_ids, config, bed))
+                              **_generation_figures(session, prompt_ids, config, bed, theta))
                 token_ids = record.pop("_token_ids")
                 reference = reference or token_ids
                 record["agreement"] = statistics.fmean(
@@ -173,13 +172,13 @@ def _bar(total: int, enabled: bool):
     return tqdm(total=total, desc="sweep", unit="θ", file=sys.stderr)
 
 
-def _generation_figures(session, prompt_ids, config: SweepConfig, bed) -> dict:
-    dispatcher = session.dispatcher
-    before = {a.name: (a.calls, a.drops, a.failures) for a in dispatcher.agents}
+def _generation_figures(session, prompt_ids, config: SweepConfig, bed, theta: float) -> dict:
+    before = {a.name: (a.calls, a.drops, a.failures) for a in session.agents}
     latencies, token_ids = [], []
     calls = dropped = faults = 0
     for ids in prompt_ids:
-        result = generate(session, ids, max_new_tokens=config.max_new_tokens, ignore_eos=True)
+        result = generate(session, ids, max_new_tokens=config.max_new_tokens, ignore_eos=True,
+                          theta=theta)
         latencies += result.token_latency_ms[1:]  # decode steps; the first includes prefill
         token_ids.append(result.token_ids)
         calls += result.expert_calls
@@ -187,7 +186,7 @@ def _generation_figures(session, prompt_ids, config: SweepConfig, bed) -> dict:
         faults += result.fault_drops
     latencies.sort()
     agents = {}
-    for agent in dispatcher.agents:
+    for agent in session.agents:
         c0, d0, f0 = before[agent.name]
         agents[agent.name] = {"experts": list(agent.experts), "calls": agent.calls - c0,
                               "drops": agent.drops - d0, "failures": agent.failures - f0,

@@ -191,8 +191,8 @@ def train(out: str, spec: TrainSpec, log=print) -> dict:
 class LocalMoeBlock:
     """Stand-in for a MixtralSparseMoeBlock's forward that routes like the base station.
 
-    Router weights -> basestation.selector.select_experts (theta, latency vector t) or K random
-    experts -> basestation.model.tokens_per_expert / combine, with the expert FFNs computed
+    Router top-k (or K random experts) -> basestation.selector.select (theta, latency vector t,
+    one expert per box) -> basestation.routing.group_by_expert / combine, expert FFNs computed
     here from the block's own fused weights. theta = 0 reproduces the stock block.
     Shape legend: T = tokens, H = hidden, E = experts, K = top-k.
     """
@@ -220,28 +220,29 @@ class LocalMoeBlock:
         import torch
         import torch.nn.functional as F
 
-        from basestation.model import combine, tokens_per_expert
-        from basestation.selector import Selection, select_experts
+        from basestation.routing import combine, group_by_expert
+        from basestation.selector import select
 
         batch, seq, hidden = hidden_states.shape
         x = hidden_states.reshape(-1, hidden)  # [T, H]
         w = F.softmax(self.gate(x)[0].float(), dim=-1)  # [T, E]
+        num_experts = w.shape[1]
         if self.random_experts:
             experts = torch.rand(w.shape, generator=self.generator).topk(self.top_k).indices
-            top_w = w.gather(1, experts)  # [T, K]: the router's weights of the random picks
-            keep = torch.ones_like(experts, dtype=torch.bool)
-            none = torch.zeros_like(keep)
-            selection = Selection(experts, top_w / top_w.sum(-1, keepdim=True), keep, none,
-                                  none.sum(-1))
         else:
-            t = self.latency_s if self.latency_s is not None else torch.ones(w.shape[1])
-            selection = select_experts(w, t, self.theta, self.top_k)
+            experts = torch.topk(w, self.top_k, dim=-1).indices  # [T, K], as Mixtral's router
+        top_w = w.gather(1, experts)  # [T, K]: the router's weights of the picks
+        weights = top_w / top_w.sum(dim=-1, keepdim=True)  # Mixtral's renormalised top-k
+        t = self.latency_s if self.latency_s is not None else torch.ones(num_experts)
+        # one expert per box: the paper's Algorithm 1
+        theta = 0.0 if self.random_experts else self.theta
+        selection = select(experts, weights, torch.arange(num_experts), t, theta)
         outputs = [(e, token_idx, slot, self.expert_ffn(e, x[token_idx]))
-                   for e, (token_idx, slot) in tokens_per_expert(selection).items()]
+                   for e, (token_idx, slot) in group_by_expert(experts, selection.keep).items()]
         self.load += torch.bincount(selection.experts[selection.keep], minlength=len(self.load))
-        self.dropped += int(selection.drops.sum())
+        self.dropped += int(selection.dropped.sum())
         self.considered += selection.keep.numel()
-        out = combine(x.shape[0], hidden, x.dtype, selection, outputs)  # [T, H]
+        out = combine(x.shape[0], hidden, x.dtype, selection.weights, outputs)  # [T, H]
         return out.reshape(batch, seq, hidden)
 
 

@@ -66,15 +66,15 @@ def test_large_transfer_gives_a_throughput_sample():
     # round trip 300 ms, compute 50 ms -> network 250 ms; transfer = 250 - 20.68928 = 229.31072 ms
     # > K * RTTVAR = 41.37856 ms, so a sample: 2e6 B / 0.22931072 s = 8,721,790 B/s (first:
     # replaces the prior). RTT sample = 250 - 2e6 / 8,721,790 = 20.68928 ms = SRTT, so SRTT stays
-    # and RTTVAR = 3/4 * 10.34464 = 7.75848 ms. compute: 50 ms / 100 = 0.5 ms;
-    # 7/8 * 1.5 + 1/8 * 0.5 = 1.375 ms.
+    # and RTTVAR = 3/4 * 10.34464 = 7.75848 ms. compute: 50 ms / 100 = 0.5 ms, faster than the
+    # estimate, so the recovery gain 1/2: 1/2 * 1.5 + 1/2 * 0.5 = 1.0 ms.
     s = update(initial_state(), first_decode_sample())
     s = update(s, LinkSample(0.300, 0.050, 1_000_000, 1_000_000, 100, 1, time_s=101.0))
     assert s.throughput_bytes_per_s == approx(8_721_790, rel=1e-6)
     assert s.throughput_samples == 1
     assert s.srtt_s == approx(0.02068928)
     assert s.rttvar_s == approx(0.00775848)
-    assert s.compute_s_per_token_expert == approx(1.375e-3)
+    assert s.compute_s_per_token_expert == approx(1.0e-3)
 
     # A slower prefill (network 300 ms) shares the blame between throughput and base RTT:
     # transfer 279.31072 ms -> 7,160,481 B/s; throughput 7/8 * 8,721,790 + 1/8 * 7,160,481

@@ -130,34 +130,28 @@ def test_choice_items_file(tmp_path):
 
 
 def test_works_through_the_base_stations_model(tmp_path):
-    """The sweep passes the distributed model (RemoteMoeBlocks); here its experts run locally."""
+    """The sweep passes the distributed model (experts hook); here its experts run locally."""
     from transformers import AutoModelForCausalLM
 
-    from basestation.model import combine, load_base_model, tokens_per_expert
+    from basestation.model import load_base_model
+    from basestation.routing import combine, group_by_expert
     from shard_tool.split import split
     data = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))),
                         "testbed", "data")
     ckpt = os.path.join(data, "tiny-mixtral")
     full = AutoModelForCausalLM.from_pretrained(ckpt, dtype=torch.float32).eval()
 
-    class LocalRuntime:  # the MoeRuntime protocol, experts computed from the full model
-        theta = 0.0
-
-        def latency_s(self, layer, tokens):
-            return torch.ones(8)
-
-        def available(self):
-            return None
-
-        def run_experts(self, layer, x, w, selection):
+    class LocalRuntime:  # what the experts hook calls, experts computed from the full model
+        def forward(self, layer, x, top_k_index, top_k_weights):
             experts = full.model.layers[layer].mlp.experts
             outputs = []
-            for e, (token_idx, slot) in tokens_per_expert(selection).items():
+            keep = torch.ones_like(top_k_index, dtype=torch.bool)
+            for e, (token_idx, slot) in group_by_expert(top_k_index, keep).items():
                 gate, up = torch.nn.functional.linear(
                     x[token_idx], experts.gate_up_proj[e]).chunk(2, dim=-1)
                 y = torch.nn.functional.linear(experts.act_fn(gate) * up, experts.down_proj[e])
                 outputs.append((e, token_idx, slot, y))
-            return combine(x.shape[0], x.shape[1], x.dtype, selection, outputs)
+            return combine(x.shape[0], x.shape[1], x.dtype, top_k_weights, outputs)
 
     split(ckpt, str(tmp_path / "shards"))
     base = load_base_model(str(tmp_path / "shards"), LocalRuntime(), dtype="float32")

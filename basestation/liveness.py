@@ -1,0 +1,221 @@
+"""Agents as the base station sees them: liveness, probes and calibration.
+
+Every agent's link estimate is kept fresh even while WLR avoids it: an agent not used for
+`REFRESH_AFTER_S` gets a work probe (one real token through one of its experts, so the reply
+measures the round trip, the transfer and the compute the selector needs), at most one in
+flight per agent. A dead agent is pinged with capped exponential backoff until it answers.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from dataclasses import dataclass, field
+
+import torch
+
+from basestation import link_estimator as links
+from edge_agent import protocol as P
+from edge_agent.client import AgentClient, PeerUnreachable
+
+REFRESH_AFTER_S = 0.2  # an agent unused this long gets a work probe (bounded rate: 5 per s)
+PROBE_LOST_AFTER_S = 2.0  # a probe unanswered this long is forgotten and sent again
+CALIBRATION_ROUNDS = 3  # pings per agent when a session starts
+CALIBRATION_TOKENS = 16  # size of the payload probe, in tokens of hidden activations
+
+
+@dataclass
+class Backoff:
+    """Capped exponential backoff between re-probes of a dead agent (time passed in)."""
+
+    base_s: float = 0.05
+    cap_s: float = 2.0
+    delay_s: float = 0.05
+    next_s: float = 0.0
+
+    def reset(self, now_s: float) -> None:
+        self.delay_s = self.base_s
+        self.next_s = now_s + self.delay_s
+
+    def due(self, now_s: float) -> bool:
+        return now_s >= self.next_s
+
+    def step(self, now_s: float) -> None:
+        self.delay_s = min(self.delay_s * 2, self.cap_s)
+        self.next_s = now_s + self.delay_s
+
+
+@dataclass
+class AgentLink:
+    """One agent: its routing id, experts, link estimate, liveness and counters."""
+
+    name: str  # endpoint or dial-in routing id, for humans
+    peer: bytes  # routing id on the client socket
+    experts: tuple[int, ...]
+    info: dict = field(default_factory=dict)
+    state: links.LinkState = field(default_factory=links.initial_state)
+    alive: bool = True
+    backoff: Backoff = field(default_factory=Backoff)
+    probe_id: int | None = None
+    probe_sent_s: float = 0.0
+    last_used_s: float = 0.0
+    # counters
+    calls: int = 0  # token x expert computations done
+    drops: int = 0  # (token, expert) pairs the selector dropped on this agent
+    failures: int = 0  # requests with no valid reply in time, or refused
+    probes: int = 0  # work probes sent while the agent was idle or avoided
+    compute_s_total: float = 0.0
+
+    def figures(self) -> dict:
+        return {
+            "agent": self.name, "address": self.name, "experts": list(self.experts),
+            "alive": self.alive,
+            "rtt_ms": round(self.state.srtt_s * 1e3, 3),
+            "throughput_mbit_s": round(self.state.throughput_bytes_per_s * 8 / 1e6, 2),
+            "compute_us_per_token": round(self.state.compute_s_per_token_expert * 1e6, 2),
+            "calls": self.calls, "drops": self.drops, "failures": self.failures,
+            "probes": self.probes, "device": self.info.get("device", "?"),
+        }
+
+    def mark_failed(self, now_s: float) -> bool:
+        """Count a failure; returns True when this turned a live agent dead."""
+        self.failures += 1
+        if not self.alive:
+            return False
+        self.alive = False
+        self.backoff.reset(now_s)
+        return True
+
+
+class Prober:
+    """Probes dead agents (ping, backoff) and idle or avoided ones (work), and takes the replies.
+
+    `probe_layer` and `hidden_size` shape the work probe: one token through the agent's first
+    expert at that layer. `on_liveness_change` is called when an agent comes back.
+    """
+
+    def __init__(self, client: AgentClient, agents: list[AgentLink], hidden_size: int,
+                 probe_layer: int, wire_dtype: str | None, element_bytes: int,
+                 on_liveness_change=lambda: None):
+        self.client = client
+        self.agents = agents
+        self.hidden_size = hidden_size
+        self.probe_layer = probe_layer
+        self.wire_dtype = wire_dtype
+        self.element_bytes = element_bytes
+        self.on_liveness_change = on_liveness_change
+        self.in_flight: dict[int, AgentLink] = {}  # request id -> agent
+        self._token = torch.zeros(1, hidden_size)  # [1, H]: zeros are a valid activation
+
+    def tick(self, now_s: float) -> None:
+        """Send the probes that are due; cheap when none is."""
+        for agent in self.agents:
+            if agent.probe_id is not None:
+                if now_s - agent.probe_sent_s < PROBE_LOST_AFTER_S:
+                    continue
+                self.in_flight.pop(agent.probe_id, None)
+                agent.probe_id = None  # lost: try again
+            if agent.alive:
+                if now_s - agent.last_used_s > REFRESH_AFTER_S:
+                    self._send(agent, now_s, work=True)
+            elif agent.backoff.due(now_s):
+                self._send(agent, now_s, work=False)
+                agent.backoff.step(now_s)
+
+    def _send(self, agent: AgentLink, now_s: float, work: bool) -> None:
+        now_s = time.perf_counter()  # before the send: the agent may answer before it returns
+        try:
+            if work:
+                agent.probe_id = self.client.send_expert(
+                    agent.peer, self.probe_layer, self._token, [(agent.experts[0], 1)],
+                    wire_dtype=self.wire_dtype)
+                agent.probes += 1
+            else:
+                agent.probe_id = self.client.send(agent.peer, P.PING)
+        except PeerUnreachable:
+            return
+        agent.probe_sent_s = now_s
+        self.in_flight[agent.probe_id] = agent
+
+    def take(self, reply, arrived_s: float) -> bool:
+        """Handle a reply if it answers a probe (returns True); a valid one refreshes the agent's
+        estimate and brings a dead agent back."""
+        agent = self.in_flight.pop(reply.id, None)  # a dict: this runs for every reply
+        if agent is None:
+            return False
+        agent.probe_id = None
+        if reply.peer != agent.peer:
+            return True  # someone else answering our probe: not evidence of anything
+        round_trip_s = arrived_s - agent.probe_sent_s
+        if reply.kind == P.PONG:
+            sample = links.LinkSample(round_trip_s, 0.0, 0, 0, 0, 0, arrived_s)
+        elif reply.kind == P.EXPERT_REPLY:
+            compute_s = sane_compute_s(reply.header.get("compute_s"), round_trip_s)
+            if compute_s is None:
+                return True
+            nbytes = self.hidden_size * self.element_bytes
+            sample = links.LinkSample(round_trip_s, compute_s, nbytes, nbytes, 1, 1, arrived_s)
+        else:
+            return True
+        agent.state = links.update(agent.state, sample)
+        agent.last_used_s = arrived_s
+        if not agent.alive:
+            agent.alive = True
+            agent.backoff.reset(arrived_s)
+            self.on_liveness_change()
+        return True
+
+    def poll(self, timeout_s: float = 0.0) -> None:
+        """Take probe replies outside a layer call (idle time, status)."""
+        self.tick(time.perf_counter())
+        deadline = time.perf_counter() + timeout_s
+        while True:
+            reply = self.client.recv(max(0.0, deadline - time.perf_counter()))
+            if reply is None:
+                return
+            if not self.take(reply, time.perf_counter()):
+                self.client.late_replies += 1
+
+    def calibrate(self, rounds: int = CALIBRATION_ROUNDS, timeout_s: float = 2.0) -> None:
+        """Seed every link's estimate before the first token: a few pings, then one payload
+        the size of a 16-token request each way (else the first selections use priors)."""
+        payload_bytes = CALIBRATION_TOKENS * self.hidden_size * self.element_bytes
+        for round_index in range(rounds + 1):
+            nbytes = payload_bytes if round_index == rounds else 0
+            sent = {}
+            for agent in self.agents:
+                try:
+                    frames = [bytes(nbytes)] if nbytes else []
+                    request_id = self.client.send(agent.peer, P.PING, frames,
+                                                  **({"reply_bytes": nbytes} if nbytes else {}))
+                    sent[request_id] = (agent, time.perf_counter())
+                except PeerUnreachable:
+                    continue
+            deadline = time.perf_counter() + timeout_s
+            while sent:
+                reply = self.client.recv(max(0.0, deadline - time.perf_counter()))
+                if reply is None:
+                    break
+                entry = sent.pop(reply.id, None)
+                if entry is None or reply.kind != P.PONG or reply.peer != entry[0].peer:
+                    continue
+                agent, sent_s = entry
+                arrived_s = time.perf_counter()
+                agent.state = links.update(agent.state, links.LinkSample(
+                    round_trip_s=arrived_s - sent_s, compute_s=0.0, request_bytes=nbytes,
+                    reply_bytes=nbytes, tokens=0, experts=0, time_s=arrived_s))
+                agent.last_used_s = arrived_s
+
+
+CLOCK_SLACK_S = 1e-4  # timer reads around a send/receive; a lie this small gains nothing
+
+
+def sane_compute_s(value, round_trip_s: float) -> float | None:
+    """An agent's reported compute time if it is believable: a finite number of seconds,
+    not negative, not longer than the round trip that contained it; else None."""
+    if not isinstance(value, (int, float)) or isinstance(value, bool):
+        return None
+    value = float(value)
+    if not math.isfinite(value) or value < 0 or value > round_trip_s + CLOCK_SLACK_S:
+        return None
+    return value

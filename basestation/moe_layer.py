@@ -1,0 +1,160 @@
+"""One MoE layer at the base station, plugged in through transformers' experts hook.
+
+The family's own router (the library's code) gives every token's top-k slots; `RemoteExperts`
+replaces only the routed experts' computation and reads top to bottom:
+
+    box latency -> select (WLR per box) -> group -> run on agents -> drop/retry -> combine
+
+θ belongs to the request being generated (`MoeRuntime.theta`, set per call by generate).
+
+Shape legend: T = tokens, K = top-k slots, E = experts, B = boxes (agents + the local fallback),
+H = hidden.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+
+from basestation import link_estimator as links
+from basestation.channel_model import ChannelScenario, scenario_latency_s
+from basestation.dispatch import Dispatcher
+from basestation.routing import after_failures, combine, group_by_expert
+from basestation.selector import Selection, select
+
+LOCAL_S_PER_PAIR = 1e-3  # latency the selector assumes for the local fallback, per (token, expert)
+
+
+@dataclass
+class MoeStats:
+    expert_calls: int = 0  # token x expert computations done on agents (or fallback)
+    experts_dropped: int = 0  # (token, slot) pairs not computed: by the selector or a fault
+    fault_drops: int = 0
+    retries: int = 0
+    residual_only: int = 0  # tokens whose every expert failed, retry included
+
+
+class MoeRuntime:
+    """What every RemoteExperts of one base station shares: the agents as boxes, the dispatcher,
+    the latency source and the request's θ."""
+
+    def __init__(self, dispatcher: Dispatcher, num_experts: int, hidden_size: int,
+                 ffn_size: int, latency: str = "measured",
+                 scenario: ChannelScenario | None = None, seed: int = 0):
+        self.dispatcher = dispatcher
+        self.agents = dispatcher.agents
+        self.num_experts = num_experts
+        self.hidden_size = hidden_size
+        self.ffn_size = ffn_size
+        self.latency_mode = latency
+        self.scenario = scenario or ChannelScenario()
+        self.rng = np.random.default_rng(seed)
+        self.theta = 0.0
+        self.stats = MoeStats()
+        self._boxes: tuple[torch.Tensor, torch.Tensor | None] | None = None
+        dispatcher.on_liveness_change = self.liveness_changed
+        dispatcher.prober.on_liveness_change = self.liveness_changed
+
+    def liveness_changed(self) -> None:
+        self._boxes = None
+
+    def boxes(self) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """box_of_expert [E] (agent index, or len(agents) for the local fallback) and the
+        available mask [E] (None when every expert is served). Rebuilt only when an agent dies
+        or comes back."""
+        if self._boxes is None:
+            local = len(self.agents)
+            index = {id(agent): b for b, agent in enumerate(self.agents)}
+            box, ok = [], []
+            for expert in range(self.num_experts):
+                agent = self.dispatcher.owner.get(expert)
+                if agent is not None and agent.alive:
+                    box.append(index[id(agent)])
+                    ok.append(True)
+                else:
+                    box.append(local)
+                    ok.append(self.dispatcher.has_fallback(expert))
+            mask = torch.tensor(ok)
+            self._boxes = (torch.tensor(box), None if bool(mask.all()) else mask)
+        return self._boxes
+
+    def box_latency_s(self, box_of_expert: torch.Tensor, experts: torch.Tensor) -> torch.Tensor:
+        """[B] expected seconds for each box to return this layer's request, if every top-k
+        slot were kept (what the selector weighs a box by)."""
+        num_boxes = len(self.agents) + 1
+        pairs = torch.bincount(box_of_expert[experts.reshape(-1)], minlength=num_boxes).tolist()
+        if self.latency_mode == "model":
+            modeled = scenario_latency_s(
+                self.scenario, self.hidden_size, self.ffn_size, tokens=experts.shape[0],
+                bytes_per_element=self.dispatcher.element_bytes, rng=self.rng)
+            # the paper's device q hosts expert q; a box hosting several is its first one's
+            t = [float(modeled[agent.experts[0] % len(modeled)]) for agent in self.agents]
+        else:
+            t = []
+            for agent, n in zip(self.agents, pairs):
+                nbytes = self.dispatcher.request_bytes(max(n, 1))
+                t.append(links.expected_time_s(agent.state, nbytes, nbytes, max(n, 1), 1))
+        t.append(max(pairs[-1], 1) * LOCAL_S_PER_PAIR)
+        return torch.tensor(t, dtype=torch.float64)
+
+    def forward(self, layer: int, x: torch.Tensor, experts: torch.Tensor,
+                weights: torch.Tensor) -> torch.Tensor:
+        """x [T, H]; the router's experts [T, K] and weights [T, K] -> the experts' weighted
+        sum [T, H]."""
+        self.dispatcher.prober.tick(time.perf_counter())
+        box_of_expert, available = self.boxes()
+        t = self.box_latency_s(box_of_expert, experts) if self.theta > 0 else None
+        selection = select(experts, weights, box_of_expert, t, self.theta, available)
+        self._count_drops(selection, box_of_expert)
+        outputs, failed = self.dispatcher.run(layer, x, group_by_expert(experts, selection.keep))
+        if failed:
+            selection, outputs = self._after_failures(layer, x, selection, weights, failed,
+                                                      outputs)
+        self.stats.expert_calls = self.dispatcher.stats.expert_calls
+        return combine(x.shape[0], x.shape[1], x.dtype, selection.weights, outputs)
+
+    def _count_drops(self, selection: Selection, box_of_expert: torch.Tensor) -> None:
+        if self.theta <= 0 and self._boxes[1] is None:
+            return  # nothing is ever dropped then: skip the torch ops per layer
+        dropped = selection.experts[selection.dropped].tolist()
+        self.stats.experts_dropped += len(dropped)
+        for expert in dropped:
+            agent = self.dispatcher.owner.get(expert)
+            if agent is not None:
+                agent.drops += 1
+
+    def _after_failures(self, layer: int, x: torch.Tensor, selection: Selection,
+                        router_weights: torch.Tensor, failed: set[int], outputs: list
+                        ) -> tuple[Selection, list]:
+        failed_ids = torch.tensor(sorted(failed), device=selection.experts.device)
+        failed_slots = selection.keep & torch.isin(selection.experts, failed_ids)
+        n_failed = int(failed_slots.sum())
+        self.stats.experts_dropped += n_failed
+        self.stats.fault_drops += n_failed
+        _, available = self.boxes()  # rebuilt: the failed agents are dead now
+        usable = ~torch.isin(selection.experts, failed_ids)
+        if available is not None:
+            usable &= available.to(selection.experts.device)[selection.experts]
+        selection, retry = after_failures(selection, router_weights, failed_slots, usable)
+        if bool(retry.any()):
+            self.stats.retries += int(retry.sum())
+            retried, failed_again = self.dispatcher.run(
+                layer, x, group_by_expert(selection.experts, retry))
+            outputs += retried
+            if failed_again:
+                lost = retry & torch.isin(selection.experts, torch.tensor(sorted(failed_again)))
+                selection, _ = after_failures(selection, router_weights, lost,
+                                              torch.zeros_like(lost))
+        self.stats.residual_only += int((~selection.keep.any(dim=-1)).sum())
+        return selection, outputs
+
+
+def remote_experts_forward(self, hidden_states: torch.Tensor, top_k_index: torch.Tensor,
+                           top_k_weights: torch.Tensor) -> torch.Tensor:
+    """The experts implementation registered with transformers (`ExpertsInterface`): the
+    library calls it in place of `…Experts.forward` with the family's own routing."""
+    return self.wdmoe_runtime.forward(self.wdmoe_layer, hidden_states, top_k_index,
+                                      top_k_weights)
