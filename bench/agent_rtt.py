@@ -4,8 +4,9 @@
 
 Makes a one-layer Mixtral checkpoint with a realistic hidden size, splits it, starts a real
 `edge_agent` process on loopback TCP and times `AgentClient.expert` for 1, 16 and 256 tokens.
-In the same run, a bare echo process (ROUTER, no protocol, no torch) answers a DEALER with the
-same request and reply sizes. Agent overhead = (rtt - compute_s reported by the agent) vs bare.
+In the same run, a bare echo process (bench/echo_fanout.py: ROUTER with the agent's socket
+options, no protocol, no torch) answers a DEALER with the same request and reply sizes.
+Agent overhead = (rtt - compute_s reported by the agent) vs bare.
 Targets (issue 3): overhead adds <= 50 % to the bare round trip at 1 token, <= 20 % at 256.
 Then the same protocol work in this process, hot, without sockets: what it costs when no
 process has to wake up.
@@ -25,16 +26,10 @@ import time
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 
-from pinning import split_cpus  # noqa: E402  (bench/, beside this script)
+# bench/, beside this script
+from echo_fanout import HEADER_BYTES, agent_socket_options, start_echoes  # noqa: E402
+from pinning import split_cpus  # noqa: E402
 
-ECHO_SERVER = """
-import sys, zmq
-ctx = zmq.Context(); s = ctx.socket(zmq.ROUTER); s.linger = 0
-port = s.bind_to_random_port("tcp://127.0.0.1"); print(port, flush=True)
-while True:
-    frames = s.recv_multipart(copy=False)
-    s.send_multipart(frames, copy=False)
-"""
 TOKENS = (1, 16, 256)
 TARGET_OVERHEAD = {1: 0.50, 256: 0.20}
 
@@ -56,10 +51,10 @@ def start(cmd: list[str], pattern: str, cpus: set[int] | None = None,
 
 
 def bare_rtts_s(sock, payload: bytes, rounds: int) -> list[float]:
-    out = []
+    out, header = [], bytes(HEADER_BYTES)
     for _ in range(rounds):
         start = time.perf_counter()
-        sock.send_multipart([b"h" * 60, payload], copy=False)
+        sock.send_multipart([header, payload], copy=False)
         sock.recv_multipart(copy=False)
         out.append(time.perf_counter() - start)
     return out
@@ -133,12 +128,12 @@ def main() -> None:
     agent, endpoint = start([sys.executable, "-m", "edge_agent", "--expert", "0", "--shards",
                              os.path.join(tmp, "out"), "--bind", "tcp://127.0.0.1:*"],
                             r"serving (tcp://\S+)", cpus)
-    echo, port = start([sys.executable, "-c", ECHO_SERVER], r"(\d+)", cpus)
+    (echo,), (echo_endpoint,) = start_echoes(1, cpus, agent_socket_options())
     client = AgentClient()
     ctx = zmq.Context()
     bare = ctx.socket(zmq.DEALER)
     bare.linger = 0
-    bare.connect(f"tcp://127.0.0.1:{port}")
+    bare.connect(echo_endpoint)
     try:
         peer = client.connect(endpoint)
         info = client.info(peer, timeout_s=60)

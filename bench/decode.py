@@ -2,9 +2,13 @@
 
 Same checkpoint, same prompt, greedy, same number of new tokens, in the same run. The
 distributed time is split into base-station compute (everything but waiting for agents),
-the gather wait (network + agent compute), and the agents' own reported compute.
+the gather wait (network + agent compute), and the agents' own reported compute. Also in the
+same run, the transport floor: bare pyzmq echo processes (bench/echo_fanout.py), one per agent,
+sent the same bytes in the same pattern (per token, one round per MoE layer to top_k of them);
+(distributed - local) / floor says how many floors the distribution costs.
 
     .venv/bin/python bench/decode.py [--model DIR] [--tokens 64] [--pin] [--layers 4 --hidden 256 ...]
+    .venv/bin/python bench/decode.py --floor-only   # local and floor only: no base station
 """
 
 from __future__ import annotations
@@ -17,10 +21,14 @@ import subprocess
 import sys
 import tempfile
 import time
+from dataclasses import dataclass
 
 import torch
 
-from pinning import split_cpus  # bench/, beside this script
+# bench/, beside this script
+from echo_fanout import (HEADER_BYTES, agent_socket_options, floor_step_ms, start_echoes,
+                         stop_echoes)
+from pinning import split_cpus
 
 REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 PROMPT = "The queue module implements multi-producer, multi-consumer queues."
@@ -84,6 +92,41 @@ def local_per_token_ms(checkpoint: str, tokens: int, repeats: int) -> float:
     return min(times)
 
 
+@dataclass(frozen=True)
+class DecodeTraffic:
+    """What one decode step sends: per MoE layer, one after the other, one token's activations
+    to each of `fanout` agents, and as many bytes back."""
+
+    rounds: int  # MoE layers
+    fanout: int  # agents per layer: top_k, one expert per agent
+    payload_bytes: int  # hidden_size x wire dtype bytes
+    dtype: str  # wire dtype
+
+    @classmethod
+    def from_model(cls, model: dict, agents: int) -> "DecodeTraffic":
+        """From a manifest's `model` (shard_tool/manifest.py)."""
+        from edge_agent import protocol as P
+
+        dtype = P.wire_dtype_name(str(model["dtype"]))
+        return cls(rounds=len(model["moe_layers"]) if "moe_layers" in model
+                   else int(model["num_layers"]),
+                   fanout=min(int(model["top_k"]), agents),
+                   payload_bytes=int(model["hidden_size"]) * P.WIRE_DTYPES[dtype].itemsize,
+                   dtype=dtype)
+
+
+def floor_per_token_ms(traffic: DecodeTraffic, agents: int, cpus: set[int] | None,
+                       tokens: int, repeats: int) -> float:
+    """The same traffic, bare: `agents` echo processes with the agent's socket options."""
+    procs, endpoints = start_echoes(agents, cpus, agent_socket_options())
+    try:
+        return floor_step_ms(endpoints, rounds=traffic.rounds, fanout=traffic.fanout,
+                             payload_bytes=traffic.payload_bytes, steps=tokens,
+                             repeats=repeats, flags=agent_socket_options(immediate=False))
+    finally:
+        stop_echoes(procs)
+
+
 def distributed(shards: str, flags: list[str], tokens: int, repeats: int) -> dict:
     from basestation.generate import generate
     from basestation.session import build_roster, open_session
@@ -124,6 +167,8 @@ def main() -> None:
     parser.add_argument("--intermediate", type=int, default=512)
     parser.add_argument("--pin", action="store_true",
                         help="agents on the last CPU, the base station on the others")
+    parser.add_argument("--floor-only", action="store_true",
+                        help="time only local transformers and the bare pyzmq floor")
     args = parser.parse_args()
     cpus = split_cpus(args.pin)
     torch.set_num_threads(1)  # the agents get the other core's share
@@ -144,28 +189,43 @@ def main() -> None:
         manifest = split(checkpoint, shards)
         experts = manifest.num_experts
         local_ms = local_per_token_ms(checkpoint, args.tokens, args.repeats)
-        procs, flags = start_agents(shards, [str(e) for e in range(experts)], cpus)
-        dist = distributed(shards, flags, args.tokens, args.repeats)
-        stop(procs)
-        # The same run with one agent process hosting every expert: what the protocol costs
-        # when the machine is not also juggling one process per expert.
-        procs, flags = start_agents(shards, [f"0-{experts - 1}"], cpus)
-        single = distributed(shards, flags, args.tokens, args.repeats)
+        traffic = DecodeTraffic.from_model(manifest.model, experts)
+        floor_ms = floor_per_token_ms(traffic, experts, cpus, args.tokens, args.repeats)
+        dist = single = None
+        if not args.floor_only:
+            procs, flags = start_agents(shards, [str(e) for e in range(experts)], cpus)
+            dist = distributed(shards, flags, args.tokens, args.repeats)
+            stop(procs)
+            # The same run with one agent process hosting every expert: what the protocol
+            # costs when the machine is not also juggling one process per expert.
+            procs, flags = start_agents(shards, [f"0-{experts - 1}"], cpus)
+            single = distributed(shards, flags, args.tokens, args.repeats)
     finally:
         stop(procs)
         shutil.rmtree(scratch, ignore_errors=True)
-    model = manifest.model
+    report(manifest.model, args, cpus, local_ms, floor_ms, traffic, dist, single)
+
+
+def report(model: dict, args: argparse.Namespace, cpus: set[int] | None, local_ms: float,
+           floor_ms: float, traffic: DecodeTraffic, dist: dict | None, single: dict | None
+           ) -> None:
     print(f"model: {model['num_layers']} layers, hidden {model['hidden_size']}, ffn "
           f"{model['ffn_size']}, {model['num_experts']} experts top-{model['top_k']}, "
           f"{model['dtype']}; {args.tokens} new tokens, median decode step, best of "
           f"{args.repeats}; {'agents pinned to CPU ' + str(min(cpus)) if cpus else 'not pinned'}")
     print(f"local transformers      {local_ms:8.2f} ms/token")
+    print(f"bare pyzmq floor        {floor_ms:8.2f} ms/token   ({model['num_experts']} echo "
+          f"processes; {traffic.rounds} rounds x {traffic.fanout} of them, {HEADER_BYTES} + "
+          f"{traffic.payload_bytes} B each way, {traffic.dtype})")
+    if dist is None:
+        return
     print(f"distributed (8 agents)  {dist['decode_ms']:8.2f} ms/token   "
           f"{dist['decode_ms'] / local_ms:.2f}x local")
     print(f"  base-station compute  {dist['base_ms']:8.2f} ms/token (mean)")
     print(f"  gather wait           {dist['gather_ms']:8.2f} ms/token "
           f"(network + agents; agents report {dist['agent_compute_ms']:.2f} ms of compute, "
           f"summed over agents)")
+    print(f"  (distributed - local) / floor  {(dist['decode_ms'] - local_ms) / floor_ms:.2f}")
     print(f"distributed (1 agent)   {single['decode_ms']:8.2f} ms/token   "
           f"{single['decode_ms'] / local_ms:.2f}x local   (all experts in one agent process; "
           f"base station {single['base_ms']:.2f}, gather {single['gather_ms']:.2f} ms/token)")
