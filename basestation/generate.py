@@ -98,7 +98,9 @@ def generate(session, input_ids: torch.Tensor, max_new_tokens: int = 32,
     else:
         config.do_sample, config.temperature, config.top_p, config.top_k = False, None, None, None
     if ignore_eos:  # no eos: generation runs to max_new_tokens
-        config.eos_token_id = None
+        # an empty list, not None: transformers fills a None back in from the model's own
+        # generation config, so None still stopped at the end-of-sequence token
+        config.eos_token_id = []
     interrupted = False
     try:
         with torch.inference_mode():

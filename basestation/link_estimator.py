@@ -23,6 +23,7 @@ identical loopback agents). So a sample may move an estimate up at most `max_ste
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import NamedTuple
 
 
 @dataclass(frozen=True)
@@ -55,8 +56,7 @@ class LinkEstimatorConfig:
 DEFAULT_CONFIG = LinkEstimatorConfig()
 
 
-@dataclass(frozen=True)
-class LinkSample:
+class LinkSample(NamedTuple):  # a tuple: built on every reply, frozen dataclasses cost 3x
     """One completed request (or probe) to an agent, as observed by the base station."""
 
     round_trip_s: float  # from the first byte sent to the reply received, base-station clock
@@ -68,8 +68,7 @@ class LinkSample:
     time_s: float  # base-station monotonic time when the reply arrived
 
 
-@dataclass(frozen=True)
-class LinkState:
+class LinkState(NamedTuple):  # immutable, built on every reply
     """Estimates for one agent. Counts say which estimates are still the prior (count 0)."""
 
     srtt_s: float  # smoothed base RTT (size-independent part of the network time)

@@ -19,6 +19,7 @@ from edge_agent import protocol as P
 from edge_agent.client import AgentClient, PeerUnreachable
 
 REFRESH_AFTER_S = 0.2  # an agent unused this long gets a work probe (bounded rate: 5 per s)
+TICK_S = 0.01  # how often the per-layer hook looks for due probes
 PROBE_LOST_AFTER_S = 2.0  # a probe unanswered this long is forgotten and sent again
 CALIBRATION_ROUNDS = 3  # pings per agent when a session starts
 CALIBRATION_TOKENS = 16  # size of the payload probe, in tokens of hidden activations
@@ -106,9 +107,13 @@ class Prober:
         self.on_liveness_change = on_liveness_change
         self.in_flight: dict[int, AgentLink] = {}  # request id -> agent
         self._token = torch.zeros(1, hidden_size)  # [1, H]: zeros are a valid activation
+        self._next_tick_s = 0.0
 
     def tick(self, now_s: float) -> None:
-        """Send the probes that are due; cheap when none is."""
+        """Send the probes that are due; runs per layer, so it looks at most every TICK_S."""
+        if now_s < self._next_tick_s:
+            return
+        self._next_tick_s = now_s + TICK_S
         for agent in self.agents:
             if agent.probe_id is not None:
                 if now_s - agent.probe_sent_s < PROBE_LOST_AFTER_S:

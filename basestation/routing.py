@@ -11,6 +11,8 @@ import torch
 from basestation.selector import Selection, rescale
 
 SMALL_SELECTION = 64  # (token, slot) pairs up to which grouping in Python beats torch ops
+_ZERO = torch.tensor([0])  # decode's token index, built once (torch.tensor costs ~4 us a call)
+_SLOTS = [torch.tensor([slot]) for slot in range(64)]
 
 # expert id -> (token_idx [n], slot [n]) of the kept slots routed to it
 Groups = dict[int, tuple[torch.Tensor, torch.Tensor]]
@@ -23,7 +25,10 @@ def group_by_expert(experts: torch.Tensor, keep: torch.Tensor) -> Groups:
     slot-major then token order, as transformers' eager experts loop takes them (the rows of a
     matmul can round differently at other positions, so the order is part of bit-exactness).
     experts, keep: [T, K]."""
-    if keep.numel() <= SMALL_SELECTION:  # decode: a token or a few
+    if keep.shape[0] == 1 and keep.device.type == "cpu":  # decode: one token, cached indices
+        return {expert: (_ZERO, _SLOTS[slot]) for expert, slot in sorted(
+            (e, s) for s, (e, k) in enumerate(zip(experts[0].tolist(), keep[0].tolist())) if k)}
+    if keep.numel() <= SMALL_SELECTION:  # a few tokens
         lists: dict[int, tuple[list[int], list[int]]] = {}
         rows_experts, rows_keep = experts.tolist(), keep.tolist()
         for slot in range(keep.shape[1]):
@@ -73,13 +78,20 @@ def combine(num_tokens: int, hidden: int, dtype: torch.dtype, weights: torch.Ten
     index_add_), so an untouched selection reproduces the library's eager experts arithmetic.
     weights: [T, K] the selection's weights."""
     device = weights.device
-    out = torch.zeros(num_tokens, hidden, dtype=dtype, device=device)  # [T, H]
     ordered = sorted(outputs, key=lambda item: item[0])
-    if num_tokens == 1:  # decode: the same products and sums, weights read once as floats
+    if num_tokens == 1 and ordered:  # decode: the same products and sums, fewer torch calls
         row = weights[0].tolist()  # float32 values, exact as Python floats
+        out = None
         for _, _, slot, y in ordered:
-            out += (y.to(device) * row[int(slot)]).to(dtype)
+            if y.device != device:
+                y = y.to(device)
+            weighted = y * row[int(slot)]
+            if weighted.dtype != dtype:
+                weighted = weighted.to(dtype)
+            # 0 + a is a: starting from the first product skips the zeros and one add
+            out = weighted if out is None else out + weighted
         return out
+    out = torch.zeros(num_tokens, hidden, dtype=dtype, device=device)  # [T, H]
     for _, token_idx, slot, y in ordered:
         weighted = y.to(device) * weights[token_idx, slot, None]
         out.index_add_(0, token_idx, weighted.to(dtype))

@@ -28,7 +28,7 @@ def reference_tokens(checkpoint: str, prompt: str, max_new_tokens: int) -> list[
                                                  experts_implementation="eager").eval()
     ids = tokenizer(prompt, return_tensors="pt").input_ids
     config = model.generation_config
-    config.eos_token_id = None  # as --ignore-eos
+    config.eos_token_id = []  # as --ignore-eos (None would be filled back in)
     with torch.inference_mode():
         out = model.generate(ids, generation_config=config, max_new_tokens=max_new_tokens,
                              do_sample=False, pad_token_id=tokenizer.eos_token_id,

@@ -32,7 +32,7 @@ def eager_reference(checkpoint: str, ids: torch.Tensor) -> list[int]:
     model = AutoModelForCausalLM.from_pretrained(checkpoint, dtype=torch.float32,
                                                  experts_implementation="eager").eval()
     with torch.inference_mode():
-        out = model.generate(ids, max_new_tokens=NEW_TOKENS, do_sample=False, eos_token_id=None,
+        out = model.generate(ids, max_new_tokens=NEW_TOKENS, do_sample=False, eos_token_id=[],
                              pad_token_id=0, attention_mask=torch.ones_like(ids))
     return out[0, ids.shape[1]:].tolist()
 
@@ -66,6 +66,8 @@ def test_family_end_to_end(model_type, tokenizer, tmp_path, start_agent):
         assert all(a["failures"] == 0 and a["calls"] > 0 for a in exact.agents)
         dropped = generate(session, ids, max_new_tokens=NEW_TOKENS, ignore_eos=True, theta=0.5)
         assert dropped.experts_dropped > 0 and dropped.fault_drops == 0
+        # runs past the end-of-sequence token (this model emits it early at θ = 0.5 for some
+        # families: --ignore-eos once stopped there)
         assert len(dropped.token_ids) == NEW_TOKENS
     finally:
         session.close()
