@@ -125,3 +125,41 @@ def test_deadline():
     assert deadline_s(s, 1000, 1000, 1, 2) == 0.25
     config = LinkEstimatorConfig(deadline_floor_s=0.010)
     assert deadline_s(s, 1000, 1000, 1, 2, config) == approx(0.03824)
+
+
+def test_one_outlier_moves_the_rtt_a_bounded_amount():
+    """Regression: one slow sample kept an agent avoided for good on an equal loopback (46 of
+    59 slots dropped for one of eight identical agents at θ = 0.2)."""
+    # SRTT 1 ms, RTTVAR 0.5 ms after one probe; then a 1 s stall. The sample counts as at most
+    # 4 * (1 + 0.5) ms + 50 us = 6.05 ms: SRTT = 7/8 * 1 + 1/8 * 6.05 = 1.63125 ms (unbounded:
+    # 125.9 ms, and WLR would avoid the agent while no sample corrects it).
+    s = update(initial_state(), probe(0.001, 1.0))
+    s = update(s, probe(1.0, 2.0))
+    assert s.srtt_s == approx(0.00163125)
+
+
+def test_a_recovered_link_is_believed_within_a_few_samples():
+    # SRTT 50 ms; the link recovers to 1 ms. Faster samples take the recovery gain 1/2:
+    # 50 -> 25.5 -> 13.25 -> 7.125 -> 4.0625 -> 2.53 ms after five probes (RFC 1/8: 44 ms).
+    s = update(initial_state(), probe(0.050, 1.0))
+    for i in range(5):
+        s = update(s, probe(0.001, 2.0 + i))
+    assert s.srtt_s == approx(0.00253125)
+
+
+def test_a_real_slowdown_is_learned_over_a_few_samples():
+    # 1 ms -> 40 ms for good: bounded steps, but it gets there (within 5 % in 40 samples)
+    s = update(initial_state(), probe(0.001, 1.0))
+    for i in range(40):
+        s = update(s, probe(0.040, 2.0 + i))
+    assert s.srtt_s == approx(0.040, rel=0.05)
+
+
+def test_compute_outlier_is_bounded_and_recovery_is_fast():
+    # compute 0.1 ms per pair, then one 100 ms stall on 1 pair: counts as 4 * 0.1 = 0.4 ms,
+    # 7/8 * 0.1 + 1/8 * 0.4 = 0.1375 ms; then 0.1 ms again: 1/2 * 0.1375 + 1/2 * 0.1 = 0.11875
+    s = update(initial_state(), LinkSample(0.001, 0.0001, 0, 0, 1, 1, time_s=1.0))
+    s = update(s, LinkSample(0.101, 0.100, 0, 0, 1, 1, time_s=2.0))
+    assert s.compute_s_per_token_expert == approx(0.0001375)
+    s = update(s, LinkSample(0.001, 0.0001, 0, 0, 1, 1, time_s=3.0))
+    assert s.compute_s_per_token_expert == approx(0.00011875)

@@ -1,0 +1,112 @@
+"""Replies are checked where they are gathered: a broken or hostile agent is that agent failing
+(its experts dropped, counted, re-probed), never a crash, a hang or garbage tokens.
+
+Regression: one NaN reply used to turn every later token into id 0 with exit 0; a reply of
+the wrong shape or a compute_s of "abc" crashed the base station with a traceback."""
+
+from __future__ import annotations
+
+import threading
+
+import pytest
+import torch
+import zmq
+
+from agent_fixtures import free_port, start_agent  # noqa: F401
+from basestation.generate import generate
+from basestation.session import build_roster, open_session
+from edge_agent import protocol as P
+
+pytestmark = pytest.mark.integration
+PROMPT = "Return the list of items in the queue."
+
+
+class RogueAgent:
+    """Speaks the protocol for experts 4-7 of the tiny split, with the right fingerprint, and
+    answers every expert request wrongly in the way `mode` says."""
+
+    def __init__(self, fingerprint: str, hidden: int, mode: str):
+        self.fingerprint, self.hidden, self.mode = fingerprint, hidden, mode
+        self.port = free_port()
+        self.endpoint = f"tcp://127.0.0.1:{self.port}"
+        self.expert_requests = 0
+        self._stop = threading.Event()
+        self._ready = threading.Event()
+        self._thread = threading.Thread(target=self._serve, daemon=True)
+        self._thread.start()
+        assert self._ready.wait(10)
+
+    def _reply(self, header: dict, frames: list) -> list:
+        request_id = header["id"]
+        if header["kind"] == P.INFO:
+            return [P.pack(P.INFO_REPLY, request_id, info={
+                "serving": True, "fingerprint": self.fingerprint, "experts": [4, 5, 6, 7]})]
+        if header["kind"] == P.PING:
+            return [P.pack(P.PONG, request_id, bytes=0)]
+        self.expert_requests += 1
+        tokens = header["shape"][0]
+        y = torch.randn(tokens, self.hidden)
+        fields = {"layer": header["layer"], "experts": header["experts"], "compute_s": 1e-5}
+        if self.mode == "nan":
+            y[0, 0] = float("nan")
+        elif self.mode == "inf":
+            y[-1, -1] = float("inf")
+        elif self.mode == "shape":
+            y = torch.randn(tokens + 1, self.hidden)
+        elif self.mode == "compute_text":
+            fields["compute_s"] = "abc"
+        elif self.mode == "compute_huge":
+            fields["compute_s"] = 1e300
+        elif self.mode == "other_id":  # answers a request id it was not asked
+            request_id += 1000
+        frames, tensor_fields = P.encode_tensor(y, "float32")
+        return [P.pack(P.EXPERT_REPLY, request_id, **fields, **tensor_fields), *frames]
+
+    def _serve(self) -> None:
+        ctx = zmq.Context()
+        sock = ctx.socket(zmq.ROUTER)
+        sock.setsockopt(zmq.LINGER, 0)
+        sock.bind(self.endpoint)
+        self._ready.set()
+        try:
+            while not self._stop.is_set():
+                if not sock.poll(50):
+                    continue
+                peer, *body = sock.recv_multipart()
+                header = P.unpack(body[0])
+                sock.send_multipart([peer, *self._reply(header, body[1:])])
+        finally:
+            sock.close()
+            ctx.term()
+
+    def stop(self) -> None:
+        self._stop.set()
+        self._thread.join(10)
+
+
+@pytest.mark.parametrize("mode", ["nan", "inf", "shape", "compute_text", "compute_huge",
+                                  "other_id"])
+def test_a_rogue_agent_is_an_agent_failing(mode, tiny_split, start_agent):
+    from shard_tool.manifest import load_manifest
+
+    manifest = load_manifest(tiny_split)
+    honest = start_agent("--expert", "0-3", "--shards", tiny_split, "--bind",
+                         "tcp://127.0.0.1:*")
+    rogue = RogueAgent(manifest.fingerprint, int(manifest.model["hidden_size"]), mode)
+    session = open_session(tiny_split, build_roster(
+        [f"0-3={honest.endpoint}", f"4-7={rogue.endpoint}"], None, None), wait_s=20,
+        progress=False)
+    try:
+        ids = session.base.tokenizer(PROMPT, return_tensors="pt").input_ids
+        result = generate(session, ids, max_new_tokens=12, ignore_eos=True)
+    finally:
+        session.close()
+        rogue.stop()
+    figures = {a["agent"]: a for a in result.agents}
+    assert len(result.token_ids) == 12 and not result.interrupted
+    assert rogue.expert_requests >= 1
+    assert figures[rogue.endpoint]["failures"] >= 1 and figures[rogue.endpoint]["calls"] == 0
+    assert result.fault_drops >= 1
+    assert figures[honest.endpoint]["failures"] == 0 and figures[honest.endpoint]["calls"] > 0
+    # garbage never reached the model: the tokens are not NaN's argmax (id 0) on repeat
+    assert len(set(result.token_ids)) > 1
