@@ -42,7 +42,15 @@ def write_checkpoint(folder: str, layers: int, files: int = 4) -> int:
     os.makedirs(folder)
     config.to_json_file(os.path.join(folder, "config.json"))
     shape = MIXTRAL.shape_from_config(config.to_dict())
-    names = sorted(MIXTRAL.expected(shape).items())
+    experts = {name: s for name, (s, _) in MIXTRAL.expected(shape).items()}
+    import torch
+    from transformers import MixtralForCausalLM
+
+    with torch.device("meta"):  # the rest of the model, under its on-disk names
+        model = MixtralForCausalLM(config)
+    rest = {n.replace(".mlp.", ".block_sparse_moe."): tuple(t.shape)
+            for n, t in model.state_dict().items() if ".experts." not in n}
+    names = sorted({**rest, **experts}.items())
     fill = os.urandom(FILL_CHUNK_BYTES)
     weight_map, total = {}, 0
     per_file = -(-len(names) // files)
@@ -50,8 +58,8 @@ def write_checkpoint(folder: str, layers: int, files: int = 4) -> int:
         file_name = f"model-{i + 1:05d}-of-{files:05d}.safetensors"
         group = names[i * per_file:(i + 1) * per_file]
         writer = StreamingWriter(os.path.join(folder, file_name),
-                                 [(n, "BF16", s) for n, (s, _) in group])
-        for name, (tensor_shape, _) in group:
+                                 [(n, "BF16", s) for n, s in group])
+        for name, tensor_shape in group:
             nbytes = DTYPE_BYTES["BF16"]
             for d in tensor_shape:
                 nbytes *= d

@@ -116,9 +116,6 @@ class Family:
     # a name matching one of these is a routed expert: it must be in `experts`, or the split
     # stops (so an unknown layout never leaks experts into the base-station shard)
     expert_markers: tuple[str, ...] = (r"\.experts\.",)
-    # on-disk -> in-memory name fragments, for base-station loaders that rename by hand
-    # (transformers' own conversion mapping does it otherwise)
-    in_memory_renames: tuple[tuple[str, str], ...] = ()
     _patterns: list = field(default_factory=list, compare=False, repr=False)
 
     def __post_init__(self):
@@ -159,12 +156,6 @@ class Family:
                     names[tensor.disk_name(layer, expert)] = (tensor.disk_shape(shape),
                                                               tensor.dtype)
         return names
-
-    def in_memory_name(self, name: str) -> str:
-        """The name transformers' model class gives this checkpoint tensor in memory."""
-        for disk, memory in self.in_memory_renames:
-            name = name.replace(disk, memory)
-        return name
 
 
 # -- config readers ----------------------------------------------------------------------------
@@ -255,7 +246,6 @@ MIXTRAL = Family(
     model_types=("mixtral",),
     shape_from_config=_reader(("num_local_experts", "num_experts"), "intermediate_size"),
     experts=_per_expert(_L + "block_sparse_moe.", gate="w1", up="w3", down="w2"),
-    in_memory_renames=((".block_sparse_moe.", ".mlp."),),  # transformers >= 5
 )
 
 PHIMOE = Family(
