@@ -103,11 +103,13 @@ class DecodeTraffic:
     dtype: str  # wire dtype
 
     @classmethod
-    def from_model(cls, model: dict, agents: int) -> "DecodeTraffic":
-        """From a manifest's `model` (shard_tool/manifest.py)."""
+    def from_model(cls, model: dict, agents: int, wire_dtype: str = "float32"
+                   ) -> "DecodeTraffic":
+        """From a manifest's `model` (shard_tool/manifest.py), in the wire dtype the distributed
+        run uses (float32: it computes in float32 on a CPU, whatever the checkpoint's dtype)."""
         from edge_agent import protocol as P
 
-        dtype = P.wire_dtype_name(str(model["dtype"]))
+        dtype = P.wire_dtype_name(wire_dtype)
         return cls(rounds=len(model["moe_layers"]) if "moe_layers" in model
                    else int(model["num_layers"]),
                    fanout=min(int(model["top_k"]), agents),

@@ -13,6 +13,16 @@ from testbed.make_model import DTYPES, ModelSpec, make_model
 def cmd_make_model(args) -> int:
     if os.path.exists(args.out):
         raise SystemExit(f"testbed: error: {args.out} already exists")
+    if args.family != "mixtral":  # the small per-family configs of testbed/family_models.py
+        from testbed.corpus import stdlib_docstrings
+        from testbed.family_models import write_family_checkpoint
+        from testbed.make_model import train_tokenizer
+
+        write_family_checkpoint(args.family, args.out,
+                                train_tokenizer(args.vocab, stdlib_docstrings()),
+                                seed=args.seed, max_shard_size=args.max_shard_size)
+        print(f"wrote {args.out}: a small random {args.family} (testbed/family_models.py)")
+        return 0
     spec = ModelSpec(layers=args.layers, hidden=args.hidden, intermediate=args.intermediate,
                      experts=args.experts, top_k=args.top_k, vocab=args.vocab, heads=args.heads,
                      kv_heads=args.kv_heads, dtype=args.dtype,
@@ -73,8 +83,13 @@ def build_parser() -> argparse.ArgumentParser:
 
     parser = argparse.ArgumentParser(prog="testbed", description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True)
-    p = sub.add_parser("make-model", help="write a small random Mixtral checkpoint + tokenizer")
+    p = sub.add_parser("make-model", help="write a small random MoE checkpoint + tokenizer")
     p.add_argument("out")
+    from testbed.family_models import FAMILY_CONFIGS
+
+    p.add_argument("--family", choices=sorted(FAMILY_CONFIGS), default="mixtral",
+                   help="model_type; other than mixtral, the size options below are ignored "
+                   "but --vocab, --seed and --max-shard-size")
     p.add_argument("--layers", type=int, default=2)
     p.add_argument("--hidden", type=int, default=64)
     p.add_argument("--intermediate", type=int, default=128)

@@ -7,9 +7,7 @@ routing, router and expert biases, unnormalised top-k) at a size that builds in 
 
 from __future__ import annotations
 
-import os
-import shutil
-import tempfile
+from testbed.make_model import save_checkpoint
 
 COMMON = dict(hidden_size=32, intermediate_size=48, num_hidden_layers=3, num_attention_heads=4,
               num_key_value_heads=2, max_position_embeddings=256, tie_word_embeddings=False)
@@ -70,15 +68,5 @@ def write_family_checkpoint(model_type: str, out: str, tokenizer, seed: int = 0,
         for tensor in [*model.parameters(), *model.buffers()]:
             if tensor.is_floating_point() and tensor.numel() > 0:
                 tensor.add_(torch.randn(tensor.shape, generator=generator) * 0.02)
-    parent = os.path.dirname(os.path.abspath(out))
-    os.makedirs(parent, exist_ok=True)
-    staging = tempfile.mkdtemp(prefix=".family-model-", dir=parent)
-    try:
-        kwargs = {"max_shard_size": max_shard_size} if max_shard_size else {}
-        model.save_pretrained(staging, **kwargs)
-        tokenizer.save_pretrained(staging)
-        os.rename(staging, out)
-    except BaseException:
-        shutil.rmtree(staging, ignore_errors=True)
-        raise
+    save_checkpoint(model, tokenizer, out, max_shard_size)
     return out

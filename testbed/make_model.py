@@ -83,11 +83,17 @@ def make_model(out: str, spec: ModelSpec) -> None:
     torch.manual_seed(spec.seed)
     model = MixtralForCausalLM(config).to(getattr(torch, DTYPES[spec.dtype])).eval()
 
+    save_checkpoint(model, tokenizer, out, spec.max_shard_size)
+
+
+def save_checkpoint(model, tokenizer, out: str, max_shard_size: str | None = None) -> None:
+    """`save_pretrained` of model and tokenizer into OUT, all-or-nothing (built beside it,
+    renamed at the end)."""
     parent = os.path.dirname(os.path.abspath(out))
     os.makedirs(parent, exist_ok=True)
     staging = tempfile.mkdtemp(prefix=".make-model-", dir=parent)
     try:
-        kwargs = {"max_shard_size": spec.max_shard_size} if spec.max_shard_size else {}
+        kwargs = {"max_shard_size": max_shard_size} if max_shard_size else {}
         model.save_pretrained(staging, **kwargs)
         tokenizer.save_pretrained(staging)
         os.rename(staging, out)
