@@ -41,6 +41,8 @@ import msgpack
 import torch
 import zmq
 
+from shard_tool.dtypes import canonical_dtype
+
 PROTOCOL_VERSION = 1
 
 # Message kinds
@@ -76,7 +78,6 @@ WIRE_DTYPES: dict[str, torch.dtype] = {
     "float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16,
     "int8": torch.int8,
 }
-DTYPE_ALIASES = {"fp32": "float32", "bf16": "bfloat16", "fp16": "float16"}
 DTYPE_NAME = {v: k for k, v in WIRE_DTYPES.items()}
 
 # Liveness and flow control (measured values and reasons in design.md)
@@ -168,7 +169,7 @@ def request_id_of(frame) -> int | None:
 
 def wire_dtype_name(name: str) -> str:
     """Canonical wire dtype name. Raises ProtocolError(ERR_DTYPE)."""
-    name = DTYPE_ALIASES.get(name, name) if isinstance(name, str) else name
+    name = canonical_dtype(name) if isinstance(name, str) else name
     if name not in WIRE_DTYPES:
         raise ProtocolError(ERR_DTYPE, f"unknown wire dtype {name!r}")
     return name

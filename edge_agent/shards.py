@@ -14,12 +14,12 @@ from shard_tool.errors import ShardError
 from shard_tool.families import (DOWN, DOWN_BIAS, DOWN_BLOCKS, DOWN_SCALES, FAMILIES, GATE,
                                  GATE_UP, GATE_UP_BIAS, GATE_UP_BLOCKS, GATE_UP_SCALES, GPT_OSS,
                                  UP, ModelShape)
+from shard_tool.dtypes import canonical_dtype
 from shard_tool.manifest import Manifest, check_file, load_manifest
 from shard_tool.safetensors_io import read_header, read_tensor
 
 COMPUTE_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16,
                   "float16": torch.float16}
-DTYPE_ALIASES = {"fp32": "float32", "bf16": "bfloat16", "fp16": "float16"}
 
 
 @dataclass(frozen=True)
@@ -68,7 +68,7 @@ def resolve_dtype(name: str, manifest: Manifest, device: torch.device | None = N
     if name == "auto":
         on_cpu = device is None or torch.device(device).type == "cpu"
         name = "float32" if on_cpu else str(manifest.model.get("dtype", "float32"))
-    name = DTYPE_ALIASES.get(name, name)
+    name = canonical_dtype(name)
     if name not in COMPUTE_DTYPES:
         raise ShardError(f"unknown dtype {name!r} (auto, bfloat16, float16, float32)")
     return COMPUTE_DTYPES[name]

@@ -16,6 +16,7 @@ import tempfile
 from contextlib import nullcontext
 
 from shard_tool import __version__
+from shard_tool.dtypes import CODE_NAMES, DTYPE_ALIASES, SAFETENSORS_CODES
 from shard_tool.errors import ShardError
 from shard_tool.families import Family, ModelShape, family_for_config, supported_model_types
 from shard_tool.manifest import (BASESTATION_DIR, EXPERTS_DIR, FileEntry, Manifest,
@@ -30,9 +31,10 @@ BASESTATION_WEIGHTS = f"{BASESTATION_DIR}/model.safetensors"
 AUX_FILES = ("config.json", "generation_config.json", "tokenizer.json", "tokenizer_config.json",
              "tokenizer.model", "special_tokens_map.json", "added_tokens.json",
              "chat_template.jinja", "chat_template.json", "vocab.json", "merges.txt")
-DTYPE_CHOICES = {"keep": None, "bfloat16": "BF16", "float16": "F16", "float32": "F32",
-                 "bf16": "BF16", "fp16": "F16", "fp32": "F32"}
-CONFIG_DTYPE_NAME = {"BF16": "bfloat16", "F16": "float16", "F32": "float32"}
+# --dtype value -> safetensors code (None: keep the checkpoint's)
+DTYPE_CHOICES = {"keep": None, **SAFETENSORS_CODES,
+                 **{short: SAFETENSORS_CODES[name] for short, name in DTYPE_ALIASES.items()}}
+CONFIG_DTYPE_NAME = CODE_NAMES
 
 
 def read_config(src: str) -> dict:

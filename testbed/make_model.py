@@ -11,9 +11,10 @@ import shutil
 import tempfile
 from dataclasses import dataclass
 
+from shard_tool.dtypes import DTYPE_ALIASES
 from testbed.corpus import stdlib_docstrings
 
-DTYPES = {"bf16": "bfloat16", "fp16": "float16", "fp32": "float32"}
+DTYPES = DTYPE_ALIASES  # --dtype bf16|fp16|fp32
 SPECIAL_TOKENS = ["<unk>", "<s>", "</s>"]
 # Mixtral-Instruct style, so chat front ends work on test models too.
 CHAT_TEMPLATE = (
