@@ -34,6 +34,9 @@ REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 PROMPT = "The queue module implements multi-producer, multi-consumer queues."
 
 
+DEVICE = {"device": "cpu", "dtype": "float32"}  # set from --device/--dtype in main()
+
+
 def start_agents(shards: str, groups: list[str], cpus: set[int] | None = None
                  ) -> tuple[list[subprocess.Popen], list[str]]:
     """One agent process per group of expert ids ("3" or "0-7"); returns the roster flags."""
@@ -41,7 +44,8 @@ def start_agents(shards: str, groups: list[str], cpus: set[int] | None = None
     env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONUNBUFFERED="1")
     for group in groups:
         proc = subprocess.Popen([sys.executable, "-m", "edge_agent", "--expert", group,
-                                 "--shards", shards, "--bind", "tcp://127.0.0.1:*"],
+                                 "--shards", shards, "--bind", "tcp://127.0.0.1:*",
+                                 "--device", DEVICE["device"], "--dtype", DEVICE["dtype"]],
                                 stdout=subprocess.PIPE, text=True, cwd=REPO_ROOT, env=env,
                                 preexec_fn=(lambda: os.sched_setaffinity(0, cpus)) if cpus
                                 else None)
@@ -67,10 +71,11 @@ def local_per_token_ms(checkpoint: str, tokens: int, repeats: int) -> float:
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     tokenizer = AutoTokenizer.from_pretrained(checkpoint)
-    model = AutoModelForCausalLM.from_pretrained(checkpoint, dtype=torch.float32).eval()
-    ids = tokenizer(PROMPT, return_tensors="pt").input_ids
+    model = AutoModelForCausalLM.from_pretrained(
+        checkpoint, dtype=getattr(torch, DEVICE["dtype"])).to(DEVICE["device"]).eval()
+    ids = tokenizer(PROMPT, return_tensors="pt").input_ids.to(DEVICE["device"])
     config = model.generation_config
-    config.eos_token_id = None
+    config.eos_token_id = []  # never stop early (None would be filled back in)
     config.max_new_tokens, config.do_sample = tokens, False
     config.pad_token_id = tokenizer.eos_token_id
     times = []
@@ -133,7 +138,8 @@ def distributed(shards: str, flags: list[str], tokens: int, repeats: int) -> dic
     from basestation.generate import generate
     from basestation.session import build_roster, open_session
 
-    session = open_session(shards, build_roster(flags, None, None), dtype="float32",
+    session = open_session(shards, build_roster(flags, None, None), dtype=DEVICE["dtype"],
+                           device=DEVICE["device"],
                            wait_s=60, progress=False)
     try:
         ids = session.base.tokenizer(PROMPT, return_tensors="pt").input_ids
@@ -169,9 +175,14 @@ def main() -> None:
     parser.add_argument("--intermediate", type=int, default=512)
     parser.add_argument("--pin", action="store_true",
                         help="agents on the last CPU, the base station on the others")
+    parser.add_argument("--device", default="cpu", help="cpu or cuda: the agents, the base "
+                        "station and the local run all use it (the CUDA paths on a GPU box)")
+    parser.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"],
+                        help="compute and wire dtype (bfloat16 on a GPU)")
     parser.add_argument("--floor-only", action="store_true",
                         help="time only local transformers and the bare pyzmq floor")
     args = parser.parse_args()
+    DEVICE.update(device=args.device, dtype=args.dtype)
     cpus = split_cpus(args.pin)
     torch.set_num_threads(1)  # the agents get the other core's share
     scratch = tempfile.mkdtemp(prefix="bench-decode-")
@@ -191,7 +202,7 @@ def main() -> None:
         manifest = split(checkpoint, shards)
         experts = manifest.num_experts
         local_ms = local_per_token_ms(checkpoint, args.tokens, args.repeats)
-        traffic = DecodeTraffic.from_model(manifest.model, experts)
+        traffic = DecodeTraffic.from_model(manifest.model, experts, args.dtype)
         floor_ms = floor_per_token_ms(traffic, experts, cpus, args.tokens, args.repeats)
         dist = single = None
         if not args.floor_only:
