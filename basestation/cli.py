@@ -1,9 +1,10 @@
-"""`basestation`: generate, chat and status against live edge agents."""
+"""`basestation`: generate, chat, serve and status against live edge agents."""
 
 from __future__ import annotations
 
 import argparse
 import json
+import os
 import signal
 import sys
 
@@ -20,7 +21,7 @@ def add_roster_args(p: argparse.ArgumentParser) -> None:
                    help="how long to wait for every expert's agent (default 30)")
 
 
-def add_model_args(p: argparse.ArgumentParser) -> None:
+def add_session_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--shards", required=True, metavar="DIR", help="split folder (shard_tool)")
     add_roster_args(p)
     p.add_argument("--theta", type=float, default=0.0, help="WLR drop threshold (0: never drop)")
@@ -38,6 +39,10 @@ def add_model_args(p: argparse.ArgumentParser) -> None:
                    help="run with the experts that have no agent dropped")
     p.add_argument("--local-fallback", metavar="EXPERTS|all",
                    help="load these experts here too, used when their agent is down")
+
+
+def add_model_args(p: argparse.ArgumentParser) -> None:
+    add_session_args(p)
     p.add_argument("--max-new-tokens", type=int, default=64)
     p.add_argument("--temperature", type=float, default=0.0, help="0: greedy")
     p.add_argument("--ignore-eos", action="store_true")
@@ -87,6 +92,33 @@ def cmd_chat(args) -> int:
         session.close()
 
 
+def cmd_serve(args) -> int:
+    from basestation.engine import Engine
+    from basestation.openai_api import Defaults
+    from basestation.serve import is_loopback, run_server
+
+    if args.max_queue < 0 or args.max_tokens < 1 or not 0 <= args.port <= 65535:
+        raise RosterError("--max-queue must be >= 0, --max-tokens >= 1, --port in 0-65535")
+    if not is_loopback(args.host) and not args.api_key and not args.insecure:
+        raise RosterError(f"--host {args.host} is reachable beyond this machine: give "
+                          "--api-key KEY (clients send Authorization: Bearer KEY) or --insecure")
+    session = _open(args)
+    try:
+        model_id = args.model_name or os.path.basename(os.path.abspath(args.shards))
+        engine = Engine(session, Defaults(model_id=model_id, theta=args.theta,
+                                          max_tokens=args.max_tokens), max_queue=args.max_queue)
+        try:
+            run_server(engine, model_id, args.host, args.port, args.api_key)
+        except KeyboardInterrupt:  # uvicorn re-raises SIGINT/SIGTERM after its clean shutdown
+            print("basestation serve: stopped", file=sys.stderr)
+        except OSError as e:
+            raise RosterError(f"cannot listen on {args.host}:{args.port}: {e.strerror or e}") \
+                from None
+    finally:
+        session.close()
+    return 0
+
+
 def cmd_status(args) -> int:
     from basestation.status import run_status
 
@@ -105,6 +137,23 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("chat", help="interactive chat (tokens stream as they come)")
     add_model_args(p)
     p.set_defaults(func=cmd_chat)
+    p = sub.add_parser("serve", help="the OpenAI API over HTTP (one request decoded at a time)")
+    add_session_args(p)
+    p.add_argument("--host", default="127.0.0.1", help="beyond loopback needs --api-key or "
+                   "--insecure (default 127.0.0.1)")
+    p.add_argument("--port", type=int, default=8000)
+    p.add_argument("--api-key", default=os.environ.get("BASESTATION_API_KEY"),
+                   help="clients must send Authorization: Bearer KEY (default: "
+                   "$BASESTATION_API_KEY)")
+    p.add_argument("--insecure", action="store_true",
+                   help="allow a non-loopback --host without --api-key")
+    p.add_argument("--max-queue", type=int, default=16,
+                   help="requests that may wait; more get 503 (default 16)")
+    p.add_argument("--max-tokens", type=int, default=256,
+                   help="max_tokens of a request that gives none (cut to the context)")
+    p.add_argument("--model-name", help="the model id clients name (default: the shards "
+                   "folder's name)")
+    p.set_defaults(func=cmd_serve)
     p = sub.add_parser("status", help="table of every agent: reachable, experts, RTT, …")
     add_roster_args(p)
     p.set_defaults(func=cmd_status, wait_s=3.0)

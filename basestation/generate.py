@@ -26,6 +26,8 @@ class GenerationResult:
     retries: int
     agents: list[dict] = field(default_factory=list)
     interrupted: bool = False
+    # raw logits of each generated token's step [V], when asked (output_logits); not in to_json
+    step_logits: list[torch.Tensor] | None = field(default=None, repr=False)
 
     @property
     def tokens_per_s(self) -> float:
@@ -33,7 +35,8 @@ class GenerationResult:
         return len(self.token_ids) / total_s if total_s > 0 else 0.0
 
     def to_json(self) -> dict:
-        out = dataclasses.asdict(self)
+        out = {f.name: copy.deepcopy(getattr(self, f.name))
+               for f in dataclasses.fields(self) if f.name != "step_logits"}
         out["tokens_per_s"] = round(self.tokens_per_s, 3)
         out["token_latency_ms"] = [round(t, 3) for t in self.token_latency_ms]
         return out
@@ -79,12 +82,35 @@ class TimingStreamer:
         return [(b - a) * 1e3 for a, b in zip(self.times_s, self.times_s[1:])]
 
 
+@dataclass(frozen=True)
+class Sampling:
+    """A request's sampling; a None field keeps the model's generation_config value."""
+    temperature: float | None = None  # 0: greedy
+    top_p: float | None = None
+    seed: int | None = None  # seeds torch's global generator (one request at a time)
+
+
+def apply_sampling(config, sampling: Sampling) -> None:
+    """Set `sampling` on a GenerationConfig in place; what it leaves None stays the model's."""
+    if sampling.temperature == 0:
+        config.do_sample, config.temperature, config.top_p, config.top_k = False, None, None, None
+        return
+    if sampling.temperature is not None:
+        config.do_sample, config.temperature = True, sampling.temperature
+    if sampling.top_p is not None:
+        config.top_p = sampling.top_p
+
+
 def generate(session, input_ids: torch.Tensor, max_new_tokens: int = 32,
              temperature: float = 0.0, ignore_eos: bool = False,
              on_text: Callable[[str], None] | None = None,
-             theta: float | None = None) -> GenerationResult:
+             theta: float | None = None, *, sampling: Sampling | None = None,
+             stopping_criteria: list | None = None,
+             output_logits: bool = False) -> GenerationResult:
     """Run generation at this request's θ (default: the session's); Ctrl-C ends it early
-    (the result says so)."""
+    (the result says so). `sampling`, when given, replaces `temperature` (its None fields keep
+    the model's generation_config); `stopping_criteria` are transformers StoppingCriteria;
+    `output_logits` keeps each step's raw logits in `step_logits`."""
     base = session.base
     runtime = session.runtime
     runtime.theta = session.theta if theta is None else theta
@@ -93,19 +119,32 @@ def generate(session, input_ids: torch.Tensor, max_new_tokens: int = 32,
     config = copy.deepcopy(base.model.generation_config)
     config.max_new_tokens = max_new_tokens
     config.pad_token_id = base.tokenizer.eos_token_id
-    if temperature > 0:
+    if sampling is not None:
+        apply_sampling(config, sampling)
+        if sampling.seed is not None:
+            torch.manual_seed(sampling.seed)
+    elif temperature > 0:
         config.do_sample, config.temperature, config.top_p, config.top_k = True, temperature, 1.0, 0
     else:
         config.do_sample, config.temperature, config.top_p, config.top_k = False, None, None, None
+    extra = {}
+    if stopping_criteria:
+        from transformers import StoppingCriteriaList
+
+        extra["stopping_criteria"] = StoppingCriteriaList(stopping_criteria)
+    if output_logits:
+        config.output_logits, config.return_dict_in_generate = True, True
     if ignore_eos:  # no eos: generation runs to max_new_tokens
         # an empty list, not None: transformers fills a None back in from the model's own
         # generation config, so None still stopped at the end-of-sequence token
         config.eos_token_id = []
     interrupted = False
+    output = None
     try:
         with torch.inference_mode():
-            base.model.generate(input_ids.to(base.device), generation_config=config,
-                                streamer=streamer, attention_mask=torch.ones_like(input_ids))
+            output = base.model.generate(input_ids.to(base.device), generation_config=config,
+                                         streamer=streamer,
+                                         attention_mask=torch.ones_like(input_ids), **extra)
     except KeyboardInterrupt:
         interrupted = True
     stats = runtime.stats
@@ -119,4 +158,17 @@ def generate(session, input_ids: torch.Tensor, max_new_tokens: int = 32,
         fault_drops=stats.fault_drops - before.fault_drops,
         retries=stats.retries - before.retries,
         agents=[a.figures() for a in session.agents],
-        interrupted=interrupted)
+        interrupted=interrupted,
+        step_logits=[step[0].float().cpu() for step in output.logits][: len(token_ids)]
+        if output_logits and output is not None else None)
+
+
+def prompt_logits(session, input_ids: torch.Tensor, theta: float | None = None) -> torch.Tensor:
+    """One forward pass of the prompt through the distributed model at θ: float32 logits
+    [T, V] (row i predicts token i + 1), for the log-probabilities of a prompt (echo)."""
+    base = session.base
+    session.runtime.theta = session.theta if theta is None else theta
+    with torch.inference_mode():
+        out = base.model(input_ids.to(base.device), attention_mask=torch.ones_like(input_ids),
+                         use_cache=False)
+    return out.logits[0].float().cpu()

@@ -1,0 +1,95 @@
+"""Serving metrics and their Prometheus text exposition (format 0.0.4), written by hand.
+
+Counters are plain ints written by one thread each (the engine thread, or the event loop) and
+read by the /metrics handler; a torn read costs at most one scrape's accuracy.
+"""
+
+from __future__ import annotations
+
+import bisect
+from dataclasses import dataclass, field
+
+# token latency buckets, seconds: loopback decode is ~ms per token, shaped links ~100s of ms
+TOKEN_LATENCY_BUCKETS_S = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0)
+
+
+@dataclass
+class Histogram:
+    bounds: tuple[float, ...] = TOKEN_LATENCY_BUCKETS_S
+    counts: list[int] = field(default_factory=list)  # per bucket, not cumulative; last: +Inf
+    total: float = 0.0
+
+    def __post_init__(self):
+        self.counts = self.counts or [0] * (len(self.bounds) + 1)
+
+    def observe(self, value: float) -> None:
+        self.counts[bisect.bisect_left(self.bounds, value)] += 1
+        self.total += value
+
+    def lines(self, name: str) -> list[str]:
+        out, running = [], 0
+        for bound, count in zip((*map(_num, self.bounds), "+Inf"), self.counts):
+            running += count
+            out.append(f'{name}_bucket{{le="{bound}"}} {running}')
+        return out + [f"{name}_sum {_num(self.total)}", f"{name}_count {running}"]
+
+
+@dataclass
+class EngineMetrics:
+    completed: int = 0
+    cancelled: int = 0
+    failed: int = 0
+    rejected: int = 0  # queue full
+    prompt_tokens: int = 0
+    completion_tokens: int = 0
+    token_latency: Histogram = field(default_factory=Histogram)
+
+
+def _num(value: float) -> str:
+    return repr(float(value)) if isinstance(value, float) else str(value)
+
+
+def _label(value: str) -> str:
+    return str(value).replace("\\", "\\\\").replace('"', '\\"').replace("\n", "\\n")
+
+
+def render(engine: EngineMetrics, http_responses: dict[tuple[str, int], int], queue_depth: int,
+           agents: list[dict]) -> str:
+    """The /metrics page: requests, tokens, token latency, queue, and every agent's figures
+    (dicts of AgentLink.figures())."""
+    lines: list[str] = []
+
+    def metric(name: str, kind: str, help_: str, samples: list[tuple[str, float]]) -> None:
+        lines.extend([f"# HELP {name} {help_}", f"# TYPE {name} {kind}"])
+        lines.extend(f"{name}{labels} {_num(value)}" for labels, value in samples)
+
+    metric("wdmoe_http_responses_total", "counter", "HTTP responses by path and status",
+           [(f'{{path="{_label(p)}",status="{s}"}}', n)
+            for (p, s), n in sorted(http_responses.items())])
+    metric("wdmoe_requests_total", "counter", "generation requests by outcome",
+           [(f'{{outcome="{k}"}}', getattr(engine, k))
+            for k in ("completed", "cancelled", "failed", "rejected")])
+    metric("wdmoe_prompt_tokens_total", "counter", "prompt tokens processed",
+           [("", engine.prompt_tokens)])
+    metric("wdmoe_completion_tokens_total", "counter", "tokens generated",
+           [("", engine.completion_tokens)])
+    metric("wdmoe_queue_depth", "gauge", "requests waiting for the engine", [("", queue_depth)])
+    lines.extend(["# HELP wdmoe_token_latency_seconds time per generated token (the first "
+                  "includes the prefill)", "# TYPE wdmoe_token_latency_seconds histogram"])
+    lines.extend(engine.token_latency.lines("wdmoe_token_latency_seconds"))
+    per_agent = [
+        ("wdmoe_agent_alive", "gauge", "1 while the agent answers", "alive"),
+        ("wdmoe_agent_rtt_ms", "gauge", "smoothed round-trip time", "rtt_ms"),
+        ("wdmoe_agent_throughput_mbit_s", "gauge", "estimated link throughput",
+         "throughput_mbit_s"),
+        ("wdmoe_agent_compute_us_per_token", "gauge", "expert compute per token",
+         "compute_us_per_token"),
+        ("wdmoe_agent_calls_total", "counter", "token-expert computations sent", "calls"),
+        ("wdmoe_agent_drops_total", "counter", "token-expert computations dropped", "drops"),
+        ("wdmoe_agent_failures_total", "counter", "late, missing or bad replies", "failures"),
+    ]
+    for name, kind, help_, key in per_agent:
+        metric(name, kind, help_, [(f'{{agent="{_label(a["address"])}",experts="'
+                                    f'{",".join(map(str, a["experts"]))}"}}', float(a[key]))
+                                   for a in agents])
+    return "\n".join(lines) + "\n"

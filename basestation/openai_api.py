@@ -1,0 +1,306 @@
+"""OpenAI API shapes: request bodies parsed and checked into frozen dataclasses, responses built.
+
+Pure functions of their inputs (no HTTP, no model): the server calls them, the tests call them
+directly. Every rejection is one `ApiError` carrying the HTTP status and OpenAI's error shape.
+Unknown fields are ignored, as OpenAI's own clients send many; features that would change the
+answer and are not implemented (n > 1, chat logprobs) are refused rather than ignored.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+MAX_LOGPROBS = 20  # top alternatives per token a request may ask for
+MAX_STOP_STRINGS = 16
+
+
+class ApiError(Exception):
+    """A request the server refuses: HTTP status plus OpenAI's {"error": {...}} fields."""
+
+    def __init__(self, status: int, message: str, type_: str = "invalid_request_error",
+                 code: str | None = None, param: str | None = None):
+        super().__init__(message)
+        self.status, self.message, self.type, self.code, self.param = (status, message, type_,
+                                                                       code, param)
+
+    def body(self) -> dict:
+        return {"error": {"message": self.message, "type": self.type, "code": self.code,
+                          "param": self.param}}
+
+
+def invalid(param: str, message: str) -> ApiError:
+    return ApiError(400, f"{param}: {message}", code="invalid_value", param=param)
+
+
+@dataclass(frozen=True)
+class Defaults:
+    """What the server fills in for a request that does not say."""
+    model_id: str
+    theta: float
+    max_tokens: int  # cut further to what the context leaves
+
+
+@dataclass(frozen=True)
+class Params:
+    """Generation parameters of one request (None: the model's generation_config)."""
+    max_tokens: int | None  # None: the server's default, cut to the context
+    temperature: float | None
+    top_p: float | None
+    seed: int | None
+    stop: tuple[str, ...]
+    ignore_eos: bool
+    theta: float
+
+
+@dataclass(frozen=True)
+class ChatRequest:
+    messages: tuple[dict, ...]  # {"role", "content"} with content a string
+    params: Params
+    stream: bool
+    include_usage: bool
+
+
+Prompt = str | tuple[int, ...]  # text, or token ids as given
+
+
+@dataclass(frozen=True)
+class CompletionRequest:
+    prompts: tuple[Prompt, ...]  # one choice each
+    params: Params
+    stream: bool
+    include_usage: bool
+    echo: bool
+    logprobs: int | None  # top alternatives per token; None: no logprobs
+
+
+# --- field checks -------------------------------------------------------------------------------
+
+def _number(body: dict, name: str, low: float, high: float) -> float | None:
+    value = body.get(name)
+    if value is None:
+        return None
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
+        raise invalid(name, f"expected a number, got {value!r}")
+    if not low <= value <= high:
+        raise invalid(name, f"{value!r} is outside [{low:g}, {high:g}]")
+    return float(value)
+
+
+def _integer(body: dict, name: str, low: int, high: int | None = None) -> int | None:
+    value = body.get(name)
+    if value is None:
+        return None
+    if isinstance(value, bool) or not isinstance(value, int):
+        raise invalid(name, f"expected an integer, got {value!r}")
+    if value < low or (high is not None and value > high):
+        raise invalid(name, f"{value} is outside [{low}, {high if high is not None else '∞'}]")
+    return value
+
+
+def _flag(body: dict, name: str, default: bool = False) -> bool:
+    value = body.get(name)
+    if value is None:
+        return default
+    if not isinstance(value, bool):
+        raise invalid(name, f"expected true or false, got {value!r}")
+    return value
+
+
+def _stop(body: dict) -> tuple[str, ...]:
+    value = body.get("stop")
+    if value is None:
+        return ()
+    stops = [value] if isinstance(value, str) else value
+    if not isinstance(stops, list) or not all(isinstance(s, str) and s for s in stops):
+        raise invalid("stop", "expected a non-empty string or a list of them")
+    if len(stops) > MAX_STOP_STRINGS:
+        raise invalid("stop", f"at most {MAX_STOP_STRINGS} strings")
+    return tuple(stops)
+
+
+def _model(body: dict, defaults: Defaults) -> None:
+    model = body.get("model")
+    if not isinstance(model, str) or not model:
+        raise invalid("model", "required: the id from GET /v1/models")
+    if model != defaults.model_id:
+        raise ApiError(404, f"The model '{model}' does not exist; this server serves "
+                       f"'{defaults.model_id}'", code="model_not_found", param="model")
+
+
+def _stream(body: dict) -> tuple[bool, bool]:
+    stream = _flag(body, "stream")
+    options = body.get("stream_options")
+    if options is None:
+        return stream, False
+    if not isinstance(options, dict):
+        raise invalid("stream_options", "expected an object")
+    if not stream:
+        raise invalid("stream_options", "only allowed with stream: true")
+    return stream, _flag(options, "include_usage")
+
+
+def _single_choice(body: dict) -> None:
+    for name in ("n", "best_of"):
+        if _integer(body, name, 1) not in (None, 1):
+            raise invalid(name, "only 1 is supported")
+
+
+def _params(body: dict, defaults: Defaults, max_tokens_low: int, *names: str) -> Params:
+    max_tokens = None
+    for name in names:  # max_completion_tokens supersedes the deprecated max_tokens
+        value = _integer(body, name, max_tokens_low)
+        if value is not None:
+            max_tokens = value
+    theta = _number(body, "theta", 0.0, 1.0)
+    return Params(max_tokens=max_tokens, temperature=_number(body, "temperature", 0.0, 2.0),
+                  top_p=_number(body, "top_p", 1e-9, 1.0),
+                  seed=_integer(body, "seed", -(2 ** 63), 2 ** 64 - 1), stop=_stop(body),
+                  ignore_eos=_flag(body, "ignore_eos"),
+                  theta=defaults.theta if theta is None else theta)
+
+
+def _object(body) -> dict:
+    if not isinstance(body, dict):
+        raise ApiError(400, "the request body must be a JSON object", code="invalid_json")
+    return body
+
+
+# --- requests -----------------------------------------------------------------------------------
+
+def _content(index: int, content) -> str:
+    if isinstance(content, str):
+        return content
+    if isinstance(content, list):  # [{"type": "text", "text": ...}, ...]
+        parts = []
+        for part in content:
+            if not isinstance(part, dict) or part.get("type") != "text" \
+                    or not isinstance(part.get("text"), str):
+                raise invalid(f"messages[{index}].content", "only text parts are supported")
+            parts.append(part["text"])
+        return "".join(parts)
+    if content is None:
+        return ""
+    raise invalid(f"messages[{index}].content", "expected a string or a list of text parts")
+
+
+def parse_chat(body, defaults: Defaults) -> ChatRequest:
+    """A /v1/chat/completions body. Raises ApiError."""
+    body = _object(body)
+    _model(body, defaults)
+    raw = body.get("messages")
+    if not isinstance(raw, list) or not raw:
+        raise invalid("messages", "expected a non-empty list of {role, content}")
+    messages = []
+    for i, message in enumerate(raw):
+        if not isinstance(message, dict) or not isinstance(message.get("role"), str):
+            raise invalid(f"messages[{i}]", "expected an object with a role")
+        messages.append({"role": message["role"], "content": _content(i, message.get("content"))})
+    _single_choice(body)
+    if _flag(body, "logprobs"):
+        raise invalid("logprobs", "not supported on chat completions yet (use /v1/completions)")
+    stream, include_usage = _stream(body)
+    return ChatRequest(messages=tuple(messages), stream=stream, include_usage=include_usage,
+                       params=_params(body, defaults, 1, "max_tokens", "max_completion_tokens"))
+
+
+def _prompts(value, vocab_size: int) -> tuple[Prompt, ...]:
+    def ids(seq, where: str) -> tuple[int, ...]:
+        if not seq or not all(isinstance(t, int) and not isinstance(t, bool) for t in seq):
+            raise invalid(where, "expected a non-empty list of token ids")
+        bad = [t for t in seq if not 0 <= t < vocab_size]
+        if bad:
+            raise invalid(where, f"token id {bad[0]} is outside the vocabulary [0, {vocab_size})")
+        return tuple(seq)
+
+    if isinstance(value, str):
+        return (value,)
+    if isinstance(value, list) and value:
+        if all(isinstance(p, str) for p in value):
+            return tuple(value)
+        if all(isinstance(p, list) for p in value):
+            return tuple(ids(p, f"prompt[{i}]") for i, p in enumerate(value))
+        return (ids(value, "prompt"),)
+    raise invalid("prompt", "expected a string, a list of strings, a list of token ids or a "
+                  "list of such lists")
+
+
+def parse_completion(body, defaults: Defaults, vocab_size: int) -> CompletionRequest:
+    """A /v1/completions body. Raises ApiError."""
+    body = _object(body)
+    _model(body, defaults)
+    prompts = _prompts(body.get("prompt"), vocab_size)
+    _single_choice(body)
+    if body.get("suffix") is not None:
+        raise invalid("suffix", "not supported")
+    stream, include_usage = _stream(body)
+    echo = _flag(body, "echo")
+    if echo and stream:
+        raise invalid("echo", "not supported with stream: true")
+    return CompletionRequest(prompts=prompts, stream=stream, include_usage=include_usage,
+                             echo=echo, logprobs=_integer(body, "logprobs", 0, MAX_LOGPROBS),
+                             params=_params(body, defaults, 0, "max_tokens"))
+
+
+def completion_budget(prompt_tokens: int, requested: int | None, default: int,
+                      context: int) -> int:
+    """New tokens a request may generate: what it asked for, else the server's default cut to
+    what the context leaves. Raises ApiError (400) when prompt and request exceed the context."""
+    if prompt_tokens > context or (requested is not None and prompt_tokens + requested > context):
+        asked = "" if requested is None else f" and {requested} for the completion"
+        raise ApiError(400, f"This model's maximum context length is {context} tokens; the "
+                       f"request has {prompt_tokens} in the prompt{asked}",
+                       code="context_length_exceeded")
+    return requested if requested is not None else max(0, min(default, context - prompt_tokens))
+
+
+# --- stop strings -------------------------------------------------------------------------------
+
+def cut_at_stop(text: str, stops: tuple[str, ...]) -> tuple[str, bool]:
+    """The text before the earliest stop string, and whether one occurred."""
+    found = [i for i in (text.find(s) for s in stops) if i >= 0]
+    return (text[: min(found)], True) if found else (text, False)
+
+
+def held_back(text: str, stops: tuple[str, ...]) -> int:
+    """How many trailing characters could still begin a stop string (not yet safe to stream)."""
+    longest = 0
+    for stop in stops:
+        for n in range(min(len(stop) - 1, len(text)), longest, -1):
+            if text.endswith(stop[:n]):
+                longest = n
+                break
+    return longest
+
+
+# --- responses ----------------------------------------------------------------------------------
+
+def usage(prompt_tokens: int, completion_tokens: int) -> dict:
+    return {"prompt_tokens": prompt_tokens, "completion_tokens": completion_tokens,
+            "total_tokens": prompt_tokens + completion_tokens}
+
+
+def logprobs_block(tokens: list[str], token_logprobs: list[float | None],
+                   top_logprobs: list[dict | None], start_offset: int = 0) -> dict:
+    """/v1/completions `logprobs` (the shape lm-eval's local-completions reads): token strings,
+    their log-probabilities (None for a first prompt token), top alternatives, text offsets."""
+    offsets, at = [], start_offset
+    for token in tokens:
+        offsets.append(at)
+        at += len(token)
+    return {"tokens": tokens, "token_logprobs": token_logprobs, "top_logprobs": top_logprobs,
+            "text_offset": offsets}
+
+
+def chat_chunk(id_: str, created: int, model: str, delta: dict,
+               finish_reason: str | None = None) -> dict:
+    return {"id": id_, "object": "chat.completion.chunk", "created": created, "model": model,
+            "choices": [{"index": 0, "delta": delta, "logprobs": None,
+                         "finish_reason": finish_reason}]}
+
+
+def completion_chunk(id_: str, created: int, model: str, index: int, text: str,
+                     finish_reason: str | None = None) -> dict:
+    return {"id": id_, "object": "text_completion", "created": created, "model": model,
+            "choices": [{"index": index, "text": text, "logprobs": None,
+                         "finish_reason": finish_reason}]}

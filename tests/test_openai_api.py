@@ -1,0 +1,138 @@
+"""OpenAI request parsing, stop strings, context budget and the metrics page: pure functions."""
+
+from __future__ import annotations
+
+import pytest
+
+from basestation import openai_api as api
+from basestation.engine import agent_figures
+from basestation.metrics import EngineMetrics, Histogram, render
+
+DEFAULTS = api.Defaults(model_id="tiny", theta=0.2, max_tokens=64)
+CHAT = {"model": "tiny", "messages": [{"role": "user", "content": "hi"}]}
+
+
+def error(fn, *args) -> api.ApiError:
+    with pytest.raises(api.ApiError) as e:
+        fn(*args)
+    return e.value
+
+
+def test_chat_defaults_and_fields():
+    req = api.parse_chat(CHAT, DEFAULTS)
+    assert req.messages == ({"role": "user", "content": "hi"},)
+    assert req.params == api.Params(max_tokens=None, temperature=None, top_p=None, seed=None,
+                                    stop=(), ignore_eos=False, theta=0.2)
+    assert not req.stream and not req.include_usage
+
+    req = api.parse_chat({**CHAT, "max_tokens": 5, "max_completion_tokens": 7, "temperature": 0,
+                          "top_p": 0.5, "seed": 3, "stop": "\n", "theta": 0.5,
+                          "ignore_eos": True, "stream": True,
+                          "stream_options": {"include_usage": True}, "user": "ignored"},
+                         DEFAULTS)
+    assert req.params == api.Params(max_tokens=7, temperature=0.0, top_p=0.5, seed=3,
+                                    stop=("\n",), ignore_eos=True, theta=0.5)
+    assert req.stream and req.include_usage
+
+    parts = {"role": "user", "content": [{"type": "text", "text": "a"},
+                                         {"type": "text", "text": "b"}]}
+    assert api.parse_chat({**CHAT, "messages": [parts]}, DEFAULTS).messages[0]["content"] == "ab"
+
+
+@pytest.mark.parametrize("field,value", [
+    ("temperature", "hot"), ("temperature", 3), ("temperature", True), ("top_p", 0),
+    ("max_tokens", 0), ("max_tokens", 1.5), ("seed", "x"), ("stop", [""]), ("stop", 3),
+    ("theta", 1.5), ("ignore_eos", "yes"), ("stream", 1), ("n", 2), ("logprobs", True),
+    ("messages", []), ("messages", [{"content": "no role"}]),
+    ("messages", [{"role": "user", "content": [{"type": "image_url"}]}]),
+    ("stream_options", {"include_usage": True}),  # without stream
+])
+def test_chat_rejects(field, value):
+    e = error(api.parse_chat, {**CHAT, field: value}, DEFAULTS)
+    assert e.status == 400 and e.code == "invalid_value" and field in e.message
+    assert e.body()["error"]["type"] == "invalid_request_error"
+
+
+def test_model_and_body_errors():
+    assert error(api.parse_chat, {**CHAT, "model": "gpt-4"}, DEFAULTS).status == 404
+    assert error(api.parse_chat, {**CHAT, "model": None}, DEFAULTS).status == 400
+    e = error(api.parse_chat, [CHAT], DEFAULTS)
+    assert (e.status, e.code) == (400, "invalid_json")
+
+
+def test_completion_prompts():
+    def prompts(value):
+        return api.parse_completion({"model": "tiny", "prompt": value}, DEFAULTS, 100).prompts
+
+    assert prompts("a") == ("a",)
+    assert prompts(["a", "b"]) == ("a", "b")
+    assert prompts([1, 2, 3]) == ((1, 2, 3),)
+    assert prompts([[1, 2], [3]]) == ((1, 2), (3,))
+    for bad in (None, [], [1, "a"], [[1], []], [[1], "a"], [100], [True], 5):
+        e = error(api.parse_completion, {"model": "tiny", "prompt": bad}, DEFAULTS, 100)
+        assert e.status == 400 and "prompt" in e.param, bad
+
+    req = api.parse_completion({"model": "tiny", "prompt": "a", "max_tokens": 0, "echo": True,
+                                "logprobs": 5}, DEFAULTS, 100)
+    assert (req.params.max_tokens, req.echo, req.logprobs) == (0, True, 5)
+    for bad in ({"logprobs": 21}, {"echo": True, "stream": True}, {"best_of": 2},
+                {"suffix": "x"}, {"max_tokens": -1}):
+        e = error(api.parse_completion, {"model": "tiny", "prompt": "a", **bad}, DEFAULTS, 100)
+        assert e.status == 400, bad
+
+
+def test_completion_budget():
+    assert api.completion_budget(10, None, 64, 100) == 64
+    assert api.completion_budget(90, None, 64, 100) == 10  # the default is cut to the context
+    assert api.completion_budget(90, 10, 64, 100) == 10
+    assert api.completion_budget(100, 0, 64, 100) == 0
+    for prompt, asked in ((101, None), (101, 0), (90, 11)):
+        e = error(api.completion_budget, prompt, asked, 64, 100)
+        assert e.status == 400 and e.code == "context_length_exceeded" and "100" in e.message
+
+
+def test_stop_strings():
+    assert api.cut_at_stop("hello world", ("wor", "lo")) == ("hel", True)
+    assert api.cut_at_stop("hello", ("x",)) == ("hello", False)
+    assert api.cut_at_stop("hello", ()) == ("hello", False)
+    # trailing characters that may begin a stop string are held back from the stream
+    assert api.held_back("hello wo", ("world",)) == 2
+    assert api.held_back("hello w", ("world", "wx")) == 1
+    assert api.held_back("hello", ("world",)) == 0
+    assert api.held_back("abab", ("abc", "babx")) == 3
+    assert api.held_back("x", ()) == 0
+
+
+def test_logprobs_block_offsets():
+    block = api.logprobs_block(["He", "llo", " w"], [None, -1.0, -2.0],
+                               [None, {"llo": -1.0}, {" w": -2.0}])
+    assert block["text_offset"] == [0, 2, 5]
+    assert block["token_logprobs"][0] is None and block["tokens"] == ["He", "llo", " w"]
+
+
+def test_agent_figures_are_per_request():
+    before = [{"address": "a", "experts": [0], "alive": True, "calls": 10, "drops": 1,
+               "failures": 0, "rtt_ms": 1.0, "throughput_mbit_s": 5.0,
+               "compute_us_per_token": 3.0, "probes": 4}]
+    after = [dict(before[0], calls=25, drops=4, failures=1, rtt_ms=2.0)]
+    assert agent_figures(before, after) == [{
+        "address": "a", "experts": [0], "alive": True, "calls": 15, "drops": 3, "failures": 1,
+        "rtt_ms": 2.0, "throughput_mbit_s": 5.0, "compute_us_per_token": 3.0}]
+
+
+def test_metrics_page():
+    h = Histogram(bounds=(0.01, 0.1))
+    for value in (0.005, 0.01, 0.05, 3.0):
+        h.observe(value)
+    assert h.lines("t") == ['t_bucket{le="0.01"} 2', 't_bucket{le="0.1"} 3',
+                            't_bucket{le="+Inf"} 4', "t_sum 3.065", "t_count 4"]
+    engine = EngineMetrics(completed=3, cancelled=1, completion_tokens=40)
+    agent = {"address": 'tcp://h:1"', "experts": [0, 1], "alive": True, "rtt_ms": 1.5,
+             "throughput_mbit_s": 10.0, "compute_us_per_token": 2.0, "calls": 7, "drops": 2,
+             "failures": 0}
+    text = render(engine, {("/v1/completions", 503): 2}, 1, [agent])
+    assert 'wdmoe_requests_total{outcome="cancelled"} 1' in text
+    assert 'wdmoe_http_responses_total{path="/v1/completions",status="503"} 2' in text
+    assert 'wdmoe_agent_rtt_ms{agent="tcp://h:1\\"",experts="0,1"} 1.5' in text
+    assert 'wdmoe_agent_alive{agent="tcp://h:1\\"",experts="0,1"} 1.0' in text
+    assert "wdmoe_queue_depth 1" in text and text.endswith("\n")

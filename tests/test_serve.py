@@ -1,0 +1,327 @@
+"""`basestation serve` as a real process over real agents, driven by the real `openai` client
+and by raw HTTP for the errors."""
+
+from __future__ import annotations
+
+import json
+import os
+import queue
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+import urllib.error
+import urllib.request
+
+import pytest
+import torch
+
+from agent_fixtures import (REPO_ROOT, START_TIMEOUT_S, _die_with_parent, free_port,  # noqa: F401
+                            start_module_agent, two_agents)
+
+pytestmark = pytest.mark.integration
+MODEL = "tiny"
+PROMPT = "Return the list of items in the queue."
+
+
+class ServerProcess:
+    """`python -m basestation serve ...` on a free port; ready when /health answers."""
+
+    def __init__(self, args: list[str]):
+        self.port = free_port()
+        self.url = f"http://127.0.0.1:{self.port}"
+        self.stderr_file = tempfile.TemporaryFile(mode="w+")
+        env = dict(os.environ, PYTHONUNBUFFERED="1", OMP_NUM_THREADS="1")
+        self.proc = subprocess.Popen(
+            [sys.executable, "-m", "basestation", "serve", "--port", str(self.port),
+             "--model-name", MODEL, *args], cwd=REPO_ROOT, stdout=subprocess.PIPE,
+            stderr=self.stderr_file, text=True, env=env, preexec_fn=_die_with_parent)
+        self.lines: queue.Queue[str | None] = queue.Queue()
+        threading.Thread(target=self._read, daemon=True).start()
+
+    def _read(self) -> None:
+        for line in self.proc.stdout:
+            self.lines.put(line.rstrip("\n"))
+        self.lines.put(None)
+
+    def wait_ready(self, timeout_s: float = START_TIMEOUT_S) -> None:
+        deadline = time.monotonic() + timeout_s
+        while time.monotonic() < deadline:
+            if self.proc.poll() is not None:
+                pytest.fail(f"serve exited ({self.proc.returncode}); stderr:\n{self.stderr()}")
+            try:
+                with urllib.request.urlopen(self.url + "/health", timeout=2) as r:
+                    if r.status == 200:
+                        return
+            except OSError:
+                time.sleep(0.1)
+        pytest.fail(f"serve not ready within {timeout_s} s; stderr:\n{self.stderr()}")
+
+    def stderr(self) -> str:
+        self.stderr_file.flush()
+        self.stderr_file.seek(0)
+        return self.stderr_file.read()
+
+    def stop(self) -> None:
+        if self.proc.poll() is None:
+            self.proc.terminate()
+            try:
+                self.proc.wait(timeout=20)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait()
+        self.stderr_file.close()
+
+
+def _start(two_agents, tiny_split, *extra: str) -> ServerProcess:
+    server = ServerProcess(["--shards", tiny_split, "--dtype", "float32", "--wait-s", "20",
+                            *[a for flag in two_agents for a in ("--agent", flag)], *extra])
+    try:
+        server.wait_ready()
+    except BaseException:
+        server.stop()
+        raise
+    return server
+
+
+@pytest.fixture(scope="module")
+def server(two_agents, tiny_split):
+    """No queue: a request that comes while one is decoded gets 503."""
+    s = _start(two_agents, tiny_split, "--max-queue", "0")
+    yield s
+    s.stop()
+
+
+@pytest.fixture
+def client(server):
+    import openai
+
+    return openai.OpenAI(base_url=server.url + "/v1", api_key="unused", max_retries=0,
+                         timeout=60)
+
+
+def http(url: str, body=None, method: str | None = None, headers: dict | None = None,
+         raw: bytes | None = None) -> tuple[int, dict | str]:
+    data = raw if raw is not None else (json.dumps(body).encode() if body is not None else None)
+    req = urllib.request.Request(url, data=data, method=method or ("POST" if data else "GET"),
+                                 headers={"Content-Type": "application/json", **(headers or {})})
+    try:
+        with urllib.request.urlopen(req, timeout=60) as r:
+            status, text = r.status, r.read().decode()
+    except urllib.error.HTTPError as e:
+        status, text = e.code, e.read().decode()
+    try:
+        return status, json.loads(text)
+    except json.JSONDecodeError:
+        return status, text
+
+
+def metric(server, name: str) -> float:
+    _, text = http(server.url + "/metrics")
+    for line in text.splitlines():
+        if line.startswith(name + " "):
+            return float(line.split()[-1])
+    raise AssertionError(f"{name} not in /metrics:\n{text}")
+
+
+def check_wdmoe(wdmoe: dict, theta: float, tokens: int) -> None:
+    assert wdmoe["theta"] == theta
+    assert len(wdmoe["token_latency_ms"]) == tokens
+    assert wdmoe["expert_calls"] > 0 and wdmoe["experts_dropped"] >= 0
+    assert [tuple(a["experts"]) for a in wdmoe["agents"]] == [(0, 1, 2, 3), (4, 5, 6, 7)]
+    for a in wdmoe["agents"]:
+        assert {"address", "experts", "calls", "drops", "failures", "rtt_ms",
+                "throughput_mbit_s", "compute_us_per_token"} <= set(a)
+    assert sum(a["calls"] for a in wdmoe["agents"]) == wdmoe["expert_calls"]
+
+
+def test_models_and_health(server, client):
+    assert [m.id for m in client.models.list()] == [MODEL]
+    status, body = http(server.url + "/health")
+    assert status == 200 and body["agents_alive"] == 2
+
+
+def test_chat_plain_and_streamed(client):
+    messages = [{"role": "user", "content": "What does the queue module do?"}]
+    plain = client.chat.completions.create(model=MODEL, messages=messages, max_tokens=10,
+                                           temperature=0, extra_body={"ignore_eos": True})
+    text = plain.choices[0].message.content
+    assert plain.choices[0].finish_reason == "length" and text
+    assert plain.usage.completion_tokens == 10 and plain.usage.prompt_tokens > 5
+    check_wdmoe(plain.model_extra["wdmoe"], 0.0, 10)
+
+    stream = client.chat.completions.create(
+        model=MODEL, messages=messages, max_tokens=10, temperature=0, stream=True,
+        stream_options={"include_usage": True}, extra_body={"ignore_eos": True})
+    chunks = list(stream)
+    assert chunks[0].choices[0].delta.role == "assistant"
+    pieces = [c.choices[0].delta.content or "" for c in chunks if c.choices]
+    assert "".join(pieces) == text  # greedy: the same answer streamed
+    finish = [c.choices[0].finish_reason for c in chunks if c.choices]
+    assert finish[-1] == "length" and set(finish[:-1]) == {None}
+    assert chunks[-1].choices == [] and chunks[-1].usage.completion_tokens == 10
+    check_wdmoe(chunks[-1].model_extra["wdmoe"], 0.0, 10)
+
+
+def test_chat_sampling_seed_and_stop(client):
+    messages = [{"role": "user", "content": "Tell me about threads."}]
+
+    def ask(**kw):
+        return client.chat.completions.create(model=MODEL, messages=messages, max_tokens=12,
+                                              extra_body={"ignore_eos": True}, **kw)
+
+    first = ask(temperature=1.0, top_p=0.9, seed=7).choices[0].message.content
+    assert ask(temperature=1.0, top_p=0.9, seed=7).choices[0].message.content == first
+    greedy = ask(temperature=0).choices[0].message.content
+    stop = greedy[len(greedy) // 2: len(greedy) // 2 + 2]
+    cut = ask(temperature=0, stop=[stop]).choices[0]
+    assert cut.finish_reason == "stop" and cut.message.content == greedy[: greedy.index(stop)]
+
+
+def reference_logprobs(checkpoint: str, ids: list[int]) -> torch.Tensor:
+    """transformers' own log-probabilities of each prompt token given the ones before it."""
+    from transformers import AutoModelForCausalLM
+
+    model = AutoModelForCausalLM.from_pretrained(checkpoint, dtype=torch.float32,
+                                                 experts_implementation="eager").eval()
+    with torch.inference_mode():
+        logits = model(torch.tensor([ids])).logits[0]
+    return torch.log_softmax(logits.float(), -1)[torch.arange(len(ids) - 1), ids[1:]]
+
+
+def test_completions_echo_logprobs_match_transformers(client, tiny_checkpoint):
+    from transformers import AutoTokenizer
+
+    ids = AutoTokenizer.from_pretrained(tiny_checkpoint)(PROMPT).input_ids
+    out = client.completions.create(model=MODEL, prompt=PROMPT, max_tokens=0, echo=True,
+                                    logprobs=2, temperature=0)
+    choice = out.choices[0]
+    assert choice.text == PROMPT and out.usage.prompt_tokens == len(ids)
+    lp = choice.logprobs
+    assert len(lp.tokens) == len(ids) and "".join(lp.tokens) == PROMPT
+    assert lp.token_logprobs[0] is None and lp.top_logprobs[0] is None
+    expected = reference_logprobs(tiny_checkpoint, ids)
+    assert torch.allclose(torch.tensor(lp.token_logprobs[1:]), expected, atol=1e-4)
+    assert lp.text_offset[0] == 0 and lp.text_offset[1] == len(lp.tokens[0])
+    for token, value, top in zip(lp.tokens[1:], lp.token_logprobs[1:], lp.top_logprobs[1:]):
+        assert 2 <= len(top) <= 3 and top[token] == pytest.approx(value)
+        assert max(top.values()) >= value
+
+    # the shape lm-eval sends: token ids, several prompts, one generated token each
+    out = client.completions.create(model=MODEL, prompt=[ids, ids[:4]], max_tokens=1,
+                                    echo=True, logprobs=1, temperature=0)
+    assert [len(c.logprobs.tokens) for c in out.choices] == [len(ids) + 1, 5]
+    assert torch.allclose(torch.tensor(out.choices[0].logprobs.token_logprobs[1:len(ids)]),
+                          expected, atol=1e-4)
+    generated = out.choices[1].logprobs
+    assert generated.token_logprobs[-1] == max(generated.top_logprobs[-1].values())  # greedy
+
+
+def test_theta_belongs_to_the_request(client):
+    def complete(theta: float):
+        return client.completions.create(model=MODEL, prompt=PROMPT, max_tokens=8,
+                                         temperature=0, extra_body={"theta": theta,
+                                                                    "ignore_eos": True})
+
+    dropping = complete(0.5).model_extra["wdmoe"]  # k = 2: theta >= 0.5 always drops
+    check_wdmoe(dropping, 0.5, 8)
+    assert dropping["experts_dropped"] > 0
+    keeping = complete(0.0).model_extra["wdmoe"]
+    assert keeping["experts_dropped"] == 0 and keeping["theta"] == 0.0
+
+
+def test_errors_in_openai_shape(server):
+    chat = server.url + "/v1/chat/completions"
+    good = {"model": MODEL, "messages": [{"role": "user", "content": "hi"}], "max_tokens": 2}
+    cases = [
+        (http(chat, raw=b"{not json"), 400, "invalid_json"),
+        (http(chat, [1, 2]), 400, "invalid_json"),
+        (http(chat, {**good, "temperature": "hot"}), 400, "invalid_value"),
+        (http(chat, {**good, "messages": []}), 400, "invalid_value"),
+        (http(chat, {**good, "max_tokens": 0}), 400, "invalid_value"),
+        (http(chat, {**good, "theta": 2}), 400, "invalid_value"),
+        (http(chat, {**good, "model": "gpt-4"}), 404, "model_not_found"),
+        (http(server.url + "/v1/completions",
+              {"model": MODEL, "prompt": [5] * 4097, "max_tokens": 0}), 400,
+         "context_length_exceeded"),
+        (http(server.url + "/v1/completions",
+              {"model": MODEL, "prompt": [5] * 4000, "max_tokens": 100}), 400,
+         "context_length_exceeded"),
+        (http(server.url + "/v1/completions", {"model": MODEL, "prompt": [99999]}), 400,
+         "invalid_value"),
+        (http(server.url + "/v1/completions", {"model": MODEL, "prompt": ""}), 400,
+         "invalid_value"),
+    ]
+    for (status, body), want_status, want_code in cases:
+        assert status == want_status, body
+        assert set(body["error"]) >= {"message", "type", "code"}, body
+        assert body["error"]["code"] == want_code, body
+    assert "4096" in cases[7][0][1]["error"]["message"]
+    status, _ = http(chat, good)
+    assert status == 200
+
+
+def test_overload_and_disconnect_cancels(server, client):
+    """One request decoding and no queue: the next gets 503. Closing the stream cancels the
+    generation, so a request right after it is served (it would get 503 otherwise)."""
+    import openai
+
+    cancelled_before = metric(server, "wdmoe_requests_total{outcome=\"cancelled\"}")
+    stream = client.chat.completions.create(
+        model=MODEL, messages=[{"role": "user", "content": "Go on forever."}], max_tokens=3000,
+        stream=True, extra_body={"ignore_eos": True})
+    it = iter(stream)
+    for _ in range(3):
+        next(it)  # decoding has started
+    status, body = http(server.url + "/v1/completions",
+                        {"model": MODEL, "prompt": "x", "max_tokens": 1})
+    assert status == 503 and body["error"]["code"] == "overloaded"
+    with pytest.raises(openai.APIStatusError) as e:
+        client.completions.create(model=MODEL, prompt="x", max_tokens=1)
+    assert e.value.status_code == 503
+    stream.close()
+
+    deadline = time.monotonic() + 10
+    while metric(server, "wdmoe_requests_total{outcome=\"cancelled\"}") == cancelled_before:
+        assert time.monotonic() < deadline, "the disconnected stream was not cancelled"
+        time.sleep(0.05)
+    started = time.monotonic()
+    out = client.completions.create(model=MODEL, prompt="x", max_tokens=2, temperature=0)
+    assert out.choices[0].text is not None and time.monotonic() - started < 10
+    assert metric(server, "wdmoe_queue_depth") == 0
+
+
+def test_metrics_page(server):
+    status, text = http(server.url + "/metrics")
+    assert status == 200
+    for name in ("wdmoe_requests_total{outcome=\"completed\"}", "wdmoe_completion_tokens_total",
+                 "wdmoe_token_latency_seconds_bucket{le=\"+Inf\"}",
+                 "wdmoe_token_latency_seconds_count", "wdmoe_agent_rtt_ms{agent=",
+                 "wdmoe_agent_throughput_mbit_s{", "wdmoe_agent_calls_total{",
+                 "wdmoe_agent_drops_total{", "wdmoe_agent_failures_total{",
+                 "wdmoe_agent_alive{", "wdmoe_http_responses_total{path=\"/v1/completions\","
+                 "status=\"503\"}"):
+        assert name in text, name
+    assert metric(server, "wdmoe_completion_tokens_total") > 0
+
+
+def test_api_key(two_agents, tiny_split):
+    secured = _start(two_agents, tiny_split, "--api-key", "s3cret")
+    try:
+        body = {"model": MODEL, "prompt": "x", "max_tokens": 1}
+        url = secured.url + "/v1/completions"
+        status, err = http(url, body, headers={"Authorization": "Bearer wrong"})
+        assert status == 401 and err["error"]["code"] == "invalid_api_key"
+        assert http(url, body)[0] == 401
+        assert http(url, body, headers={"Authorization": "Bearer s3cret"})[0] == 200
+        assert http(secured.url + "/health")[0] == 200  # open for load balancers
+    finally:
+        secured.stop()
+
+
+def test_beyond_loopback_needs_a_key(run_cli, tiny_split):
+    result = run_cli("basestation", "serve", "--shards", tiny_split, "--agent",
+                     "0-7=tcp://127.0.0.1:1", "--host", "0.0.0.0")
+    assert result.returncode == 2 and "--api-key" in result.stderr
+    assert "Traceback" not in result.stderr and len(result.stderr.strip().splitlines()) == 1
