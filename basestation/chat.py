@@ -1,6 +1,7 @@
 """`basestation chat`: a REPL over the tokenizer's chat template, tokens streamed as they come.
 
-Commands: /theta X, /stats, /devices, /reset, /quit. Ctrl-C stops the current answer only.
+Commands: /theta X, /temperature X|default, /stats, /devices, /reset, /quit. Ctrl-C stops the
+current answer only.
 """
 
 from __future__ import annotations
@@ -9,7 +10,8 @@ import sys
 
 from basestation.generate import GenerationResult, generate
 
-HELP = "commands: /theta X  /stats  /devices  /reset  /quit   (Ctrl-C stops an answer)"
+HELP = ("commands: /theta X  /temperature X|default  /stats  /devices  /reset  /quit   "
+        "(Ctrl-C stops an answer)")
 
 
 def agents_table(agents: list[dict]) -> str:
@@ -26,6 +28,7 @@ def agents_table(agents: list[dict]) -> str:
 def run_chat(session, args, read=input, write=print) -> int:
     tokenizer = session.base.tokenizer
     theta = session.theta  # this conversation's θ; /theta changes it
+    temperature = args.temperature  # None: the model's sampling defaults; 0: greedy
     messages: list[dict] = []
     totals = {"tokens": 0, "seconds": 0.0, "calls": 0, "dropped": 0}
     write(f"connected to {len(session.agents)} agents, theta {theta:g}. {HELP}")
@@ -54,6 +57,16 @@ def run_chat(session, args, read=input, write=print) -> int:
                     continue
                 theta = new_theta
                 write(f"theta = {theta:g}")
+            elif command == "/temperature":
+                try:
+                    temperature = None if value.strip() == "default" else float(value)
+                    if temperature is not None and not 0.0 <= temperature <= 10.0:
+                        raise ValueError
+                except ValueError:
+                    write("usage: /temperature X with 0 <= X <= 10 (0: greedy), or default")
+                    continue
+                write("temperature = " + ("the model's default" if temperature is None
+                                          else f"{temperature:g}"))
             elif command == "/reset":
                 messages.clear()
                 write("conversation cleared")
@@ -75,7 +88,7 @@ def run_chat(session, args, read=input, write=print) -> int:
         sys.stdout.write("bot> ")
         sys.stdout.flush()
         result: GenerationResult = generate(
-            session, input_ids, args.max_new_tokens, args.temperature, args.ignore_eos,
+            session, input_ids, args.max_new_tokens, temperature, args.ignore_eos,
             on_text=lambda piece: (sys.stdout.write(piece), sys.stdout.flush()), theta=theta)
         write("")
         write(result.summary())

@@ -41,10 +41,15 @@ def add_session_args(p: argparse.ArgumentParser) -> None:
                    help="load these experts here too, used when their agent is down")
 
 
-def add_model_args(p: argparse.ArgumentParser) -> None:
+def add_model_args(p: argparse.ArgumentParser, sample_by_default: bool = False) -> None:
     add_session_args(p)
     p.add_argument("--max-new-tokens", type=int, default=64)
-    p.add_argument("--temperature", type=float, default=0.0, help="0: greedy")
+    if sample_by_default:
+        p.add_argument("--temperature", type=float, default=None,
+                       help="0: greedy (default: the model's generation_config, or 0.7 with "
+                       "top-p 0.9 where it does not sample)")
+    else:
+        p.add_argument("--temperature", type=float, default=0.0, help="0: greedy")
     p.add_argument("--ignore-eos", action="store_true")
 
 
@@ -135,7 +140,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--json", action="store_true", help="one JSON object with every figure")
     p.set_defaults(func=cmd_generate)
     p = sub.add_parser("chat", help="interactive chat (tokens stream as they come)")
-    add_model_args(p)
+    add_model_args(p, sample_by_default=True)
     p.set_defaults(func=cmd_chat)
     p = sub.add_parser("serve", help="the OpenAI API over HTTP (one request decoded at a time)")
     add_session_args(p)

@@ -90,11 +90,22 @@ class Sampling:
     seed: int | None = None  # seeds torch's global generator (one request at a time)
 
 
+# When a request leaves sampling to the model and its generation_config does not sample (Mixtral's
+# and the tiny model's do not): greedy decoding of a small model loops ("====" rows), so chat and
+# serve sample with these instead.
+FALLBACK_TEMPERATURE = 0.7
+FALLBACK_TOP_P = 0.9
+
+
 def apply_sampling(config, sampling: Sampling) -> None:
-    """Set `sampling` on a GenerationConfig in place; what it leaves None stays the model's."""
+    """Set `sampling` on a GenerationConfig in place; what it leaves None stays the model's
+    (or the fallback above, when the model's config does not sample). Temperature 0: greedy."""
     if sampling.temperature == 0:
         config.do_sample, config.temperature, config.top_p, config.top_k = False, None, None, None
         return
+    if not config.do_sample:
+        config.do_sample, config.top_k = True, 0
+        config.temperature, config.top_p = FALLBACK_TEMPERATURE, FALLBACK_TOP_P
     if sampling.temperature is not None:
         config.do_sample, config.temperature = True, sampling.temperature
     if sampling.top_p is not None:
@@ -102,14 +113,14 @@ def apply_sampling(config, sampling: Sampling) -> None:
 
 
 def generate(session, input_ids: torch.Tensor, max_new_tokens: int = 32,
-             temperature: float = 0.0, ignore_eos: bool = False,
+             temperature: float | None = 0.0, ignore_eos: bool = False,
              on_text: Callable[[str], None] | None = None,
              theta: float | None = None, *, sampling: Sampling | None = None,
              stopping_criteria: list | None = None,
              output_logits: bool = False) -> GenerationResult:
     """Run generation at this request's θ (default: the session's); Ctrl-C ends it early
-    (the result says so). `sampling`, when given, replaces `temperature` (its None fields keep
-    the model's generation_config); `stopping_criteria` are transformers StoppingCriteria;
+    (the result says so). `temperature` None samples with the model's generation_config;
+    `sampling`, when given, replaces `temperature` (its None fields keep the model's); `stopping_criteria` are transformers StoppingCriteria;
     `output_logits` keeps each step's raw logits in `step_logits`."""
     base = session.base
     runtime = session.runtime
@@ -119,6 +130,8 @@ def generate(session, input_ids: torch.Tensor, max_new_tokens: int = 32,
     config = copy.deepcopy(base.model.generation_config)
     config.max_new_tokens = max_new_tokens
     config.pad_token_id = base.tokenizer.eos_token_id
+    if sampling is None and temperature is None:  # the model's defaults (chat)
+        sampling = Sampling()
     if sampling is not None:
         apply_sampling(config, sampling)
         if sampling.seed is not None:

@@ -51,4 +51,19 @@ def run_demo(out: str, scenarios: tuple[str, ...] = ("paper", "one-bad-link")) -
     for path in draw(results_dir):
         print(f"figure: {path}")
     print(f"records: {os.path.join(results_dir, 'results.jsonl')} (and results.csv)")
+    print(serve_hint(shards, manifest.num_experts))
     return 0
+
+
+def serve_hint(shards: str, num_agents: int) -> str:
+    """How to serve the demo's model to OpenAI clients behind the same links, and one request."""
+    roster = os.path.join(os.path.dirname(os.path.abspath(shards)), "roster.toml")
+    return (
+        "\nserve it to OpenAI clients behind the paper's links (Ctrl-C stops serve; "
+        "`testbed down` removes the links):\n"
+        f"  .venv/bin/testbed up --shards {shards} --agents {num_agents} --scenario paper "
+        f"--roster {roster}\n"
+        f"  .venv/bin/basestation serve --shards {shards} --agents {roster} --port 8000\n"
+        "  curl -s localhost:8000/v1/chat/completions -H 'content-type: application/json' "
+        "-d '{\"model\": \"shards\", \"messages\": [{\"role\": \"user\", \"content\": "
+        "\"What does the queue module do?\"}], \"max_tokens\": 32, \"theta\": 0.2}'")

@@ -136,3 +136,25 @@ def test_metrics_page():
     assert 'wdmoe_agent_rtt_ms{agent="tcp://h:1\\"",experts="0,1"} 1.5' in text
     assert 'wdmoe_agent_alive{agent="tcp://h:1\\"",experts="0,1"} 1.0' in text
     assert "wdmoe_queue_depth 1" in text and text.endswith("\n")
+
+
+def test_sampling_falls_back_when_the_model_does_not_sample():
+    """Regression: chat on the tiny model decoded greedily by default and looped on rows of
+    '===='. A model whose generation_config does not sample gets temperature 0.7, top-p 0.9;
+    one that samples keeps its own values; temperature 0 is greedy."""
+    from transformers import GenerationConfig
+
+    from basestation.generate import Sampling, apply_sampling
+
+    plain = GenerationConfig()
+    apply_sampling(plain, Sampling())
+    assert (plain.do_sample, plain.temperature, plain.top_p) == (True, 0.7, 0.9)
+    own = GenerationConfig(do_sample=True, temperature=0.6, top_p=0.8)
+    apply_sampling(own, Sampling())
+    assert (own.do_sample, own.temperature, own.top_p) == (True, 0.6, 0.8)
+    asked = GenerationConfig()
+    apply_sampling(asked, Sampling(temperature=1.2))
+    assert (asked.do_sample, asked.temperature) == (True, 1.2)
+    greedy = GenerationConfig(do_sample=True, temperature=0.6)
+    apply_sampling(greedy, Sampling(temperature=0))
+    assert greedy.do_sample is False
