@@ -19,6 +19,8 @@ from edge_agent import protocol as P
 from edge_agent.client import AgentClient, PeerUnreachable
 
 REFRESH_AFTER_S = 0.2  # an agent unused this long gets a work probe (bounded rate: 5 per s)
+# while no layer runs (a server waiting for requests): fresh estimates, boxes left mostly idle
+IDLE_REFRESH_AFTER_S = 2.0
 TICK_S = 0.01  # how often the per-layer hook looks for due probes
 PROBE_LOST_AFTER_S = 2.0  # a probe unanswered this long is forgotten and sent again
 CALIBRATION_ROUNDS = 3  # pings per agent when a session starts
@@ -109,7 +111,7 @@ class Prober:
         self._token = torch.zeros(1, hidden_size)  # [1, H]: zeros are a valid activation
         self._next_tick_s = 0.0
 
-    def tick(self, now_s: float) -> None:
+    def tick(self, now_s: float, refresh_after_s: float = REFRESH_AFTER_S) -> None:
         """Send the probes that are due; runs per layer, so it looks at most every TICK_S."""
         if now_s < self._next_tick_s:
             return
@@ -121,7 +123,7 @@ class Prober:
                 self.in_flight.pop(agent.probe_id, None)
                 agent.probe_id = None  # lost: try again
             if agent.alive:
-                if now_s - agent.last_used_s > REFRESH_AFTER_S:
+                if now_s - agent.last_used_s > refresh_after_s:
                     self._send(agent, now_s, work=True)
             elif agent.backoff.due(now_s):
                 self._send(agent, now_s, work=False)
@@ -172,7 +174,7 @@ class Prober:
 
     def poll(self, timeout_s: float = 0.0) -> None:
         """Take probe replies outside a layer call (idle time, status)."""
-        self.tick(time.perf_counter())
+        self.tick(time.perf_counter(), IDLE_REFRESH_AFTER_S)
         deadline = time.perf_counter() + timeout_s
         while True:
             reply = self.client.recv(max(0.0, deadline - time.perf_counter()))

@@ -48,7 +48,8 @@ def test_slowed_then_restored_link_gets_its_experts_back(tiny_split, tmp_path):
         drop_shares(session, generate, ids, 6)  # learn the slow link
         degraded = drop_shares(session, generate, ids, 12)
         others = statistics.fmean(v for k, v in degraded.items() if k != slow)
-        assert degraded[slow] > 0.6 and degraded[slow] > 2 * others, degraded
+        # tokens whose top-2 both live on the slow agent cannot drop it (one box): not 100 %
+        assert degraded[slow] > max(0.3, 3 * others), degraded
 
         bed.degrade(0, LinkShape())
         restored_s = time.monotonic()
