@@ -52,7 +52,7 @@ class MoeRuntime:
         self.latency_mode = latency
         self.scenario = scenario or ChannelScenario()
         self.rng = np.random.default_rng(seed)
-        self.theta = 0.0
+        self.theta: float | torch.Tensor = 0.0  # the request's θ (see forward)
         self.stats = MoeStats()
         self._boxes: tuple[torch.Tensor, torch.Tensor | None] | None = None
         dispatcher.on_liveness_change = self.liveness_changed
@@ -106,9 +106,13 @@ class MoeRuntime:
         sum [T, H]."""
         self.dispatcher.prober.tick(time.perf_counter())
         box_of_expert, available = self.boxes()
-        t = self.box_latency_s(box_of_expert, experts) if self.theta > 0 else None
-        selection = select(experts, weights, box_of_expert, t, self.theta, available)
-        self._count_drops(selection, box_of_expert)
+        theta = self.theta  # a number, or [T] when requests with their own θ share a batch
+        dropping = bool((theta > 0).any()) if isinstance(theta, torch.Tensor) else theta > 0
+        t = self.box_latency_s(box_of_expert, experts) if dropping else None
+        selection = select(experts, weights, box_of_expert, t, theta if dropping else 0.0,
+                           available)
+        if dropping or available is not None:  # else nothing is dropped: skip the torch ops
+            self._count_drops(selection)
         outputs, failed = self.dispatcher.run(layer, x, group_by_expert(experts, selection.keep))
         if failed:
             selection, outputs = self._after_failures(layer, x, selection, weights, failed,
@@ -116,9 +120,7 @@ class MoeRuntime:
         self.stats.expert_calls = self.dispatcher.stats.expert_calls
         return combine(x.shape[0], x.shape[1], x.dtype, selection.weights, outputs)
 
-    def _count_drops(self, selection: Selection, box_of_expert: torch.Tensor) -> None:
-        if self.theta <= 0 and self._boxes[1] is None:
-            return  # nothing is ever dropped then: skip the torch ops per layer
+    def _count_drops(self, selection: Selection) -> None:
         dropped = selection.experts[selection.dropped].tolist()
         self.stats.experts_dropped += len(dropped)
         for expert in dropped:

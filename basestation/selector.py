@@ -76,7 +76,7 @@ def select(
     weights: torch.Tensor,
     box_of_expert: torch.Tensor,
     box_latency_s: torch.Tensor,
-    theta: float,
+    theta: float | torch.Tensor,
     available: torch.Tensor | None = None,
 ) -> Selection:
     """Algorithm 1 over boxes, for every token at once.
@@ -86,7 +86,8 @@ def select(
     box_of_expert: [E] int64, the box hosting each expert.
     box_latency_s: [B] expected seconds for each box to return this layer's request; must be
         > 0 (inf allowed: WLR 0, the first to go).
-    theta: drop threshold on kappa (Eq. 10); theta <= 0 never drops.
+    theta: drop threshold on kappa (Eq. 10), one for all tokens or [T] one per token (tokens
+        of several requests in one batch, each with its own θ); theta <= 0 never drops.
     available: optional [E] bool; slots of unavailable experts are dropped first (no box can
         serve them) and do not count as boxes.
     """
@@ -99,7 +100,14 @@ def select(
     keep = torch.ones_like(experts, dtype=torch.bool)
     if available is not None:
         keep = available.to(experts.device)[experts]
-    if theta <= 0:
+    if isinstance(theta, torch.Tensor):
+        if theta.shape != (experts.shape[0],):
+            raise ValueError(f"theta {tuple(theta.shape)} is neither a number nor [T]")
+        if not bool((theta > 0).any()):
+            theta = 0.0
+        else:
+            theta = theta.to(weights.device, torch.float64)
+    if not isinstance(theta, torch.Tensor) and theta <= 0:
         if available is None:  # stock routing: nothing to decide, the router's bits untouched
             return Selection(experts, weights, keep, ~keep)
         return Selection(experts, rescale(weights, keep), keep, ~keep)

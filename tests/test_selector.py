@@ -237,3 +237,20 @@ def test_failed_slots_are_dropped_and_orphans_retried_on_their_best_usable_slot(
     assert rows(new.keep) == [[True, False, False], [False, True, False], [False] * 3]
     torch.testing.assert_close(new.weights, torch.tensor([[1.0, 0.0, 0.0], [0.0, 1.0, 0.0],
                                                           [0.0, 0.0, 0.0]]))
+
+
+def test_theta_per_token_for_requests_batched_together():
+    # Two tokens of two requests with the same routing (as test_k2_drops_the_slow_heavy_expert:
+    # kappa = 0.2941): the one at θ 0.3 drops expert 0, the one at θ 0 keeps the router's bits.
+    t = torch.tensor([2.0, 0.5, 0.5, 0.5])
+    top_w, experts = torch.topk(W4.expand(2, 4), 2, dim=-1)
+    weights = top_w / top_w.sum(-1, keepdim=True)
+    sel = select(experts, weights, ONE_PER_BOX, t, torch.tensor([0.3, 0.0]))
+    assert rows(sel.keep) == [[False, True], [True, True]]
+    assert torch.equal(sel.weights[1], weights[1])
+    assert rows(sel.weights[0]) == [0.0, 1.0]
+    # all zero: the stock path, the router's weights untouched
+    zero = select(experts, weights, ONE_PER_BOX, t, torch.zeros(2))
+    assert zero.weights is weights and zero.keep.all()
+    with pytest.raises(ValueError):
+        select(experts, weights, ONE_PER_BOX, t, torch.zeros(3))
