@@ -29,8 +29,14 @@ log = logging.getLogger("basestation")
 
 
 @dataclass
-class DispatchStats:
+class MoeStats:
+    """Counters of the MoE layers, one object: the dispatcher and the MoE layer both add to it."""
+
     expert_calls: int = 0  # token x expert computations done on agents (or the fallback)
+    experts_dropped: int = 0  # (token, slot) pairs not computed: by the selector or a fault
+    fault_drops: int = 0
+    retries: int = 0
+    residual_only: int = 0  # tokens whose every expert failed, retry included
     failed_requests: int = 0  # requests with no valid reply in time
     invalid_replies: int = 0  # replies refused by the checks (wrong peer, shape, NaN, ...)
     network_s: float = 0.0  # waiting for agents (wall time of the gathers)
@@ -52,7 +58,7 @@ class Dispatcher:
         for agent in agents:
             for expert in agent.experts:
                 self.owner.setdefault(expert, agent)
-        self.stats = DispatchStats()
+        self.stats = MoeStats()
 
     def request_bytes(self, tokens: int) -> int:
         return tokens * self.hidden_size * self.element_bytes

@@ -14,7 +14,6 @@ H = hidden.
 from __future__ import annotations
 
 import time
-from dataclasses import dataclass
 
 import numpy as np
 import torch
@@ -26,15 +25,6 @@ from basestation.routing import after_failures, combine, group_by_expert
 from basestation.selector import Selection, select
 
 LOCAL_S_PER_PAIR = 1e-3  # latency the selector assumes for the local fallback, per (token, expert)
-
-
-@dataclass
-class MoeStats:
-    expert_calls: int = 0  # token x expert computations done on agents (or fallback)
-    experts_dropped: int = 0  # (token, slot) pairs not computed: by the selector or a fault
-    fault_drops: int = 0
-    retries: int = 0
-    residual_only: int = 0  # tokens whose every expert failed, retry included
 
 
 class MoeRuntime:
@@ -53,7 +43,7 @@ class MoeRuntime:
         self.scenario = scenario or ChannelScenario()
         self.rng = np.random.default_rng(seed)
         self.theta: float | torch.Tensor = 0.0  # the request's θ (see forward)
-        self.stats = MoeStats()
+        self.stats = dispatcher.stats  # one set of counters for the layer and the dispatcher
         self._boxes: tuple[torch.Tensor, torch.Tensor | None] | None = None
         dispatcher.on_liveness_change = self.liveness_changed
         dispatcher.prober.on_liveness_change = self.liveness_changed
@@ -117,7 +107,6 @@ class MoeRuntime:
         if failed:
             selection, outputs = self._after_failures(layer, x, selection, weights, failed,
                                                       outputs)
-        self.stats.expert_calls = self.dispatcher.stats.expert_calls
         return combine(x.shape[0], x.shape[1], x.dtype, selection.weights, outputs)
 
     def _count_drops(self, selection: Selection) -> None:

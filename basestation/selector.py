@@ -63,10 +63,10 @@ def rescale(weights: torch.Tensor, keep: torch.Tensor) -> torch.Tensor:
     return torch.where(untouched, weights, scaled)
 
 
-def _box_weights(weights: torch.Tensor, slot_box: torch.Tensor, keep: torch.Tensor
+def _box_weights(weights: torch.Tensor, same_box: torch.Tensor, keep: torch.Tensor
                  ) -> torch.Tensor:
-    """[T, K]: for each slot, the token's kept weight on that slot's box (W_b of Eq. 9)."""
-    same_box = slot_box[:, :, None] == slot_box[:, None, :]  # [T, K, K]
+    """[T, K]: for each slot, the token's kept weight on that slot's box (W_b of Eq. 9).
+    same_box: [T, K, K], slots j and k on one box."""
     kept_w = torch.where(keep, weights, torch.zeros_like(weights))  # [T, K]
     return (same_box * kept_w[:, None, :]).sum(dim=-1)
 
@@ -116,13 +116,14 @@ def select(
     slot_t = box_latency_s.to(weights.device, torch.float64)[slot_box]  # [T, K]
     num_slots = experts.shape[1]
     slot = torch.arange(num_slots, device=experts.device)
+    same_box = slot_box[:, :, None] == slot_box[:, None, :]  # [T, K, K]
     # a slot "leads" its box when no earlier kept slot of the token is on the same box
-    earlier = slot[None, :, None] > slot[None, None, :]  # [1, K(this), K(other)]
+    same_box_earlier = same_box & (slot[None, :, None] > slot[None, None, :])
+    weights64 = weights.double()
     for _ in range(num_slots - 1):  # each round takes one box off every token still over theta
-        same_box = slot_box[:, :, None] == slot_box[:, None, :]
-        leads = keep & ~(same_box & earlier & keep[:, None, :]).any(dim=-1)  # [T, K]
+        leads = keep & ~(same_box_earlier & keep[:, None, :]).any(dim=-1)  # [T, K]
         n_boxes = leads.sum(dim=-1)  # [T]
-        box_wlr = wlr(_box_weights(weights.double(), slot_box, keep), slot_t)  # [T, K]
+        box_wlr = wlr(_box_weights(weights64, same_box, keep), slot_t)  # [T, K]
         inf = torch.full_like(box_wlr, float("inf"))
         wlr_min = torch.where(leads, box_wlr, inf).min(dim=-1).values  # [T]
         wlr_max = torch.where(leads, box_wlr, -inf).max(dim=-1).values

@@ -10,11 +10,11 @@ import torch
 
 from edge_agent import mxfp4
 from edge_agent.expert_math import ExpertWeights
+from shard_tool.dtypes import canonical_dtype
 from shard_tool.errors import ShardError
 from shard_tool.families import (DOWN, DOWN_BIAS, DOWN_BLOCKS, DOWN_SCALES, FAMILIES, GATE,
                                  GATE_UP, GATE_UP_BIAS, GATE_UP_BLOCKS, GATE_UP_SCALES, GPT_OSS,
                                  UP, ModelShape)
-from shard_tool.dtypes import canonical_dtype
 from shard_tool.manifest import Manifest, check_file, load_manifest
 from shard_tool.safetensors_io import read_header, read_tensor
 
