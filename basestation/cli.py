@@ -102,8 +102,10 @@ def cmd_serve(args) -> int:
     from basestation.openai_api import Defaults
     from basestation.serve import is_loopback, run_server
 
-    if args.max_queue < 0 or args.max_tokens < 1 or not 0 <= args.port <= 65535:
-        raise RosterError("--max-queue must be >= 0, --max-tokens >= 1, --port in 0-65535")
+    if args.max_queue < 0 or args.max_tokens < 1 or not 0 <= args.port <= 65535 \
+            or args.max_batch < 1 or args.prefill_chunk_tokens < 1:
+        raise RosterError("--max-queue must be >= 0, --max-tokens, --max-batch and "
+                          "--prefill-chunk-tokens >= 1, --port in 0-65535")
     if not is_loopback(args.host) and not args.api_key and not args.insecure:
         raise RosterError(f"--host {args.host} is reachable beyond this machine: give "
                           "--api-key KEY (clients send Authorization: Bearer KEY) or --insecure")
@@ -111,7 +113,8 @@ def cmd_serve(args) -> int:
     try:
         model_id = args.model_name or os.path.basename(os.path.abspath(args.shards))
         engine = Engine(session, Defaults(model_id=model_id, theta=args.theta,
-                                          max_tokens=args.max_tokens), max_queue=args.max_queue)
+                                          max_tokens=args.max_tokens), max_queue=args.max_queue,
+                        max_batch=args.max_batch, prefill_chunk_tokens=args.prefill_chunk_tokens)
         try:
             run_server(engine, model_id, args.host, args.port, args.api_key)
         except KeyboardInterrupt:  # uvicorn re-raises SIGINT/SIGTERM after its clean shutdown
@@ -153,7 +156,13 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--insecure", action="store_true",
                    help="allow a non-loopback --host without --api-key")
     p.add_argument("--max-queue", type=int, default=16,
-                   help="requests that may wait; more get 503 (default 16)")
+                   help="requests that may wait for a place in the batch; more get 503 "
+                   "(default 16)")
+    p.add_argument("--max-batch", type=int, default=16,
+                   help="sequences decoded together, one forward pass per step (default 16)")
+    p.add_argument("--prefill-chunk-tokens", type=int, default=256,
+                   help="tokens per step at most: longer prompts are prefilled in chunks "
+                   "while running answers keep flowing (default 256)")
     p.add_argument("--max-tokens", type=int, default=256,
                    help="max_tokens of a request that gives none (cut to the context)")
     p.add_argument("--model-name", help="the model id clients name (default: the shards "

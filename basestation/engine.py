@@ -1,109 +1,75 @@
-"""The serving engine: one thread owns the session (ZeroMQ sockets and model), requests queue.
+"""The serving engine: concurrent requests decoded together by transformers' continuous batching.
 
-Front ends (the HTTP server) `submit` a Request and read its Events through the request's own
-`emit` callback; `cancel` sets its flag, which a StoppingCriteria checks after every token (or
-removes it from the queue). Requests are decoded one at a time: `_loop` takes the next one and
-`_run` decodes it to the end; a batching scheduler replaces those two and keeps the rest.
-Free of HTTP: errors are `openai_api.ApiError`s carried in a Failed event.
+Every decode step runs one forward pass over the new tokens of every active sequence, so each
+MoE layer sends one request per agent carrying all of them. transformers' continuous batching
+(`init_continuous_batching`) owns the schedule: paged KV cache, prompts joining between steps,
+long prompts prefilled in chunks, finished and cancelled sequences leaving. We plug into it at
+two points:
+- a forward pre-hook maps the batch's tokens to their requests, so the MoE layers drop with
+  each request's θ and charge each request's own calls and drops (`ledger.py`);
+- a continuous-batching logits processor (`sampler.BatchSampler`) picks every row's token with
+  that request's own sampling and seed, and streams text, stop strings and logprobs.
+
+Threads: the library's generation thread runs the forward passes, hence every ZeroMQ call of
+the MoE layers. The admission thread here (`_loop`) tokenizes requests, hands them to the
+library, and, only inside the library's `pause()` (the generation thread parked between steps),
+scores echo prompts and polls probes while idle: the sockets are never used by two threads at
+once. Front ends `submit` a Request and read its Events through the request's `emit`.
 """
 
 from __future__ import annotations
 
 import collections
-import dataclasses
+import math
 import sys
 import threading
 import time
 import traceback
-import uuid
 from dataclasses import dataclass, field
-from typing import Callable
 
 import torch
-from transformers import StoppingCriteria
+from transformers import ContinuousBatchingConfig, GenerationConfig
 
-from basestation.generate import Sampling, generate, prompt_logits
+from basestation.generate import Sampling, prompt_logits
+from basestation.jobs import Accepted, Delta, Failed, Finished, Job, Request, emit
+from basestation.ledger import RequestLedger
 from basestation.metrics import EngineMetrics
-from basestation.openai_api import (ApiError, Defaults, Params, Prompt, completion_budget,
-                                    cut_at_stop, held_back, logprobs_block)
+from basestation.openai_api import ApiError, Defaults, completion_budget
+from basestation.sampler import BatchSampler, RowSampler, processor_list
+from basestation.sequence import ChoiceDecoder, token_logprobs
 
-IDLE_POLL_S = 0.05  # between probe-reply polls while no request waits
-STOP_JOIN_S = 10.0  # how long stop() waits for the engine thread
-
-
-@dataclass(frozen=True)
-class Job:
-    """What one request asks for, before tokenization (that happens on the engine thread)."""
-    prompts: tuple[Prompt, ...] | None  # completions: text or token ids, one choice each
-    messages: tuple[dict, ...] | None  # chat: rendered with the tokenizer's chat template
-    params: Params
-    stream: bool = False
-    echo: bool = False
-    logprobs: int | None = None
-
-
-@dataclass(frozen=True)
-class Accepted:
-    """Prompts tokenized and within the context: the response may start."""
-    prompt_tokens: int
-
-
-@dataclass(frozen=True)
-class Delta:
-    index: int
-    text: str
-
-
-@dataclass(frozen=True)
-class Choice:
-    index: int
-    text: str
-    finish_reason: str  # stop | length | cancelled
-    completion_tokens: int
-    logprobs: dict | None = None
-
-
-@dataclass(frozen=True)
-class Finished:
-    choices: tuple[Choice, ...]
-    prompt_tokens: int
-    completion_tokens: int
-    wdmoe: dict
-
-
-@dataclass(frozen=True)
-class Failed:
-    error: ApiError
-
-
-Event = Accepted | Delta | Finished | Failed
+IDLE_POLL_S = 0.05  # admission wake-ups, and probe polls while nothing decodes
+STOP_JOIN_S = 10.0  # how long stop() waits for each thread
+KV_PAGE_TOKENS = 64  # tokens per page of the paged KV cache
 
 
 @dataclass(eq=False)
-class Request:
-    job: Job
-    emit: Callable[[Event], None]  # called on the engine thread
-    id: str = field(default_factory=lambda: uuid.uuid4().hex[:24])
-    cancelled: threading.Event = field(default_factory=threading.Event)
-    submitted_s: float = field(default_factory=time.monotonic)
+class _Run:
+    """A request being decoded: its choices, and its share of the MoE work."""
+    request: Request
+    prompt_tokens: int
+    ledger: RequestLedger
+    decoders: list[ChoiceDecoder]
+    latencies_ms: list[list[float]]
+    live: set[str] = field(default_factory=set)  # continuous-batching ids still decoding
 
 
-class _Halt(StoppingCriteria):
-    """transformers StoppingCriteria: stop every row when `should_stop()` says so."""
-
-    def __init__(self, should_stop: Callable[[], bool]):
-        self.should_stop = should_stop
-
-    def __call__(self, input_ids: torch.Tensor, scores, **kwargs) -> torch.Tensor:
-        return torch.full((input_ids.shape[0],), self.should_stop(), dtype=torch.bool,
-                          device=input_ids.device)
+@dataclass(eq=False)
+class _Sequence:
+    run: _Run
+    index: int
+    sampler: RowSampler
+    last_s: float
 
 
 class Engine:
-    def __init__(self, session, defaults: Defaults, max_queue: int = 16):
+    def __init__(self, session, defaults: Defaults, max_queue: int = 16, max_batch: int = 16,
+                 prefill_chunk_tokens: int = 256):
         self.session = session
         self.defaults = defaults
         self.max_queue = max_queue
+        self.max_batch = max_batch
+        self.prefill_chunk_tokens = prefill_chunk_tokens
         self.metrics = EngineMetrics()
         base = session.base
         self.tokenizer = base.tokenizer
@@ -115,18 +81,39 @@ class Engine:
         eos = base.model.generation_config.eos_token_id
         self.eos_ids = set(eos if isinstance(eos, list) else [] if eos is None else [eos])
         self._pending: collections.deque[Request] = collections.deque()
-        self._cond = threading.Condition()
-        self._current: Request | None = None
+        self._runs: dict[str, _Run] = {}  # request id -> run
+        self._sequences: dict[str, _Sequence] = {}  # continuous-batching id -> sequence
+        self._lock = threading.Condition()
         self._stopping = False
-        self._thread = threading.Thread(target=self._loop, name="engine", daemon=True)
+        self._manager = None
+        self._hook = None
+        self._thread = threading.Thread(target=self._loop, name="admission", daemon=True)
 
     # --- called from any thread -----------------------------------------------------------------
 
     def start(self) -> None:
+        model = self.session.base.model
+        generation = GenerationConfig(do_sample=False, eos_token_id=[],
+                                      pad_token_id=self.tokenizer.pad_token_id or 0,
+                                      max_new_tokens=self.defaults.max_tokens)
+        batching = ContinuousBatchingConfig(
+            page_size=KV_PAGE_TOKENS,
+            num_blocks=math.ceil(self.max_batch * self.context / KV_PAGE_TOKENS),
+            max_batch_tokens=self.prefill_chunk_tokens, max_requests_per_batch=self.max_batch,
+            # a shared prefix would reuse KV computed at another request's θ
+            allow_block_sharing=False,
+            use_async_batching=False, use_cuda_graph=False, auto_switch_to_flash=False)
+        self._manager = model.init_continuous_batching(generation_config=generation,
+                                                       continuous_batching_config=batching)
+        self._manager.logit_processor = processor_list(BatchSampler(self._pick))
+        self._hook = model.register_forward_pre_hook(self._before_forward, with_kwargs=True)
+        with torch.inference_mode():  # the generation thread inherits it
+            self._manager.start()
         self._thread.start()
 
     def alive(self) -> bool:
-        return self._thread.is_alive()
+        return self._thread.is_alive() and self._manager is not None \
+            and self._manager.is_running()
 
     @property
     def queue_depth(self) -> int:
@@ -134,64 +121,89 @@ class Engine:
 
     def submit(self, request: Request) -> None:
         """Queue a request. Raises ApiError (503) when the queue is full or stopping."""
-        with self._cond:
+        with self._lock:
             if self._stopping:
                 raise ApiError(503, "the server is shutting down", "server_error", "unavailable")
-            waiting = len(self._pending) - (self._current is None)  # the next is taken now
-            if waiting >= self.max_queue:
+            # a place in the batch, or else one of the max_queue places in line
+            if len(self._pending) + len(self._sequences) >= self.max_batch + self.max_queue:
                 self.metrics.rejected += 1
                 raise ApiError(503, f"overloaded: {len(self._pending)} requests already wait "
-                               "(one is decoded at a time); retry later", "server_error",
-                               "overloaded")
+                               f"(up to {self.max_batch} sequences are decoded together); "
+                               "retry later", "server_error", "overloaded")
             self._pending.append(request)
-            self._cond.notify()
+            self._lock.notify()
 
     def cancel(self, request: Request) -> None:
-        """Stop a request: taken off the queue, or stopped after its current token."""
+        """Stop a request: taken off the queue, or its sequences stopped after their current
+        step (their KV cache freed, their place given to the next request)."""
         request.cancelled.set()
-        with self._cond:
+        with self._lock:
             if request in self._pending:
                 self._pending.remove(request)
                 self.metrics.cancelled += 1
+                return
+            run = self._runs.pop(request.id, None)
+            if run is None:
+                return
+            self.metrics.cancelled += 1
+            for cb_id in run.live:
+                self._sequences.pop(cb_id, None)
+                self._manager.cancel_request(cb_id)
+            self._lock.notify()
 
     def stop(self) -> None:
-        with self._cond:
+        with self._lock:
             self._stopping = True
             pending, self._pending = list(self._pending), collections.deque()
-            self._cond.notify()
+            runs = list(self._runs.values())
+            self._lock.notify()
         for request in pending:
             request.cancelled.set()
-            _emit(request, Failed(ApiError(503, "the server is shutting down", "server_error",
-                                            "unavailable")))
-        if self._current is not None:
-            self._current.cancelled.set()
+            emit(request, Failed(ApiError(503, "the server is shutting down", "server_error",
+                                          "unavailable")))
+        for run in runs:
+            self.cancel(run.request)
         if self._thread.is_alive():
             self._thread.join(STOP_JOIN_S)
+        if self._manager is not None and self._manager.is_running():
+            self._manager.stop(block=True, timeout=STOP_JOIN_S)
+        if self._hook is not None:
+            self._hook.remove()
 
-    # --- the engine thread ----------------------------------------------------------------------
+    # --- the admission thread -------------------------------------------------------------------
 
     def _loop(self) -> None:
+        last_poll_s = 0.0
         while True:
-            with self._cond:
-                if not self._pending and not self._stopping:
-                    self._cond.wait(IDLE_POLL_S)
+            with self._lock:
                 if self._stopping:
                     return
-                request = self._pending.popleft() if self._pending else None
-                self._current = request
-            if request is None:
-                self.session.poll_probes(0.0)  # dead agents come back while idle
+                request = self._pending.popleft() if self._pending and self._room() else None
+                idle = not self._sequences and not self._pending
+            if request is not None:
+                try:
+                    self._admit(request)
+                except Exception as e:  # a bug must fail one request, not the server
+                    traceback.print_exc(file=sys.stderr)
+                    self._fail(request, ApiError(500, f"generation failed: {e}", "server_error",
+                                                 "internal_error"))
                 continue
-            try:
-                self._run(request)
-            except Exception as e:  # a bug must fail one request, not the server
-                traceback.print_exc(file=sys.stderr)
-                self.metrics.failed += 1
-                _emit(request, Failed(ApiError(500, f"generation failed: {e}", "server_error",
-                                               "internal_error")))
-            finally:
-                with self._cond:
-                    self._current = None
+            self._collect_failures()
+            if not self._manager.is_running():
+                self._fail_all(ApiError(500, "the generation loop stopped: "
+                                        f"{self._manager.background_thread_status.fatal_error}",
+                                        "server_error", "internal_error"))
+                return
+            if idle and time.monotonic() - last_poll_s >= IDLE_POLL_S:
+                with self._manager.pause():  # dead agents come back while idle
+                    self.session.poll_probes(0.0)
+                last_poll_s = time.monotonic()
+            with self._lock:
+                if not self._stopping and not (self._pending and self._room()):
+                    self._lock.wait(IDLE_POLL_S)
+
+    def _room(self) -> bool:
+        return not self._sequences or len(self._sequences) < self.max_batch
 
     def _encode(self, job: Job) -> list[list[int]]:
         if job.messages is not None:
@@ -210,143 +222,182 @@ class Engine:
                            param="prompt")
         return prompts
 
-    def _run(self, request: Request) -> None:
-        job = request.job
+    def _admit(self, request: Request) -> None:
+        job, params = request.job, request.job.params
         try:
             prompts = self._encode(job)
-            budgets = [completion_budget(len(ids), job.params.max_tokens,
-                                         self.defaults.max_tokens, self.context)
-                       for ids in prompts]
+            budgets = [completion_budget(len(ids), params.max_tokens, self.defaults.max_tokens,
+                                         self.context) for ids in prompts]
         except ApiError as e:
-            self.metrics.failed += 1
-            _emit(request, Failed(e))
+            self._fail(request, e)
             return
         prompt_tokens = sum(map(len, prompts))
-        _emit(request, Accepted(prompt_tokens=prompt_tokens))
+        emit(request, Accepted(prompt_tokens=prompt_tokens))
         runtime = self.session.runtime
-        stats_before = dataclasses.replace(runtime.stats)
-        agents_before = [a.figures() for a in self.session.agents]
-        latencies: list[float] = []
-        choices = []
-        for index, (ids, budget) in enumerate(zip(prompts, budgets)):
+        run = _Run(request, prompt_tokens, runtime.new_ledger(), [], [[] for _ in prompts])
+        for index, ids in enumerate(prompts):
+            echo_text, prompt_lp = "", ([], [], [])
+            if job.echo:
+                prompt = job.prompts[index]
+                echo_text = prompt if isinstance(prompt, str) else self.tokenizer.decode(ids)
+                if job.logprobs is not None:
+                    prompt_lp = self._prompt_logprobs(run, ids, job.logprobs)
+            run.decoders.append(ChoiceDecoder(index, self.tokenizer, params, budgets[index],
+                                              self.eos_ids, echo_text, job.logprobs, prompt_lp))
+        generation = self.session.base.model.generation_config
+        eos = [] if params.ignore_eos else sorted(self.eos_ids)
+        with self._lock:
             if request.cancelled.is_set():
-                break
-            choices.append(self._choice(request, index, ids, budget, latencies))
+                self.metrics.cancelled += 1
+                return
+            self._runs[request.id] = run
+            now = time.perf_counter()
+            for index, (ids, budget) in enumerate(zip(prompts, budgets)):
+                if budget == 0:
+                    run.decoders[index].finish_reason = "length"
+                    continue
+                cb_id = f"{request.id}:{index}"
+                sampler = RowSampler(generation, Sampling(params.temperature, params.top_p,
+                                                          params.seed), stream=index)
+                self._sequences[cb_id] = _Sequence(run, index, sampler, now)
+                run.live.add(cb_id)
+                self._manager.add_request(ids, request_id=cb_id, max_new_tokens=budget,
+                                          eos_token_id=eos)
+            if not run.live:
+                self._finish(run)
+
+    def _prompt_logprobs(self, run: _Run, ids: list[int], top: int):
+        """The prompt's own token logprobs (echo), from one forward pass at the request's θ,
+        run while the generation thread is parked."""
+        runtime = self.session.runtime
+        with self._manager.pause():
+            runtime.charge_to([run.ledger])
+            try:
+                logits = prompt_logits(self.session, torch.tensor([ids]),
+                                       theta=run.request.job.params.theta)
+            finally:
+                runtime.charge_to(None)
+        tokens, values, tops = token_logprobs(self.tokenizer, logits[:-1], ids[1:], top)
+        return ([self.tokenizer.decode([ids[0]])] + tokens, [None] + values, [None] + tops)
+
+    def _collect_failures(self) -> None:
+        """The library reports a request it could not run (an error in its step) on its output
+        queue; finished ones we already know of (from `_pick`)."""
+        queue = self._manager.output_router.output_queue
+        while not queue.empty():
+            output = queue.get_nowait()
+            if output.error is None:
+                continue
+            with self._lock:
+                sequence = self._sequences.get(output.request_id)
+            if sequence is not None:
+                self.cancel(sequence.run.request)
+                self._fail(sequence.run.request, ApiError(
+                    500, f"generation failed: {output.error}", "server_error", "internal_error"),
+                    count=False)
+
+    def _fail(self, request: Request, error: ApiError, count: bool = True) -> None:
+        if count:
+            self.metrics.failed += 1
+        emit(request, Failed(error))
+
+    def _fail_all(self, error: ApiError) -> None:
+        with self._lock:
+            runs = list(self._runs.values())
+        for run in runs:
+            self.cancel(run.request)
+            self._fail(run.request, error)
+
+    # --- the generation thread ------------------------------------------------------------------
+
+    def _before_forward(self, module, args, kwargs):
+        """Forward pre-hook: in a batched step, give the MoE layers each token's θ and the
+        ledger of its request. A plain forward (echo scoring) is set up by its caller."""
+        cu_seq_lens = kwargs.get("cu_seq_lens_q")
+        processor = self._manager.batch_processor if self._manager is not None else None
+        if cu_seq_lens is None or processor is None:
+            return None
+        batch = processor.inputs_and_outputs.requests_in_batch
+        lengths = [future.query_length for future in batch]
+        runtime = self.session.runtime
+        input_ids = kwargs.get("input_ids")
+        if input_ids is None or sum(lengths) != input_ids.shape[-1]:  # padded: not ours
+            runtime.theta = self.defaults.theta
+            runtime.charge_to(None)
+            return None
+        ledgers: list[RequestLedger] = []
+        slot: dict[int, int] = {}
+        owners, thetas = [], []
+        with self._lock:
+            for future in batch:
+                sequence = self._sequences.get(future.state.request_id)
+                ledger = sequence.run.ledger if sequence else runtime.new_ledger()
+                owners.append(slot.setdefault(id(ledger), len(ledgers)))
+                if owners[-1] == len(ledgers):
+                    ledgers.append(ledger)
+                thetas.append(sequence.run.request.job.params.theta if sequence
+                              else self.defaults.theta)
+        self.metrics.batch_sequences.observe(len(batch))
+        counts = torch.tensor(lengths)
+        runtime.theta = thetas[0] if len(set(thetas)) == 1 else \
+            torch.repeat_interleave(torch.tensor(thetas, dtype=torch.float64), counts)
+        runtime.charge_to(ledgers, torch.repeat_interleave(torch.tensor(owners), counts))
+        return None
+
+    def _pick(self, cb_id: str, logits: torch.Tensor) -> int:
+        """BatchSampler's callback: this sequence's next token from its raw logits row [V]."""
+        with self._lock:
+            sequence = self._sequences.get(cb_id)
+        if sequence is None:  # cancelled: the library drops it before the next step
+            return int(logits.argmax())
+        run = sequence.run
+        if run.request.cancelled.is_set():  # its front end is gone
+            self.cancel(run.request)
+            return int(logits.argmax())
+        token = sequence.sampler.pick(logits)
+        now = time.perf_counter()
+        run.latencies_ms[sequence.index].append((now - sequence.last_s) * 1e3)
+        self.metrics.token_latency.observe(now - sequence.last_s)
+        sequence.last_s = now
+        decoder = run.decoders[sequence.index]
+        delta, reason = decoder.add(token, logits)
+        if delta and run.request.job.stream:
+            emit(run.request, Delta(sequence.index, delta))
+        if reason is not None:
+            with self._lock:
+                self._sequences.pop(cb_id, None)
+                run.live.discard(cb_id)
+                if not (token in decoder.eos_ids or len(decoder.tokens) >= decoder.budget):
+                    self._manager.cancel_request(cb_id)  # a stop string: the library goes on
+                if not run.live and self._runs.pop(run.request.id, None) is not None:
+                    self._finish(run)
+                self._lock.notify()
+        return token
+
+    def _finish(self, run: _Run) -> None:
+        """All choices done: the Finished event, with this request's own WDMoE figures."""
+        choices = tuple(decoder.choice() for decoder in run.decoders)
         completion_tokens = sum(c.completion_tokens for c in choices)
-        self.metrics.prompt_tokens += prompt_tokens
+        self.metrics.prompt_tokens += run.prompt_tokens
         self.metrics.completion_tokens += completion_tokens
-        for ms in latencies:
-            self.metrics.token_latency.observe(ms / 1e3)
-        if request.cancelled.is_set():
-            self.metrics.cancelled += 1
-            return
         self.metrics.completed += 1
-        stats = runtime.stats
+        ledger = run.ledger
         wdmoe = {
-            "theta": job.params.theta,
-            "token_latency_ms": [round(t, 3) for t in latencies],
-            "expert_calls": stats.expert_calls - stats_before.expert_calls,
-            "experts_dropped": stats.experts_dropped - stats_before.experts_dropped,
-            "agents": agent_figures(agents_before, [a.figures() for a in self.session.agents]),
+            "theta": run.request.job.params.theta,
+            "token_latency_ms": [round(t, 3) for per in run.latencies_ms for t in per],
+            "expert_calls": ledger.expert_calls,
+            "experts_dropped": ledger.experts_dropped,
+            "agents": ledger_figures(ledger, [a.figures() for a in self.session.agents]),
         }
-        _emit(request, Finished(choices=tuple(choices), prompt_tokens=prompt_tokens,
-                                completion_tokens=completion_tokens, wdmoe=wdmoe))
-
-    def _choice(self, request: Request, index: int, ids: list[int], budget: int,
-                latencies: list[float]) -> Choice:
-        job, params = request.job, request.job.params
-        input_ids = torch.tensor([ids])
-        echo_text = ""
-        if job.echo:
-            prompt = job.prompts[index]
-            echo_text = prompt if isinstance(prompt, str) else self.tokenizer.decode(ids)
-        lp_tokens, lp_values, lp_top = [], [], []
-        if job.echo and job.logprobs is not None:
-            logits = prompt_logits(self.session, input_ids, theta=params.theta)
-            lp_tokens, lp_values, lp_top = self._logprobs(logits[:-1], ids[1:], job.logprobs)
-            lp_tokens = [self._piece(ids[0])] + lp_tokens
-            lp_values, lp_top = [None] + lp_values, [None] + lp_top
-        if budget == 0:
-            logprobs = logprobs_block(lp_tokens, lp_values, lp_top) \
-                if job.logprobs is not None else None
-            return Choice(index, echo_text, "length", 0, logprobs)
-
-        state = {"text": "", "sent": 0, "stopped": False}
-
-        def on_text(piece: str) -> None:
-            state["text"] += piece
-            if params.stop and not state["stopped"]:
-                _, state["stopped"] = cut_at_stop(state["text"], params.stop)
-            if job.stream and not state["stopped"]:
-                safe = len(state["text"]) - held_back(state["text"], params.stop)
-                if safe > state["sent"]:
-                    _emit(request, Delta(index, state["text"][state["sent"]:safe]))
-                    state["sent"] = safe
-
-        halt = _Halt(lambda: request.cancelled.is_set() or state["stopped"])
-        result = generate(self.session, input_ids, max_new_tokens=budget,
-                          ignore_eos=params.ignore_eos, on_text=on_text, theta=params.theta,
-                          sampling=Sampling(params.temperature, params.top_p, params.seed),
-                          stopping_criteria=[halt], output_logits=job.logprobs is not None)
-        latencies.extend(result.token_latency_ms)
-        text, hit_stop = cut_at_stop(result.text, params.stop)
-        if job.stream and len(text) > state["sent"]:
-            _emit(request, Delta(index, text[state["sent"]:]))
-        if request.cancelled.is_set():
-            reason = "cancelled"
-        elif hit_stop or (result.token_ids and result.token_ids[-1] in self.eos_ids
-                          and not params.ignore_eos):
-            reason = "stop"
-        else:
-            reason = "length"
-        logprobs = None
-        if job.logprobs is not None:
-            if result.step_logits:
-                steps = torch.stack(result.step_logits)
-                more = self._logprobs(steps, result.token_ids, job.logprobs)
-                lp_tokens, lp_values, lp_top = (lp_tokens + more[0], lp_values + more[1],
-                                                lp_top + more[2])
-            logprobs = logprobs_block(lp_tokens, lp_values, lp_top)
-        return Choice(index, echo_text + text, reason, len(result.token_ids), logprobs)
-
-    def _piece(self, token: int) -> str:
-        return self.tokenizer.decode([token])
-
-    def _logprobs(self, logits: torch.Tensor, targets: list[int], top: int):
-        """Row i of `logits` [N, V] predicts targets[i]: token strings, their log-probabilities
-        and the `top` best alternatives (the chosen token always among them)."""
-        if not targets:
-            return [], [], []
-        logp = torch.log_softmax(logits.float(), dim=-1)
-        chosen = logp[torch.arange(len(targets)), torch.tensor(targets)].tolist()
-        best_values, best_ids = logp.topk(top, dim=-1) if top else (None, None)
-        tokens, tops = [], []
-        for i, token in enumerate(targets):
-            alternatives = {}
-            if top:
-                for value, alt in zip(best_values[i].tolist(), best_ids[i].tolist()):
-                    alternatives.setdefault(self._piece(alt), value)
-            alternatives.setdefault(self._piece(token), chosen[i])
-            tokens.append(self._piece(token))
-            tops.append(alternatives)
-        return tokens, chosen, tops
+        emit(run.request, Finished(choices=choices, prompt_tokens=run.prompt_tokens,
+                                   completion_tokens=completion_tokens, wdmoe=wdmoe))
 
 
-def agent_figures(before: list[dict], after: list[dict]) -> list[dict]:
-    """Each agent's estimates now, and its calls, drops and failures during this request."""
-    earlier = {a["address"]: a for a in before}
-    out = []
-    for a in after:
-        b = earlier.get(a["address"], {})
-        out.append({"address": a["address"], "experts": a["experts"], "alive": a["alive"],
-                    **{k: a[k] - b.get(k, 0) for k in ("calls", "drops", "failures")},
-                    "rtt_ms": a["rtt_ms"], "throughput_mbit_s": a["throughput_mbit_s"],
-                    "compute_us_per_token": a["compute_us_per_token"]})
-    return out
-
-
-def _emit(request: Request, event: Event) -> None:
-    try:
-        request.emit(event)
-    except Exception:  # the front end is gone (event loop closed): nothing to tell
-        request.cancelled.set()
+def ledger_figures(ledger: RequestLedger, agents: list[dict]) -> list[dict]:
+    """Each agent's estimates now, and this request's calls, drops and failures on it."""
+    return [{"address": a["address"], "experts": a["experts"], "alive": a["alive"],
+             "calls": ledger.calls[b], "drops": ledger.drops[b],
+             "failures": ledger.failures[b], "rtt_ms": a["rtt_ms"],
+             "throughput_mbit_s": a["throughput_mbit_s"],
+             "compute_us_per_token": a["compute_us_per_token"]}
+            for b, a in enumerate(agents)]

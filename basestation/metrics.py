@@ -11,6 +11,7 @@ from dataclasses import dataclass, field
 
 # token latency buckets, seconds: loopback decode is ~ms per token, shaped links ~100s of ms
 TOKEN_LATENCY_BUCKETS_S = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0)
+BATCH_SEQUENCES_BUCKETS = (1, 2, 4, 8, 16, 32, 64)  # sequences in one forward pass
 
 
 @dataclass
@@ -43,6 +44,8 @@ class EngineMetrics:
     prompt_tokens: int = 0
     completion_tokens: int = 0
     token_latency: Histogram = field(default_factory=Histogram)
+    batch_sequences: Histogram = field(
+        default_factory=lambda: Histogram(bounds=BATCH_SEQUENCES_BUCKETS))
 
 
 def _num(value: float) -> str:
@@ -77,6 +80,9 @@ def render(engine: EngineMetrics, http_responses: dict[tuple[str, int], int], qu
     lines.extend(["# HELP wdmoe_token_latency_seconds time per generated token (the first "
                   "includes the prefill)", "# TYPE wdmoe_token_latency_seconds histogram"])
     lines.extend(engine.token_latency.lines("wdmoe_token_latency_seconds"))
+    lines.extend(["# HELP wdmoe_batch_sequences sequences decoded together per forward pass",
+                  "# TYPE wdmoe_batch_sequences histogram"])
+    lines.extend(engine.batch_sequences.lines("wdmoe_batch_sequences"))
     per_agent = [
         ("wdmoe_agent_alive", "gauge", "1 while the agent answers", "alive"),
         ("wdmoe_agent_rtt_ms", "gauge", "smoothed round-trip time", "rtt_ms"),

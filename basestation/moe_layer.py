@@ -21,6 +21,7 @@ import torch
 from basestation import link_estimator as links
 from basestation.channel_model import ChannelScenario, scenario_latency_s
 from basestation.dispatch import Dispatcher
+from basestation.ledger import RequestLedger, charge
 from basestation.routing import after_failures, combine, group_by_expert
 from basestation.selector import Selection, select
 
@@ -43,10 +44,22 @@ class MoeRuntime:
         self.scenario = scenario or ChannelScenario()
         self.rng = np.random.default_rng(seed)
         self.theta: float | torch.Tensor = 0.0  # the request's θ (see forward)
+        # when requests share a batch: token -> request ([T] into ledgers), see charge_to
+        self.owners: torch.Tensor | None = None
+        self.ledgers: list[RequestLedger] | None = None
         self.stats = dispatcher.stats  # one set of counters for the layer and the dispatcher
         self._boxes: tuple[torch.Tensor, torch.Tensor | None] | None = None
         dispatcher.on_liveness_change = self.liveness_changed
         dispatcher.prober.on_liveness_change = self.liveness_changed
+
+    def charge_to(self, ledgers: list[RequestLedger] | None,
+                  owners: torch.Tensor | None = None) -> None:
+        """Charge the next forward passes' calls, drops and failures to these requests' ledgers:
+        token t to ledgers[owners[t]] (owners None: every token to ledgers[0]); None stops."""
+        self.ledgers, self.owners = ledgers, owners
+
+    def new_ledger(self) -> RequestLedger:
+        return RequestLedger(boxes=len(self.agents) + 1)
 
     def liveness_changed(self) -> None:
         self._boxes = None
@@ -103,11 +116,23 @@ class MoeRuntime:
                            available)
         if dropping or available is not None:  # else nothing is dropped: skip the torch ops
             self._count_drops(selection)
+        sent = selection.keep
         outputs, failed = self.dispatcher.run(layer, x, group_by_expert(experts, selection.keep))
         if failed:
             selection, outputs = self._after_failures(layer, x, selection, weights, failed,
                                                       outputs)
+        if self.ledgers is not None:
+            self._charge(experts, box_of_expert, sent, selection, failed)
         return combine(x.shape[0], x.shape[1], x.dtype, selection.weights, outputs)
+
+    def _charge(self, experts: torch.Tensor, box_of_expert: torch.Tensor, sent: torch.Tensor,
+                final: Selection, failed: set[int]) -> None:
+        owners = self.owners if self.owners is not None else \
+            torch.zeros(experts.shape[0], dtype=torch.long)
+        done_box = self.boxes()[0][final.experts] if failed else box_of_expert[final.experts]
+        failed_boxes = sorted({int(box_of_expert[e]) for e in failed})
+        charge(self.ledgers, owners, box_of_expert[experts], sent, done_box, final.keep,
+               failed_boxes)
 
     def _count_drops(self, selection: Selection) -> None:
         dropped = selection.experts[selection.dropped].tolist()

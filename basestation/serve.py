@@ -20,7 +20,8 @@ from starlette.routing import Route
 
 from basestation import metrics as M
 from basestation import openai_api as api
-from basestation.engine import Accepted, Delta, Engine, Failed, Finished, Job, Request
+from basestation.engine import Engine
+from basestation.jobs import Accepted, Delta, Failed, Finished, Job, Request
 
 DISCONNECT_CHECK_S = 0.25  # how often a non-streamed request checks that its client is there
 OPEN_PATHS = ("/health",)  # answered without the api key (load balancers)

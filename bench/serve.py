@@ -7,8 +7,10 @@ as the baseline a single request must not fall behind.
                                     [--delay-ms 10] [--agents 6]
 
 Each client sends one /v1/completions request (greedy, ignore_eos, `--tokens` new tokens) and the
-bench times from the first send to the last answer. The server decodes requests one at a time
-today, so the ratios show that (about 1x); batched decoding is what should lift them.
+bench times from the first send to the last answer. The server decodes concurrent requests
+together (one forward pass, one request per agent per layer, per step), so the aggregate rate
+should grow almost linearly until the base station's own compute per step catches up with the
+links' round trips.
 """
 
 from __future__ import annotations

@@ -5,7 +5,8 @@ from __future__ import annotations
 import pytest
 
 from basestation import openai_api as api
-from basestation.engine import agent_figures
+from basestation.engine import ledger_figures
+from basestation.ledger import RequestLedger
 from basestation.metrics import EngineMetrics, Histogram, render
 
 DEFAULTS = api.Defaults(model_id="tiny", theta=0.2, max_tokens=64)
@@ -110,14 +111,14 @@ def test_logprobs_block_offsets():
     assert block["token_logprobs"][0] is None and block["tokens"] == ["He", "llo", " w"]
 
 
-def test_agent_figures_are_per_request():
-    before = [{"address": "a", "experts": [0], "alive": True, "calls": 10, "drops": 1,
+def test_agent_figures_are_the_requests_own():
+    agents = [{"address": "a", "experts": [0], "alive": True, "calls": 10, "drops": 1,
                "failures": 0, "rtt_ms": 1.0, "throughput_mbit_s": 5.0,
                "compute_us_per_token": 3.0, "probes": 4}]
-    after = [dict(before[0], calls=25, drops=4, failures=1, rtt_ms=2.0)]
-    assert agent_figures(before, after) == [{
+    ledger = RequestLedger(boxes=2, calls=[15, 2], drops=[3, 0], failures=[1, 0])
+    assert ledger_figures(ledger, agents) == [{
         "address": "a", "experts": [0], "alive": True, "calls": 15, "drops": 3, "failures": 1,
-        "rtt_ms": 2.0, "throughput_mbit_s": 5.0, "compute_us_per_token": 3.0}]
+        "rtt_ms": 1.0, "throughput_mbit_s": 5.0, "compute_us_per_token": 3.0}]
 
 
 def test_metrics_page():

@@ -16,9 +16,14 @@ import urllib.request
 
 import pytest
 import torch
-
-from agent_fixtures import (REPO_ROOT, START_TIMEOUT_S, _die_with_parent, free_port,  # noqa: F401
-                            start_module_agent, two_agents)
+from agent_fixtures import (  # noqa: F401
+    REPO_ROOT,
+    START_TIMEOUT_S,
+    _die_with_parent,
+    free_port,
+    start_module_agent,
+    two_agents,
+)
 
 pytestmark = pytest.mark.integration
 MODEL = "tiny"
@@ -87,7 +92,7 @@ def _start(two_agents, tiny_split, *extra: str) -> ServerProcess:
 
 @pytest.fixture(scope="module")
 def server(two_agents, tiny_split):
-    """No queue: a request that comes while one is decoded gets 503."""
+    """Batched (up to 16 sequences at once), no queue beyond that."""
     s = _start(two_agents, tiny_split, "--max-queue", "0")
     yield s
     s.stop()
@@ -117,11 +122,13 @@ def http(url: str, body=None, method: str | None = None, headers: dict | None = 
         return status, text
 
 
-def metric(server, name: str) -> float:
+def metric(server, name: str, default: float | None = None) -> float:
     _, text = http(server.url + "/metrics")
     for line in text.splitlines():
         if line.startswith(name + " "):
             return float(line.split()[-1])
+    if default is not None:
+        return default
     raise AssertionError(f"{name} not in /metrics:\n{text}")
 
 
@@ -262,11 +269,22 @@ def test_errors_in_openai_shape(server):
     assert status == 200
 
 
-def test_overload_and_disconnect_cancels(server, client):
-    """One request decoding and no queue: the next gets 503. Closing the stream cancels the
-    generation, so a request right after it is served (it would get 503 otherwise)."""
+@pytest.fixture
+def one_at_a_time(two_agents, tiny_split):
+    """A batch of one and no queue: a request that comes while one is decoded gets 503."""
+    s = _start(two_agents, tiny_split, "--max-queue", "0", "--max-batch", "1")
+    yield s
+    s.stop()
+
+
+def test_overload_and_disconnect_cancels(one_at_a_time):
+    """Closing the stream cancels the generation, so a request right after it is served (it
+    would get 503 otherwise)."""
     import openai
 
+    server = one_at_a_time
+    client = openai.OpenAI(base_url=server.url + "/v1", api_key="unused", max_retries=0,
+                           timeout=60)
     cancelled_before = metric(server, "wdmoe_requests_total{outcome=\"cancelled\"}")
     stream = client.chat.completions.create(
         model=MODEL, messages=[{"role": "user", "content": "Go on forever."}], max_tokens=3000,
@@ -300,8 +318,8 @@ def test_metrics_page(server):
                  "wdmoe_token_latency_seconds_count", "wdmoe_agent_rtt_ms{agent=",
                  "wdmoe_agent_throughput_mbit_s{", "wdmoe_agent_calls_total{",
                  "wdmoe_agent_drops_total{", "wdmoe_agent_failures_total{",
-                 "wdmoe_agent_alive{", "wdmoe_http_responses_total{path=\"/v1/completions\","
-                 "status=\"503\"}"):
+                 "wdmoe_agent_alive{", "wdmoe_http_responses_total{path=\"/v1/chat/completions\","
+                 "status=\"400\"}"):
         assert name in text, name
     assert metric(server, "wdmoe_completion_tokens_total") > 0
 
@@ -325,3 +343,171 @@ def test_beyond_loopback_needs_a_key(run_cli, tiny_split):
                      "0-7=tcp://127.0.0.1:1", "--host", "0.0.0.0")
     assert result.returncode == 2 and "--api-key" in result.stderr
     assert "Traceback" not in result.stderr and len(result.stderr.strip().splitlines()) == 1
+
+
+CONCURRENT_PROMPTS = [
+    "The queue module implements", "A thread is", "Sockets are", "The json module",
+    "Use a lock when", "An iterator returns", "The event loop runs", "Files are opened with",
+]
+
+
+def stream_completion(server, prompt: str, tokens: int) -> tuple[str, str]:
+    """One streamed greedy completion over raw SSE: its text and finish reason."""
+    body = {"model": MODEL, "prompt": prompt, "max_tokens": tokens, "temperature": 0,
+            "stream": True, "ignore_eos": True}
+    req = urllib.request.Request(server.url + "/v1/completions", data=json.dumps(body).encode(),
+                                 headers={"Content-Type": "application/json"})
+    text, finish = [], None
+    with urllib.request.urlopen(req, timeout=120) as r:
+        for raw in r:
+            line = raw.decode().strip()
+            if not line.startswith("data: ") or line == "data: [DONE]":
+                continue
+            chunk = json.loads(line[6:])
+            for choice in chunk["choices"]:
+                text.append(choice["text"])
+                finish = choice["finish_reason"] or finish
+    return "".join(text), finish
+
+
+def batch_histogram(server) -> dict[str, float]:
+    _, text = http(server.url + "/metrics")
+    return {line.split('le="')[1].split('"')[0]: float(line.split()[-1])
+            for line in text.splitlines() if line.startswith("wdmoe_batch_sequences_bucket")}
+
+
+def test_eight_concurrent_streams_equal_each_alone(server):
+    """Greedy, θ = 0, float32: every answer of 8 requests decoded together is token for token
+    the answer it gets alone, and the steps really carried several sequences."""
+    tokens = 16
+    alone = [stream_completion(server, p, tokens) for p in CONCURRENT_PROMPTS]
+    before = batch_histogram(server)
+    results: list = [None] * len(CONCURRENT_PROMPTS)
+    start = threading.Barrier(len(CONCURRENT_PROMPTS))
+
+    def client(i: int) -> None:
+        start.wait()
+        results[i] = stream_completion(server, CONCURRENT_PROMPTS[i], tokens)
+
+    threads = [threading.Thread(target=client, args=(i,)) for i in range(len(results))]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(180)
+    assert results == alone
+    assert all(finish == "length" and text for text, finish in results)
+    after = batch_histogram(server)
+    # steps with more than 4 sequences: the le="4" bucket grew less than the +Inf one
+    wide_steps = (after["+Inf"] - before["+Inf"]) - (after["4"] - before["4"])
+    assert wide_steps >= tokens // 2, (before, after)
+
+
+def test_a_disconnected_stream_stops_and_the_others_finish(server, client):
+    cancelled_before = metric(server, "wdmoe_requests_total{outcome=\"cancelled\"}")
+    done: dict[int, tuple[str, str]] = {}
+
+    def finisher(i: int) -> None:
+        done[i] = stream_completion(server, CONCURRENT_PROMPTS[i], 24)
+
+    others = [threading.Thread(target=finisher, args=(i,)) for i in (1, 2)]
+    for t in others:
+        t.start()
+    leaving = client.completions.create(model=MODEL, prompt=CONCURRENT_PROMPTS[0],
+                                        max_tokens=3000, stream=True, temperature=0,
+                                        extra_body={"ignore_eos": True})
+    it = iter(leaving)
+    for _ in range(3):
+        next(it)  # decoding together with the others
+    leaving.close()
+    deadline = time.monotonic() + 20
+    while metric(server, "wdmoe_requests_total{outcome=\"cancelled\"}") == cancelled_before:
+        assert time.monotonic() < deadline, "the disconnected stream was not cancelled"
+        time.sleep(0.05)
+    for t in others:
+        t.join(120)
+    assert [done[i][1] for i in (1, 2)] == ["length", "length"]
+    assert metric(server, "wdmoe_queue_depth") == 0
+
+
+MC_TASK = """task: wdmoe_mc_sample
+dataset_path: json
+dataset_kwargs:
+  data_files:
+    test: {data}
+test_split: test
+output_type: multiple_choice
+doc_to_text: "{{{{question}}}}"
+doc_to_choice: "{{{{choices}}}}"
+doc_to_target: answer
+metric_list:
+  - metric: acc
+    aggregation: mean
+    higher_is_better: true
+"""
+
+
+def test_lm_eval_local_completions_scores_through_the_server(server, tiny_checkpoint,
+                                                            tmp_path):
+    """lm-eval's own `local-completions` model scores a local multiple-choice task through
+    the server (offline), and its log-likelihoods are the ones the server computes."""
+    items = open(os.path.join(REPO_ROOT, "testbed", "data", "mc-heldout.jsonl")).readlines()[:6]
+    data = tmp_path / "mc.jsonl"
+    data.write_text("".join(items))
+    tasks = tmp_path / "tasks"
+    tasks.mkdir()
+    (tasks / "wdmoe_mc_sample.yaml").write_text(MC_TASK.format(data=data))
+    served = 'wdmoe_http_responses_total{path="/v1/completions",status="200"}'
+    completions_before = metric(server, served, default=0.0)
+    env = dict(os.environ, HF_HUB_OFFLINE="1", HF_DATASETS_OFFLINE="1",
+               HF_DATASETS_CACHE=str(tmp_path / "datasets"), TOKENIZERS_PARALLELISM="false")
+    model_args = (f"model={MODEL},base_url={server.url}/v1/completions,"
+                  f"tokenizer_backend=huggingface,tokenizer={tiny_checkpoint},"
+                  "tokenized_requests=True,num_concurrent=1,max_retries=1")
+    out = subprocess.run(
+        [sys.executable, "-m", "lm_eval", "--model", "local-completions", "--model_args",
+         model_args, "--tasks", "wdmoe_mc_sample", "--include_path", str(tasks),
+         "--output_path", str(tmp_path / "results")],
+        capture_output=True, text=True, timeout=600, env=env, cwd=str(tmp_path))
+    assert out.returncode == 0, out.stderr[-3000:]
+    results = [json.load(open(os.path.join(root, f)))
+               for root, _, files in os.walk(tmp_path / "results") for f in files
+               if f.endswith(".json") and f.startswith("results")]
+    assert results, out.stdout[-2000:]
+    scores = results[0]["results"]["wdmoe_mc_sample"]
+    assert 0.0 <= scores["acc,none"] <= 1.0 and "acc_stderr,none" in scores
+    assert results[0]["n-samples"]["wdmoe_mc_sample"]["effective"] == len(items)
+    assert metric(server, served) - completions_before >= len(items)  # >= 1 request per item
+
+
+def test_theta_per_request_inside_one_batch(server):
+    """A θ = 0.5 request (k = 2: always drops) decoding together with θ = 0 ones: only it
+    drops, and the θ = 0 answers are still exactly their alone answers."""
+    def ask(prompt: str, theta: float) -> dict:
+        return http(server.url + "/v1/completions",
+                    {"model": MODEL, "prompt": prompt, "max_tokens": 12, "temperature": 0,
+                     "ignore_eos": True, "theta": theta})[1]
+
+    alone = [ask(p, 0.0)["choices"][0]["text"] for p in CONCURRENT_PROMPTS[:3]]
+    before = batch_histogram(server)
+    results: dict[int, dict] = {}
+    start = threading.Barrier(4)
+
+    def client(i: int, prompt: str, theta: float) -> None:
+        start.wait()
+        results[i] = ask(prompt, theta)
+
+    threads = [threading.Thread(target=client, args=(i, p, 0.0))
+               for i, p in enumerate(CONCURRENT_PROMPTS[:3])]
+    threads.append(threading.Thread(target=client, args=(3, CONCURRENT_PROMPTS[3], 0.5)))
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(120)
+    after = batch_histogram(server)
+    assert (after["+Inf"] - before["+Inf"]) - (after["1"] - before["1"]) > 0  # shared steps
+    assert [results[i]["choices"][0]["text"] for i in range(3)] == alone
+    for i in range(3):
+        assert results[i]["wdmoe"]["experts_dropped"] == 0
+        check_wdmoe(results[i]["wdmoe"], 0.0, 12)
+    assert results[3]["wdmoe"]["experts_dropped"] > 0
+    check_wdmoe(results[3]["wdmoe"], 0.5, 12)
