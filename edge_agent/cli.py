@@ -57,6 +57,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--fault", action="append", default=[], metavar="delay=S|drop=N|crash=N",
                    help="fault injection for tests")
     p.add_argument("--no-self-benchmark", action="store_true", help="skip the start-up benchmark")
+    p.add_argument("--pace-compute-us-per-token", type=float, default=0.0, metavar="US",
+                   help="emulation: every (token, expert) takes at least US microseconds, as "
+                   "an emulated model's expert on an emulated device would (the paper's Eq. 4 "
+                   "/ C_q; `testbed up --scenario paper` sets it); 0: off (default)")
     p.add_argument("-v", "--verbose", action="store_true")
     return p
 
@@ -78,6 +82,10 @@ def main(argv: list[str] | None = None) -> int:
     except (UsageError, ValueError) as e:
         print(f"edge_agent: error: {e}", file=sys.stderr)
         return EXIT_USAGE
+    if not 0.0 <= args.pace_compute_us_per_token < 1e7:
+        print("edge_agent: error: --pace-compute-us-per-token must be in [0, 1e7)",
+              file=sys.stderr)
+        return EXIT_USAGE
     bind = args.bind or (None if args.basestation else DEFAULT_BIND)
     sockets = SocketConfig(heartbeat_timeout_s=args.heartbeat_timeout_s,
                            max_message_bytes=int(args.max_message_mb * 2**20))
@@ -85,7 +93,8 @@ def main(argv: list[str] | None = None) -> int:
         experts=experts, shards_dir=args.shards, store_dir=args.store, bind=bind,
         basestation=args.basestation, advertise=args.advertise, agent_id=args.agent_id,
         device=args.device, dtype=args.dtype, self_benchmark=not args.no_self_benchmark,
-        sockets=sockets, faults=faults)
+        sockets=sockets, faults=faults,
+        pace_s_per_token=args.pace_compute_us_per_token / 1e6)
     agent = Agent(config, ready=lambda line: print(line, flush=True))
 
     def request_stop(signum, frame):

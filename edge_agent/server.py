@@ -48,6 +48,9 @@ class AgentConfig:
     self_benchmark: bool = True
     sockets: P.SocketConfig = field(default_factory=P.SocketConfig)
     faults: FaultConfig = field(default_factory=FaultConfig)
+    # emulation (off at 0): each (token, expert) takes at least this long, as an emulated
+    # model's expert would on an emulated device (the paper's Eq. 4 / C_q; testbed sets it)
+    pace_s_per_token: float = 0.0
 
 
 def default_agent_id(experts: tuple[int, ...]) -> str:
@@ -327,6 +330,10 @@ class Agent:
         elif loaded.device.type == "cuda":
             y = y.cpu()  # includes the wait for the kernels
         compute_s = time.perf_counter() - start
+        paced_s = total_tokens * self.config.pace_s_per_token
+        if compute_s < paced_s:
+            time.sleep(paced_s - compute_s)
+            compute_s = time.perf_counter() - start
         if in_place:
             frames, fields = [payload[0]], {"dtype": wire_dtype, "shape": header["shape"]}
         else:
