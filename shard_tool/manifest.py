@@ -6,7 +6,9 @@ Layout of a split folder (OUT):
                                     experts and dense MLPs included), checkpoint names kept
     basestation/config.json, generation_config.json, tokenizer files
     experts/expert-003.safetensors  routed expert 3 of every MoE layer (fused tensors sliced;
-                                    names in shard_tool/families.py)
+                                    names in shard_tool/families.py); a layer split at 8 or 4
+                                    bits holds its weight matrices as NAME.qweight/.scale/.offset
+                                    (shard_tool/quant.py) and the file entry's `bits` says so
 
 An edge box holds manifest.json and its own expert file(s) only; checks cover what is present
 and what is asked for.
@@ -20,8 +22,15 @@ import os
 from dataclasses import dataclass, field
 
 from shard_tool.errors import ShardError
+from shard_tool.families import DOWN, GATE, GATE_UP, GPT_OSS, UP
 
-FORMAT_VERSION = 1
+FORMAT_VERSION = 1  # a split with every expert at 16 bits (readable by every version)
+QUANTISED_FORMAT_VERSION = 2  # some expert layer at 8 or 4 bits: older readers refuse it
+READABLE_VERSIONS = (FORMAT_VERSION, QUANTISED_FORMAT_VERSION)
+FULL_BITS = 16
+# Parts (shard_tool/families.py) whose matrices `--bits` quantises: the routed experts' weights.
+# Biases and MXFP4 blocks/scales stay as they are.
+QUANTISED_PARTS = (GATE, UP, GATE_UP, DOWN)
 MANIFEST_NAME = "manifest.json"
 BASESTATION_DIR = "basestation"
 EXPERTS_DIR = "experts"
@@ -32,6 +41,12 @@ def expert_file_path(expert: int) -> str:
     return f"{EXPERTS_DIR}/expert-{expert:03d}.safetensors"
 
 
+def stored_transposed(expert_kind: str) -> bool:
+    """GPT-OSS keeps its expert matrices as [in, out] (x @ W); quantised they are stored as
+    [out, in] like every other family, so quantisation is always per output channel."""
+    return expert_kind == GPT_OSS
+
+
 @dataclass(frozen=True)
 class FileEntry:
     path: str  # relative to the split folder, '/'-separated
@@ -40,14 +55,35 @@ class FileEntry:
     sha256: str
     expert: int | None = None
     tensors: dict[str, dict] = field(default_factory=dict)  # name -> {dtype, shape}
+    # expert files: MoE layer -> 8 or 4 for the layers stored quantised; absent layers are 16
+    # bits (the checkpoint's floats), so splits from before quantisation read as all-16
+    bits: dict[int, int] = field(default_factory=dict)
+
+    def layer_bits(self, layer: int) -> int:
+        return self.bits.get(layer, FULL_BITS)
 
     def to_json(self) -> dict:
         out = {"path": self.path, "role": self.role, "bytes": self.bytes, "sha256": self.sha256}
         if self.expert is not None:
             out["expert"] = self.expert
+        if self.bits:
+            out["bits"] = {str(layer): b for layer, b in sorted(self.bits.items())}
         if self.tensors:
             out["tensors"] = self.tensors
         return out
+
+
+def _read_bits(data) -> dict[int, int]:
+    """A file entry's "bits" object. Raises ValueError/TypeError when malformed."""
+    if data is None:
+        return {}
+    if not isinstance(data, dict):
+        raise TypeError("bits is not an object")
+    bits = {int(layer): int(b) for layer, b in data.items()}
+    bad = sorted({b for b in bits.values() if b not in (8, 4)})
+    if bad:
+        raise ValueError(f"bits {bad} (a quantised layer is 8 or 4 bits)")
+    return bits
 
 
 @dataclass(frozen=True)
@@ -56,7 +92,12 @@ class Manifest:
     model: dict  # ModelShape.summary() (families.py) plus "dtype"
     files: tuple[FileEntry, ...]
     tool_version: str = "0"
-    format_version: int = FORMAT_VERSION
+
+    @property
+    def format_version(self) -> int:
+        """1 while every expert is 16 bits (so such splits stay readable by older tools)."""
+        quantised = any(entry.bits for entry in self.files)
+        return QUANTISED_FORMAT_VERSION if quantised else FORMAT_VERSION
 
     @property
     def fingerprint(self) -> str:
@@ -65,6 +106,8 @@ class Manifest:
         digest.update(json.dumps([self.family, self.model], sort_keys=True).encode())
         for entry in sorted(self.files, key=lambda e: e.path):
             digest.update(f"{entry.path}:{entry.sha256}\n".encode())
+            if entry.bits:  # only quantised entries add a line: 16-bit fingerprints unchanged
+                digest.update(f"bits:{json.dumps(entry.to_json()['bits'])}\n".encode())
         return digest.hexdigest()
 
     @property
@@ -79,6 +122,11 @@ class Manifest:
     @property
     def num_experts(self) -> int:
         return int(self.model["num_experts"])
+
+    def expert_bits(self) -> dict[int, dict[int, int]]:
+        """expert id -> {MoE layer: bits} for every expert file, 16 included."""
+        return {e.expert: {layer: e.layer_bits(layer) for layer in self.moe_layers}
+                for e in self.files if e.role == "expert" and e.expert is not None}
 
     def expert_file(self, expert: int) -> FileEntry:
         for entry in self.files:
@@ -98,13 +146,15 @@ class Manifest:
 
     @classmethod
     def from_json(cls, data: dict) -> "Manifest":
-        if data.get("format_version") != FORMAT_VERSION:
-            raise ShardError(f"manifest format {data.get('format_version')!r} is not "
-                             f"{FORMAT_VERSION}; re-split with this version of shard_tool")
+        if data.get("format_version") not in READABLE_VERSIONS:
+            raise ShardError(f"manifest format {data.get('format_version')!r} is not one of "
+                             f"{', '.join(map(str, READABLE_VERSIONS))}; re-split with this "
+                             f"version of shard_tool")
         try:
             files = tuple(FileEntry(path=f["path"], role=f["role"], bytes=int(f["bytes"]),
                                     sha256=f["sha256"], expert=f.get("expert"),
-                                    tensors=f.get("tensors", {})) for f in data["files"])
+                                    tensors=f.get("tensors", {}), bits=_read_bits(f.get("bits")))
+                          for f in data["files"])
             manifest = cls(family=data["family"], model=dict(data["model"]), files=files,
                            tool_version=data.get("tool_version", "0"))
         except (KeyError, TypeError, ValueError) as e:
