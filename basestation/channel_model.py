@@ -176,3 +176,53 @@ def scenario_latency_s(
         rate_up,
         np.asarray(scenario.device_flops, dtype=float),
     )
+
+
+# --- emulating a bigger model's deployment on our small one ------------------------------------
+
+@dataclass(frozen=True)
+class EmulatedModel:
+    """The model whose deployment a testbed run emulates: its sizes set how long each expert
+    call would take on the wire (Eq. 5) and on a device (Eq. 4), while routing and quality stay
+    the real (small) model's."""
+
+    name: str
+    hidden_size: int  # m
+    ffn_size: int  # m_h
+    bytes_per_element: float = 2.0  # eps: bf16 activations on the wire
+
+    @property
+    def wire_bytes_per_token(self) -> float:
+        return comm_bytes(self.hidden_size, 1, self.bytes_per_element)
+
+    @property
+    def flops_per_token(self) -> float:
+        return expert_flops_per_token(self.hidden_size, self.ffn_size)
+
+
+EMULATED_MODELS = {
+    "mixtral-8x7b": EmulatedModel("Mixtral-8x7B", hidden_size=4096, ffn_size=14336),
+    "mixtral-8x22b": EmulatedModel("Mixtral-8x22B", hidden_size=6144, ffn_size=16384),
+    "olmoe-1b-7b": EmulatedModel("OLMoE-1B-7B", hidden_size=2048, ffn_size=1024),
+    "qwen1.5-moe-a2.7b": EmulatedModel("Qwen1.5-MoE-A2.7B", hidden_size=2048, ffn_size=1408),
+    "deepseek-v2-lite": EmulatedModel("DeepSeek-V2-Lite", hidden_size=2048, ffn_size=1408),
+}
+
+
+def emulated_compute_s_per_token(model: EmulatedModel, device_flops: float) -> float:
+    """Eq. 4 / C_q: one token through one of the emulated model's experts on device q."""
+    return model.flops_per_token / device_flops
+
+
+def wire_slowdown(model: EmulatedModel, our_wire_bytes_per_token: float) -> float:
+    """How many times more bytes the emulated model sends per token than ours: a link carrying
+    our messages at R / slowdown takes as long as the emulated model's would at R."""
+    return model.wire_bytes_per_token / our_wire_bytes_per_token
+
+
+def modeled_token_latency_s(device_latency_s, kept_boxes_per_token) -> float:
+    """Eqs. 7-8 for one layer call: each token waits for the slowest device it kept, and the
+    tokens' latencies add up. device_latency_s [Q] (Eq. 6 for one token); kept_boxes_per_token:
+    for each token, the devices it kept (may be empty: the residual alone)."""
+    return float(sum(max((device_latency_s[q] for q in kept), default=0.0)
+                     for kept in kept_boxes_per_token))

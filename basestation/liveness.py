@@ -18,7 +18,11 @@ from basestation import link_estimator as links
 from edge_agent import protocol as P
 from edge_agent.client import AgentClient, PeerUnreachable
 
-REFRESH_AFTER_S = 0.2  # an agent unused this long gets a work probe (bounded rate: 5 per s)
+# an agent unused this long gets a work probe (bounded rate: 1 per s). A probe is real work on
+# the box: a request arriving meanwhile waits behind it (measured under the paper emulation,
+# where a probe costs up to 5 ms of paced compute: at 0.2 s, θ > 0 made tokens slower than
+# θ = 0, because the agents it drops were probed 5 times a second)
+REFRESH_AFTER_S = 1.0
 # while no layer runs (a server waiting for requests): fresh estimates, boxes left mostly idle
 IDLE_REFRESH_AFTER_S = 2.0
 TICK_S = 0.01  # how often the per-layer hook looks for due probes

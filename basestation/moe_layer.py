@@ -47,6 +47,9 @@ class MoeRuntime:
         # when requests share a batch: token -> request ([T] into ledgers), see charge_to
         self.owners: torch.Tensor | None = None
         self.ledgers: list[RequestLedger] | None = None
+        # on_selection(layer, box_of_expert [E], experts [T, K], keep [T, K]): what each token
+        # kept, for a model of the latency beside the measured one (testbed's emulation)
+        self.on_selection = None
         self.stats = dispatcher.stats  # one set of counters for the layer and the dispatcher
         self._boxes: tuple[torch.Tensor, torch.Tensor | None] | None = None
         dispatcher.on_liveness_change = self.liveness_changed
@@ -107,7 +110,6 @@ class MoeRuntime:
                 weights: torch.Tensor) -> torch.Tensor:
         """x [T, H]; the router's experts [T, K] and weights [T, K] -> the experts' weighted
         sum [T, H]."""
-        self.dispatcher.prober.tick(time.perf_counter())
         box_of_expert, available = self.boxes()
         theta = self.theta  # a number, or [T] when requests with their own θ share a batch
         dropping = bool((theta > 0).any()) if isinstance(theta, torch.Tensor) else theta > 0
@@ -117,12 +119,17 @@ class MoeRuntime:
         if dropping or available is not None:  # else nothing is dropped: skip the torch ops
             self._count_drops(selection)
         sent = selection.keep
+        if self.on_selection is not None:
+            self.on_selection(layer, box_of_expert, experts, sent)
         outputs, failed = self.dispatcher.run(layer, x, group_by_expert(experts, selection.keep))
         if failed:
             selection, outputs = self._after_failures(layer, x, selection, weights, failed,
                                                       outputs)
         if self.ledgers is not None:
             self._charge(experts, box_of_expert, sent, selection, failed)
+        # probes go out after the layer's gather, while the base station computes: sent before
+        # its requests, a probe would make an agent this layer needs compute it first
+        self.dispatcher.prober.tick(time.perf_counter())
         return combine(x.shape[0], x.shape[1], x.dtype, selection.weights, outputs)
 
     def _charge(self, experts: torch.Tensor, box_of_expert: torch.Tensor, sent: torch.Tensor,

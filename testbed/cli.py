@@ -27,12 +27,18 @@ def cmd_make_model(args) -> int:
                      experts=args.experts, top_k=args.top_k, vocab=args.vocab, heads=args.heads,
                      kv_heads=args.kv_heads, dtype=args.dtype,
                      max_shard_size=args.max_shard_size, seed=args.seed)
-    if spec.top_k > spec.experts or spec.hidden % spec.heads or spec.heads % spec.kv_heads:
-        raise SystemExit("testbed: error: need top-k <= experts, heads | hidden, kv-heads | heads")
+    sizes = (spec.layers, spec.hidden, spec.intermediate, spec.experts, spec.top_k, spec.vocab,
+             spec.heads, spec.kv_heads)
+    if min(sizes) < 1 or spec.top_k > spec.experts or spec.hidden % spec.heads \
+            or spec.heads % spec.kv_heads:
+        raise SystemExit("testbed: error: sizes must be >= 1, with top-k <= experts, "
+                         "heads | hidden, kv-heads | heads")
     try:
         make_model(args.out, spec)
     except ValueError as e:
         raise SystemExit(f"testbed: error: {e}") from None
+    except OSError as e:
+        raise SystemExit(f"testbed: error: {args.out}: {e.strerror or e}") from None
     print(f"wrote {args.out}: {spec.layers} layers, {spec.experts} experts (top-{spec.top_k}), "
           f"hidden {spec.hidden}, ffn {spec.intermediate}, vocab {spec.vocab}, {spec.dtype}")
     return 0
@@ -42,10 +48,9 @@ def cmd_sweep(args) -> int:
     from testbed.report import table
     from testbed.sweep import SweepConfig, run_sweep
 
-    try:
-        thetas = tuple(float(t) for t in args.thetas.split(","))
-    except ValueError:
-        raise SystemExit(f"testbed: error: --thetas {args.thetas!r}: numbers like 0,0.1,0.2")
+    thetas = _numbers("--thetas", args.thetas)
+    if any(not 0.0 <= t <= 1.0 for t in thetas):  # NaN fails this too
+        raise SystemExit(f"testbed: error: --thetas {args.thetas!r}: each within 0-1")
     prompts = None
     if args.prompts:
         with open(args.prompts) as f:
@@ -60,6 +65,43 @@ def cmd_sweep(args) -> int:
 
     print(table(read_results(args.out)))
     print(f"records: {results} (and .csv); figures: testbed report {args.out}")
+    return 0
+
+
+def _numbers(flag: str, value: str) -> tuple[float, ...]:
+    try:
+        return tuple(float(t) for t in value.split(","))
+    except ValueError:
+        raise SystemExit(f"testbed: error: {flag} {value!r}: numbers like 0,0.1,0.2") from None
+
+
+def cmd_eval(args) -> int:
+    from testbed.eval_report import draw, markdown, write_tables
+    from testbed.evaluate import EvalConfig, run_eval
+    from testbed.report import read_results
+
+    thetas = _numbers("--thetas", args.thetas)
+    if any(not 0.0 <= t <= 1.0 for t in thetas):
+        raise SystemExit(f"testbed: error: --thetas {args.thetas!r}: each within 0-1")
+    if args.limit is not None and args.limit < 1 or args.batch_size < 1 \
+            or args.max_new_tokens < 2:
+        raise SystemExit("testbed: error: --limit and --batch-size must be >= 1, "
+                         "--max-new-tokens >= 2")
+    tasks = tuple(t for t in args.tasks.split(",") if t)
+    results = None
+    for scenario in [s for s in args.scenario.split(",") if s]:
+        results = run_eval(EvalConfig(
+            shards=args.shards, out=args.out, scenario=scenario, thetas=thetas, tasks=tasks,
+            limit=args.limit, batch_size=args.batch_size, max_new_tokens=args.max_new_tokens,
+            num_agents=args.agents, include_path=args.include_path, dtype=args.dtype))
+    by_scenario: dict[str, list[dict]] = {}
+    for row in read_results(args.out):
+        by_scenario.setdefault(row["scenario"], []).append(row)
+    for rows in by_scenario.values():
+        print(markdown(sorted(rows, key=lambda r: r["theta"])) + "\n")
+    for path in write_tables(args.out) + draw(args.out):
+        print(f"wrote {path}")
+    print(f"records: {results}")
     return 0
 
 
@@ -122,6 +164,26 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--latency", choices=("measured", "model"), default="measured")
     p.add_argument("--out", required=True, metavar="DIR")
     p.set_defaults(func=cmd_sweep)
+
+    p = sub.add_parser("eval", help="lm-eval tasks and token latency per θ x scenario "
+                       "through agents behind shaped links: Table I and Fig. 3")
+    p.add_argument("--shards", required=True, metavar="DIR")
+    p.add_argument("--scenario", default="paper", help="one or more, comma-separated: "
+                   "paper | uniform | one-bad-link | flaky | FILE.toml (default paper)")
+    p.add_argument("--thetas", default="0,0.1,0.2,0.3")
+    p.add_argument("--tasks", default="wdmoe_mc_heldout",
+                   help="lm-eval task names, comma-separated: ours (wdmoe_mc_heldout, "
+                   "wdmoe_heldout_ppl, wdmoe_heldout_next_word, offline) or any lm-eval task "
+                   "(piqa, arc_easy, … need the network once); empty: latency only")
+    p.add_argument("--limit", type=int, default=None, help="items per task (default: all)")
+    p.add_argument("--batch-size", type=int, default=8, help="lm-eval items per forward pass")
+    p.add_argument("--include-path", metavar="DIR", help="more lm-eval task YAMLs")
+    p.add_argument("--max-new-tokens", type=int, default=24,
+                   help="tokens per latency prompt (default 24)")
+    p.add_argument("--agents", type=int, default=None, help="default: one per expert")
+    p.add_argument("--dtype", default="auto")
+    p.add_argument("--out", required=True, metavar="DIR")
+    p.set_defaults(func=cmd_eval)
 
     p = sub.add_parser("report", help="table and figures (PNG) of a sweep")
     p.add_argument("out", metavar="DIR")

@@ -1,269 +1,113 @@
-"""Agents behind real, shaped links: one network namespace per agent, joined to the host by veth.
+"""Agents behind real, shaped links: `up`, `degrade`, `status`, `restart`, `down`.
 
-`up` makes namespace `wdm-TAG-I` for agent I, a veth pair `wdmTAGhI` (host) ↔ `wdmTAGnI`
-(namespace) addressed 10.213.S.(4I+1)/30 ↔ 10.213.S.(4I+2)/30 (S: a /24 slot free on this host),
-starts the agent inside (behind the delaying relay when the kernel has no netem), shapes the link
-(testbed/shaping.py) and writes a roster for `basestation --agents`. Everything it makes is
-recorded in `STATE_DIR/state.json` *before* it is made, so `down` cleans up after a crash or a
-`kill -9` of `up`. Without root it falls back to loopback agents without shaping.
+`up` plans the agents (links_plan.py), records each step in the state file before making it
+(links_state.py) and runs the steps (links_up.py): one network namespace and veth pair per
+agent (netns.py) — on this machine as root, inside an unprivileged user namespace otherwise
+(userns.py) — the agents and, where needed, a relay (links_procs.py, relay.py); then it shapes
+the links (shaping.py) and writes a roster for `basestation --agents`. Without root the roster
+names relays on 127.0.0.1 that reach into the user namespace, so the base station runs on this
+machine unchanged. Where neither root nor user namespaces are available the agents run on
+loopback without shaping. `down` is links_down.py.
 
-Only loopback and addresses inside our namespaces are ever contacted; an `unreachable` route for
-the slot's /24 keeps traffic for a vanished veth from following the default route out.
+The names callers import from `testbed.links` are all here (see __all__).
 """
 
 from __future__ import annotations
 
 import dataclasses
-import json
 import os
-import signal
-import socket
-import subprocess
-import sys
 import time
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 
-from testbed import shaping
-from testbed.relay import APPLY_TIMEOUT_S, applied_path, write_settings
+from testbed import links_down, links_up, shaping, userns
+from testbed.links_plan import (
+    AGENT_INNER_PORT,
+    AGENT_PORT,
+    LINK_PREFIX,
+    LOOPBACK,
+    MAX_AGENTS,
+    MODES,
+    NS_PREFIX,
+    ROOT,
+    SUBNET,
+    USERNS,
+    agent_args_by_index,
+    assign_experts,
+    choose_mode,
+    experts_spec,
+    roster_toml,
+)
+from testbed.links_procs import alive, pid_is_ours, spawn, stop_pids
+from testbed.links_state import (
+    DEFAULT_STATE_DIR,
+    STATE_NAME,
+    agent_hosting,
+    find_agent,
+    load_state,
+    mode_of,
+    require_state,
+    save_state,
+    shape_of,
+)
+from testbed.links_types import LinkShape, TestbedError
+from testbed.links_up import INFO_TIMEOUT_S
+from testbed.relay import APPLY_TIMEOUT_S, write_settings
 
-NS_PREFIX = "wdm-"  # every namespace we make; `down --all` removes all of them
-LINK_PREFIX = "wdm"  # every host-side veth we make
-SUBNET = "10.213"  # private range reserved for our namespaces (10.213.0.0/16)
-MAX_AGENTS = 63  # /30 per agent inside one /24 slot
-AGENT_PORT = 5600  # what the base station dials (the relay, or the agent itself with netem)
-AGENT_INNER_PORT = 5601  # the agent on the namespace's loopback, behind the relay
-DEFAULT_STATE_DIR = os.environ.get("WDMOE_TESTBED_STATE", "/tmp/wdmoe-testbed")
-STATE_NAME = "state.json"
+__all__ = [
+    "AGENT_INNER_PORT", "AGENT_PORT", "DEFAULT_STATE_DIR", "INFO_TIMEOUT_S", "LINK_PREFIX",
+    "LOOPBACK", "MAX_AGENTS", "MODES", "NS_PREFIX", "ROOT", "STATE_NAME", "SUBNET",
+    "UP_TIMEOUT_S", "USERNS", "LinkShape", "LinkStatus", "Testbed", "TestbedError",
+    "agent_for_expert", "assign_experts", "degrade", "down", "experts_spec", "host_command",
+    "is_root", "link_mode", "load_state", "restart", "roster_toml", "save_state", "shape_of",
+    "shaping", "status", "up",
+]
+
 UP_TIMEOUT_S = 180.0  # N agents importing torch on a busy 2-core machine
-INFO_TIMEOUT_S = 1.0  # one INFO round while waiting or in status
-STOP_GRACE_S = 3.0  # SIGTERM, then SIGKILL after this long
-LOG_TAIL_LINES = 5
-
-
-class TestbedError(Exception):
-    """Something the user can fix; the message is one line."""
-
-    __test__ = False  # not a pytest test class, despite the name
-
-
-@dataclass(frozen=True)
-class LinkShape:
-    delay_ms: float = 0  # one-way, each direction
-    jitter_ms: float = 0  # uniform ± around delay_ms
-    loss_pct: float = 0  # each direction
-    rate_mbit: float | None = None  # each direction; None = unlimited
-    down: bool = False  # no packet passes (the agent stays alive)
-
-    def check(self) -> "LinkShape":
-        """Raises TestbedError for values no backend can apply."""
-        if self.delay_ms < 0 or self.jitter_ms < 0:
-            raise TestbedError("delay and jitter must be >= 0 ms")
-        if not 0 <= self.loss_pct <= 100:
-            raise TestbedError("loss must be within 0-100 %")
-        if self.rate_mbit is not None and self.rate_mbit <= 0:
-            raise TestbedError("rate must be > 0 mbit (or unlimited)")
-        return self
-
-    def describe(self) -> str:
-        if self.down:
-            return "DOWN"
-        jitter = f" ±{self.jitter_ms:g}" if self.jitter_ms else ""
-        parts = [f"delay {self.delay_ms:g} ms{jitter}",
-                 f"loss {self.loss_pct:g} %",
-                 f"rate {self.rate_mbit:g} mbit" if self.rate_mbit else "rate unlimited"]
-        return ", ".join(parts)
-
-
-# -- pure planning ----------------------------------------------------------------------------
-
-def assign_experts(num_experts: int, num_agents: int) -> list[tuple[int, ...]]:
-    """Contiguous expert ids per agent: 8 on 2 -> (0-3), (4-7); 8 on 3 -> 3, 3, 2."""
-    if not 1 <= num_agents <= num_experts:
-        raise TestbedError(f"--agents must be within 1-{num_experts} (the model has "
-                           f"{num_experts} experts)")
-    base, extra = divmod(num_experts, num_agents)
-    out, start = [], 0
-    for i in range(num_agents):
-        size = base + (1 if i < extra else 0)
-        out.append(tuple(range(start, start + size)))
-        start += size
-    return out
-
-
-def experts_spec(experts: tuple[int, ...]) -> str:
-    """(0, 1, 2, 3) -> '0-3'; (5,) -> '5' (the roster's and edge_agent's syntax)."""
-    if len(experts) > 1 and experts == tuple(range(experts[0], experts[-1] + 1)):
-        return f"{experts[0]}-{experts[-1]}"
-    return ",".join(str(e) for e in experts)
-
-
-def roster_toml(endpoints: dict[tuple[int, ...], str]) -> str:
-    lines = ["# written by `testbed up`", "[agents]"]
-    lines += [f'"{experts_spec(ids)}" = "{ep}"' for ids, ep in endpoints.items()]
-    return "\n".join(lines) + "\n"
 
 
 def is_root() -> bool:
     return os.geteuid() == 0
 
 
-# -- state file -------------------------------------------------------------------------------
-
-def _state_path(state_dir: str) -> str:
-    return os.path.join(state_dir, STATE_NAME)
-
-
-def load_state(state_dir: str) -> dict | None:
-    try:
-        with open(_state_path(state_dir)) as f:
-            return json.load(f)
-    except FileNotFoundError:
-        return None
-    except (OSError, ValueError) as e:
-        raise TestbedError(f"{_state_path(state_dir)}: unreadable ({e}); remove it and run "
-                           "`testbed down --all`") from None
+def link_mode() -> tuple[str, str | None]:
+    """(where `up` puts the links by default, why they are not shaped or None): root, else a
+    user namespace where this kernel allows one, else loopback."""
+    root = is_root()
+    return choose_mode(root, None if root else userns.unavailable_reason())
 
 
-def save_state(state_dir: str, state: dict) -> None:
-    path = _state_path(state_dir)
-    tmp = path + ".tmp"
-    with open(tmp, "w") as f:
-        json.dump(state, f, indent=1)
-    os.replace(tmp, path)
+def _resolve_mode(mode: str | None) -> str:
+    """MODE checked against what this process can do (default: `link_mode`). Raises
+    TestbedError."""
+    if mode is None:
+        return link_mode()[0]
+    if mode not in MODES:
+        raise TestbedError(f"mode {mode!r}: expected one of {', '.join(MODES)}")
+    if mode == ROOT and not is_root():
+        raise TestbedError("mode root needs root (mode userns works without)")
+    if mode == USERNS and (reason := userns.unavailable_reason()):
+        raise TestbedError(f"user namespaces are unavailable here: {reason}")
+    return mode
 
 
-def shape_of(agent: dict) -> LinkShape:
-    return LinkShape(**agent.get("shape", {}))
+def _enter(state: dict) -> tuple[str, ...]:
+    """The prefix that runs a command where the host ends of this testbed's veths are. Raises
+    TestbedError when its user namespace is gone."""
+    if mode_of(state) != USERNS:
+        return ()
+    pid = (state.get("holder") or {}).get("pid")
+    if not pid or not userns.is_holder(pid, tag=state["tag"]):
+        raise TestbedError("this testbed's user namespace is gone (its holder process exited); "
+                           "run `testbed down` and `testbed up` again")
+    return userns.enter(pid)
 
 
-# -- processes --------------------------------------------------------------------------------
-
-def _ip(*args: str, check: bool = True) -> subprocess.CompletedProcess:
-    try:
-        return shaping.run(["ip", *args], check=check)
-    except shaping.ShapingError as e:
-        raise TestbedError(str(e)) from None
-
-
-def _pid_is_ours(pid: int) -> bool:
-    """Alive and running one of our modules (guards against a recycled pid)."""
-    try:
-        with open(f"/proc/{pid}/cmdline", "rb") as f:
-            cmdline = f.read()
-    except OSError:
-        return False
-    return b"edge_agent" in cmdline or b"testbed.relay" in cmdline
-
-
-def _stop_pids(pids: list[int]) -> None:
-    """SIGTERM, then SIGKILL whatever is left after STOP_GRACE_S."""
-    for sig in (signal.SIGTERM, signal.SIGKILL):
-        live = [p for p in pids if os.path.exists(f"/proc/{p}")]
-        for pid in live:
-            try:
-                os.kill(pid, sig)
-            except ProcessLookupError:
-                pass
-        deadline = time.monotonic() + STOP_GRACE_S
-        while live and time.monotonic() < deadline:
-            for pid in live:
-                try:  # reap our own children so they do not linger as zombies
-                    os.waitpid(pid, os.WNOHANG)
-                except ChildProcessError:
-                    pass
-            live = [p for p in live if _alive(p)]
-            time.sleep(0.05)
-        if not live:
-            return
-
-
-def _alive(pid: int) -> bool:
-    try:
-        with open(f"/proc/{pid}/stat") as f:
-            return f.read().rsplit(")", 1)[1].split()[0] != "Z"
-    except (OSError, IndexError):
-        return False
-
-
-def _spawn(cmd: list[str], log_path: str) -> int:
-    env = dict(os.environ, PYTHONUNBUFFERED="1")
-    env.setdefault("OMP_NUM_THREADS", "1")  # many agents share few cores
-    with open(log_path, "ab") as log:
-        # A new session: the agents outlive `testbed up` and a Ctrl-C in its terminal.
-        proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, env=env,
-                                stdin=subprocess.DEVNULL, start_new_session=True)
-    return proc.pid
-
-
-def _log_tail(path: str) -> str:
-    try:
-        with open(path, errors="replace") as f:
-            lines = [ln.strip() for ln in f.read().splitlines() if ln.strip()]
-    except OSError:
-        return "(no log)"
-    return " | ".join(lines[-LOG_TAIL_LINES:]) or "(empty log)"
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-# -- network ----------------------------------------------------------------------------------
-
-def _list_netns() -> list[str]:
-    out = _ip("netns", "list", check=False).stdout
-    return [line.split()[0] for line in out.splitlines() if line.strip()]
-
-
-def _list_links() -> list[str]:
-    out = _ip("-o", "link", "show", check=False).stdout
-    return [line.split(":")[1].strip().split("@")[0] for line in out.splitlines() if ":" in line]
-
-
-def _our_routes() -> list[str]:
-    out = _ip("route", "show", "type", "unreachable", check=False).stdout
-    return [line.split()[1] for line in out.splitlines() if f" {SUBNET}." in f" {line}"]
-
-
-def _free_slot() -> int:
-    used = _ip("-o", "addr", check=False).stdout + _ip("route", "show", "table", "all",
-                                                       check=False).stdout
-    for slot in range(256):
-        if f"{SUBNET}.{slot}." not in used:
-            return slot
-    raise TestbedError(f"no free /24 left in {SUBNET}.0.0/16 (run `testbed down --all`)")
-
-
-def _make_link(agent: dict) -> None:
-    ns, host_dev, ns_dev = agent["ns"], agent["host_dev"], agent["ns_dev"]
-    _ip("netns", "add", ns)
-    _ip("link", "add", host_dev, "type", "veth", "peer", "name", ns_dev, "netns", ns)
-    _ip("addr", "add", f"{agent['host_addr']}/30", "dev", host_dev)
-    _ip("link", "set", host_dev, "up")
-    _ip("-n", ns, "addr", "add", f"{agent['ns_addr']}/30", "dev", ns_dev)
-    _ip("-n", ns, "link", "set", ns_dev, "up")
-    _ip("-n", ns, "link", "set", "lo", "up")  # the relay reaches the agent on loopback
-
-
-def _apply(state: dict, agent: dict, shape: LinkShape, old: LinkShape | None = None) -> None:
-    """Shape one link; with OLD (what it has now), touch only the parts that change: a
-    scenario re-applies shapes every epoch, and each tc/nft call costs a process and can
-    drop what a replaced qdisc held."""
-    try:
-        shaping.apply(state["backend"], agent["ns"], agent["host_dev"], agent["ns_dev"], shape,
-                      old)
-    except shaping.ShapingError as e:
-        raise TestbedError(str(e)) from None
-    relay_same = old is not None and (old.delay_ms, old.jitter_ms) == (shape.delay_ms,
-                                                                        shape.jitter_ms)
-    if agent.get("relay_settings") and not relay_same:
-        if not write_settings(agent["relay_settings"], shape.delay_ms, shape.jitter_ms,
-                              wait=True):
-            raise TestbedError(f"agent {agent['index']}'s relay did not take the new delay "
-                               f"within {APPLY_TIMEOUT_S:g} s (see "
-                               f"{agent['relay_settings'][:-5]}.log)")
+def host_command(state_dir: str, *cmd: str) -> list[str]:
+    """CMD as a command line that runs where the host ends of the links are (so it can reach
+    the agents' veth addresses): CMD itself as root, inside the user namespace otherwise.
+    Raises TestbedError."""
+    return [*_enter(require_state(state_dir)), *cmd]
 
 
 # -- the testbed ------------------------------------------------------------------------------
@@ -280,6 +124,9 @@ class Testbed:
     def degrade(self, agent_index: int, shape: LinkShape) -> None:
         degrade(self.state_dir, agent_index, shape)
 
+    def restart(self, agent_index: int) -> int:
+        return restart(self.state_dir, agent_index)
+
     def down(self) -> list[str]:
         return down(self.state_dir)
 
@@ -295,9 +142,15 @@ def _testbed_from_state(state_dir: str, state: dict) -> Testbed:
 
 def up(shards: str, num_agents: int, shapes: dict[int, LinkShape] | None = None,
        state_dir: str = DEFAULT_STATE_DIR, roster_path: str | None = None,
-       agent_args: list[str] = (), timeout_s: float = UP_TIMEOUT_S) -> Testbed:
+       agent_args: Sequence[str] | Mapping[int, Sequence[str]] | None = None,
+       timeout_s: float = UP_TIMEOUT_S, mode: str | None = None) -> Testbed:
     """Bring up num_agents agents behind shaped links and write the roster; returns when every
-    agent answers INFO. Raises TestbedError (after removing everything it made)."""
+    agent answers INFO.
+
+    agent_args: extra edge_agent arguments, a list for every agent or {agent index: list}
+    (recorded in the state: `status` shows them, `restart` keeps them). mode: root, userns or
+    loopback (default: `link_mode`). Raises TestbedError (after removing everything it made).
+    """
     from shard_tool.errors import ShardError
     from shard_tool.manifest import load_manifest
 
@@ -308,31 +161,34 @@ def up(shards: str, num_agents: int, shapes: dict[int, LinkShape] | None = None,
     groups = assign_experts(num_experts, num_agents)
     if num_agents > MAX_AGENTS:
         raise TestbedError(f"at most {MAX_AGENTS} agents")
+    extra_args = agent_args_by_index(agent_args, num_agents)
     shapes = {int(i): s.check() for i, s in (shapes or {}).items()}
     if any(i not in range(num_agents) for i in shapes):
         raise TestbedError(f"shapes given for agents outside 0-{num_agents - 1}")
+    mode = _resolve_mode(mode)
+    if mode == LOOPBACK and any(s != LinkShape() for s in shapes.values()):
+        why = link_mode()[1] or "mode loopback"
+        raise TestbedError(f"link shapes need network namespaces ({why}); run without a "
+                           "scenario")
     state_dir = os.path.abspath(state_dir)
     os.makedirs(state_dir, exist_ok=True)
     if load_state(state_dir) is not None:
         raise TestbedError(f"a testbed is already up in {state_dir}; run `testbed down "
                            f"--state-dir {state_dir}` first")
     roster_path = os.path.abspath(roster_path or os.path.join(state_dir, "roster.toml"))
-    root = is_root()
-    state = {"tag": os.urandom(2).hex(), "slot": None, "backend": shaping.LOOPBACK,
-             "shards": os.path.abspath(shards), "roster_path": roster_path, "agents": []}
+    state = {"tag": os.urandom(2).hex(), "mode": mode, "slot": None, "holder": None,
+             "shaper": None, "backend": shaping.LOOPBACK, "shards": os.path.abspath(shards),
+             "roster_path": roster_path, "agents": []}
     save_state(state_dir, state)  # first, so `down` finds whatever follows
     try:
-        if root:
-            _up_namespaces(state_dir, state, groups, list(agent_args))
+        if mode == LOOPBACK:
+            links_up.start_loopback_agents(state_dir, state, groups, extra_args)
         else:
-            _up_loopback(state_dir, state, groups, list(agent_args))
-        _wait_ready(state, timeout_s)
+            links_up.make_namespaced_agents(state_dir, state, groups, extra_args)
+        links_up.wait_ready(state, state["agents"], timeout_s)
         for agent in state["agents"]:
             shape = shapes.get(agent["index"], LinkShape())
             if shape != LinkShape():
-                if not root:
-                    raise TestbedError("link shapes need root (network namespaces); run as "
-                                       "root or without a scenario")
                 _apply(state, agent, shape)
                 agent["shape"] = dataclasses.asdict(shape)
         save_state(state_dir, state)
@@ -344,126 +200,64 @@ def up(shards: str, num_agents: int, shapes: dict[int, LinkShape] | None = None,
     return _testbed_from_state(state_dir, state)
 
 
-def _up_namespaces(state_dir: str, state: dict, groups: list[tuple[int, ...]],
-                   agent_args: list[str]) -> None:
-    slot, tag = _free_slot(), state["tag"]
-    state["slot"] = slot
-    save_state(state_dir, state)
-    # Traffic for a vanished veth must not follow the default route out of this machine.
-    _ip("route", "add", "unreachable", f"{SUBNET}.{slot}.0/24")
-    for i, experts in enumerate(groups):
-        agent = {"index": i, "experts": list(experts), "ns": f"{NS_PREFIX}{tag}-{i}",
-                 "host_dev": f"{LINK_PREFIX}{tag}h{i}", "ns_dev": f"{LINK_PREFIX}{tag}n{i}",
-                 "host_addr": f"{SUBNET}.{slot}.{4 * i + 1}",
-                 "ns_addr": f"{SUBNET}.{slot}.{4 * i + 2}", "pids": [],
-                 "log": os.path.join(state_dir, f"agent-{i}.log"), "shape": {}}
-        agent["endpoint"] = f"tcp://{agent['ns_addr']}:{AGENT_PORT}"
-        state["agents"].append(agent)
-        save_state(state_dir, state)
-        _make_link(agent)
-    backend = shaping.NETEM if shaping.has_netem(state["agents"][0]["host_dev"]) else \
-        shaping.FALLBACK
-    state["backend"] = backend
-    if backend == shaping.FALLBACK:
-        try:
-            shaping.ensure_nft()
-        except shaping.ShapingError as e:
-            raise TestbedError(str(e)) from None
-    for agent in state["agents"]:
-        ns, ns_addr = agent["ns"], agent["ns_addr"]
-        exec_ns = ["ip", "netns", "exec", ns, sys.executable, "-m"]
-        if backend == shaping.FALLBACK:
-            agent["relay_settings"] = os.path.join(state_dir, f"relay-{agent['index']}.json")
-            write_settings(agent["relay_settings"], 0, 0)
-            agent["pids"].append(_spawn(
-                exec_ns + ["testbed.relay", "--listen", f"{ns_addr}:{AGENT_PORT}", "--target",
-                           f"127.0.0.1:{AGENT_INNER_PORT}", "--settings", agent["relay_settings"]],
-                os.path.join(state_dir, f"relay-{agent['index']}.log")))
-            bind = f"tcp://127.0.0.1:{AGENT_INNER_PORT}"
-        else:
-            bind = agent["endpoint"]
-        agent["pids"].append(_spawn(
-            exec_ns + ["edge_agent", "--expert", experts_spec(tuple(agent["experts"])),
-                       "--shards", state["shards"], "--bind", bind,
-                       "--advertise", agent["endpoint"], *agent_args], agent["log"]))
-        save_state(state_dir, state)
-
-
-def _up_loopback(state_dir: str, state: dict, groups: list[tuple[int, ...]],
-                 agent_args: list[str]) -> None:
-    for i, experts in enumerate(groups):
-        endpoint = f"tcp://127.0.0.1:{_free_port()}"
-        agent = {"index": i, "experts": list(experts), "ns": None, "endpoint": endpoint,
-                 "pids": [], "log": os.path.join(state_dir, f"agent-{i}.log"), "shape": {}}
-        state["agents"].append(agent)
-        agent["pids"].append(_spawn(
-            [sys.executable, "-m", "edge_agent", "--expert", experts_spec(experts), "--shards",
-             state["shards"], "--bind", endpoint, *agent_args], agent["log"]))
-        save_state(state_dir, state)
-
-
-def _wait_ready(state: dict, timeout_s: float) -> None:
-    """Until every agent answers INFO through its link. Raises TestbedError."""
-    from edge_agent.client import AgentClient, PeerUnreachable
-
-    deadline = time.monotonic() + timeout_s
-    with AgentClient() as client:
-        peers = {a["index"]: client.connect(a["endpoint"]) for a in state["agents"]}
-        pending = {a["index"]: a for a in state["agents"]}
-        while pending:
-            for i, agent in pending.items():
-                if not all(_alive(p) for p in agent["pids"]):
-                    raise TestbedError(f"agent {i} exited: {_log_tail(agent['log'])}")
-            sent = {}
-            for i in pending:
-                try:
-                    sent[client.send(peers[i], "info")] = i
-                except PeerUnreachable:
-                    pass  # not connected yet: ask again next round
-            for reply in client.wait(set(sent), INFO_TIMEOUT_S).values():
-                if reply.kind != "error":
-                    pending.pop(sent[reply.id], None)
-            if pending and time.monotonic() > deadline:
-                late = ", ".join(str(i) for i in pending)
-                raise TestbedError(f"agents {late} did not answer within {timeout_s:g} s "
-                                   f"(logs in {os.path.dirname(state['roster_path'])})")
-            if pending and not sent:
-                time.sleep(0.2)
-
-
-def _find(state: dict, agent_index: int) -> dict:
-    for agent in state["agents"]:
-        if agent["index"] == agent_index:
-            return agent
-    raise TestbedError(f"no agent {agent_index} (agents 0-{len(state['agents']) - 1})")
+def _apply(state: dict, agent: dict, shape: LinkShape, old: LinkShape | None = None) -> None:
+    """Shape one link; with OLD (what it has now), touch only the parts that change: a
+    scenario re-applies shapes every epoch, and each tc/nft call costs a process and can
+    drop what a replaced qdisc held."""
+    shaper = state.get("shaper") or state["backend"]  # state files from before "shaper"
+    try:
+        shaping.apply(shaper, agent["ns"], agent["host_dev"], agent["ns_dev"], shape, old,
+                      enter=_enter(state))
+    except shaping.ShapingError as e:
+        raise TestbedError(str(e)) from None
+    relayed = (shape.delay_ms, shape.jitter_ms, shape.wire_down_mbit, shape.wire_up_mbit)
+    relay_same = old is not None and relayed == (old.delay_ms, old.jitter_ms,
+                                                 old.wire_down_mbit, old.wire_up_mbit)
+    if agent.get("relay_settings") and not relay_same and not write_settings(
+            agent["relay_settings"], shape.delay_ms, shape.jitter_ms, wait=True,
+            wire_down_mbit=shape.wire_down_mbit, wire_up_mbit=shape.wire_up_mbit):
+        raise TestbedError(f"agent {agent['index']}'s relay did not take the new delay within "
+                           f"{APPLY_TIMEOUT_S:g} s (see {agent['relay_settings'][:-5]}.log)")
 
 
 def agent_for_expert(state_dir: str, expert: int) -> int:
-    state = _require_state(state_dir)
-    for agent in state["agents"]:
-        if expert in agent["experts"]:
-            return agent["index"]
-    raise TestbedError(f"no agent hosts expert {expert}")
-
-
-def _require_state(state_dir: str) -> dict:
-    state = load_state(state_dir)
-    if state is None:
-        raise TestbedError(f"no testbed is up in {state_dir} (run `testbed up` first)")
-    return state
+    """The index of the agent hosting EXPERT. Raises TestbedError."""
+    return agent_hosting(require_state(state_dir), expert)
 
 
 def degrade(state_dir: str, agent: int, shape: LinkShape, *, by_expert: bool = False) -> None:
     """Replace the shape of one agent's link (by agent index, or by an expert it hosts) while
     everything runs. Raises TestbedError."""
-    state = _require_state(state_dir)
-    index = agent_for_expert(state_dir, agent) if by_expert else agent
-    entry = _find(state, index)
-    if state["backend"] == shaping.LOOPBACK:
-        raise TestbedError("links cannot be shaped: agents are on loopback (not root)")
+    state = require_state(state_dir)
+    index = agent_hosting(state, agent) if by_expert else agent
+    entry = find_agent(state, index)
+    if mode_of(state) == LOOPBACK:
+        raise TestbedError("links cannot be shaped: agents are on loopback (neither root nor "
+                           "user namespaces)")
     _apply(state, entry, shape.check(), old=shape_of(entry))
     entry["shape"] = dataclasses.asdict(shape)
     save_state(state_dir, state)
+
+
+def restart(state_dir: str, agent_index: int, timeout_s: float = UP_TIMEOUT_S) -> int:
+    """Stop agent AGENT_INDEX's edge_agent and start it again with the command recorded by `up`
+    (its extra arguments included) behind the same link; returns the new pid once it answers
+    INFO. Raises TestbedError."""
+    state = require_state(state_dir)
+    agent = find_agent(state, agent_index)
+    if not agent.get("agent_command"):
+        raise TestbedError("this testbed was started by an older version (no agent command "
+                           "recorded): run `testbed down` and `testbed up`")
+    _enter(state)  # the user namespace must still be there to start anything in it
+    old = agent.get("agent_pid")
+    if old and pid_is_ours(old):
+        stop_pids([old])
+    agent["pids"] = [p for p in agent["pids"] if p != old]
+    agent["agent_pid"] = spawn(agent["agent_command"], agent["log"])
+    agent["pids"].append(agent["agent_pid"])
+    save_state(state_dir, state)
+    links_up.wait_ready(state, [agent], timeout_s)
+    return agent["agent_pid"]
 
 
 @dataclass(frozen=True)
@@ -476,13 +270,14 @@ class LinkStatus:
     shape: LinkShape
     alive: bool  # every process of this agent (agent, relay) is running
     answers: bool  # answered INFO through its link within INFO_TIMEOUT_S
+    agent_args: tuple[str, ...] = ()  # extra edge_agent arguments given to `up`
 
 
 def status(state_dir: str) -> list[LinkStatus]:
     """Each link's shape and its agent's state. Raises TestbedError when nothing is up."""
     from edge_agent.client import AgentClient, PeerUnreachable
 
-    state = _require_state(state_dir)
+    state = require_state(state_dir)
     out = []
     with AgentClient() as client:
         sent = {}
@@ -498,55 +293,13 @@ def status(state_dir: str) -> list[LinkStatus]:
     for agent in state["agents"]:
         out.append(LinkStatus(agent["index"], tuple(agent["experts"]), agent.get("ns"),
                               agent["endpoint"], state["backend"], shape_of(agent),
-                              bool(agent["pids"]) and all(_alive(p) for p in agent["pids"]),
-                              agent["index"] in answered))
+                              bool(agent["pids"]) and all(alive(p) for p in agent["pids"]),
+                              agent["index"] in answered, tuple(agent.get("agent_args", ()))))
     return out
 
 
 def down(state_dir: str = DEFAULT_STATE_DIR, everything: bool = False) -> list[str]:
-    """Remove every namespace, veth, route, rule (nft tables live in the namespaces) and process
-    `up` made in state_dir, also after a crash; `everything` also removes every `wdm-*` leftover
-    of any testbed. Safe to run twice. Returns what it removed."""
-    state = load_state(state_dir) if os.path.isdir(state_dir) else None
-    removed: list[str] = []
-    tag = state["tag"] if state else None
-    if state is None and not everything:
-        return removed
-    if not is_root():
-        pids = [p for a in (state or {}).get("agents", []) for p in a.get("pids", [])
-                if _pid_is_ours(p)]
-        _stop_pids(pids)
-        removed += [f"process {p}" for p in pids]
-    else:
-        ns_prefix = NS_PREFIX if everything else f"{NS_PREFIX}{tag}-"
-        namespaces = {a["ns"] for a in (state or {}).get("agents", []) if a.get("ns")}
-        namespaces = {ns for ns in _list_netns() if ns in namespaces or ns.startswith(ns_prefix)}
-        # Every process inside our namespaces is one we started (agents, relays, probes).
-        pids = [int(p) for ns in namespaces
-                for p in _ip("netns", "pids", ns, check=False).stdout.split()]
-        pids += [p for a in (state or {}).get("agents", []) for p in a.get("pids", [])
-                 if _pid_is_ours(p) and p not in pids]
-        _stop_pids(pids)
-        removed += [f"process {p}" for p in pids]
-        for ns in sorted(namespaces):
-            _ip("netns", "del", ns, check=False)
-            removed.append(f"namespace {ns}")
-        # Deleting a namespace deletes its veth end and so the pair; catch any half-made one.
-        link_prefix = LINK_PREFIX if everything else f"{LINK_PREFIX}{tag}"
-        for link in _list_links():
-            if link.startswith(link_prefix) and (everything or len(link) > len(link_prefix)):
-                if _ip("link", "del", link, check=False).returncode == 0:
-                    removed.append(f"link {link}")
-        slot = (state or {}).get("slot")
-        for route in _our_routes():
-            if everything or (slot is not None and route == f"{SUBNET}.{slot}.0/24"):
-                _ip("route", "del", "unreachable", route, check=False)
-                removed.append(f"route unreachable {route}")
-    if state is not None:
-        for agent in state.get("agents", []):
-            if agent.get("relay_settings"):
-                for path in (agent["relay_settings"], applied_path(agent["relay_settings"])):
-                    if os.path.exists(path):
-                        os.remove(path)
-        os.remove(_state_path(state_dir))
-    return removed
+    """Remove every process, namespace, veth, route and rule `up` made in state_dir, also after
+    a crash; `everything` also removes every leftover of any testbed of ours. Safe to run
+    twice. Returns what it removed (see links_down.down)."""
+    return links_down.down(state_dir, everything, is_root())

@@ -48,25 +48,32 @@ def _fail(e: Exception) -> int:
     return 2
 
 
-def _load_scenario(name: str | None, num_agents: int) -> dict[int, LinkShape]:
+def _load_scenario(name: str | None, shards: str, num_agents: int
+                   ) -> tuple[dict[int, LinkShape], dict[int, list[str]]]:
+    """The scenario's shapes at time 0 and, when it emulates a model (`paper`), the agents'
+    compute pacing."""
     if not name:
-        return {}
-    try:
-        from testbed.scenarios import load_scenario
-    except ImportError:
-        raise TestbedError("scenarios are not available in this version") from None
-    return load_scenario(name, num_agents)
+        return {}, {}
+    from testbed import scenarios
+
+    shapes, agent_args, _ = scenarios.bring_up(scenarios.load(name), shards, num_agents)
+    return shapes, agent_args
 
 
 def cmd_up(args) -> int:
     try:
-        shapes = _load_scenario(args.scenario, args.agents)
-        if not links.is_root():
-            print("testbed: not root: agents run on loopback without shaping", file=sys.stderr)
+        shapes, paced = _load_scenario(args.scenario, args.shards, args.agents)
+        common = args.agent_arg or []
+        agent_args = {i: common + paced.get(i, []) for i in range(args.agents)} if paced \
+            else common
+        mode, unshaped_why = links.link_mode()
+        if mode == links.LOOPBACK:
+            print(f"testbed: {unshaped_why}: agents run on loopback without shaping",
+                  file=sys.stderr)
         print(f"testbed: starting {args.agents} agents (logs in {args.state_dir})",
               file=sys.stderr)
         tb = links.up(args.shards, args.agents, shapes, state_dir=args.state_dir,
-                      roster_path=args.roster, agent_args=args.agent_arg or [],
+                      roster_path=args.roster, agent_args=agent_args,
                       timeout_s=args.timeout_s)
     except (TestbedError, ValueError) as e:
         return _fail(e)
@@ -112,8 +119,10 @@ def _print_status(rows: list[links.LinkStatus]) -> None:
     for r in rows:
         state = ("alive" if r.alive else "DEAD") + (", answers" if r.answers else
                                                     ", no answer")
+        extra = f"  args: {' '.join(r.agent_args)}" if r.agent_args else ""
         print(f"agent {r.index} experts {links.experts_spec(r.experts)}  "
-              f"{r.namespace or 'loopback'}  {r.endpoint}  [{r.shape.describe()}]  {state}")
+              f"{r.namespace or 'loopback'}  {r.endpoint}  [{r.shape.describe()}]  {state}"
+              f"{extra}")
 
 
 def cmd_status(args) -> int:
@@ -144,7 +153,8 @@ def add_parsers(subparsers) -> None:
                        help=f"where state, logs and the roster go (default "
                             f"{links.DEFAULT_STATE_DIR})")
 
-    p = subparsers.add_parser("up", help="start agents behind shaped links in network namespaces")
+    p = subparsers.add_parser("up", help="start agents behind shaped links in network namespaces "
+                              "(without root: inside a user namespace)")
     p.add_argument("--shards", required=True, help="split folder (shard_tool split)")
     p.add_argument("--agents", type=int, required=True, help="number of agents")
     p.add_argument("--scenario", help="link scenario: a name or a file")
@@ -178,6 +188,7 @@ def add_parsers(subparsers) -> None:
 
     p = subparsers.add_parser("down", help="remove every namespace, link, rule and process")
     p.add_argument("--all", action="store_true",
-                   help="also remove leftovers of any testbed (every wdm-* namespace)")
+                   help="also remove leftovers of any testbed (root: every wdm-* namespace; "
+                   "any user: every user namespace of ours)")
     state_dir(p)
     p.set_defaults(func=cmd_down)

@@ -1,11 +1,17 @@
 """A delaying TCP relay: delay and jitter for kernels without netem.
 
 `python -m testbed.relay --listen 10.213.0.2:5600 --target 127.0.0.1:5601 --settings FILE`
-runs in the agent's namespace: it accepts on the namespace's external address and forwards to
-the agent on the namespace's loopback. Every chunk read, in either direction, is held until
-arrival + delay_ms (+ uniform jitter in ±jitter_ms), never overtaking the chunk before it, so
-byte order is kept. The settings file (JSON, written atomically by `write_settings`) is re-read
-when it changes, so delay and jitter change while connections run.
+runs in the agent's namespace (as root): it accepts on the namespace's external address and
+forwards to the agent on the namespace's loopback. Without root it runs inside the user
+namespace (testbed/userns.py) with `--listen-fd`: a socket listening on this machine's
+127.0.0.1, made by `testbed up` and inherited, so the base station on this machine reaches an
+agent behind the veth; it forwards to the agent's veth address. Without `--settings` it only
+forwards (netem delays).
+
+Every chunk read, in either direction, is held until arrival + delay_ms (+ uniform jitter in
+±jitter_ms), never overtaking the chunk before it, so byte order is kept. The settings file
+(JSON, written atomically by `write_settings`) is re-read when it changes, so delay and jitter
+change while connections run.
 
 Unlike netem, the delay is not seen by the host's TCP stack (it ends at the relay): an
 application's request/reply sees 2 × delay, but TCP's window is not stretched by it.
@@ -28,19 +34,25 @@ MAX_QUEUED_BYTES = 64 * 1024 * 1024  # per direction; beyond this the reader sto
 SETTINGS_POLL_S = 0.01  # how soon a changed settings file takes effect (a stat per poll)
 APPLY_TIMEOUT_S = 2.0  # write_settings(wait=True) gives up on a relay that does not answer
 LISTEN_BACKLOG = 64
+CONNECT_TIMEOUT_S = 5.0  # to the target; a link that is down drops the SYNs
 
 
 def applied_path(path: str) -> str:
     return path + ".applied"  # the relay writes the token of the settings it runs with
 
 
-def write_settings(path: str, delay_ms: float, jitter_ms: float, wait: bool = False) -> bool:
+def write_settings(path: str, delay_ms: float, jitter_ms: float, wait: bool = False,
+                   wire_down_mbit: float | None = None,
+                   wire_up_mbit: float | None = None) -> bool:
     """Atomically replace the relay's settings file. With `wait`, return once the relay runs
-    with them (True) or APPLY_TIMEOUT_S passed (False), so callers measure the new link."""
+    with them (True) or APPLY_TIMEOUT_S passed (False), so callers measure the new link.
+    wire_*_mbit: serialise each direction's bytes at that rate (None: as fast as they come)."""
     token = os.urandom(8).hex()
     tmp = f"{path}.tmp{os.getpid()}"
     with open(tmp, "w") as f:
-        json.dump({"delay_ms": float(delay_ms), "jitter_ms": float(jitter_ms), "token": token}, f)
+        json.dump({"delay_ms": float(delay_ms), "jitter_ms": float(jitter_ms),
+                   "wire_down_mbit": wire_down_mbit, "wire_up_mbit": wire_up_mbit,
+                   "token": token}, f)
     os.replace(tmp, path)
     deadline = time.monotonic() + APPLY_TIMEOUT_S
     while wait and time.monotonic() < deadline:
@@ -55,15 +67,18 @@ def write_settings(path: str, delay_ms: float, jitter_ms: float, wait: bool = Fa
 
 
 class Settings:
-    """The current delay and jitter, refreshed from the file by a watcher thread."""
+    """The current delay, jitter and wire rates, refreshed from the file by a watcher thread."""
 
-    def __init__(self, path: str):
-        self.path = path
+    def __init__(self, path: str | None):
+        self.path = path  # None: no delay, ever (a plain forwarder)
         self.delay_s = 0.0
         self.jitter_s = 0.0
+        # bits/s each way (0: unlimited); "down" is client -> target (base station -> agent)
+        self.wire_bits_per_s = {"down": 0.0, "up": 0.0}
         self._token: str | None = None
-        self.refresh()
-        threading.Thread(target=self._watch, daemon=True).start()
+        if path:
+            self.refresh()
+            threading.Thread(target=self._watch, daemon=True).start()
 
     def refresh(self) -> None:
         # Read every poll and compare the token: mtimes are too coarse for quick rewrites.
@@ -75,6 +90,8 @@ class Settings:
                 return
             self.delay_s = max(0.0, float(data.get("delay_ms", 0))) / 1000
             self.jitter_s = max(0.0, float(data.get("jitter_ms", 0))) / 1000
+            self.wire_bits_per_s = {way: max(0.0, float(data.get(f"wire_{way}_mbit") or 0)) * 1e6
+                                    for way in ("down", "up")}
             self._token = token
             tmp = applied_path(self.path) + ".tmp"
             with open(tmp, "w") as f:
@@ -95,10 +112,17 @@ class Settings:
 
 
 class Direction:
-    """One direction of one connection: a reader thread queues chunks, a writer releases them."""
+    """One direction of one connection: a reader thread queues chunks, a writer releases them.
 
-    def __init__(self, src: socket.socket, dst: socket.socket, settings: Settings, on_done):
+    With a wire rate, a chunk first waits for the wire (free once the chunks before it are
+    serialised) and takes bytes x 8 / rate on it, then the delay: what netem's rate does per
+    packet, and what tbf cannot do for messages smaller than its burst."""
+
+    def __init__(self, src: socket.socket, dst: socket.socket, settings: Settings, on_done,
+                 way: str = "down"):
         self.src, self.dst, self.settings, self.on_done = src, dst, settings, on_done
+        self.way = way
+        self.wire_free = 0.0  # when the wire has sent the chunks before
         self.queue: collections.deque[tuple[float, bytes | None]] = collections.deque()
         self.queued_bytes = 0
         self.cond = threading.Condition()
@@ -109,7 +133,12 @@ class Direction:
 
     def _push(self, data: bytes | None) -> None:
         # Order is kept: a chunk never leaves before the one read before it.
-        release = max(self.last_release, time.monotonic() + self.settings.hold_s())
+        sent = time.monotonic()
+        rate = self.settings.wire_bits_per_s[self.way]
+        if rate and data:
+            self.wire_free = max(self.wire_free, sent) + len(data) * 8 / rate
+            sent = self.wire_free
+        release = max(self.last_release, sent + self.settings.hold_s())
         self.last_release = release
         with self.cond:
             while self.queued_bytes > MAX_QUEUED_BYTES and not self.closed:
@@ -162,14 +191,14 @@ class Direction:
 class Connection:
     def __init__(self, client: socket.socket, target: tuple[str, int], settings: Settings):
         self.client = client
-        self.upstream = socket.create_connection(target, timeout=5)
+        self.upstream = socket.create_connection(target, timeout=CONNECT_TIMEOUT_S)
         self.upstream.settimeout(None)
         for s in (self.client, self.upstream):
             s.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
         self.lock = threading.Lock()
         self.done = 0
-        self.directions = [Direction(client, self.upstream, settings, self._done),
-                           Direction(self.upstream, client, settings, self._done)]
+        self.directions = [Direction(client, self.upstream, settings, self._done, "down"),
+                           Direction(self.upstream, client, settings, self._done, "up")]
 
     def _done(self, error: bool = False) -> None:
         with self.lock:
@@ -189,36 +218,59 @@ class Connection:
 
 
 def parse_hostport(value: str) -> tuple[str, int]:
+    """'10.213.0.2:5600' -> ('10.213.0.2', 5600). Raises ValueError."""
     host, _, port = value.rpartition(":")
+    if not host or not port.isdigit():
+        raise ValueError(f"{value!r}: expected HOST:PORT")
     return host, int(port)
 
 
-def serve(listen: tuple[str, int], target: tuple[str, int], settings_path: str) -> None:
+def _open(client: socket.socket, target: tuple[str, int], settings: Settings) -> None:
+    try:
+        Connection(client, target, settings)
+    except OSError as e:
+        # The agent is not listening (yet) or its link is down: refuse this client.
+        print(f"relay: cannot reach {target[0]}:{target[1]}: {e}", file=sys.stderr, flush=True)
+        client.close()
+
+
+def serve(server: socket.socket, target: tuple[str, int], settings_path: str | None) -> None:
+    """Accept on SERVER (a listening socket) forever, one Connection per client."""
     settings = Settings(settings_path)
-    server = socket.create_server(listen, backlog=LISTEN_BACKLOG, reuse_port=False)
-    print(f"relay ready: {listen[0]}:{listen[1]} -> {target[0]}:{target[1]}", flush=True)
+    host, port = server.getsockname()[:2]
+    print(f"relay ready: {host}:{port} -> {target[0]}:{target[1]}", flush=True)
     while True:
         client, _ = server.accept()
-        try:
-            Connection(client, target, settings)
-        except OSError as e:
-            # The agent is not listening (yet): refuse this client, keep serving.
-            print(f"relay: cannot reach {target[0]}:{target[1]}: {e}", file=sys.stderr, flush=True)
-            client.close()
+        # Connect in a thread: a target behind a link that is down takes CONNECT_TIMEOUT_S to
+        # fail, and must not hold up the clients after it.
+        threading.Thread(target=_open, args=(client, target, settings), daemon=True).start()
 
 
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(prog="testbed.relay", description=__doc__.splitlines()[0])
-    p.add_argument("--listen", required=True, help="HOST:PORT to accept on")
+    where = p.add_mutually_exclusive_group(required=True)
+    where.add_argument("--listen", help="HOST:PORT to accept on")
+    where.add_argument("--listen-fd", type=int, metavar="FD",
+                       help="an inherited listening socket to accept on")
     p.add_argument("--target", required=True, help="HOST:PORT to forward to")
-    p.add_argument("--settings", required=True, help="JSON file with delay_ms and jitter_ms")
+    p.add_argument("--settings", help="JSON file with delay_ms and jitter_ms (default: none, "
+                   "no delay)")
     args = p.parse_args(argv)
     try:
-        serve(parse_hostport(args.listen), parse_hostport(args.target), args.settings)
+        target = parse_hostport(args.target)
+        if args.listen_fd is not None:
+            server = socket.socket(fileno=args.listen_fd)
+        else:
+            server = socket.create_server(parse_hostport(args.listen), backlog=LISTEN_BACKLOG)
+        serve(server, target, args.settings)
     except KeyboardInterrupt:
         return 0
+    except ValueError as e:
+        print(f"relay: error: {e}", file=sys.stderr)
+        return 2
     except OSError as e:
-        print(f"relay: error: {args.listen}: {e.strerror or e}", file=sys.stderr)
+        where = args.listen or f"fd {args.listen_fd}"
+        print(f"relay: error: {where}: {e.strerror or e}", file=sys.stderr)
         return 2
     return 0
 

@@ -4,10 +4,16 @@ Every quantity applies in each direction (like netem on both ends of the pair): 
 one-way, so a request/reply sees 2 × delay; `loss_pct` drops that share of packets each way.
 
 Fallback (kernels without sch_netem, like this project's CI machine):
-- rate: a tbf qdisc on both veth ends;
+- rate: a tbf qdisc on both veth ends (each direction's own rate where it has one); a
+  direction's own wire rate (the paper emulation's Shannon rates) also makes the relay
+  serialise each message at it;
 - loss and down: an nftables table inside the agent's namespace (`numgen random` drops on the
   veth's ingress and egress; down drops everything), so the host's ruleset is never touched;
-- delay and jitter: the delaying relay in the namespace (testbed/relay.py), told via its file.
+- delay, jitter and wire rates: the delaying relay (testbed/relay.py), told via its file.
+
+`enter` (every function taking it): the command prefix that runs a command where the host ends
+of the veths are: () on this machine as root; `nsenter` into the user namespace otherwise
+(testbed/userns.py).
 """
 
 from __future__ import annotations
@@ -16,6 +22,7 @@ import os
 import shutil
 import subprocess
 import sys
+from collections.abc import Sequence
 
 NETEM = "netem"
 FALLBACK = "tbf+nft+relay"
@@ -28,57 +35,74 @@ APT_TIMEOUT_S = 300.0
 TBF_MIN_BURST_BYTES = 32 * 1024  # veth hands tbf GSO packets up to 64 KiB; too small a burst
 TBF_BURST_S = 0.004  # ... or 4 ms of the rate (one jiffy at HZ=250), whichever is larger
 TBF_QUEUE_S = 0.05  # queue up to 50 ms of the rate before tail-dropping
+# ip, tc and nft live in sbin, which a normal user's PATH often lacks (they work unprivileged
+# inside a user namespace all the same).
+SBIN_DIRS = ("/usr/local/sbin", "/usr/sbin", "/sbin")
 
 
 class ShapingError(Exception):
     """A tc/nft command failed; the message is one line."""
 
 
-def run(cmd: list[str], check: bool = True,
-        input_text: str | None = None) -> subprocess.CompletedProcess:
-    """Run a network command with a deadline. Raises ShapingError when it fails and `check`."""
+def tool(name: str) -> str:
+    """The absolute path of command NAME, looked up in PATH and then the sbin folders; NAME
+    itself when it is nowhere (running it then says "command not found")."""
+    path = os.pathsep.join([os.environ.get("PATH", os.defpath), *SBIN_DIRS])
+    return shutil.which(name, path=path) or name
+
+
+def run(cmd: list[str], check: bool = True, input_text: str | None = None,
+        enter: Sequence[str] = ()) -> subprocess.CompletedProcess:
+    """Run a network command (cmd[0] looked up by `tool`) with a deadline, through the ENTER
+    prefix. Raises ShapingError when it fails and `check`."""
+    shown = " ".join(cmd)  # without the prefix: the command is what the user can act on
+    full = [*enter, tool(cmd[0]), *cmd[1:]]
     try:
-        proc = subprocess.run(cmd, capture_output=True, text=True, input=input_text,
+        proc = subprocess.run(full, check=False, capture_output=True, text=True, input=input_text,
                               timeout=TC_TIMEOUT_S)
-    except FileNotFoundError:
-        raise ShapingError(f"{cmd[0]}: command not found") from None
+    except FileNotFoundError as e:
+        raise ShapingError(f"{e.filename or full[0]}: command not found") from None
     except subprocess.TimeoutExpired:
-        raise ShapingError(f"{' '.join(cmd)}: no answer within {TC_TIMEOUT_S} s") from None
+        raise ShapingError(f"{shown}: no answer within {TC_TIMEOUT_S} s") from None
     if check and proc.returncode != 0:
         detail = (proc.stderr or proc.stdout).strip().splitlines()
-        raise ShapingError(f"{' '.join(cmd)}: {detail[0] if detail else f'exit {proc.returncode}'}")
+        raise ShapingError(f"{shown}: {detail[0] if detail else f'exit {proc.returncode}'}")
     return proc
 
 
-def tc(ns: str | None, *args: str, check: bool = True) -> subprocess.CompletedProcess:
-    return run(["tc", *(["-n", ns] if ns else []), *args], check=check)
+def tc(ns: str | None, *args: str, check: bool = True,
+       enter: Sequence[str] = ()) -> subprocess.CompletedProcess:
+    return run(["tc", *(["-n", ns] if ns else []), *args], check=check, enter=enter)
 
 
-def has_netem(dev: str) -> bool:
+def has_netem(dev: str, enter: Sequence[str] = ()) -> bool:
     """Whether the kernel takes a netem qdisc (tried on a device of ours, then removed)."""
-    probe = tc(None, "qdisc", "add", "dev", dev, "root", "netem", "delay", "0ms", check=False)
+    probe = tc(None, "qdisc", "add", "dev", dev, "root", "netem", "delay", "0ms", check=False,
+               enter=enter)
     if probe.returncode:
         return False
-    tc(None, "qdisc", "del", "dev", dev, "root", check=False)
+    tc(None, "qdisc", "del", "dev", dev, "root", check=False, enter=enter)
     return True
 
 
 def ensure_nft() -> None:
-    """Make sure `nft` exists (installing the Debian package if not). Raises ShapingError."""
-    if shutil.which("nft"):
+    """Make sure `nft` exists (as root, installing the Debian package if not). Raises
+    ShapingError."""
+    if tool("nft") != "nft":
         return
-    if not shutil.which("apt-get"):
-        raise ShapingError(f"loss and down need the `nft` command: install {NFT_PACKAGE}")
+    if os.geteuid() != 0 or not shutil.which("apt-get"):
+        raise ShapingError(f"loss and down need the `nft` command: install {NFT_PACKAGE} "
+                           f"(as root: apt-get install {NFT_PACKAGE})")
     print(f"testbed: this kernel has no netem; installing {NFT_PACKAGE} for loss and down "
           f"(apt-get install -y {NFT_PACKAGE})", file=sys.stderr)
     for cmd in (["apt-get", "install", "-y", "-q", NFT_PACKAGE],
                 ["apt-get", "update", "-q"], ["apt-get", "install", "-y", "-q", NFT_PACKAGE]):
         try:
-            subprocess.run(cmd, capture_output=True, timeout=APT_TIMEOUT_S,
+            subprocess.run(cmd, check=False, capture_output=True, timeout=APT_TIMEOUT_S,
                            env=dict(os.environ, DEBIAN_FRONTEND="noninteractive"))
         except subprocess.TimeoutExpired:
             break
-        if shutil.which("nft"):
+        if tool("nft") != "nft":
             return
     raise ShapingError(f"could not install {NFT_PACKAGE}; loss and down need the `nft` command")
 
@@ -95,16 +119,18 @@ def _tbf_args(rate_mbit: float) -> list[str]:
             "limit", str(limit_bytes)]
 
 
-def _set_root(ns: str | None, dev: str, qdisc_args: list[str] | None) -> None:
+def _set_root(ns: str | None, dev: str, qdisc_args: list[str] | None,
+              enter: Sequence[str]) -> None:
     if qdisc_args is None:
         # No root qdisc left means the veth default (noqueue); "no qdisc" is not an error here.
-        tc(ns, "qdisc", "del", "dev", dev, "root", check=False)
+        tc(ns, "qdisc", "del", "dev", dev, "root", check=False, enter=enter)
     else:
-        tc(ns, "qdisc", "replace", "dev", dev, "root", *qdisc_args)
+        tc(ns, "qdisc", "replace", "dev", dev, "root", *qdisc_args, enter=enter)
 
 
-def netem_args(shape) -> list[str] | None:
-    """netem's arguments for a LinkShape (None: unshaped). Down is 100 % loss."""
+def netem_args(shape, rate_mbit: float | None) -> list[str] | None:
+    """netem's arguments for a LinkShape in the direction whose rate is RATE_MBIT (None:
+    unshaped). Down is 100 % loss."""
     args = ["netem"]
     if shape.delay_ms or shape.jitter_ms:
         args += ["delay", f"{shape.delay_ms:g}ms"]
@@ -113,8 +139,8 @@ def netem_args(shape) -> list[str] | None:
     loss_pct = 100.0 if shape.down else shape.loss_pct
     if loss_pct:
         args += ["loss", f"{loss_pct:g}%"]
-    if shape.rate_mbit:
-        args += ["rate", _rate_kbit(shape.rate_mbit)]
+    if rate_mbit:
+        args += ["rate", _rate_kbit(rate_mbit)]
     if len(args) == 1:
         return None
     if shape.delay_ms or shape.jitter_ms:
@@ -152,29 +178,36 @@ def nft_script(ns_dev: str, shape, family: str = "netdev") -> str:
             f"table {family} {NFT_TABLE} {{\n{chains}}}\n")
 
 
-def _nft(ns: str, ns_dev: str, shape) -> None:
-    cmd = ["ip", "netns", "exec", ns, "nft", "-f", "-"]
+def _nft(ns: str, ns_dev: str, shape, enter: Sequence[str]) -> None:
+    cmd = ["ip", "netns", "exec", ns, tool("nft"), "-f", "-"]
     try:
-        run(cmd, input_text=nft_script(ns_dev, shape, "netdev"))
-    except ShapingError:
-        run(cmd, input_text=nft_script(ns_dev, shape, "inet"))  # no egress hook: older kernel
+        run(cmd, input_text=nft_script(ns_dev, shape, "netdev"), enter=enter)
+    except ShapingError:  # no egress hook: older kernel
+        run(cmd, input_text=nft_script(ns_dev, shape, "inet"), enter=enter)
 
 
-def apply(backend: str, ns: str, host_dev: str, ns_dev: str, shape, old=None) -> None:
-    """Shape the veth pair (host_dev on the host, ns_dev inside ns) in both directions;
+def apply(backend: str, ns: str, host_dev: str, ns_dev: str, shape, old=None,
+          enter: Sequence[str] = ()) -> None:
+    """Shape the veth pair (host_dev on the host side, ns_dev inside ns) in both directions;
     with OLD, the shape the link has now, only what differs is changed. Delay and jitter of
     the fallback are the relay's job (see relay.write_settings). Raises ShapingError."""
+    # Each end shapes what it sends: the host end base station -> agent (down), the
+    # namespace end agent -> base station (up).
+    ends = ((None, host_dev, "down_rate_mbit"), (ns, ns_dev, "up_rate_mbit"))
     if backend == NETEM:
-        if old is None or netem_args(old) != netem_args(shape):
-            args = netem_args(shape)
-            _set_root(None, host_dev, args)
-            _set_root(ns, ns_dev, args)
+        for where, dev, rate in ends:
+            args = netem_args(shape, getattr(shape, rate))
+            if old is None or netem_args(old, getattr(old, rate)) != args:
+                _set_root(where, dev, args, enter)
     elif backend == FALLBACK:
-        if old is None or old.rate_mbit != shape.rate_mbit:
-            tbf = _tbf_args(shape.rate_mbit) if shape.rate_mbit else None
-            _set_root(None, host_dev, tbf)
-            _set_root(ns, ns_dev, tbf)
+        # Each end's tbf takes that direction's rate. tbf lets anything under its burst (32 KiB
+        # here) through at once, so it cannot give a 1 KiB message its wire time: the relay
+        # also serialises every message at a direction's own wire rate (wire_*_mbit).
+        for where, dev, rate in ends:
+            rate_mbit = getattr(shape, rate)
+            if old is None or getattr(old, rate) != rate_mbit:
+                _set_root(where, dev, _tbf_args(rate_mbit) if rate_mbit else None, enter)
         if old is None or (old.loss_pct, old.down) != (shape.loss_pct, shape.down):
-            _nft(ns, ns_dev, shape)
+            _nft(ns, ns_dev, shape, enter)
     else:
         raise ShapingError(f"backend {backend!r} cannot shape links")

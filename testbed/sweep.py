@@ -67,18 +67,22 @@ def code_version() -> str:
 class ScheduleRunner(threading.Thread):
     """Re-applies the scenario's shapes while the sweep runs (flaky links, fading epochs)."""
 
-    def __init__(self, testbed, scenario, num_agents: int):
+    def __init__(self, testbed, scenario, num_agents: int,
+                 wire_bytes_per_token: float | None = None, start_s: float | None = None):
         super().__init__(daemon=True, name="link-schedule")
         self.testbed, self.scenario, self.num_agents = testbed, scenario, num_agents
+        self.wire_bytes_per_token = wire_bytes_per_token  # emulation: see scenarios.shapes_at
+        self.start_s = start_s  # the clock the fading epochs count from (default: run())
         self.stop_event = threading.Event()
         self.errors: list[str] = []
 
     def run(self) -> None:
-        start = time.monotonic()
-        applied = scenarios.shapes_at(self.scenario, self.num_agents, 0.0)
+        start = time.monotonic() if self.start_s is None else self.start_s
+        applied = scenarios.shapes_at(self.scenario, self.num_agents, 0.0,
+                                      self.wire_bytes_per_token)
         while not self.stop_event.wait(self.scenario.step_s / 2):
             shapes = scenarios.shapes_at(self.scenario, self.num_agents,
-                                         time.monotonic() - start)
+                                         time.monotonic() - start, self.wire_bytes_per_token)
             for agent, shape in shapes.items():
                 if shape != applied.get(agent):
                     try:

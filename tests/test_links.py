@@ -1,14 +1,17 @@
 """testbed links: agents in network namespaces behind shaped veth links, measured from outside.
 
-Root tests make namespaces named wdm-*, addresses in 10.213.0.0/16 and nothing else; every
-process they start lives in those namespaces and every wait has a deadline.
+Shaped tests run as root (namespaces on this machine) and, without root, inside an
+unprivileged user namespace (testbed/userns.py); they skip only where neither is possible.
+They make namespaces named wdm-*, addresses in 10.213.0.0/16 and nothing else; every process
+they start lives in those namespaces and every wait has a deadline.
 """
 
 from __future__ import annotations
 
+import argparse
+import json
 import os
 import signal
-import socket
 import statistics
 import subprocess
 import sys
@@ -18,17 +21,23 @@ import time
 import pytest
 import torch
 
-from testbed import links
+from testbed import links, links_cli, userns
 from testbed.links import LinkShape, TestbedError
 from testbed.links_cli import parse_ms, parse_pct, parse_rate_mbit
+from testbed.links_plan import agent_args_by_index, backend_name, choose_mode, plan_namespaced_agent
+from testbed.links_procs import alive
 
-IS_ROOT = os.geteuid() == 0
-root = [pytest.mark.root,
-        pytest.mark.skipif(not IS_ROOT, reason="needs root: network namespaces, veth and tc")]
+UNSHAPED_WHY = links.link_mode()[1]  # None where root or user namespaces work
+shaped = [pytest.mark.root,
+          pytest.mark.skipif(UNSHAPED_WHY is not None, reason=f"no shaped links: {UNSHAPED_WHY}")]
+# Root tests the user-namespace path too, where this kernel allows it.
+SHAPED_MODES = ([links.ROOT] if links.is_root() else []) + \
+    ([links.USERNS] if userns.unavailable_reason() is None else [])
 AGENT_ARGS = ["--no-self-benchmark"]
 PROBE_TCP_PORT = 7001  # bulk sink/source in the namespace (the link itself, not the relay)
 PROBE_UDP_PORT = 7002  # UDP echo in the namespace
 DEADLINE_S = 30.0
+PACE_US_PER_TOKEN = 20000  # agent_args test: 5 tokens take >= 100 ms on the paced agent
 
 # Runs inside an agent's namespace: TCP "r<bytes>\n" -> sends that many bytes back,
 # "s<bytes>\n" -> reads that many, answers "ok\n", "c0\n" -> datagrams received since the
@@ -71,6 +80,78 @@ tcp()
 """ % (PROBE_TCP_PORT, PROBE_UDP_PORT)
 
 
+# Runs where the host ends of the links are (this machine as root, the user namespace
+# otherwise): `OP ADDR [ARGS]` against the probe above, prints one JSON number.
+PROBE_CLIENT = r"""
+import json, socket, sys, time
+op, addr, args = sys.argv[1], sys.argv[2], [float(a) for a in sys.argv[3:]]
+TCP, UDP, DEADLINE_S = %d, %d, %g
+def upload(nbytes):
+    nbytes = int(nbytes)
+    with socket.create_connection((addr, TCP), timeout=DEADLINE_S) as s:
+        block = b"y" * 65536
+        start = time.monotonic()
+        s.sendall(b"s%%d\n" %% nbytes)
+        for off in range(0, nbytes, len(block)):
+            s.sendall(block[:min(len(block), nbytes - off)])
+        assert s.makefile("rb").readline() == b"ok\n"
+        return nbytes * 8 / (time.monotonic() - start) / 1e6
+def download(nbytes):
+    nbytes = int(nbytes)
+    with socket.create_connection((addr, TCP), timeout=DEADLINE_S) as s:
+        s.sendall(b"r%%d\n" %% nbytes)
+        got, start = 0, time.monotonic()
+        while got < nbytes:
+            chunk = s.recv(1 << 20)
+            assert chunk, "probe closed early"
+            got += len(chunk)
+        return nbytes * 8 / (time.monotonic() - start) / 1e6
+def received():
+    with socket.create_connection((addr, TCP), timeout=DEADLINE_S) as s:
+        s.sendall(b"c0\n")
+        return int(s.makefile("rb").readline())
+def drain(u):
+    out = set()
+    while True:
+        try:
+            out.add(int.from_bytes(u.recv(64)[:4], "big"))
+        except BlockingIOError:
+            return out
+def udp_loss(count, gap_s):
+    count = int(count)
+    with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as u:
+        u.settimeout(0.0)
+        got = set()
+        for i in range(count):
+            u.sendto(i.to_bytes(4, "big"), (addr, UDP))
+            time.sleep(gap_s)
+            got |= drain(u)
+        deadline = time.monotonic() + 0.5  # stragglers
+        while time.monotonic() < deadline:
+            got |= drain(u)
+            time.sleep(0.01)
+    return 1 - len(got) / count
+ops = {"upload": upload, "download": download, "received": received, "udp_loss": udp_loss}
+print(json.dumps(ops[op](*args)))
+""" % (PROBE_TCP_PORT, PROBE_UDP_PORT, DEADLINE_S)
+
+
+def shaped_test(fn):
+    """Marks a test that needs shaped links (root or user namespaces)."""
+    for mark in (pytest.mark.integration, *shaped):
+        fn = mark(fn)
+    return fn
+
+
+def run_links_cli(*argv: str) -> int:
+    """`testbed up|degrade|status|down …` in this process (links_cli is what testbed/cli.py
+    wires in)."""
+    parser = argparse.ArgumentParser(prog="testbed")
+    links_cli.add_parsers(parser.add_subparsers(dest="command", required=True))
+    args = parser.parse_args(argv)
+    return args.func(args)
+
+
 # -- pure -----------------------------------------------------------------------------------
 
 def test_assign_experts_is_contiguous():
@@ -103,56 +184,155 @@ def test_roster_is_what_basestation_reads(tmp_path):
                                            ((4,), "tcp://10.213.0.6:5600")]
 
 
-def test_loopback_fallback_without_root(tiny_split, tmp_path, monkeypatch):
-    """Not root: loopback agents, no shaping, and degrade says why it cannot."""
+def test_mode_is_root_then_user_namespace_then_loopback():
+    assert choose_mode(True, "user.max_user_namespaces = 0") == (links.ROOT, None)
+    assert choose_mode(False, None) == (links.USERNS, None)
+    mode, why = choose_mode(False, "user.max_user_namespaces = 0")
+    assert mode == links.LOOPBACK and "user.max_user_namespaces = 0" in why
+
+
+def test_backend_names_say_where_and_how():
+    assert backend_name(links.ROOT, "netem") == "netem"
+    assert backend_name(links.ROOT, "tbf+nft+relay") == "tbf+nft+relay"
+    assert backend_name(links.USERNS, "tbf+nft+relay") == "userns+tbf+nft+relay"
+    assert backend_name(links.USERNS, "netem") == "userns+netem+relay"
+
+
+def test_agent_args_for_all_or_per_agent():
+    pace = ["--pace-compute-us-per-token", "350"]
+    assert agent_args_by_index(None, 2) == {0: [], 1: []}
+    assert agent_args_by_index(["-v"], 2) == {0: ["-v"], 1: ["-v"]}
+    assert agent_args_by_index({1: tuple(pace)}, 2) == {0: [], 1: pace}
+    for bad in ({2: []}, {-1: []}, {"0": []}, {0: "--x"}, {0: [3]}, "-v"):
+        with pytest.raises(TestbedError) as e:
+            agent_args_by_index(bad, 2)
+        assert "\n" not in str(e.value)
+
+
+def test_plan_names_and_addresses():
+    agent = plan_namespaced_agent(3, (6, 7), "beef", 9, "/state", ["-v"])
+    assert (agent["ns"], agent["host_dev"], agent["ns_dev"]) == ("wdm-beef-3", "wdmbeefh3",
+                                                                 "wdmbeefn3")
+    assert (agent["host_addr"], agent["ns_addr"]) == ("10.213.9.13", "10.213.9.14")
+    assert agent["endpoint"] == "tcp://10.213.9.14:5600"
+    assert agent["agent_args"] == ["-v"] and agent["log"] == "/state/agent-3.log"
+
+
+def test_each_direction_can_have_its_own_rate():
+    shape = LinkShape(delay_ms=5, rate_mbit=50, wire_down_mbit=20)
+    assert (shape.down_rate_mbit, shape.up_rate_mbit) == (20, 50)
+    assert shape.describe() == "delay 5 ms, loss 0 %, rate down 20 mbit / up 50 mbit"
+    assert LinkShape(rate_mbit=7).describe() == "delay 0 ms, loss 0 %, rate 7 mbit"
+    assert links.shaping.netem_args(shape, shape.down_rate_mbit) == [
+        "netem", "delay", "5ms", "rate", "20000kbit", "limit", "100000"]
+    with pytest.raises(TestbedError, match="rate"):
+        LinkShape(wire_up_mbit=0).check()
+
+
+def test_bad_mode_is_one_line(tiny_split, tmp_path):
+    with pytest.raises(TestbedError, match="mode 'fast'"):
+        links.up(tiny_split, 2, state_dir=str(tmp_path / "state"), mode="fast")
+    assert not (tmp_path / "state").exists()  # refused before anything was made
+
+
+# -- loopback (no privileges needed) ---------------------------------------------------------
+
+@pytest.mark.integration
+def test_loopback_fallback_without_root_or_user_namespaces(tiny_split, tmp_path, monkeypatch,
+                                                           capsys):
+    """Neither root nor user namespaces: loopback agents without shaping, a one-line notice
+    from `testbed up` saying why, and degrade and shapes say why they cannot."""
     monkeypatch.setattr(links, "is_root", lambda: False)
+    monkeypatch.setattr(userns, "unavailable_reason", lambda: "user.max_user_namespaces = 0")
     state_dir = str(tmp_path / "state")
-    tb = links.up(tiny_split, 2, state_dir=state_dir, agent_args=AGENT_ARGS)
     try:
-        assert tb.backend == links.shaping.LOOPBACK
-        assert all(ep.startswith("tcp://127.0.0.1:") for ep in tb.endpoints.values())
-        assert [s.answers for s in links.status(state_dir)] == [True, True]
-        with pytest.raises(TestbedError, match="loopback"):
-            tb.degrade(0, LinkShape(delay_ms=10))
-    finally:
+        assert run_links_cli("up", "--shards", tiny_split, "--agents", "2",
+                             "--agent-arg=--no-self-benchmark", "--state-dir", state_dir) == 0
         pids = [p for a in links.load_state(state_dir)["agents"] for p in a["pids"]]
+        notice = [ln for ln in capsys.readouterr().err.splitlines() if "without shaping" in ln]
+        assert len(notice) == 1 and "user.max_user_namespaces = 0" in notice[0]
+        rows = links.status(state_dir)
+        assert rows[0].backend == links.shaping.LOOPBACK
+        assert all(r.endpoint.startswith("tcp://127.0.0.1:") for r in rows)
+        assert [r.answers for r in rows] == [True, True]
+        with pytest.raises(TestbedError, match="loopback"):
+            links.degrade(state_dir, 0, LinkShape(delay_ms=10))
+        with pytest.raises(TestbedError, match="user.max_user_namespaces = 0"):
+            links.up(tiny_split, 2, {0: LinkShape(delay_ms=5)}, state_dir=str(tmp_path / "x"))
+    finally:
+        assert run_links_cli("down", "--state-dir", state_dir) == 0
+    assert not any(alive(p) for p in pids)
+
+
+def expert_compute_s(endpoint: str, expert: int) -> float:
+    """The compute time an agent reports for 5 tokens of one expert."""
+    from edge_agent.client import AgentClient
+
+    with AgentClient() as client:
+        peer = client.connect(endpoint)
+        client.info(peer, timeout_s=DEADLINE_S)
+        _, reply = client.expert(peer, 0, torch.randn(5, 64), [(expert, 5)],
+                                 timeout_s=DEADLINE_S)
+    return reply.header["compute_s"]
+
+
+@pytest.mark.integration
+def test_agent_args_per_agent_are_used_recorded_and_kept_on_restart(tiny_split, tmp_path):
+    """up(agent_args={i: [...]}) gives agent i its own arguments; the state records them, status
+    shows them and restart starts the agent with them again."""
+    state_dir = str(tmp_path / "state")
+    pace = ["--pace-compute-us-per-token", str(PACE_US_PER_TOKEN)]
+    paced_s = 5 * PACE_US_PER_TOKEN / 1e6
+    tb = links.up(tiny_split, 2, state_dir=state_dir, mode=links.LOOPBACK,
+                  agent_args={0: AGENT_ARGS + pace, 1: AGENT_ARGS})
+    try:
+        pids = [p for a in links.load_state(state_dir)["agents"] for p in a["pids"]]
+        assert [r.agent_args for r in links.status(state_dir)] == [tuple(AGENT_ARGS + pace),
+                                                                   tuple(AGENT_ARGS)]
+        assert expert_compute_s(tb.endpoints[0], 0) >= paced_s
+        assert expert_compute_s(tb.endpoints[4], 4) < paced_s
+        old_pid = pids[0]
+        new_pid = tb.restart(0)
+        pids.append(new_pid)
+        assert new_pid != old_pid and not alive(old_pid)
+        assert expert_compute_s(tb.endpoints[0], 0) >= paced_s  # still paced
+        rows = links.status(state_dir)
+        assert rows[0].agent_args == tuple(AGENT_ARGS + pace) and all(r.answers for r in rows)
+    finally:
         tb.down()
-    assert not any(links._alive(p) for p in pids)
+    assert not any(alive(p) for p in pids)
 
 
-# -- helpers for root tests -------------------------------------------------------------------
+# -- helpers for shaped tests -----------------------------------------------------------------
 
 def _out(*cmd: str) -> str:
-    return subprocess.run(cmd, capture_output=True, text=True, timeout=10).stdout
+    return subprocess.run(cmd, check=False, capture_output=True, text=True, timeout=10).stdout
 
 
 def host_snapshot(*mine: str) -> dict:
     """What up/down could leave behind: namespaces, links, qdiscs, routes, rules, and processes
     whose command line names one of `mine` (other tests may run agents of their own)."""
-    procs = sorted(line for line in _out("ps", "-eo", "pid,args").splitlines()
+    procs = sorted(line for line in _out("ps", "-ww", "-eo", "pid,args").splitlines()
                    if any(m in line for m in mine))
-    return {"netns": _out("ip", "netns", "list"),
+    tool = links.shaping.tool
+    return {"netns": _out(tool("ip"), "netns", "list"),
             "links": sorted(ln.split(":")[1].strip() for ln in
-                            _out("ip", "-o", "link").splitlines()),
-            "qdiscs": _out("tc", "qdisc", "show"),
-            "routes": _out("ip", "route", "show", "table", "all"),
-            "nft": _out("nft", "list", "ruleset") if _has("nft") else "",
+                            _out(tool("ip"), "-o", "link").splitlines()),
+            "qdiscs": _out(tool("tc"), "qdisc", "show"),
+            "routes": _out(tool("ip"), "route", "show", "table", "all"),
+            "nft": _out(tool("nft"), "list", "ruleset") if tool("nft") != "nft" else "",
             "processes": procs}
 
 
-def _has(cmd: str) -> bool:
-    import shutil
-
-    return shutil.which(cmd) is not None
-
-
 class Probe:
-    """The probe server inside one agent's namespace."""
+    """The probe server inside one agent's namespace; its client runs where the host ends of
+    the links are (this machine as root, inside the user namespace otherwise)."""
 
-    def __init__(self, ns: str, addr: str):
-        self.addr = addr
-        self.proc = subprocess.Popen(["ip", "netns", "exec", ns, sys.executable, "-c", PROBE,
-                                      addr], stdout=subprocess.PIPE, text=True)
+    def __init__(self, state_dir: str, ns: str, addr: str):
+        self.state_dir, self.addr = state_dir, addr
+        cmd = links.host_command(state_dir, links.shaping.tool("ip"), "netns", "exec", ns,
+                                 sys.executable, "-c", PROBE, addr)
+        self.proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, text=True)
         line = _readline_with_deadline(self.proc, DEADLINE_S)
         assert line.startswith("probe ready"), line
 
@@ -160,55 +340,27 @@ class Probe:
         self.proc.kill()
         self.proc.wait(timeout=10)
 
+    def _client(self, op: str, *args: float) -> float:
+        cmd = links.host_command(self.state_dir, sys.executable, "-c", PROBE_CLIENT, op,
+                                 self.addr, *map(str, args))
+        out = subprocess.run(cmd, check=False, capture_output=True, text=True,
+                             timeout=2 * DEADLINE_S)
+        assert out.returncode == 0, out.stderr
+        return json.loads(out.stdout)
+
     def upload_mbit_s(self, nbytes: int) -> float:
-        with socket.create_connection((self.addr, PROBE_TCP_PORT), timeout=DEADLINE_S) as s:
-            block = b"y" * 65536
-            start = time.monotonic()
-            s.sendall(f"s{nbytes}\n".encode())
-            for off in range(0, nbytes, len(block)):
-                s.sendall(block[:min(len(block), nbytes - off)])
-            assert s.makefile("rb").readline() == b"ok\n"
-            return nbytes * 8 / (time.monotonic() - start) / 1e6
+        return self._client("upload", nbytes)
 
     def download_mbit_s(self, nbytes: int) -> float:
-        with socket.create_connection((self.addr, PROBE_TCP_PORT), timeout=DEADLINE_S) as s:
-            s.sendall(f"r{nbytes}\n".encode())
-            got, start = 0, time.monotonic()
-            while got < nbytes:
-                chunk = s.recv(1 << 20)
-                assert chunk, "probe closed early"
-                got += len(chunk)
-            return nbytes * 8 / (time.monotonic() - start) / 1e6
+        return self._client("download", nbytes)
 
     def received(self) -> int:
         """Datagrams the probe received since the last call (asked over TCP, which retries)."""
-        with socket.create_connection((self.addr, PROBE_TCP_PORT), timeout=DEADLINE_S) as s:
-            s.sendall(b"c0\n")
-            return int(s.makefile("rb").readline())
+        return int(self._client("received"))
 
     def udp_echo_loss(self, count: int, gap_s: float = 0.002) -> float:
         """Share of datagrams that did not come back (lost either way)."""
-        with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as u:
-            u.settimeout(0.0)
-            got = set()
-            for i in range(count):
-                u.sendto(i.to_bytes(4, "big"), (self.addr, PROBE_UDP_PORT))
-                time.sleep(gap_s)
-                got |= _drain(u)
-            deadline = time.monotonic() + 0.5  # stragglers
-            while time.monotonic() < deadline:
-                got |= _drain(u)
-                time.sleep(0.01)
-        return 1 - len(got) / count
-
-
-def _drain(u: socket.socket) -> set[int]:
-    out = set()
-    while True:
-        try:
-            out.add(int.from_bytes(u.recv(64)[:4], "big"))
-        except BlockingIOError:
-            return out
+        return self._client("udp_loss", count, gap_s)
 
 
 def _readline_with_deadline(proc: subprocess.Popen, timeout_s: float) -> str:
@@ -237,17 +389,18 @@ def zmq_rtt_ms(endpoint: str, rounds: int = 25) -> list[float]:
     return out
 
 
-@pytest.fixture(scope="module")
-def bed(tiny_split, tmp_path_factory):
-    """Two agents (experts 0-3, 4-7) and a probe in agent 0's namespace; always torn down."""
-    if not IS_ROOT:
-        pytest.skip("needs root: network namespaces, veth and tc")
+@pytest.fixture(scope="module", params=SHAPED_MODES or ["none"])
+def bed(request, tiny_split, tmp_path_factory):
+    """Two agents (experts 0-3, 4-7) and a probe in agent 0's namespace, per mode this machine
+    can shape in; always torn down."""
+    if UNSHAPED_WHY is not None:
+        pytest.skip(f"no shaped links: {UNSHAPED_WHY}")
     state_dir = str(tmp_path_factory.mktemp("links") / "state")
-    tb = links.up(tiny_split, 2, state_dir=state_dir, agent_args=AGENT_ARGS)
+    tb = links.up(tiny_split, 2, state_dir=state_dir, agent_args=AGENT_ARGS, mode=request.param)
     probe = None
     try:
         agent0 = links.load_state(state_dir)["agents"][0]
-        probe = Probe(agent0["ns"], agent0["ns_addr"])
+        probe = Probe(state_dir, agent0["ns"], agent0["ns_addr"])
         yield tb, probe
     finally:
         if probe:
@@ -255,64 +408,89 @@ def bed(tiny_split, tmp_path_factory):
         tb.down()
 
 
-# -- root: cleanup ----------------------------------------------------------------------------
+# -- shaped: cleanup --------------------------------------------------------------------------
 
-@pytest.mark.root
-@pytest.mark.skipif(not IS_ROOT, reason="needs root: network namespaces, veth and tc")
-def test_up_degrade_down_leave_host_as_it_was(tiny_split, tmp_path):
+@shaped_test
+@pytest.mark.parametrize("mode", SHAPED_MODES or ["none"])
+def test_up_degrade_restart_down_leave_host_as_it_was(tiny_split, tmp_path, mode):
     state_dir = str(tmp_path / "state")
     before = host_snapshot(tiny_split, state_dir)
     tb = links.up(tiny_split, 2, {1: LinkShape(delay_ms=5, loss_pct=1, rate_mbit=50)},
-                  state_dir=state_dir, agent_args=AGENT_ARGS)
+                  state_dir=state_dir, agent_args={0: AGENT_ARGS, 1: AGENT_ARGS + ["-v"]},
+                  mode=mode)
+    userns_id = None
     try:
         assert tb.agent_of == {e: e // 4 for e in range(8)}
+        assert tb.backend.startswith("userns+") == (mode == links.USERNS)
+        if mode == links.USERNS:  # the base station dials relays on this machine
+            assert all(ep.startswith("tcp://127.0.0.1:") for ep in tb.endpoints.values())
+            userns_id = userns.namespace_id(links.load_state(state_dir)["holder"]["pid"])
         assert host_snapshot(tiny_split, state_dir) != before
         tb.degrade(0, LinkShape(delay_ms=10, jitter_ms=2, rate_mbit=30, loss_pct=2))
         tb.degrade(0, LinkShape(down=True))
         rows = links.status(state_dir)
         assert [r.answers for r in rows] == [False, True] and all(r.alive for r in rows)
+        assert rows[1].agent_args == (*AGENT_ARGS, "-v")
+        old_pid = links.load_state(state_dir)["agents"][1]["agent_pid"]
+        new_pid = tb.restart(1)  # in its namespace again, with its arguments
+        with open(f"/proc/{new_pid}/cmdline", "rb") as f:
+            assert b"\0-v\0" in f.read() + b"\0"
+        assert new_pid != old_pid and links.status(state_dir)[1].answers
     finally:
         removed = tb.down()
     assert any(r.startswith("namespace") for r in removed)
     assert host_snapshot(tiny_split, state_dir) == before
+    if userns_id is not None:
+        assert userns.pids_in_namespace(userns_id) == []  # so the namespace is gone
     assert links.down(state_dir) == []  # twice is fine
     assert host_snapshot(tiny_split, state_dir) == before
 
 
-@pytest.mark.root
-@pytest.mark.skipif(not IS_ROOT, reason="needs root: network namespaces, veth and tc")
-def test_down_cleans_up_after_up_is_killed(tiny_split, tmp_path):
-    """`kill -9` of `up` midway (agents starting, not yet answering) leaves nothing after down."""
+KILL_POINTS = {  # when to kill `up`, judged from its state file
+    "agents-starting": lambda state: bool(state["agents"] and state["agents"][0]["pids"]),
+    "userns-starting": lambda state: bool(state.get("holder")),
+}
+
+
+@shaped_test
+@pytest.mark.parametrize("mode, kill_point", [
+    (mode, point) for mode in SHAPED_MODES or ["none"] for point in KILL_POINTS
+    if point == "agents-starting" or mode == links.USERNS])
+def test_down_cleans_up_after_up_is_killed(tiny_split, tmp_path, mode, kill_point):
+    """`kill -9` of `up` midway (the user namespace starting, or agents starting and not yet
+    answering) leaves nothing after down."""
     state_dir = str(tmp_path / "state")
     before = host_snapshot(tiny_split, state_dir)
     code = ("import sys; from testbed import links; "
-            f"links.up({tiny_split!r}, 4, state_dir={state_dir!r}, agent_args={AGENT_ARGS!r})")
+            f"links.up({tiny_split!r}, 4, state_dir={state_dir!r}, agent_args={AGENT_ARGS!r}, "
+            f"mode={mode!r})")
     proc = subprocess.Popen([sys.executable, "-c", code], stdout=subprocess.DEVNULL,
                             stderr=subprocess.DEVNULL)
     try:
         deadline = time.monotonic() + DEADLINE_S
-        while time.monotonic() < deadline:  # until the first processes are in namespaces
-            state = links.load_state(state_dir) if os.path.exists(state_dir) else None
-            if state and state["agents"] and state["agents"][0]["pids"]:
+        while time.monotonic() < deadline:  # until the first processes exist
+            try:
+                state = links.load_state(state_dir) if os.path.exists(state_dir) else None
+            except TestbedError:  # caught mid-write
+                state = None
+            if state and KILL_POINTS[kill_point](state):
                 break
-            time.sleep(0.02)
+            time.sleep(0.01)
         else:
-            pytest.fail("up made no agent within the deadline")
+            pytest.fail("up made nothing within the deadline")
         assert proc.poll() is None, "up finished before it could be killed"
     finally:
         proc.send_signal(signal.SIGKILL)
         proc.wait(timeout=10)
-    assert host_snapshot(tiny_split, state_dir) != before
     removed = links.down(state_dir)
     assert any(r.startswith("process") for r in removed)
     assert host_snapshot(tiny_split, state_dir) == before
     assert links.down(state_dir) == []
 
 
-# -- root: the shaping is what was asked ------------------------------------------------------
+# -- shaped: the shaping is what was asked---------------------------------------------------
 
-@pytest.mark.root
-@pytest.mark.skipif(not IS_ROOT, reason="needs root: network namespaces, veth and tc")
+@shaped_test
 def test_delay_gives_the_round_trip_asked(bed):
     tb, _ = bed
     endpoint = tb.endpoints[0]
@@ -327,8 +505,7 @@ def test_delay_gives_the_round_trip_asked(bed):
     assert statistics.median(zmq_rtt_ms(endpoint)) < base_ms + 4  # and back
 
 
-@pytest.mark.root
-@pytest.mark.skipif(not IS_ROOT, reason="needs root: network namespaces, veth and tc")
+@shaped_test
 def test_jitter_spreads_round_trips(bed):
     tb, _ = bed
     tb.degrade(0, LinkShape(delay_ms=20, jitter_ms=8))
@@ -341,22 +518,27 @@ def test_jitter_spreads_round_trips(bed):
     assert 25 < statistics.median(rtts) < 60 and spread_ms > 4
 
 
-@pytest.mark.root
-@pytest.mark.skipif(not IS_ROOT, reason="needs root: network namespaces, veth and tc")
+@shaped_test
 def test_rate_gives_the_throughput_asked(bed):
     tb, probe = bed
     tb.degrade(0, LinkShape(rate_mbit=20))
     try:
         up_mbit_s = probe.upload_mbit_s(3_000_000)
         down_mbit_s = probe.download_mbit_s(3_000_000)
+        # each direction its own: base station -> agent 20, agent -> base station 10
+        tb.degrade(0, LinkShape(wire_down_mbit=20, wire_up_mbit=10))
+        to_agent_mbit_s = probe.upload_mbit_s(3_000_000)
+        from_agent_mbit_s = probe.download_mbit_s(1_500_000)
     finally:
         tb.degrade(0, LinkShape())
-    print(f"rate 20 mbit: upload {up_mbit_s:.1f}, download {down_mbit_s:.1f} mbit/s")
+    print(f"rate 20 mbit: upload {up_mbit_s:.1f}, download {down_mbit_s:.1f} mbit/s; "
+          f"down 20 / up 10: to the agent {to_agent_mbit_s:.1f}, from it "
+          f"{from_agent_mbit_s:.1f} mbit/s")
     assert 15 <= up_mbit_s <= 25 and 15 <= down_mbit_s <= 25
+    assert 15 <= to_agent_mbit_s <= 25 and 7.5 <= from_agent_mbit_s <= 12.5
 
 
-@pytest.mark.root
-@pytest.mark.skipif(not IS_ROOT, reason="needs root: network namespaces, veth and tc")
+@shaped_test
 def test_loss_gives_the_loss_asked(bed):
     tb, probe = bed
     count = 600
@@ -377,8 +559,7 @@ def test_loss_gives_the_loss_asked(bed):
     assert probe.udp_echo_loss(100) < 0.02 and probe.received() >= 98
 
 
-@pytest.mark.root
-@pytest.mark.skipif(not IS_ROOT, reason="needs root: network namespaces, veth and tc")
+@shaped_test
 def test_down_makes_the_agent_unreachable_and_up_restores_it(bed):
     from edge_agent.client import AgentClient
 
@@ -399,8 +580,7 @@ def test_down_makes_the_agent_unreachable_and_up_restores_it(bed):
     assert links.status(state_dir)[0].answers
 
 
-@pytest.mark.root
-@pytest.mark.skipif(not IS_ROOT, reason="needs root: network namespaces, veth and tc")
+@shaped_test
 def test_degrade_while_serving_keeps_the_agent_serving(bed):
     from edge_agent.client import AgentClient
 

@@ -66,3 +66,48 @@ def test_bad_scenario_files(tmp_path):
     bad.write_text("[links.1]\nschedule = [{ at_s = 0, down = true }]\n")
     with pytest.raises(TestbedError, match="period_s"):
         scenarios.load(str(bad))
+
+
+def test_paper_emulation_shapes_and_paces_at_mixtral_scale():
+    from basestation.channel_model import EMULATED_MODELS, emulated_compute_s_per_token
+
+    scenario = scenarios.load("paper")
+    paper = scenario.paper
+    assert paper.emulate is EMULATED_MODELS["mixtral-8x7b"]
+    ours = 256 * 4  # hidden 256, float32 on the wire
+    shapes = scenarios.shapes_at(scenario, 8, 0.1, wire_bytes_per_token=ours)
+    down, up = scenarios.paper_rates_bits_per_s(paper, 0)
+    for q in range(8):
+        # our 1 KiB per token at rate / 8 takes as long as Mixtral's 8 KiB at the full rate
+        assert shapes[q].wire_up_mbit * 1e6 == pytest.approx(up[q] / 8)
+        assert ours * 8 / (shapes[q].wire_down_mbit * 1e6) == pytest.approx(8192 * 8 / down[q])
+        assert shapes[q].rate_mbit is None and shapes[q].delay_ms == paper.access_delay_ms
+    pace = scenarios.agent_pacing_us(scenario, 8)
+    per_call, per_token = pace[2]
+    assert per_call == pytest.approx(1e6 * emulated_compute_s_per_token(paper.emulate, 68e9))
+    assert 5000 < per_call < 5500 and 1600 < pace[0][0] < 1800  # Orin Nano, AGX Orin
+    assert per_token == pytest.approx(1e6 * emulated_compute_s_per_token(
+        paper.emulate, paper.device_peak_flops[2]))
+    assert per_token < per_call / 50  # a batch is compute-bound long after one token
+    assert scenarios.agent_pacing_us(scenarios.load("uniform"), 8) == {}
+
+
+def test_modeled_latency_is_eqs_6_to_8():
+    import torch
+
+    from basestation.channel_model import modeled_token_latency_s
+    from testbed.modeled_latency import ModeledLatency
+
+    assert modeled_token_latency_s([1.0, 2.0, 5.0], [{0, 1}, {2}, set()]) == 7.0
+    scenario = scenarios.load("paper")
+    observer = ModeledLatency(scenario.paper, scenario.paper.emulate, num_agents=8,
+                              moe_layers=2, start_s=0.0)
+    observer.start_s = __import__("time").monotonic()  # epoch 0
+    t = observer.device_latency_s(0)
+    box_of_expert = torch.arange(8)
+    experts = torch.tensor([[2, 5], [0, 1]])
+    observer(0, box_of_expert, experts, torch.tensor([[True, True], [True, False]]))
+    observer(1, box_of_expert, experts, torch.tensor([[False, True], [True, True]]))
+    want_0 = max(t[2], t[5]) + t[0]
+    want_1 = t[5] + max(t[0], t[1])
+    assert observer.step_totals_s() == [pytest.approx(want_0 + want_1)]

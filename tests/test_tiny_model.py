@@ -14,7 +14,9 @@ import torch
 
 from testbed import quality
 from testbed.corpus_docs import clean_rst, is_heldout
-from testbed.train_tiny import TrainSpec, build_model, lr_at, make_choice_items, routing
+from testbed.eval_sets import make_choice_items
+from testbed.local_routing import routing
+from testbed.train_tiny import TrainSpec, build_model, lr_at
 
 DATA = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "testbed", "data")
 CKPT = os.path.join(DATA, "tiny-mixtral")
@@ -151,6 +153,30 @@ def test_grouped_experts_match_the_eager_loop():
     torch.testing.assert_close(l1, l2, rtol=1e-5, atol=1e-5)
     torch.testing.assert_close(a1, a2)
     torch.testing.assert_close(g1, g2, rtol=1e-4, atol=1e-6)
+
+
+def test_card_renders_the_committed_readme():
+    """The card's text moved out of train_tiny.py into tiny_card.py: the committed records must
+    still render the committed README byte for byte."""
+    from testbed.tiny_card import render_card
+
+    with open(os.path.join(CKPT, "training.json")) as f:
+        record = json.load(f)
+    with open(os.path.join(CKPT, "eval.json")) as f:
+        figures = json.load(f)
+    with open(os.path.join(CKPT, "README.md")) as f:
+        assert render_card(record, figures, CKPT) == f.read()
+
+
+def test_train_tiny_cli_help():
+    """`python -m testbed.train_tiny --help` and `testbed train-tiny --help` still answer."""
+    import subprocess
+    import sys
+
+    for cmd in ([sys.executable, "-m", "testbed.train_tiny", "--help"],
+                [sys.executable, "-m", "testbed", "train-tiny", "--help"]):
+        proc = subprocess.run(cmd, check=False, capture_output=True, text=True, timeout=60)
+        assert proc.returncode == 0 and "--no-card" in proc.stdout, proc.stderr
 
 
 def test_lr_schedule():

@@ -23,7 +23,9 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-from basestation.channel_model import ChannelScenario, scenario_rates_bits_per_s
+from basestation.channel_model import (EMULATED_MODELS, ChannelScenario, EmulatedModel,
+                                       emulated_compute_s_per_token, scenario_rates_bits_per_s,
+                                       wire_slowdown)
 from testbed.links import LinkShape, TestbedError
 
 SCENARIO_DIR = os.path.dirname(os.path.abspath(__file__))
@@ -36,6 +38,11 @@ class PaperChannel:
     epoch_s: float
     access_delay_ms: float
     seed: int
+    # the model whose deployment is emulated (None: our messages as they are, at the rate)
+    emulate: EmulatedModel | None = None
+    # each device's peak FLOP/s: with many tokens a call is compute-bound (device_flops, the
+    # paper's C_q, is the one-token rate, bound by reading the expert's weights)
+    device_peak_flops: tuple[float, ...] | None = None
 
 
 @dataclass(frozen=True)
@@ -120,11 +127,32 @@ def load(name_or_path: str) -> Scenario:
                 channel=ChannelScenario.from_dict(p),
                 epoch_s=float(p.get("epoch_s", 2.0)),
                 access_delay_ms=float(p.get("access_delay_ms", 1.0)),
-                seed=int(p.get("seed", 0)))
+                seed=int(p.get("seed", 0)),
+                emulate=_emulated(p.get("emulate")),
+                device_peak_flops=tuple(float(f) for f in p["device_peak_flops"])
+                if "device_peak_flops" in p else None)
         except (KeyError, TypeError, ValueError) as e:
             raise TestbedError(f"{path} [paper]: {e}") from None
     return Scenario(name=name, description=str(data.get("description", "")), default=default,
                     links=links, schedules=schedules, paper=paper)
+
+
+def _emulated(value) -> EmulatedModel | None:
+    """`emulate = "mixtral-8x7b"` (a known model) or a table {name, hidden_size, ffn_size,
+    bytes_per_element}."""
+    if value is None:
+        return None
+    if isinstance(value, str):
+        if value.lower() not in EMULATED_MODELS:
+            raise ValueError(f"emulate = {value!r}: one of {', '.join(EMULATED_MODELS)} or a "
+                             "table {name, hidden_size, ffn_size, bytes_per_element}")
+        return EMULATED_MODELS[value.lower()]
+    model = EmulatedModel(name=str(value.get("name", "custom")),
+                          hidden_size=int(value["hidden_size"]), ffn_size=int(value["ffn_size"]),
+                          bytes_per_element=float(value.get("bytes_per_element", 2.0)))
+    if model.hidden_size <= 0 or model.ffn_size <= 0 or model.bytes_per_element <= 0:
+        raise ValueError(f"emulate: sizes must be > 0: {model}")
+    return model
 
 
 def paper_rates_bits_per_s(paper: PaperChannel, epoch: int) -> tuple[np.ndarray, np.ndarray]:
@@ -134,8 +162,12 @@ def paper_rates_bits_per_s(paper: PaperChannel, epoch: int) -> tuple[np.ndarray,
     return scenario_rates_bits_per_s(paper.channel, rng)
 
 
-def shapes_at(scenario: Scenario, num_agents: int, t_s: float) -> dict[int, LinkShape]:
-    """Every agent's link shape at time t_s after the start (pure)."""
+def shapes_at(scenario: Scenario, num_agents: int, t_s: float,
+              wire_bytes_per_token: float | None = None) -> dict[int, LinkShape]:
+    """Every agent's link shape at time t_s after the start (pure). With a paper channel
+    that emulates a model, and our own bytes per token on the wire given, each direction of a
+    link carries our messages at its Shannon rate / (the emulated model's bytes per token /
+    ours), so they take as long on the wire as the emulated model's would."""
     shapes = {i: scenario.links.get(i, scenario.default) for i in range(num_agents)}
     for agent, (period_s, points) in scenario.schedules.items():
         if agent < num_agents:
@@ -145,7 +177,17 @@ def shapes_at(scenario: Scenario, num_agents: int, t_s: float) -> dict[int, Link
                 if at_s <= phase:
                     current = shape
             shapes[agent] = current
-    if scenario.paper is not None:
+    paper = scenario.paper
+    if paper is not None and paper.emulate is not None and wire_bytes_per_token:
+        slowdown = wire_slowdown(paper.emulate, wire_bytes_per_token)
+        downlink, uplink = paper_rates_bits_per_s(paper, int(t_s // paper.epoch_s))
+        for agent in range(num_agents):
+            q = agent % len(uplink)
+            shapes[agent] = dataclasses.replace(
+                shapes[agent], rate_mbit=None, delay_ms=paper.access_delay_ms,
+                wire_down_mbit=float(downlink[q]) / slowdown / 1e6,
+                wire_up_mbit=float(uplink[q]) / slowdown / 1e6)
+    elif paper is not None:
         _, uplink = paper_rates_bits_per_s(scenario.paper, int(t_s // scenario.paper.epoch_s))
         for agent in range(num_agents):
             rate_bits_per_s = float(uplink[agent % len(uplink)])
@@ -153,6 +195,45 @@ def shapes_at(scenario: Scenario, num_agents: int, t_s: float) -> dict[int, Link
                 shapes[agent], rate_mbit=rate_bits_per_s / 1e6,
                 delay_ms=scenario.paper.access_delay_ms)
     return shapes
+
+
+def agent_pacing_us(scenario: Scenario, num_agents: int) -> dict[int, tuple[float, float]]:
+    """Per agent, (µs per call, µs per token) of the emulated model's expert on its device, for
+    `edge_agent --pace-compute-us-per-call/--pace-compute-us-per-token`: a roofline where one
+    token costs Eq. 4 / C_q (reading the weights) and many cost FLOPs / peak FLOP/s each. Empty
+    when the scenario emulates no model."""
+    paper = scenario.paper
+    if paper is None or paper.emulate is None:
+        return {}
+    flops = paper.channel.device_flops
+    peak = paper.device_peak_flops or flops
+    return {agent: (1e6 * emulated_compute_s_per_token(paper.emulate, flops[agent % len(flops)]),
+                    1e6 * emulated_compute_s_per_token(paper.emulate, peak[agent % len(peak)]))
+            for agent in range(num_agents)}
+
+
+def wire_bytes_per_token(shards: str, dtype: str = "auto") -> int:
+    """Our bytes per token on the wire: the model's hidden size x the activation dtype the base
+    station uses by default here (`--dtype auto`: the model's on a GPU, float32 on a CPU)."""
+    from edge_agent.shards import resolve_device, resolve_dtype
+    from shard_tool.manifest import load_manifest
+
+    manifest = load_manifest(shards)
+    return int(manifest.model["hidden_size"]) * \
+        resolve_dtype(dtype, manifest, resolve_device("auto")).itemsize
+
+
+def bring_up(scenario: Scenario, shards: str, num_agents: int, dtype: str = "auto"
+             ) -> tuple[dict[int, LinkShape], dict[int, list[str]], int | None]:
+    """What `testbed up` / `testbed eval` start agents with: the shapes at time 0, each agent's
+    extra arguments (compute pacing when the scenario emulates a model) and our wire bytes per
+    token (None when nothing is emulated)."""
+    emulating = scenario.paper is not None and scenario.paper.emulate is not None
+    wire = wire_bytes_per_token(shards, dtype) if emulating else None
+    args = {a: ["--pace-compute-us-per-call", f"{call:.1f}",
+                "--pace-compute-us-per-token", f"{token:.1f}"]
+            for a, (call, token) in agent_pacing_us(scenario, num_agents).items()}
+    return shapes_at(scenario, num_agents, 0.0, wire), args, wire
 
 
 def load_scenario(name_or_path: str, num_agents: int) -> dict[int, LinkShape]:

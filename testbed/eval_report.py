@@ -1,0 +1,133 @@
+"""`testbed eval`'s outputs: a Table-I-style table (markdown and CSV) and a Fig.-3-style figure
+per scenario, from results.jsonl. Pure reading and formatting, plus matplotlib."""
+
+from __future__ import annotations
+
+import csv
+import os
+
+from testbed.report import read_results
+
+
+def _primary(task: dict) -> tuple[str, dict] | None:
+    """The metric a task is read by: the first of lm-eval's (acc before acc_norm)."""
+    metrics = task.get("metrics") or {}
+    return next(iter(metrics.items()), None)
+
+
+def _ci(figure: dict | None, spec: str = ".2f") -> str:
+    if not figure:
+        return "-"
+    return f"{figure['value']:{spec}} [{figure['low']:{spec}}, {figure['high']:{spec}}]"
+
+
+def _by_scenario(rows: list[dict]) -> dict[str, list[dict]]:
+    out: dict[str, list[dict]] = {}
+    for row in rows:
+        out.setdefault(row["scenario"], []).append(row)
+    return {name: sorted(rs, key=lambda r: r["theta"]) for name, rs in out.items()}
+
+
+def table_rows(rows: list[dict]) -> tuple[list[str], list[list[str]]]:
+    """Header and cells: θ, each task's primary metric ± stderr, latency with intervals."""
+    tasks = sorted({t for r in rows for t in (r.get("tasks") or {}) if not t.startswith("_")})
+    header = ["θ"] + [f"{t} {(_primary(rows[0]['tasks'][t]) or ('-',))[0].split(',')[0]}"
+                      for t in tasks if rows[0].get("tasks", {}).get(t)]
+    header += ["median token ms [95% CI]", "Δ median vs first θ % [95% CI]",
+               "modeled median ms", "Δ modeled %", "measured / modeled", "drop rate %"]
+    cells = []
+    for r in rows:
+        line = [f"{r['theta']:g}"]
+        for t in tasks:
+            primary = _primary((r.get("tasks") or {}).get(t, {}))
+            if primary is None:
+                line.append("-")
+                continue
+            value, stderr = primary[1]["value"], primary[1]["stderr"]
+            line.append(f"{value:.3f} ± {stderr:.3f}" if stderr is not None else f"{value:.3f}")
+        change = r.get("change_vs_first_pct") or {}
+        line += [_ci(r["median_token_ms"]), _ci(change.get("measured"), "+.1f"),
+                 _ci(r.get("modeled_median_token_ms")),
+                 f"{change['modeled']['value']:+.1f}" if change.get("modeled") else "-",
+                 f"{r['measured_over_modeled']:.2f}" if r.get("measured_over_modeled")
+                 else "-",
+                 f"{100 * r['drop_rate']:.1f}"]
+        cells.append(line)
+    return header, cells
+
+
+def markdown(rows: list[dict]) -> str:
+    header, cells = table_rows(rows)
+    first = rows[0]
+    title = f"### {first['scenario']} ({first['backend']})"
+    if first.get("emulated"):
+        title += f", emulating {first['emulated']}"
+    lines = [title, "", "| " + " | ".join(header) + " |",
+             "|" + "---|" * len(header)]
+    lines += ["| " + " | ".join(c) + " |" for c in cells]
+    return "\n".join(lines)
+
+
+def write_tables(folder: str) -> list[str]:
+    """table-SCENARIO.md and .csv for each scenario in folder/results.jsonl; their paths."""
+    paths = []
+    for name, rows in _by_scenario(read_results(folder)).items():
+        md = os.path.join(folder, f"table-{name}.md")
+        with open(md, "w") as f:
+            f.write(markdown(rows) + "\n")
+        header, cells = table_rows(rows)
+        path = os.path.join(folder, f"table-{name}.csv")
+        with open(path, "w", newline="") as f:
+            writer = csv.writer(f)
+            writer.writerow(header)
+            writer.writerows(cells)
+        paths += [md, path]
+    return paths
+
+
+def draw(folder: str) -> list[str]:
+    """fig3-SCENARIO.png: per task, accuracy bars with their standard errors and the median
+    token latency (measured, with its interval, and modeled) against θ."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    paths = []
+    for name, rows in _by_scenario(read_results(folder)).items():
+        tasks = sorted({t for r in rows for t in (r.get("tasks") or {})
+                        if not t.startswith("_")}) or [None]
+        fig, axes = plt.subplots(1, len(tasks), figsize=(4.6 * len(tasks), 3.6), squeeze=False)
+        labels = [f"{r['theta']:g}" for r in rows]
+        for ax, task in zip(axes[0], tasks):
+            if task is not None:
+                primary = [_primary(r["tasks"][task]) for r in rows]
+                values = [p[1]["value"] if p else 0.0 for p in primary]
+                errors = [(p[1]["stderr"] or 0.0) if p else 0.0 for p in primary]
+                metric = primary[0][0].split(",")[0] if primary[0] else "score"
+                ax.bar(labels, values, yerr=errors, capsize=3, color="#8fb3d9",
+                       label=f"{metric} (± s.e.)")
+                ax.set_ylabel(f"{task}: {metric}")
+                ax.set_title(task, fontsize=9)
+            ax.set_xlabel("θ")
+            twin = ax.twinx()
+            median = [r["median_token_ms"] for r in rows]
+            twin.plot(labels, [m["value"] for m in median], "o-", color="#c0392b",
+                      label="measured median token latency")
+            twin.fill_between(labels, [m["low"] for m in median], [m["high"] for m in median],
+                              color="#c0392b", alpha=0.2)
+            if all(r.get("modeled_median_token_ms") for r in rows):
+                twin.plot(labels, [r["modeled_median_token_ms"]["value"] for r in rows], "s--",
+                          color="#7f8c8d", label="modeled (Eqs. 6-8)")
+            twin.set_ylabel("token latency (ms)")
+            twin.set_ylim(bottom=0)
+            handles = ax.get_legend_handles_labels()[0] + twin.get_legend_handles_labels()[0]
+            ax.legend(handles, [h.get_label() for h in handles], loc="lower left", fontsize=7)
+        emulated = f", emulating {rows[0]['emulated']}" if rows[0].get("emulated") else ""
+        fig.suptitle(f"{name} ({rows[0]['backend']}{emulated})", fontsize=9)
+        fig.tight_layout()
+        path = os.path.join(folder, f"fig3-{name}.png")
+        fig.savefig(path, dpi=120)
+        plt.close(fig)
+        paths.append(path)
+    return paths

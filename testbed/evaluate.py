@@ -1,0 +1,219 @@
+"""`testbed eval`: the paper's Table I and Fig. 3 from measurements, per scenario.
+
+Agents come up behind the scenario's shaped links (with a `[paper]` channel that emulates a
+model: links at that model's wire time, agents paced to its compute time). For each θ:
+- latency: the prompts are decoded through the base station; every decode step's measured
+  latency is kept, beside the paper's modeled latency (Eqs. 6-8) of the same step, computed
+  from what each token kept on this epoch's channel draw;
+- accuracy: lm-eval tasks run through the same distributed model (`lm_eval_model`), with
+  lm-eval's standard errors.
+One JSON record per θ goes to results.jsonl as it is made (Ctrl-C keeps what is done); the
+table and the figure come from `eval_report`.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import sys
+import time
+from dataclasses import dataclass
+
+import numpy as np
+
+from basestation.generate import generate
+from basestation.session import build_roster, open_session
+from testbed import scenarios
+from testbed.links import TestbedError
+from testbed.stats import bootstrap, relative_change
+from testbed.sweep import DEFAULT_PROMPTS, ScheduleRunner, code_version
+
+TASKS_DIR = os.path.join(os.path.dirname(os.path.abspath(__file__)), "tasks")
+LATENCY_PROMPTS = DEFAULT_PROMPTS + (
+    "An exception is raised when",
+    "The socket module provides",
+    "To install a package, run",
+    "A generator function returns",
+)
+
+
+@dataclass(frozen=True)
+class EvalConfig:
+    shards: str
+    out: str
+    scenario: str = "paper"
+    thetas: tuple[float, ...] = (0.0, 0.1, 0.2, 0.3)
+    tasks: tuple[str, ...] = ("wdmoe_mc_heldout",)
+    limit: int | None = None  # items per task (None: all)
+    batch_size: int = 8
+    prompts: tuple[str, ...] = LATENCY_PROMPTS
+    max_new_tokens: int = 24
+    num_agents: int | None = None  # default: one per expert
+    include_path: str | None = None  # more task YAMLs (ours are always included)
+    dtype: str = "auto"
+    progress: bool = True
+
+
+def run_eval(config: EvalConfig) -> str:
+    """Runs the evaluation; returns the results.jsonl path. Raises TestbedError, RosterError."""
+    from shard_tool.manifest import load_manifest
+    from testbed import links
+
+    manifest = load_manifest(config.shards)
+    num_agents = config.num_agents or manifest.num_experts
+    scenario = scenarios.load(config.scenario)
+    shapes, agent_args, wire_bytes = scenarios.bring_up(scenario, config.shards, num_agents,
+                                                        config.dtype)
+    pacing = scenarios.agent_pacing_us(scenario, num_agents)
+    os.makedirs(config.out, exist_ok=True)
+    results_path = os.path.join(config.out, "results.jsonl")
+    bed = links.up(config.shards, num_agents, shapes,
+                   state_dir=os.path.join(config.out, "testbed-state"), agent_args=agent_args)
+    schedule = session = None
+    try:
+        session = open_session(config.shards, build_roster([], bed.roster_path, None),
+                               dtype=config.dtype, wait_s=60, progress=False)
+        start_s = time.monotonic()
+        if scenario.changes_over_time:
+            schedule = ScheduleRunner(bed, scenario, num_agents, wire_bytes_per_token=wire_bytes,
+                                      start_s=start_s)
+            schedule.start()
+        modeled = _modeled(scenario, num_agents, manifest, start_s)
+        session.runtime.on_selection = modeled
+        tokenizer = session.base.tokenizer
+        prompt_ids = [tokenizer(p, return_tensors="pt").input_ids for p in config.prompts]
+        generate(session, prompt_ids[0], max_new_tokens=4, ignore_eos=True)  # learn the links
+        base = {"scenario": scenario.name, "description": scenario.description,
+                "backend": bed.backend, "agents": num_agents, "fingerprint": manifest.fingerprint,
+                "code_version": code_version(),
+                "emulated": scenario.paper.emulate.name
+                if scenario.paper and scenario.paper.emulate else None,
+                "pace_us": {str(a): {"per_call": round(call, 1), "per_token": round(token, 1)}
+                            for a, (call, token) in pacing.items()}}
+        # Latency first, every θ in turn per prompt: a busy machine or a fading epoch then
+        # weighs on every θ alike, instead of on whichever θ ran at the time.
+        _say(config, f"latency: {len(prompt_ids)} prompts x {config.max_new_tokens} tokens "
+                     f"at θ = {', '.join(f'{t:g}' for t in config.thetas)}, interleaved")
+        samples = _latency_interleaved(session, prompt_ids, config, modeled)
+        first = samples[config.thetas[0]]
+        with open(results_path, "a") as results:
+            for theta in config.thetas:
+                record = dict(base, theta=theta, **_figures(samples[theta]))
+                mine = samples[theta]
+                record["change_vs_first_pct"] = {
+                    "measured": relative_change(first["measured"], mine["measured"]).as_dict(),
+                    "modeled": relative_change(first["modeled"], mine["modeled"]).as_dict()
+                    if mine["modeled"] else None}
+                if config.tasks:
+                    _say(config, f"θ = {theta:g}: lm-eval {', '.join(config.tasks)}")
+                    record["tasks"] = _accuracy(session, config, theta)
+                record["schedule_errors"] = list(schedule.errors) if schedule else []
+                record["time"] = time.strftime("%Y-%m-%dT%H:%M:%S%z")
+                results.write(json.dumps(record) + "\n")
+                results.flush()
+    finally:
+        if schedule is not None:
+            schedule.stop()
+        if session is not None:
+            session.close()
+        bed.down()
+    return results_path
+
+
+def _say(config: EvalConfig, line: str) -> None:
+    if config.progress:
+        print(f"eval: {line}", file=sys.stderr, flush=True)
+
+
+def _modeled(scenario, num_agents: int, manifest, start_s: float):
+    from testbed.modeled_latency import ModeledLatency
+
+    paper = scenario.paper
+    if paper is None or paper.emulate is None:
+        return None
+    moe_layers = len(manifest.model.get("moe_layers") or [0])
+    return ModeledLatency(paper, paper.emulate, num_agents, moe_layers, start_s=start_s)
+
+
+def _latency_interleaved(session, prompt_ids, config: EvalConfig, modeled) -> dict:
+    """Decode every prompt at every θ (θ order rotating per prompt): per θ, the measured and
+    modeled latency of each decode step (the first step, the prefill, is left out of both),
+    and the experts called and dropped."""
+    thetas = config.thetas
+    out = {t: {"measured": [], "modeled": [], "calls": 0, "dropped": 0} for t in thetas}
+    for i, ids in enumerate(prompt_ids):
+        for theta in thetas[i % len(thetas):] + thetas[:i % len(thetas)]:
+            if modeled is not None:
+                modeled.reset()
+            result = generate(session, ids, max_new_tokens=config.max_new_tokens,
+                              ignore_eos=True, theta=theta)
+            mine = out[theta]
+            mine["measured"] += result.token_latency_ms[1:]
+            if modeled is not None:
+                steps = modeled.step_totals_s()
+                mine["modeled"] += [1e3 * s for s in steps[1:len(result.token_latency_ms)]]
+            mine["calls"] += result.expert_calls
+            mine["dropped"] += result.experts_dropped
+    return out
+
+
+def _figures(sample: dict) -> dict:
+    """Medians and means with their bootstrap intervals, drops, measured against modeled."""
+    measured, modeled = sample["measured"], sample["modeled"]
+    calls, dropped = sample["calls"], sample["dropped"]
+    figures = {
+        "tokens": len(measured),
+        "median_token_ms": bootstrap(measured, np.median).as_dict(),
+        "mean_token_ms": bootstrap(measured, np.mean).as_dict(),
+        "p95_token_ms": float(np.percentile(measured, 95)),
+        "expert_calls": calls, "experts_dropped": dropped,
+        "drop_rate": dropped / max(1, calls + dropped),
+    }
+    if modeled:
+        figures["modeled_median_token_ms"] = bootstrap(modeled, np.median).as_dict()
+        figures["modeled_mean_token_ms"] = bootstrap(modeled, np.mean).as_dict()
+        figures["measured_over_modeled"] = float(np.median(measured) / np.median(modeled))
+    return figures
+
+
+def _accuracy(session, config: EvalConfig, theta: float) -> dict:
+    """lm-eval's figures per task: {task: {metric: {"value", "stderr"}}}."""
+    import lm_eval
+    from lm_eval.tasks import TaskManager
+
+    from testbed.lm_eval_model import DistributedLM
+
+    session.runtime.on_selection, observer = None, session.runtime.on_selection
+    stats = session.runtime.stats
+    before = (stats.expert_calls, stats.experts_dropped, stats.fault_drops,
+              stats.failed_requests)
+    started_s = time.monotonic()
+    try:
+        paths = [TASKS_DIR] + ([config.include_path] if config.include_path else [])
+        result = lm_eval.simple_evaluate(
+            model=DistributedLM(session, theta=theta, batch_size=config.batch_size),
+            tasks=list(config.tasks), limit=config.limit, log_samples=False,
+            task_manager=TaskManager(include_path=paths), random_seed=0,
+            numpy_random_seed=0, torch_random_seed=0, fewshot_random_seed=0)
+    except (KeyError, ValueError) as e:  # an unknown task name, a bad task file
+        raise TestbedError(f"lm-eval: {e}") from None
+    finally:
+        session.runtime.on_selection = observer
+    out = {"_run": {"seconds": round(time.monotonic() - started_s, 1),
+                    **{k: now - then for k, now, then in zip(
+                        ("expert_calls", "experts_dropped", "fault_drops", "failed_requests"),
+                        (stats.expert_calls, stats.experts_dropped, stats.fault_drops,
+                         stats.failed_requests), before)}}}
+    for task, figures in result["results"].items():
+        metrics = {}
+        for key, value in figures.items():
+            if "," not in key or "_stderr," in key or not isinstance(value, (int, float)):
+                continue
+            name, filt = key.split(",", 1)
+            stderr = figures.get(f"{name}_stderr,{filt}")
+            metrics[key] = {"value": float(value),
+                            "stderr": float(stderr) if isinstance(stderr, (int, float))
+                            else None}
+        out[task] = {"items": result.get("n-samples", {}).get(task, {}).get("effective"),
+                     "metrics": metrics}
+    return out
