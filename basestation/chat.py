@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import sys
 
-from basestation.generate import GenerationResult, generate
+from basestation.generate import GenerationResult, budget_error, context_length, generate
 
 HELP = ("commands: /theta X  /temperature X|default  /stats  /devices  /reset  /quit   "
         "(Ctrl-C stops an answer)")
@@ -27,6 +27,7 @@ def agents_table(agents: list[dict]) -> str:
 
 def run_chat(session, args, read=input, write=print) -> int:
     tokenizer = session.base.tokenizer
+    context = context_length(session.base.config, tokenizer)
     theta = session.theta  # this conversation's θ; /theta changes it
     temperature = args.temperature  # None: the model's sampling defaults; 0: greedy
     messages: list[dict] = []
@@ -85,6 +86,11 @@ def run_chat(session, args, read=input, write=print) -> int:
         messages.append({"role": "user", "content": line})
         input_ids = tokenizer.apply_chat_template(messages, add_generation_prompt=True,
                                                   return_tensors="pt", return_dict=True)["input_ids"]
+        problem = budget_error(input_ids.shape[1], args.max_new_tokens, context)
+        if problem:  # the conversation outgrew the context: say so, keep the session
+            messages.pop()
+            write(f"{problem}; /reset starts a new conversation")
+            continue
         sys.stdout.write("bot> ")
         sys.stdout.flush()
         result: GenerationResult = generate(

@@ -1,4 +1,4 @@
-"""`basestation`: generate, chat, serve and status against live edge agents."""
+"""`basestation`: generate, chat, serve and status against live edge agents; keygen."""
 
 from __future__ import annotations
 
@@ -6,9 +6,18 @@ import argparse
 import json
 import os
 import signal
+import socket
 import sys
 
 from basestation.session import RosterError, build_roster
+from shard_tool.cli_args import (
+    ArgumentParser,
+    check_endpoint,
+    device,
+    endpoint,
+    number,
+    user_error,
+)
 from shard_tool.errors import ShardError
 
 
@@ -16,15 +25,24 @@ def add_roster_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--agent", action="append", default=[], metavar="EXPERTS=tcp://HOST:PORT",
                    help="a listening agent, e.g. 3=tcp://10.0.0.3:5600 (repeatable)")
     p.add_argument("--agents", metavar="FILE", help="TOML roster: [agents] \"3\" = \"tcp://…\"")
-    p.add_argument("--listen", metavar="tcp://0.0.0.0:PORT", help="accept dial-in agents here")
-    p.add_argument("--wait-s", type=float, default=30.0,
+    p.add_argument("--listen", metavar="tcp://0.0.0.0:PORT", type=endpoint(bind=True),
+                   help="accept dial-in agents here")
+    p.add_argument("--keys", metavar="DIR", help="CurveZMQ: this base station's keypair (from "
+                   "`basestation keygen DIR`) and DIR/trusted/*.key, the agents that may dial "
+                   "in; roster entries carry each listening agent's public key")
+    p.add_argument("--insecure", action="store_true",
+                   help="allow what is otherwise refused: --listen beyond loopback without "
+                   "--keys, keyless roster agents beyond loopback with --keys, and for serve "
+                   "a --host beyond loopback without --api-key")
+    p.add_argument("--wait-s", type=number(0), default=30.0,
                    help="how long to wait for every expert's agent (default 30)")
 
 
 def add_session_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--shards", required=True, metavar="DIR", help="split folder (shard_tool)")
     add_roster_args(p)
-    p.add_argument("--theta", type=float, default=0.0, help="WLR drop threshold (0: never drop)")
+    p.add_argument("--theta", type=number(0, 1), default=0.0,
+                   help="WLR drop threshold (0: never drop)")
     p.add_argument("--latency", choices=("measured", "model"), default="measured",
                    help="measured links (default) or the paper's modeled channel")
     p.add_argument("--channel", metavar="FILE", help="for --latency model: a scenario TOML "
@@ -32,7 +50,8 @@ def add_session_args(p: argparse.ArgumentParser) -> None:
                    "8 devices at 50-400 m")
     p.add_argument("--dtype", default="auto", help="auto (the model's on a GPU, float32 on a "
                    "CPU) | bfloat16 | float16 | float32")
-    p.add_argument("--device", default="auto", help="auto (CUDA when torch sees it) | cpu | cuda")
+    p.add_argument("--device", default="auto", type=device,
+                   help="auto (CUDA when torch sees it) | cpu | cuda | cuda:N")
     p.add_argument("--wire-dtype", default=None, help="activations on the wire: "
                    "float32|bfloat16|float16|int8 (default: the compute dtype)")
     p.add_argument("--allow-missing", action="store_true",
@@ -41,24 +60,29 @@ def add_session_args(p: argparse.ArgumentParser) -> None:
                    help="load these experts here too, used when their agent is down")
 
 
+MAX_TEMPERATURE = 10.0  # as chat's /temperature
+
+
 def add_model_args(p: argparse.ArgumentParser, sample_by_default: bool = False) -> None:
     add_session_args(p)
-    p.add_argument("--max-new-tokens", type=int, default=64)
+    p.add_argument("--max-new-tokens", type=number(1, integer=True), default=64,
+                   help="at most this many tokens (prompt + these within the context)")
     if sample_by_default:
-        p.add_argument("--temperature", type=float, default=None,
+        p.add_argument("--temperature", type=number(0, MAX_TEMPERATURE), default=None,
                        help="0: greedy (default: the model's generation_config, or 0.7 with "
                        "top-p 0.9 where it does not sample)")
     else:
-        p.add_argument("--temperature", type=float, default=0.0, help="0: greedy")
+        p.add_argument("--temperature", type=number(0, MAX_TEMPERATURE), default=0.0,
+                       help="0: greedy")
     p.add_argument("--ignore-eos", action="store_true")
 
 
-def _open(args):
+def _open(args, roster=None):
     from basestation.session import open_session, read_channel_file
 
     if not 0.0 <= args.theta <= 1.0:
         raise RosterError(f"--theta {args.theta}: must be in [0, 1]")
-    roster = build_roster(args.agent, args.agents, args.listen)
+    roster = _roster(args) if roster is None else roster
     return open_session(args.shards, roster, theta=args.theta, latency=args.latency,
                         dtype=args.dtype, wire_dtype=args.wire_dtype, wait_s=args.wait_s,
                         allow_missing=args.allow_missing, local_fallback=args.local_fallback,
@@ -67,13 +91,50 @@ def _open(args):
                         progress=sys.stderr.isatty())
 
 
-def cmd_generate(args) -> int:
-    from basestation.generate import generate
+def _roster(args):
+    """build_roster, then every endpoint it names checked: flags and roster files alike (a port
+    past 65535 was dialled as another port). Raises RosterError."""
+    roster = build_roster(args.agent, args.agents, args.listen, args.keys, args.insecure)
+    for name in roster.endpoints:
+        try:
+            check_endpoint(name)
+        except ValueError as e:
+            raise RosterError(f"agent {e}") from None
+    return roster
 
-    session = _open(args)
+
+def _model_limits(shards: str):
+    """(tokenizer, context length) of a split, read before any agent is waited for, so that a
+    prompt or --max-new-tokens past the context is refused at once. Raises ShardError."""
+    from transformers import AutoConfig, AutoTokenizer
+
+    from basestation.generate import context_length
+    from shard_tool.manifest import BASESTATION_DIR, load_manifest
+
+    load_manifest(shards)  # one line when SHARDS is not a split
+    base_dir = os.path.join(shards, BASESTATION_DIR)
     try:
-        tokenizer = session.base.tokenizer
-        input_ids = tokenizer(args.prompt, return_tensors="pt").input_ids
+        tokenizer = AutoTokenizer.from_pretrained(base_dir)
+        return tokenizer, context_length(AutoConfig.from_pretrained(base_dir), tokenizer)
+    except (OSError, ValueError) as e:
+        raise ShardError(f"{base_dir}: no usable tokenizer or config.json "
+                         f"({str(e).splitlines()[0] if str(e) else type(e).__name__})") from None
+
+
+def cmd_generate(args) -> int:
+    from basestation.generate import budget_error, generate
+
+    if not args.prompt:
+        raise RosterError("--prompt is empty: give the text to continue")
+    roster = _roster(args)  # the quick checks first
+    tokenizer, context = _model_limits(args.shards)
+    # verbose=False: a prompt past the tokenizer's max length is refused below in one line
+    input_ids = tokenizer(args.prompt, return_tensors="pt", verbose=False).input_ids
+    problem = budget_error(input_ids.shape[1], args.max_new_tokens, context)
+    if problem:
+        raise RosterError(problem)
+    session = _open(args, roster)
+    try:
         stream = None if args.json else (lambda piece: print(piece, end="", flush=True))
         result = generate(session, input_ids, args.max_new_tokens, args.temperature,
                           args.ignore_eos, on_text=stream)
@@ -90,7 +151,12 @@ def cmd_generate(args) -> int:
 def cmd_chat(args) -> int:
     from basestation.chat import run_chat
 
-    session = _open(args)
+    roster = _roster(args)  # the quick checks first
+    _, context = _model_limits(args.shards)
+    if args.max_new_tokens >= context:  # every answer needs at least one prompt token
+        raise RosterError(f"--max-new-tokens {args.max_new_tokens}: must be below the model's "
+                          f"context of {context} tokens")
+    session = _open(args, roster)
     try:
         return run_chat(session, args)
     finally:
@@ -130,12 +196,24 @@ def cmd_serve(args) -> int:
 def cmd_status(args) -> int:
     from basestation.status import run_status
 
-    roster = build_roster(args.agent, args.agents, args.listen)
-    return run_status(roster, args.wait_s)
+    return run_status(_roster(args), args.wait_s)
+
+
+def cmd_keygen(args) -> int:
+    from edge_agent.keys import TRUSTED_DIR, KeysError, keygen
+
+    try:
+        public, secret = keygen(args.dir, args.name, (TRUSTED_DIR,))
+    except KeysError as e:
+        raise RosterError(str(e)) from None
+    print(f"wrote {secret} (stays here) and {public} (copy it into each agent's --keys "
+          f"DIR/trusted/, and pushers/ to push with it); put dial-in agents' .key files in "
+          f"{args.dir}/{TRUSTED_DIR}/")
+    return 0
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="basestation", description=__doc__)
+    parser = ArgumentParser(prog="basestation", description=__doc__)  # one-line errors
     sub = parser.add_subparsers(dest="command", required=True)
     p = sub.add_parser("generate", help="generate a completion through the agents")
     add_model_args(p)
@@ -149,21 +227,19 @@ def build_parser() -> argparse.ArgumentParser:
     add_session_args(p)
     p.add_argument("--host", default="127.0.0.1", help="beyond loopback needs --api-key or "
                    "--insecure (default 127.0.0.1)")
-    p.add_argument("--port", type=int, default=8000)
+    p.add_argument("--port", type=number(0, 65535, integer=True), default=8000)
     p.add_argument("--api-key", default=os.environ.get("BASESTATION_API_KEY"),
                    help="clients must send Authorization: Bearer KEY (default: "
                    "$BASESTATION_API_KEY)")
-    p.add_argument("--insecure", action="store_true",
-                   help="allow a non-loopback --host without --api-key")
-    p.add_argument("--max-queue", type=int, default=16,
+    p.add_argument("--max-queue", type=number(0, integer=True), default=16,
                    help="requests that may wait for a place in the batch; more get 503 "
                    "(default 16)")
-    p.add_argument("--max-batch", type=int, default=16,
+    p.add_argument("--max-batch", type=number(1, integer=True), default=16,
                    help="sequences decoded together, one forward pass per step (default 16)")
-    p.add_argument("--prefill-chunk-tokens", type=int, default=256,
+    p.add_argument("--prefill-chunk-tokens", type=number(1, integer=True), default=256,
                    help="tokens per step at most: longer prompts are prefilled in chunks "
                    "while running answers keep flowing (default 256)")
-    p.add_argument("--max-tokens", type=int, default=256,
+    p.add_argument("--max-tokens", type=number(1, integer=True), default=256,
                    help="max_tokens of a request that gives none (cut to the context)")
     p.add_argument("--model-name", help="the model id clients name (default: the shards "
                    "folder's name)")
@@ -171,6 +247,11 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("status", help="table of every agent: reachable, experts, RTT, …")
     add_roster_args(p)
     p.set_defaults(func=cmd_status, wait_s=3.0)
+    p = sub.add_parser("keygen", help="write this base station's CurveZMQ keypair into DIR")
+    p.add_argument("dir", metavar="DIR")
+    p.add_argument("--name", default=f"basestation-{socket.gethostname()}",
+                   help="file name of the keypair (default: basestation-HOSTNAME)")
+    p.set_defaults(func=cmd_keygen)
     return parser
 
 
@@ -185,3 +266,9 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         print("\nbasestation: interrupted", file=sys.stderr)
         return 130
+    except Exception as e:  # a file, a port or a socket the user named: one line, not a trace
+        line = user_error(e)
+        if line is None:
+            raise
+        print(f"basestation: error: {line}", file=sys.stderr)
+        return 2

@@ -112,6 +112,27 @@ def apply_sampling(config, sampling: Sampling) -> None:
         config.top_p = sampling.top_p
 
 
+def context_length(config, tokenizer) -> int:
+    """Tokens the model attends to at most: its (text) config's max_position_embeddings, else
+    the tokenizer's model_max_length."""
+    text_config = config.get_text_config() if hasattr(config, "get_text_config") else config
+    return int(getattr(text_config, "max_position_embeddings", 0) or tokenizer.model_max_length)
+
+
+def budget_error(prompt_tokens: int, max_new_tokens: int, context: int) -> str | None:
+    """Why a prompt and its new tokens cannot run, in one line, or None when they can: no
+    prompt at all, or more than the context (past it the positions were never trained: the
+    model ran on and produced garbage)."""
+    if prompt_tokens < 1:
+        return "the prompt is empty (it gives no tokens)"
+    if max_new_tokens < 1:
+        return f"--max-new-tokens {max_new_tokens}: must be at least 1"
+    if prompt_tokens + max_new_tokens > context:
+        return (f"the prompt ({prompt_tokens} tokens) plus --max-new-tokens {max_new_tokens} "
+                f"pass the model's context of {context} tokens")
+    return None
+
+
 def generate(session, input_ids: torch.Tensor, max_new_tokens: int = 32,
              temperature: float | None = 0.0, ignore_eos: bool = False,
              on_text: Callable[[str], None] | None = None,

@@ -45,8 +45,9 @@ def charge(ledgers: list[RequestLedger], owners: torch.Tensor, meant_box: torch.
 
     owners [T]: index into `ledgers`; meant_box [T, K]: the box of each slot's routed expert;
     sent [T, K]: whether the slot was sent there (kept by the selector); done_box/done [T, K]:
-    the box that computed each slot (after any retry) and whether one did. A slot not done is a drop charged to the box it was meant for; a
-    failed box charges one failure to every request that had a slot sent to it."""
+    the box that computed each slot (after any retry) and whether one did. A slot not done is
+    a drop charged to the box it was meant for; a failed box charges one failure to every
+    request that had a slot sent to it."""
     requests, boxes = len(ledgers), ledgers[0].boxes
     owners = owners.to(torch.long)
     calls = _per_owner_box(owners, done_box, done, requests, boxes)

@@ -45,6 +45,15 @@ class LinkEstimatorConfig:
     # so it errs long (throughput and compute vary more than the base RTT does).
     deadline_slack_ratio: float = 0.5
     deadline_floor_s: float = 0.25
+    # ... and at most the cap, whatever the estimate says: an agent that answers ever later
+    # (reporting a compute time just under its round trip, which the checks believe) inflates
+    # its estimate, then one silence cost a wait the agent chose (measured: 30 s for one layer
+    # of a 301-token prompt after 12 slow decode steps; capped, 6.9 s for the whole generation,
+    # tests/test_rogue_agent.py). The cap depends only on the request itself:
+    #   cap = base + (request + reply bytes) / slowest link + tokens x experts x slowest compute
+    deadline_cap_base_s: float = 2.0
+    deadline_cap_bytes_per_s: float = 125e3  # 1 Mbit/s: a bad cellular uplink
+    deadline_cap_s_per_token_expert: float = 0.02  # a Mixtral expert on a CPU: ~7 ms a token
     # One sample counts as at most this many times the current estimate (RTT, compute time,
     # 1/throughput): a real slowdown is learned over a few samples, one outlier moves little.
     max_step_ratio: float = 4.0
@@ -177,10 +186,21 @@ def deadline_s(
     experts: int,
     config: LinkEstimatorConfig = DEFAULT_CONFIG,
 ) -> float:
-    """How long to wait for this request before treating it as lost (per layer)."""
+    """How long to wait for this request before treating it as lost (per layer): from the
+    estimate, at least the floor, at most `deadline_cap_s` of this request."""
     expected = expected_time_s(state, request_bytes, reply_bytes, tokens, experts)
     bound = expected * (1 + config.deadline_slack_ratio) + config.rttvar_k * state.rttvar_s
-    return max(bound, config.deadline_floor_s)
+    return min(max(bound, config.deadline_floor_s),
+               deadline_cap_s(request_bytes, reply_bytes, tokens, experts, config))
+
+
+def deadline_cap_s(request_bytes: int, reply_bytes: int, tokens: int, experts: int,
+                   config: LinkEstimatorConfig = DEFAULT_CONFIG) -> float:
+    """The longest any agent's request of this size is waited for: a function of the request
+    alone, never of what an agent's replies taught the estimate."""
+    return (config.deadline_cap_base_s
+            + (request_bytes + reply_bytes) / config.deadline_cap_bytes_per_s
+            + config.deadline_cap_s_per_token_expert * tokens * experts)
 
 
 def age_s(state: LinkState, now_s: float) -> float:

@@ -4,23 +4,45 @@ Agents that listen are connected to (`--agent 3=tcp://HOST:PORT`, `--agents FILE
 that dial in are listened for (`--listen tcp://0.0.0.0:PORT`). Every expert id must end up with
 a live agent serving this model's fingerprint (or a local fallback), else a one-line error,
 unless `--allow-missing`.
+
+With `--keys DIR` every link can be CurveZMQ (edge_agent/keys.py): a roster entry carries its
+agent's public key, and DIR/trusted/ holds the agents allowed to dial in. Roster file (TOML):
+    [agents]
+    "0-3" = "tcp://10.0.0.2:5600"
+    "4-7" = { endpoint = "tcp://10.0.0.3:5600", public_key = "<the 40 Z85 characters>" }
+    "8" = { endpoint = "tcp://10.0.0.4:5600", certificate = "keys/edge-4.key" }
+The first form is a plain link; `certificate` is a path relative to the roster file.
 """
 
 from __future__ import annotations
 
+import json
+import os
 import sys
 import time
 import tomllib
-from dataclasses import dataclass
+from collections.abc import Iterable
+from dataclasses import dataclass, field
+
+import zmq
 
 from basestation.dispatch import Dispatcher
 from basestation.liveness import AgentLink, Prober
 from basestation.moe_layer import MoeRuntime
 from edge_agent import protocol as P
 from edge_agent.client import AgentClient, PeerUnreachable
+from edge_agent.keys import (
+    KeyFolder,
+    KeysError,
+    is_loopback_endpoint,
+    load_key_folder,
+    parse_public_key,
+    read_certificate,
+    refuse_unprotected_bind,
+)
+from shard_tool.errors import ShardError
 from shard_tool.expert_ids import format_expert_ids as _ids
 from shard_tool.expert_ids import parse_expert_ids
-from shard_tool.errors import ShardError
 from shard_tool.manifest import load_manifest
 
 INFO_RETRY_S = 0.5  # re-ask an agent that has not answered INFO yet
@@ -31,9 +53,20 @@ class RosterError(Exception):
 
 
 @dataclass(frozen=True)
+class RosterAgent:
+    """One listening agent of the roster."""
+
+    experts: tuple[int, ...]
+    endpoint: str
+    public_key: bytes | None = None  # its CURVE public key (Z85): the link is encrypted to it
+
+
+@dataclass(frozen=True)
 class Roster:
     endpoints: dict[str, tuple[int, ...]]  # listening agent endpoint -> expert ids it should host
     listen: str | None = None  # where dial-in agents connect
+    public_keys: dict[str, bytes] = field(default_factory=dict)  # endpoint -> agent's public key
+    keys: KeyFolder | None = None  # --keys: our keypair; trusted/ = who may dial in
 
 
 def parse_agent_flag(value: str) -> tuple[tuple[int, ...], str]:
@@ -48,8 +81,13 @@ def parse_agent_flag(value: str) -> tuple[tuple[int, ...], str]:
         raise RosterError(f"--agent {value!r}: expert ids like 3, 0,3 or 0-3") from None
 
 
-def read_roster_file(path: str) -> list[tuple[tuple[int, ...], str]]:
-    """A TOML roster: an [agents] table of "EXPERTS" = "tcp://HOST:PORT". Raises RosterError."""
+ROSTER_ENTRY_FIELDS = ("endpoint", "public_key", "certificate")
+
+
+def read_roster_agents(path: str) -> list[RosterAgent]:
+    """A TOML roster: an [agents] table of "EXPERTS" = "tcp://HOST:PORT", or = { endpoint = …,
+    public_key = "Z85" } or { endpoint = …, certificate = "PATH.key" } (relative to the roster
+    file). Raises RosterError."""
     try:
         with open(path, "rb") as f:
             data = tomllib.load(f)
@@ -60,36 +98,125 @@ def read_roster_file(path: str) -> list[tuple[tuple[int, ...], str]]:
     agents = data.get("agents")
     if not isinstance(agents, dict) or not agents:
         raise RosterError(f'{path}: needs an [agents] table, e.g. "3" = "tcp://10.0.0.3:5600"')
-    return [parse_agent_flag(f"{spec}={endpoint}") for spec, endpoint in agents.items()]
+    return [_roster_agent(path, spec, value) for spec, value in agents.items()]
 
 
-def build_roster(agent_flags: list[str], agents_file: str | None, listen: str | None) -> Roster:
-    entries = [parse_agent_flag(v) for v in agent_flags or []]
+def _roster_agent(path: str, spec: str, value) -> RosterAgent:
+    if isinstance(value, str):
+        return RosterAgent(*parse_agent_flag(f"{spec}={value}"))
+    where = f"{path}: agent {spec!r}"
+    if not isinstance(value, dict) or not isinstance(value.get("endpoint"), str):
+        raise RosterError(f'{where}: expected "tcp://HOST:PORT" or {{ endpoint = "tcp://…", '
+                          'public_key = "…" }')
+    unknown = sorted(set(value) - set(ROSTER_ENTRY_FIELDS))
+    if unknown or ("public_key" in value and "certificate" in value):
+        raise RosterError(f"{where}: fields are endpoint and one of public_key, certificate"
+                          f"{' (not ' + ', '.join(unknown) + ')' if unknown else ''}")
+    try:
+        if "public_key" in value:
+            key = parse_public_key(value["public_key"])
+        elif "certificate" in value:
+            key = read_certificate(os.path.join(os.path.dirname(os.path.abspath(path)),
+                                                str(value["certificate"])))
+        else:
+            key = None
+    except KeysError as e:
+        raise RosterError(f"{where}: {e}") from None
+    return RosterAgent(*parse_agent_flag(f"{spec}={value['endpoint']}"), public_key=key)
+
+
+def read_roster_file(path: str) -> list[tuple[tuple[int, ...], str]]:
+    """The roster's (expert ids, endpoint) pairs, keys left out. Raises RosterError."""
+    return [(agent.experts, agent.endpoint) for agent in read_roster_agents(path)]
+
+
+def format_roster(agents: Iterable[RosterAgent], comment: str | None = None) -> str:
+    """A roster file's text (what read_roster_agents reads): one entry per agent, with its
+    public key when it has one (for tools that write rosters, such as the testbed)."""
+    lines = [f"# {comment}"] if comment else []
+    lines.append("[agents]")
+    for agent in agents:
+        spec, endpoint = json.dumps(_ids(agent.experts)), json.dumps(agent.endpoint)
+        if agent.public_key is None:
+            lines.append(f"{spec} = {endpoint}")
+        else:  # TOML basic strings are JSON's for this text (Z85 has no quote or backslash)
+            lines.append(f"{spec} = {{ endpoint = {endpoint}, public_key = "
+                         f"{json.dumps(agent.public_key.decode())} }}")
+    return "\n".join(lines) + "\n"
+
+
+def build_roster(agent_flags: list[str], agents_file: str | None, listen: str | None,
+                 keys_dir: str | None = None, insecure: bool = False) -> Roster:
+    """The agents to reach and how (--agent, --agents, --listen, --keys, --insecure). Protected
+    by default: --listen beyond loopback needs keys, and with keys every agent beyond loopback
+    needs its public key, unless `insecure`. Raises RosterError."""
+    entries = [RosterAgent(*parse_agent_flag(v)) for v in agent_flags or []]
     if agents_file:
-        entries += read_roster_file(agents_file)
+        entries += read_roster_agents(agents_file)
     if not entries and not listen:
         raise RosterError("no agents: give --agent EXPERTS=tcp://HOST:PORT, --agents FILE "
                           "or --listen tcp://0.0.0.0:PORT")
     endpoints: dict[str, tuple[int, ...]] = {}
+    public_keys: dict[str, bytes] = {}
     claimed: dict[int, str] = {}
-    for ids, endpoint in entries:
-        for expert in ids:
+    for agent in entries:
+        endpoint = agent.endpoint
+        for expert in agent.experts:
             if expert in claimed and claimed[expert] != endpoint:
                 raise RosterError(f"expert {expert} is given to both {claimed[expert]} and "
                                   f"{endpoint}")
             claimed[expert] = endpoint
-        endpoints[endpoint] = tuple(sorted(set(endpoints.get(endpoint, ())) | set(ids)))
-    return Roster(endpoints=endpoints, listen=listen)
+        endpoints[endpoint] = tuple(sorted(set(endpoints.get(endpoint, ())) | set(agent.experts)))
+        if agent.public_key is not None and \
+                public_keys.setdefault(endpoint, agent.public_key) != agent.public_key:
+            raise RosterError(f"{endpoint} is given two different public keys")
+    try:
+        keys = load_key_folder(keys_dir, "basestation") if keys_dir else None
+        if listen:
+            refuse_unprotected_bind(listen, keys, insecure, "basestation", "--listen")
+    except KeysError as e:
+        raise RosterError(str(e)) from None
+    if public_keys and keys is None:
+        raise RosterError(f"the roster gives {next(iter(public_keys))} a public key: the base "
+                          "station needs its own keypair too (--keys DIR; `basestation keygen "
+                          "DIR` makes one)")
+    if keys is not None:
+        if listen and not keys.trusted:
+            raise RosterError(f"--listen with --keys {keys_dir}: its trusted/ folder holds no "
+                              "agent certificate, so no agent could dial in")
+        plain = [e for e in endpoints if e not in public_keys and not is_loopback_endpoint(e)]
+        if plain and not insecure:
+            raise RosterError(f"{plain[0]} has no public key in the roster: give it one "
+                              "(public_key = … or certificate = \"….key\") or pass --insecure "
+                              "to reach it unencrypted")
+    return Roster(endpoints=endpoints, listen=listen, public_keys=public_keys, keys=keys)
+
+
+def open_links(roster: Roster) -> AgentClient:
+    """A client socket connected to every roster agent (CurveZMQ to those with a public key)
+    and listening for dial-ins (CurveZMQ, admitting DIR/trusted/, with --keys). Raises
+    RosterError."""
+    keys = roster.keys
+    client = AgentClient(keypair=keys.keypair if keys else None)
+    try:
+        for endpoint in roster.endpoints:
+            client.connect(endpoint, server_key=roster.public_keys.get(endpoint))
+        if roster.listen:
+            try:
+                client.bind(roster.listen, admitted=keys.trusted if keys else None)
+            except zmq.ZMQError as e:
+                raise RosterError(f"cannot listen on {roster.listen}: {e.strerror}") from None
+    except BaseException:
+        client.close()
+        raise
+    return client
 
 
 def connect_agents(client: AgentClient, roster: Roster, fingerprint: str, num_experts: int,
                    wait_s: float, need_all: bool, progress: bool = True) -> list[AgentLink]:
-    """Find every agent of the roster (and dial-ins), check it serves this model, wait for the
-    experts up to `wait_s` with a countdown. Raises RosterError."""
-    for endpoint in roster.endpoints:
-        client.connect(endpoint)
-    if roster.listen:
-        client.bind(roster.listen)
+    """Find every agent of the roster (and dial-ins) on `client` (from open_links), check it
+    serves this model, wait for the experts up to `wait_s` with a countdown. Raises
+    RosterError."""
     found: dict[bytes, AgentLink] = {}
     refused: set[bytes] = set()
     asked: dict[int, tuple[bytes, float]] = {}
@@ -227,7 +354,7 @@ def open_session(shards: str, roster: Roster, theta: float = 0.0, latency: str =
         except ValueError as e:
             raise RosterError(f"--local-fallback {e}") from None
         fallback = load_experts(shards, ids, device="cpu", dtype=dtype)
-    client = AgentClient()
+    client = open_links(roster)
     try:
         agents = connect_agents(client, roster, manifest.fingerprint, num_experts, wait_s,
                                 need_all=not allow_missing and fallback is None,
@@ -252,4 +379,5 @@ def open_session(shards: str, roster: Roster, theta: float = 0.0, latency: str =
     return Session(client=client, runtime=runtime, base=base, theta=theta)
 
 
-__all__ = ["Roster", "RosterError", "ShardError", "build_roster", "open_session", "Session"]
+__all__ = ["Roster", "RosterAgent", "RosterError", "Session", "ShardError", "build_roster",
+           "format_roster", "open_links", "open_session", "read_roster_agents"]

@@ -3,11 +3,12 @@
 from __future__ import annotations
 
 import statistics
+import sys
 import time
 
-from basestation.session import Roster
+from basestation.session import Roster, open_links
 from edge_agent import protocol as P
-from edge_agent.client import AgentClient
+from edge_agent.client import AgentClient, AgentError, PeerUnreachable
 
 PINGS = 5
 PROBE_BYTES = 64 * 1024  # one throughput probe per agent
@@ -16,10 +17,9 @@ PROBE_BYTES = 64 * 1024  # one throughput probe per agent
 def run_status(roster: Roster, wait_s: float) -> int:
     """Prints the table; exit 0 when every agent answered, 1 otherwise."""
     rows = []
-    with AgentClient() as client:
-        peers = {endpoint: client.connect(endpoint) for endpoint in roster.endpoints}
+    with open_links(roster) as client:
+        peers = {endpoint: endpoint.encode() for endpoint in roster.endpoints}  # the aliases
         if roster.listen:
-            client.bind(roster.listen)
             client.wait_hello(wait_s)
         targets = list(peers.items()) + [(p.decode(errors="replace"), p) for p in client.hellos]
         for name, peer in targets:
@@ -29,7 +29,13 @@ def run_status(roster: Roster, wait_s: float) -> int:
     for r in rows:
         print(f"{r['agent'][:28]:<28} {'yes' if r['up'] else 'NO':<3} {r['experts']:<9} "
               f"{r['device'][:22]:<22} {r['rtt_ms']:>8} {r['mb_s']:>8} {r['tokens_s']:>10}")
-    return 0 if rows and all(r["up"] for r in rows) else 1
+    down = sum(not r["up"] for r in rows)
+    if down or not rows:
+        print(f"basestation status: {down} of {len(rows)} agents did not answer within "
+              f"{wait_s:g} s" if rows else f"basestation status: no dial-in agent within "
+              f"{wait_s:g} s", file=sys.stderr)
+        return 1
+    return 0
 
 
 def _probe(client: AgentClient, name: str, peer: bytes, wait_s: float) -> dict:
@@ -42,21 +48,27 @@ def _probe(client: AgentClient, name: str, peer: bytes, wait_s: float) -> dict:
             info = client.info(peer, timeout_s=min(1.0, max(0.05, deadline - time.monotonic())))
         except Exception:  # not connected yet, or silent: try until the deadline
             time.sleep(0.05)
-    if info is None:
+    if not isinstance(info, dict):
         return row
-    row.update(up=True, experts=",".join(map(str, info.get("experts", []))),
+    experts = info.get("experts")  # as an agent reports it: checked, never trusted
+    row.update(experts=",".join(map(str, experts)) if isinstance(experts, list) else "?",
                device=str(info.get("device_name") or info.get("device", "?")))
     rtts = []
-    for _ in range(PINGS):
+    try:  # an agent that answers INFO but not PING is not up (it used to be a traceback)
+        for _ in range(PINGS):
+            start = time.perf_counter()
+            client.call(peer, P.PING, timeout_s=1.0)
+            rtts.append(time.perf_counter() - start)
         start = time.perf_counter()
-        client.call(peer, P.PING, timeout_s=1.0)
-        rtts.append(time.perf_counter() - start)
-    start = time.perf_counter()
-    client.call(peer, P.PING, [bytes(PROBE_BYTES)], timeout_s=2.0, reply_bytes=PROBE_BYTES)
+        client.call(peer, P.PING, [bytes(PROBE_BYTES)], timeout_s=2.0, reply_bytes=PROBE_BYTES)
+    except (TimeoutError, PeerUnreachable, AgentError):
+        return row
+    row["up"] = True
     transfer_s = max(1e-6, time.perf_counter() - start - statistics.median(rtts))
     row["rtt_ms"] = f"{statistics.median(rtts) * 1e3:.3f}"
     row["mb_s"] = f"{2 * PROBE_BYTES / transfer_s / 1e6:.1f}"
-    throughput = info.get("throughput") or {}
-    if "tokens_per_s" in throughput:
-        row["tokens_s"] = f"{throughput['tokens_per_s']:.0f}"
+    throughput = info.get("throughput")
+    tokens_per_s = throughput.get("tokens_per_s") if isinstance(throughput, dict) else None
+    if isinstance(tokens_per_s, (int, float)):
+        row["tokens_s"] = f"{tokens_per_s:.0f}"
     return row

@@ -10,6 +10,12 @@ Agent overhead = (rtt - compute_s reported by the agent) vs bare.
 Targets (issue 3): overhead adds <= 50 % to the bare round trip at 1 token, <= 20 % at 256.
 Then the same protocol work in this process, hot, without sockets: what it costs when no
 process has to wake up.
+
+    .venv/bin/python bench/agent_rtt.py --curve [--tokens 1,256 --pin]
+
+What CurveZMQ costs per call: a plain agent and an agent with `--keys` (the same shard, both
+on loopback) answer the same requests, calls alternating plain / encrypted / bare echo one by
+one; prints each side's median round trip and (rtt - compute), and encrypted / plain.
 """
 
 from __future__ import annotations
@@ -100,6 +106,89 @@ def in_process(shards: str, hidden: int, rounds: int) -> None:
                   f"{statistics.median(client) * 1e6:>9.1f}")
 
 
+def make_keys(tmp: str):
+    """An agent key folder that trusts a client keypair: (agent's --keys DIR, client Keypair,
+    agent's public key)."""
+    from edge_agent.keys import (
+        PUSHERS_DIR,
+        TRUSTED_DIR,
+        keygen,
+        load_keypair,
+        read_certificate,
+        trust,
+    )
+
+    agent_dir, client_dir = os.path.join(tmp, "agent-keys"), os.path.join(tmp, "client-keys")
+    agent_public, _ = keygen(agent_dir, "bench-agent", (TRUSTED_DIR, PUSHERS_DIR))
+    client_public, _ = keygen(client_dir, "bench-client", (TRUSTED_DIR,))
+    trust(agent_dir, client_public, TRUSTED_DIR)
+    return agent_dir, load_keypair(client_dir), read_certificate(agent_public)
+
+
+def curve_main(args, cpus, shards: str, tmp: str) -> None:
+    """Plain vs CurveZMQ, the same agent code and shard, calls interleaved one by one."""
+    import torch
+    import zmq
+
+    from edge_agent.client import AgentClient
+
+    tokens_list = tuple(int(t) for t in args.tokens.split(","))
+    agent_dir, keypair, agent_key = make_keys(tmp)
+    serve = [sys.executable, "-m", "edge_agent", "--expert", "0", "--shards", shards, "--bind",
+             "tcp://127.0.0.1:*", "--no-self-benchmark"]
+    plain_agent, plain_endpoint = start(serve, r"serving (tcp://\S+)", cpus)
+    curve_agent, curve_endpoint = start(serve + ["--keys", agent_dir], r"serving (tcp://\S+)",
+                                        cpus)
+    (echo,), (echo_endpoint,) = start_echoes(1, cpus, agent_socket_options())
+    client = AgentClient(keypair=keypair)
+    ctx = zmq.Context()
+    bare = ctx.socket(zmq.DEALER)
+    bare.linger = 0
+    bare.connect(echo_endpoint)
+    try:
+        plain = client.connect(plain_endpoint)
+        curve = client.connect(curve_endpoint, server_key=agent_key)
+        for peer in (plain, curve):
+            client.info(peer, timeout_s=60)
+        print(f"CurveZMQ vs plain: hidden {args.hidden}, ffn {args.ffn}, wire float32, "
+              f"{args.rounds} calls per size and side, interleaved, "
+              f"{'servers pinned to CPU ' + str(min(cpus)) if cpus else 'not pinned'}; "
+              f"libzmq {zmq.zmq_version()}, curve {bool(zmq.has('curve'))}")
+        print(f"{'tokens':>6} {'bytes':>9} {'bare_us':>8} {'plain_us':>9} {'curve_us':>9} "
+              f"{'curve-plain_us':>14} {'curve/plain':>11} {'plain-c_us':>10} "
+              f"{'curve-c_us':>10} {'net curve/plain':>15}")
+        for tokens in tokens_list:
+            x = torch.randn(tokens, args.hidden)
+            payload = bytes(x.numel() * 4)
+            for _ in range(10):  # warm-up
+                bare_rtts_s(bare, payload, 1)
+                client.expert(plain, 0, x, [(0, tokens)])
+                client.expert(curve, 0, x, [(0, tokens)])
+            timed = {"plain": ([], []), "curve": ([], [])}
+            bares = []
+            for _ in range(args.rounds):
+                bares += bare_rtts_s(bare, payload, 1)
+                for name, peer in (("plain", plain), ("curve", curve)):
+                    start_s = time.perf_counter()
+                    _, reply = client.expert(peer, 0, x, [(0, tokens)])
+                    timed[name][0].append(time.perf_counter() - start_s)
+                    timed[name][1].append(reply.header["compute_s"])
+            rtt = {n: statistics.median(r) * 1e6 for n, (r, _) in timed.items()}
+            net = {n: statistics.median(r - c for r, c in zip(*timed[n])) * 1e6 for n in timed}
+            print(f"{tokens:>6} {len(payload):>9} {statistics.median(bares) * 1e6:>8.0f} "
+                  f"{rtt['plain']:>9.0f} {rtt['curve']:>9.0f} "
+                  f"{rtt['curve'] - rtt['plain']:>+14.0f} {rtt['curve'] / rtt['plain']:>11.2f} "
+                  f"{net['plain']:>10.0f} {net['curve']:>10.0f} "
+                  f"{net['curve'] / net['plain']:>15.2f}")
+    finally:
+        client.close()
+        bare.close(linger=0)
+        ctx.term()
+        for proc in (plain_agent, curve_agent, echo):
+            proc.terminate()
+            proc.wait(timeout=30)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--hidden", type=int, default=4096)
@@ -110,6 +199,9 @@ def main() -> None:
                              "instead of call by call")
     parser.add_argument("--pin", action="store_true",
                         help="servers on the last CPU, this client on the others")
+    parser.add_argument("--curve", action="store_true",
+                        help="CurveZMQ vs plain: the same agent with and without --keys")
+    parser.add_argument("--tokens", default="1,256", help="with --curve: request sizes")
     args = parser.parse_args()
     cpus = split_cpus(args.pin)
 
@@ -125,6 +217,14 @@ def main() -> None:
                      kv_heads=8, vocab=512, dtype="fp32")
     make_model(os.path.join(tmp, "model"), spec)
     split(os.path.join(tmp, "model"), os.path.join(tmp, "out"))
+    if args.curve:
+        try:
+            curve_main(args, cpus, os.path.join(tmp, "out"), tmp)
+        finally:
+            import shutil
+
+            shutil.rmtree(tmp, ignore_errors=True)
+        return
     agent, endpoint = start([sys.executable, "-m", "edge_agent", "--expert", "0", "--shards",
                              os.path.join(tmp, "out"), "--bind", "tcp://127.0.0.1:*"],
                             r"serving (tcp://\S+)", cpus)

@@ -1,14 +1,28 @@
-"""`edge_agent --expert 3 --shards DIR`: serve expert FFN calls (see protocol.py for the wire)."""
+"""`edge_agent --expert 3 --shards DIR`: serve expert FFN calls (see protocol.py for the wire).
+`edge_agent keygen DIR`: make this box's CurveZMQ keys (see keys.py for the folder layout)."""
 
 from __future__ import annotations
 
 import argparse
 import logging
+import os
 import signal
+import socket
 import sys
 
 from edge_agent.faults import parse_faults
+from edge_agent.keys import (
+    PUSHERS_DIR,
+    TRUSTED_DIR,
+    KeysError,
+    keygen,
+    load_key_folder,
+    public_key_arg,
+    refuse_unprotected_bind,
+)
+from edge_agent.peer_limits import MAX_PEERS, PeerLimits
 from edge_agent.protocol import SocketConfig
+from shard_tool.cli_args import ArgumentParser, device, endpoint, number, user_error
 from shard_tool.expert_ids import parse_expert_ids
 
 DEFAULT_BIND = "tcp://0.0.0.0:5600"
@@ -28,53 +42,134 @@ def parse_experts(spec: str) -> tuple[int, ...]:
         raise UsageError(f"--expert {e}") from None
 
 
+def check_keys(args, bind: str | None):
+    """--keys, --basestation-key and --insecure against the sockets this agent will open
+    (protected by default: a bind beyond loopback needs keys). Returns (KeyFolder | None,
+    base station key | None). Raises KeysError."""
+    keys = load_key_folder(args.keys, "edge_agent") if args.keys else None
+    if bind:
+        refuse_unprotected_bind(bind, keys, args.insecure, "edge_agent", "--bind")
+    if keys is None:
+        if args.basestation_key:
+            raise KeysError("--basestation-key needs --keys DIR (this agent's own keypair)")
+        return None, None
+    if bind and not keys.admitted:
+        raise KeysError(f"--keys {args.keys}: {TRUSTED_DIR}/ and {PUSHERS_DIR}/ hold no "
+                        "certificate, so nobody could talk to this agent; copy the base "
+                        f"station's .key into {args.keys}/{TRUSTED_DIR}/")
+    if args.basestation and not args.basestation_key:
+        raise KeysError("--keys with --basestation needs --basestation-key (the base "
+                        "station's public key or its .key file)")
+    return keys, public_key_arg(args.basestation_key) if args.basestation_key else None
+
+
+def fingerprint(text: str) -> str:
+    """An argparse `type` for --accept-fingerprint: a model's fingerprint or its first 16+ hex
+    characters (`shard_tool split` prints 16)."""
+    if not (16 <= len(text) <= 64 and all(c in "0123456789abcdefABCDEF" for c in text)):
+        raise argparse.ArgumentTypeError(f"{text!r}: 16 to 64 hex characters (the fingerprint "
+                                         "`shard_tool split` printed)")
+    return text.lower()
+
+
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="edge_agent", description=__doc__)
+    p = ArgumentParser(prog="edge_agent", description=__doc__)  # one-line errors
     p.add_argument("--expert", required=True, help="expert ids to host: 3, 0,3 or 0-3")
     src = p.add_mutually_exclusive_group(required=True)
     src.add_argument("--shards", metavar="DIR", help="split folder holding manifest.json and "
                      "this box's expert shard(s)")
     src.add_argument("--store", metavar="DIR", help="receive shards by `shard_tool push` into "
                      "DIR (waits when they are not there yet)")
-    p.add_argument("--bind", help=f"listen for the base station (default {DEFAULT_BIND} "
+    p.add_argument("--bind", type=endpoint(bind=True),
+                   help=f"listen for the base station (default {DEFAULT_BIND} "
                    "unless --basestation is given)")
-    p.add_argument("--basestation", metavar="tcp://HOST:PORT",
+    p.add_argument("--basestation", metavar="tcp://HOST:PORT", type=endpoint(),
                    help="dial in to the base station (for boxes it cannot reach)")
-    p.add_argument("--advertise", metavar="tcp://HOST:PORT",
+    p.add_argument("--advertise", metavar="tcp://HOST:PORT", type=endpoint(),
                    help="address reported in info (default: from the network interfaces)")
+    p.add_argument("--keys", metavar="DIR", help="CurveZMQ: this box's keypair (from "
+                   "`edge_agent keygen DIR`), DIR/trusted/*.key the base stations it serves, "
+                   "DIR/pushers/*.key the keys that may push shards; anyone else gets no answer")
+    p.add_argument("--basestation-key", metavar="KEY|FILE",
+                   help="with --keys and --basestation: the base station's public key (Z85) or "
+                   "its .key certificate")
+    p.add_argument("--insecure", action="store_true",
+                   help="allow a --bind beyond loopback without --keys (unencrypted, open to "
+                   "anyone who can reach it)")
     p.add_argument("--id", dest="agent_id", help="routing id when dialling in "
                    "(default: edge-HOSTNAME-eEXPERTS)")
-    p.add_argument("--device", default="auto", help="auto (CUDA when present) | cpu | cuda")
+    p.add_argument("--device", default="auto", type=device,
+                   help="auto (CUDA when present) | cpu | cuda | cuda:N")
     p.add_argument("--dtype", default="auto",
                    help="auto (the model's on CUDA, float32 on a CPU) | bfloat16 | float16 | "
                    "float32 (or bf16/fp16/fp32)")
-    p.add_argument("--heartbeat-timeout-s", type=float, default=SocketConfig.heartbeat_timeout_s,
+    # libzmq keeps the TTL in deciseconds, 16 bits: 0.1 s to 6553 s
+    p.add_argument("--heartbeat-timeout-s", type=number(0.1, 6553),
+                   default=SocketConfig.heartbeat_timeout_s,
                    help="drop a silent peer after this long (keep it above the longest "
                    "transfer on the slowest link)")
-    p.add_argument("--max-message-mb", type=float,
+    p.add_argument("--max-message-mb", type=number(0.001, 2.0**20),  # -1 was "no cap"
                    default=SocketConfig.max_message_bytes / 2**20,
                    help="largest message a peer may send (MiB)")
+    p.add_argument("--max-peers", type=number(1, 65536, integer=True), default=MAX_PEERS,
+                   help="connections the --bind socket keeps; past it the one idle longest is "
+                   f"cut (default {MAX_PEERS})")
+    p.add_argument("--accept-fingerprint", metavar="FP", type=fingerprint,
+                   help="with --store: the only model that may be pushed (its fingerprint, "
+                   "as `shard_tool split` prints it); needed on an empty store whose --bind "
+                   "reaches beyond loopback")
     p.add_argument("--fault", action="append", default=[], metavar="delay=S|drop=N|crash=N",
                    help="fault injection for tests")
     p.add_argument("--no-self-benchmark", action="store_true", help="skip the start-up benchmark")
     p.add_argument("--pace-compute-us-per-token", type=float, default=0.0, metavar="US",
                    help="emulation: every (token, expert) takes at least US microseconds, as "
-                   "an emulated model's expert on an emulated device would (the paper's Eq. 4 "
-                   "/ C_q; `testbed up --scenario paper` sets it); 0: off (default)")
+                   "an emulated model's expert on an emulated device would (FLOPs / peak "
+                   "FLOP/s; `testbed up --scenario paper` sets it); 0: off (default)")
+    p.add_argument("--pace-compute-us-per-call", type=float, default=0.0, metavar="US",
+                   help="emulation: every expert call takes at least US microseconds whatever "
+                   "its tokens (weight bytes / memory bandwidth): with the per-token pace, a "
+                   "roofline max(per call, tokens x per token); 0: off (default)")
     p.add_argument("-v", "--verbose", action="store_true")
     return p
 
 
+def keygen_main(argv: list[str]) -> int:
+    p = ArgumentParser(prog="edge_agent keygen",
+                                description="Write this agent's CurveZMQ keypair into DIR.")
+    p.add_argument("dir", metavar="DIR")
+    p.add_argument("--name", default=f"edge-{socket.gethostname()}",
+                   help="file name of the keypair (default: edge-HOSTNAME)")
+    args = p.parse_args(argv)
+    try:
+        public, secret = keygen(args.dir, args.name, (TRUSTED_DIR, PUSHERS_DIR))
+    except KeysError as e:
+        print(f"edge_agent keygen: error: {e}", file=sys.stderr)
+        return EXIT_USAGE
+    print(f"wrote {secret} (stays here) and {public} (give it to the base station: its "
+          f"--keys DIR/trusted/ or the roster's certificate); put the base station's .key in "
+          f"{args.dir}/{TRUSTED_DIR}/ and pushers' in {args.dir}/{PUSHERS_DIR}/")
+    return 0
+
+
 def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else list(argv)
+    if argv[:1] == ["keygen"]:
+        return keygen_main(argv[1:])
     args = build_parser().parse_args(argv)
     logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO,
                         format="edge_agent: %(message)s", stream=sys.stderr)
+    bind = args.bind or (None if args.basestation else DEFAULT_BIND)
+    try:  # before the slow imports: a refusal comes at once
+        keys, basestation_key = check_keys(args, bind)
+    except KeysError as e:
+        print(f"edge_agent: error: {e}", file=sys.stderr)
+        return EXIT_USAGE
     # Imported after parsing so `--help` is instant (torch takes seconds to import).
-    from shard_tool.errors import ShardError
     import zmq
 
     from edge_agent.server import Agent, AgentConfig
     from edge_agent.shards import missing_experts
+    from shard_tool.errors import ShardError
 
     try:
         experts = parse_experts(args.expert)
@@ -82,11 +177,14 @@ def main(argv: list[str] | None = None) -> int:
     except (UsageError, ValueError) as e:
         print(f"edge_agent: error: {e}", file=sys.stderr)
         return EXIT_USAGE
-    if not 0.0 <= args.pace_compute_us_per_token < 1e7:
-        print("edge_agent: error: --pace-compute-us-per-token must be in [0, 1e7)",
+    if not (0.0 <= args.pace_compute_us_per_token < 1e7
+            and 0.0 <= args.pace_compute_us_per_call < 1e7):
+        print("edge_agent: error: --pace-compute-us-per-token/-per-call must be in [0, 1e7)",
               file=sys.stderr)
         return EXIT_USAGE
-    bind = args.bind or (None if args.basestation else DEFAULT_BIND)
+    if args.store and os.path.exists(args.store) and not os.path.isdir(args.store):
+        print(f"edge_agent: error: --store {args.store}: not a folder", file=sys.stderr)
+        return EXIT_USAGE
     sockets = SocketConfig(heartbeat_timeout_s=args.heartbeat_timeout_s,
                            max_message_bytes=int(args.max_message_mb * 2**20))
     config = AgentConfig(
@@ -94,8 +192,15 @@ def main(argv: list[str] | None = None) -> int:
         basestation=args.basestation, advertise=args.advertise, agent_id=args.agent_id,
         device=args.device, dtype=args.dtype, self_benchmark=not args.no_self_benchmark,
         sockets=sockets, faults=faults,
-        pace_s_per_token=args.pace_compute_us_per_token / 1e6)
-    agent = Agent(config, ready=lambda line: print(line, flush=True))
+        pace_s_per_token=args.pace_compute_us_per_token / 1e6,
+        pace_s_per_call=args.pace_compute_us_per_call / 1e6, keys=keys,
+        basestation_key=basestation_key, accept_fingerprint=args.accept_fingerprint,
+        limits=PeerLimits.for_message_cap(sockets.max_message_bytes, args.max_peers))
+    try:  # with --store, makes the store's folders
+        agent = Agent(config, ready=lambda line: print(line, flush=True))
+    except OSError as e:
+        print(f"edge_agent: error: {user_error(e)}", file=sys.stderr)
+        return EXIT_USAGE
 
     def request_stop(signum, frame):
         agent.stop_requested = True
@@ -103,6 +208,7 @@ def main(argv: list[str] | None = None) -> int:
     signal.signal(signal.SIGINT, request_stop)
     signal.signal(signal.SIGTERM, request_stop)
     try:
+        agent.check_store()  # the model a --store takes pushes of, before anything is loaded
         if args.shards:
             agent.load(args.shards)
         elif not missing_experts(args.store, list(experts)):
@@ -118,6 +224,10 @@ def main(argv: list[str] | None = None) -> int:
     except zmq.ZMQError as e:
         print(f"edge_agent: error: cannot use {bind or args.basestation}: {e.strerror}",
               file=sys.stderr)
+        agent.close()
+        return EXIT_USAGE
+    except OSError as e:  # a shard or store file the user pointed at
+        print(f"edge_agent: error: {user_error(e)}", file=sys.stderr)
         agent.close()
         return EXIT_USAGE
     if agent.loaded is not None:

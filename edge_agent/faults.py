@@ -34,14 +34,19 @@ def parse_faults(specs: list[str]) -> FaultConfig:
         try:
             if key == "delay":
                 fields["delay_s"] = float(value)
+                if not 0 <= fields["delay_s"] < float("inf"):  # NaN too: sleep(nan) raises
+                    raise ValueError
             elif key == "drop":
                 fields["drop_every"] = int(value)
             elif key == "crash":
                 fields["crash_at"] = int(value)
             else:
                 raise ValueError
+            if fields.get("drop_every", 0) < 0 or fields.get("crash_at", 0) < 0:
+                raise ValueError
         except ValueError:
-            raise ValueError(f"--fault {spec!r}: expected delay=SECONDS, drop=N or crash=N") from None
+            raise ValueError(f"--fault {spec!r}: expected delay=SECONDS, drop=N or crash=N "
+                             "(numbers >= 0)") from None
     return FaultConfig(**fields)
 
 

@@ -12,6 +12,8 @@ Socket roles (design.md, "ZeroMQ lessons"):
                    `--basestation` (exactly one peer).
     pusher         DEALER connected to an agent's ROUTER (`shard_tool push`).
 Never REQ/REP: one lost reply wedges it.
+Security (edge_agent/keys.py): with keys, every link is CurveZMQ; the bound side admits listed
+public keys only, and an agent answers EXPERT to compute keys and PUSH_* to pusher keys only.
 
 Message = multipart [header, *payload]; ROUTER sockets add the peer's routing id in front.
     header    msgpack map; always "v" (PROTOCOL_VERSION), "kind", "id" (request id, int; a reply
@@ -28,6 +30,8 @@ Kinds and their extra header fields:
     INFO / INFO_REPLY   info {experts, layers, hidden, dtype, device, fingerprint, ...}
     HELLO         info: a dial-in agent's announcement (sent on every (re)connection)
     PUSH_BEGIN / PUSH_CHUNK / PUSH_END / PUSH_ACK   shard upload, see edge_agent/store.py
+                  (optional fields, ignored by older peers, so no version change: PUSH_BEGIN
+                  restart, PUSH_ACK prefix_sha256 of the bytes a resume would keep)
     ERROR         code (one of ERR_*), message; id is None when the request had none
 """
 
@@ -58,7 +62,8 @@ PUSH_CHUNK = "push_chunk"
 PUSH_END = "push_end"
 PUSH_ACK = "push_ack"
 ERROR = "error"
-REQUEST_KINDS = (EXPERT, PING, INFO, PUSH_BEGIN, PUSH_CHUNK, PUSH_END)
+PUSH_KINDS = (PUSH_BEGIN, PUSH_CHUNK, PUSH_END)
+REQUEST_KINDS = (EXPERT, PING, INFO, *PUSH_KINDS)
 
 # Error codes carried by ERROR replies
 ERR_MALFORMED = "malformed"
@@ -71,6 +76,7 @@ ERR_DTYPE = "dtype"
 ERR_TOO_LARGE = "too_large"
 ERR_NOT_READY = "not_ready"  # waiting for a pushed shard
 ERR_PUSH = "push_refused"
+ERR_NOT_ALLOWED = "not_allowed"  # the sender's key may not do this here (--keys roles)
 ERR_INTERNAL = "internal"
 
 # Wire dtypes (the paper's epsilon: bytes per activation element)
@@ -86,7 +92,10 @@ HEARTBEAT_TIMEOUT_S = 1.0  # a dead peer is noticed in about a second
 RECONNECT_INTERVAL_S = 0.1
 RECONNECT_INTERVAL_MAX_S = 2.0  # capped exponential backoff (libzmq doubles up to this)
 HWM_MESSAGES = 16  # HWM counts messages, not bytes: keep it small so a stalled peer costs little
-MAX_MESSAGE_BYTES = 256 * 1024 * 1024  # MAXMSGSIZE: what a peer can make us allocate per frame
+# A frame's cap (libzmq's MAXMSGSIZE is per frame) and, checked by the agent, a whole message's;
+# bytes in flight per peer are bounded from it (edge_agent/peer_limits.py)
+MAX_MESSAGE_BYTES = 256 * 1024 * 1024
+MAX_PAYLOAD_FRAMES = 2  # int8 activations (data + scales); every other kind carries 0 or 1
 
 
 class ProtocolError(Exception):
@@ -154,7 +163,21 @@ def unpack(frame) -> dict:
     request_id = header.get("id")
     if request_id is not None and not isinstance(request_id, int):
         raise ProtocolError(ERR_MALFORMED, "request id is not an integer")
+    header["id"] = request_id  # readers index it: a header without one has None (fuzzer find)
     return header
+
+
+def check_frames(frames: Sequence, max_message_bytes: int) -> None:
+    """A received message's shape before anything reads it: a header and at most
+    MAX_PAYLOAD_FRAMES, `max_message_bytes` in all (libzmq's MAXMSGSIZE caps each frame only).
+    Raises ProtocolError (ERR_MALFORMED, ERR_TOO_LARGE)."""
+    if len(frames) > 1 + MAX_PAYLOAD_FRAMES:
+        raise ProtocolError(ERR_MALFORMED, f"{len(frames)} frames; a message is a header and at "
+                                           f"most {MAX_PAYLOAD_FRAMES} payload frames")
+    total = sum(len(f) for f in frames)
+    if total > max_message_bytes:
+        raise ProtocolError(ERR_TOO_LARGE, f"a message of {total} bytes, over the "
+                                           f"{max_message_bytes}-byte cap")
 
 
 def request_id_of(frame) -> int | None:
@@ -170,8 +193,8 @@ def request_id_of(frame) -> int | None:
 def wire_dtype_name(name: str) -> str:
     """Canonical wire dtype name. Raises ProtocolError(ERR_DTYPE)."""
     name = canonical_dtype(name) if isinstance(name, str) else name
-    if name not in WIRE_DTYPES:
-        raise ProtocolError(ERR_DTYPE, f"unknown wire dtype {name!r}")
+    if not isinstance(name, str) or name not in WIRE_DTYPES:  # a list or map: not a name
+        raise ProtocolError(ERR_DTYPE, f"unknown wire dtype {str(name)[:40]!r}")
     return name
 
 

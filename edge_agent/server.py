@@ -18,8 +18,20 @@ from zmq.utils.monitor import recv_monitor_message
 from edge_agent import protocol as P
 from edge_agent.expert_math import expert_forward, flops_per_token
 from edge_agent.faults import FaultConfig, FaultInjector
+from edge_agent.keys import (
+    ALL_ROLES,
+    ROLE_COMPUTE,
+    ROLE_PUSH,
+    KeyFolder,
+    is_loopback_endpoint,
+    peer_public_key,
+    set_curve_client,
+    set_curve_server,
+    start_authenticator,
+)
+from edge_agent.peer_limits import CHECK_INTERVAL_S, LogTally, PeerGuard, PeerLimits
 from edge_agent.shards import LoadedExperts, load_experts, missing_experts
-from edge_agent.store import ShardStore
+from edge_agent.store import Pusher, ShardStore
 from shard_tool.errors import ShardError
 
 log = logging.getLogger("edge_agent")
@@ -28,7 +40,11 @@ POLL_INTERVAL_S = 0.1  # how often the loop looks at the stop flag and pending a
 BENCH_TOKENS = 64
 BENCH_BUDGET_S = 0.3  # the self-benchmark at start stays short
 MONITOR_EVENTS = (zmq.EVENT_HANDSHAKE_SUCCEEDED | zmq.EVENT_HANDSHAKE_FAILED_PROTOCOL
-                  | zmq.EVENT_HANDSHAKE_FAILED_NO_DETAIL | zmq.EVENT_DISCONNECTED)
+                  | zmq.EVENT_HANDSHAKE_FAILED_NO_DETAIL | zmq.EVENT_HANDSHAKE_FAILED_AUTH
+                  | zmq.EVENT_DISCONNECTED | zmq.EVENT_ACCEPTED | zmq.EVENT_CLOSED)
+# The base station this agent dials in to may compute (with keys CURVE checked its public
+# key); shards are pushed to the bound socket only, where the store knows who pushes.
+DIALLED_ROLES = frozenset({ROLE_COMPUTE})
 
 
 ALIGN_BYTES = 64  # what torch's CPU allocator gives; what the BLAS kernels expect
@@ -51,6 +67,15 @@ class AgentConfig:
     # emulation (off at 0): each (token, expert) takes at least this long, as an emulated
     # model's expert would on an emulated device (the paper's Eq. 4 / C_q; testbed sets it)
     pace_s_per_token: float = 0.0
+    # ... and each expert call at least this long whatever its tokens (reading the expert's
+    # weights once: a roofline, max(per call, tokens x per token), per expert in a request)
+    pace_s_per_call: float = 0.0
+    keys: KeyFolder | None = None  # --keys: CURVE on every socket, peers by public key
+    basestation_key: bytes | None = None  # with keys and dial-in: the base station's public key
+    # --accept-fingerprint: the model --store takes pushes of (None: the one it holds, or on a
+    # loopback --bind with none held the first one pushed whole; see store.py)
+    accept_fingerprint: str | None = None
+    limits: PeerLimits | None = None  # the bound socket's per-peer limits; None: from sockets
 
 
 def default_agent_id(experts: tuple[int, ...]) -> str:
@@ -125,13 +150,23 @@ class Agent:
         self.config = config
         self.ready = ready
         self.loaded: LoadedExperts | None = None
-        self.store = ShardStore(config.store_dir, list(config.experts)) if config.store_dir else None
+        self.store = ShardStore(
+            config.store_dir, list(config.experts), accept_fingerprint=config.accept_fingerprint,
+            trust_first_push=bool(config.bind) and is_loopback_endpoint(config.bind)) \
+            if config.store_dir else None
+        self.guard: PeerGuard | None = None  # limits of the bound socket's peers
+        self._router_monitor: zmq.Socket | None = None
+        # a flood of bad peers must not become a flood of log lines (one per 10 s at most)
+        self._handshake_log, self._refused_log, self._send_log = LogTally(), LogTally(), LogTally()
         self.faults = FaultInjector(config.faults)
         self.throughput: dict = {}
         self.stop_requested = False
         self.ctx: zmq.Context | None = None
         self.router: zmq.Socket | None = None
         self.dealer: zmq.Socket | None = None
+        self.authenticator = None  # ZAP for the bound socket (with keys)
+        # public key -> what it may do; None without keys (everyone may do everything)
+        self._roles_by_key = config.keys.roles_by_key() if config.keys else None
         self.monitors: dict = {}  # monitor socket -> the socket it watches
         self.bound_endpoint: str | None = None
         self.advertised: str | None = None
@@ -144,6 +179,12 @@ class Agent:
 
     # -- lifecycle ----------------------------------------------------------------------------
 
+    def check_store(self) -> None:
+        """Whether --store may serve as configured (see ShardStore.check_start). Raises
+        ShardError."""
+        if self.store is not None:
+            self.store.check_start()
+
     def load(self, folder: str) -> None:
         """Raises ShardError (missing, corrupt, wrong shape)."""
         self.loaded = load_experts(folder, list(self.config.experts), self.config.device,
@@ -154,26 +195,41 @@ class Agent:
     def open_sockets(self) -> None:
         """Raises zmq.ZMQError when the bind address is taken or invalid."""
         self.ctx = zmq.Context()
+        keys = self.config.keys
         if self.config.bind:
             self.router = self.ctx.socket(zmq.ROUTER)
             P.configure_socket(self.router, self.config.sockets)
+            # No receive HWM here: the PeerGuard bounds each peer's bytes instead. With one,
+            # a peer that fills its queue and hangs up aborts the process at the next
+            # heartbeat (libzmq 4.3.5 "Assertion failed: !_io_error", stream_engine_base.cpp
+            # 310: measured with 3,000 requests, then close).
+            self.router.setsockopt(zmq.RCVHWM, 0)
+            if keys is not None:
+                self.authenticator = start_authenticator(self.ctx, keys.admitted)
+                set_curve_server(self.router, keys.keypair)
             self.router.bind(self.config.bind)
             self.bound_endpoint = self.router.getsockopt_string(zmq.LAST_ENDPOINT)
             self.advertised = self.config.advertise or advertise_address(self.bound_endpoint)
-            self._watch(self.router)
+            self._router_monitor = self._watch(self.router)
+            self.guard = PeerGuard(self.config.limits or PeerLimits.for_message_cap(
+                self.config.sockets.max_message_bytes), curve=keys is not None)
         if self.config.basestation:
             self.dealer = self.ctx.socket(zmq.DEALER)
             self.dealer.setsockopt(zmq.ROUTING_ID, (self.config.agent_id or default_agent_id(
                 self.config.experts)).encode()[:255])
             P.configure_socket(self.dealer, self.config.sockets)
+            if keys is not None:
+                set_curve_client(self.dealer, keys.keypair, self.config.basestation_key)
             self.dealer.connect(self.config.basestation)
             self._watch(self.dealer)
             self.hello_pending = True
         if not self.advertised:
             self.advertised = self.config.advertise
 
-    def _watch(self, sock: zmq.Socket) -> None:
-        self.monitors[sock.get_monitor_socket(MONITOR_EVENTS)] = sock
+    def _watch(self, sock: zmq.Socket) -> zmq.Socket:
+        monitor = sock.get_monitor_socket(MONITOR_EVENTS)
+        self.monitors[monitor] = sock
+        return monitor
 
     def close(self) -> None:
         for monitor, sock in self.monitors.items():
@@ -187,6 +243,8 @@ class Agent:
                 sock.close(linger=0)
         if self.store:
             self.store.close()
+        if self.authenticator is not None:
+            self.authenticator.stop()  # its sockets live in ctx: term() would wait for them
         if self.ctx is not None:
             self.ctx.term()
 
@@ -212,8 +270,10 @@ class Agent:
         # one zmq_poll over a fixed list, one message per ready socket per turn (round-robin
         # between sockets), no per-request autograd state.
         served = [s for s in (self.router, self.dealer) if s is not None]
-        items = [(s, zmq.POLLIN) for s in served] + [(m, zmq.POLLIN) for m in self.monitors]
-        timeout_ms = int(POLL_INTERVAL_S * 1000)
+        # monitors first: a connection's close is known before its successor's first message
+        items = [(m, zmq.POLLIN) for m in self.monitors] + [(s, zmq.POLLIN) for s in served]
+        timeout_ms = int(min(POLL_INTERVAL_S, CHECK_INTERVAL_S) * 1000)
+        next_check_s = 0.0
         with torch.inference_mode():
             while not self.stop_requested:
                 if self.hello_pending:
@@ -223,33 +283,60 @@ class Agent:
                         self._on_monitor(sock)
                     else:
                         self._serve_one(sock)
+                now_s = time.monotonic()
+                if now_s >= next_check_s:  # after the reply went out: off the hot path
+                    next_check_s = now_s + CHECK_INTERVAL_S
+                    if self.guard is not None:
+                        self.guard.check()
+                    if self.store is not None:
+                        self.store.expire(now_s)
 
     def _serve_one(self, sock: zmq.Socket) -> None:
         try:
             frames = sock.recv_multipart(flags=zmq.NOBLOCK, copy=False)
         except zmq.Again:
             return
+        fd, sender = None, None
+        if sock is self.router:  # [routing id, *body]; every frame names its connection
+            fd = _source_fd(frames[0])
+            self.guard.received(fd, frames[1:])
+            sender = (frames[0], fd)  # a Pusher only if it pushes: not on the hot path
         route = frames[:1] if sock.type == zmq.ROUTER else []
-        reply = self.handle(frames[len(route):])
+        reply = self.handle(frames[len(route):], self._peer_roles(sock, frames[0]), sender)
         if reply is None:
             return
+        if fd is not None and not self.guard.reply_allowed(fd, reply):
+            return  # this peer does not read what it asked for: dropped, not queued (logged)
         try:
             sock.send_multipart(route + reply, flags=zmq.NOBLOCK, copy=False)
         except zmq.Again:
-            log.warning("dropped a reply: the peer is not reading (send queue full)")
-        except zmq.ZMQError as e:  # EHOSTUNREACH: the peer left before its reply was ready
-            log.warning("dropped a reply: %s", e.strerror)
+            self._send_log.add(time.monotonic(), "dropped a reply: the peer is not reading "
+                                                 "(send queue full)")
+        except zmq.ZMQError as e:  # EHOSTUNREACH: the peer left (or was cut) meanwhile
+            self._send_log.add(time.monotonic(), f"dropped a reply: {e.strerror}")
 
-    def handle(self, body: list) -> list | None:
-        """Frames of one request -> frames of its reply (None: nothing to send)."""
+    def _peer_roles(self, sock: zmq.Socket, frame: zmq.Frame) -> frozenset[str]:
+        if sock is self.dealer:
+            return DIALLED_ROLES
+        if self._roles_by_key is None:
+            return ALL_ROLES
+        # on the CURVE server socket ZAP stamped every message with its sender's public key
+        return self._roles_by_key.get(peer_public_key(frame), frozenset())
+
+    def handle(self, body: list, roles: frozenset[str] = ALL_ROLES,
+               sender: tuple | None = None) -> list | None:
+        """Frames of one request -> frames of its reply (None: nothing to send). `roles`: what
+        the sender's key may do (keys.ROLE_*); `sender`: (routing id frame, connection fd) on
+        the bound socket, for a push."""
         if not body:
             log.warning("dropped an empty message")
             return None
         request_id = None
         try:
+            P.check_frames(body, self.config.sockets.max_message_bytes)
             header = P.unpack(body[0])
             request_id = header["id"]
-            return self.dispatch(header, body[1:])
+            return self.dispatch(header, body[1:], roles, sender)
         except P.ProtocolError as e:
             if request_id is None:
                 request_id = P.request_id_of(body[0].buffer)
@@ -259,9 +346,13 @@ class Agent:
             log.exception("internal error on request %s", request_id)
             return [P.error_header(request_id, P.ERR_INTERNAL, f"{type(e).__name__}: {e}")]
 
-    def dispatch(self, header: dict, payload: list) -> list | None:
+    def dispatch(self, header: dict, payload: list, roles: frozenset[str] = ALL_ROLES,
+                 sender: tuple | None = None) -> list | None:
         kind, request_id = header["kind"], header["id"]
         if kind == P.EXPERT:
+            if ROLE_COMPUTE not in roles:
+                raise P.ProtocolError(P.ERR_NOT_ALLOWED, "this key may not compute here (it "
+                                      "is not in the agent's trusted/ folder)")
             if not self.faults.before_expert():
                 log.info("fault injection: dropped expert request %s", request_id)
                 return None
@@ -270,8 +361,11 @@ class Agent:
             return self.ping(header, payload)
         if kind == P.INFO:
             return [P.pack(P.INFO_REPLY, request_id, info=self.info())]
-        if kind in (P.PUSH_BEGIN, P.PUSH_CHUNK, P.PUSH_END):
-            return self.push(kind, header, payload)
+        if kind in P.PUSH_KINDS:
+            if ROLE_PUSH not in roles:
+                raise P.ProtocolError(P.ERR_NOT_ALLOWED, "this key may not push shards here "
+                                      "(it is not in the agent's pushers/ folder)")
+            return self.push(kind, header, payload, sender)
         raise P.ProtocolError(P.ERR_UNKNOWN_KIND, f"unknown message kind {kind!r}")
 
     def expert(self, header: dict, payload: list) -> list:
@@ -279,7 +373,7 @@ class Agent:
         if loaded is None:
             raise P.ProtocolError(P.ERR_NOT_READY, "no shard loaded yet (waiting for a push)")
         layer, experts = header.get("layer"), header.get("experts")
-        if not isinstance(layer, int) or layer not in loaded.moe_layers:
+        if not _is_int(layer) or layer not in loaded.moe_layers:
             raise P.ProtocolError(P.ERR_UNKNOWN_LAYER, f"layer {layer!r} has no routed experts "
                                                        f"(MoE layers: {list(loaded.moe_layers)})")
         if not isinstance(experts, list) or not experts:
@@ -290,10 +384,10 @@ class Agent:
                 raise P.ProtocolError(P.ERR_MALFORMED,
                                       "experts must be [[expert_id, tokens], ...]")
             expert, tokens = entry
-            if not isinstance(expert, int) or expert not in loaded.weights:
+            if not _is_int(expert) or expert not in loaded.weights:
                 raise P.ProtocolError(P.ERR_UNKNOWN_EXPERT, f"expert {expert!r} is not hosted "
                                                             f"here (hosted: {loaded.experts})")
-            if not isinstance(tokens, int) or tokens < 0:
+            if not _is_int(tokens) or tokens < 0:
                 raise P.ProtocolError(P.ERR_SHAPE, f"token count {tokens!r} of expert {expert}")
             total_tokens += tokens
         x, is_view = P.decode_tensor_view(header, payload, hidden=loaded.hidden_size)  # [T, D]
@@ -330,7 +424,9 @@ class Agent:
         elif loaded.device.type == "cuda":
             y = y.cpu()  # includes the wait for the kernels
         compute_s = time.perf_counter() - start
-        paced_s = total_tokens * self.config.pace_s_per_token
+        paced_s = sum(max(self.config.pace_s_per_call, tokens * self.config.pace_s_per_token)
+                      for _, tokens in experts) if self.config.pace_s_per_call or \
+            self.config.pace_s_per_token else 0.0
         if compute_s < paced_s:
             time.sleep(paced_s - compute_s)
             compute_s = time.perf_counter() - start
@@ -378,15 +474,20 @@ class Agent:
             **device_facts(loaded.device))
         return info
 
-    def push(self, kind: str, header: dict, payload: list) -> list:
+    def push(self, kind: str, header: dict, payload: list, sender: tuple | None = None
+             ) -> list:
         if self.store is None:
             raise P.ProtocolError(P.ERR_PUSH, "this agent was not started with --store DIR")
+        pusher = Pusher(sender[0].bytes, sender[1]) if sender else Pusher(b"")
+        now_s = time.monotonic()
         if kind == P.PUSH_BEGIN:
-            ack = self.store.begin(header, payload)
+            if self._router_monitor is not None:
+                self._on_monitor(self._router_monitor)  # a pusher that just left frees the store
+            ack = self.store.begin(header, payload, pusher, now_s)
         elif kind == P.PUSH_CHUNK:
-            ack = self.store.chunk(header, payload)
+            ack = self.store.chunk(header, payload, pusher, now_s)
         else:
-            ack = self.store.end(header)
+            ack = self.store.end(header, pusher, now_s)
             if self.loaded is None and not missing_experts(self.store.folder,
                                                            list(self.config.experts)):
                 try:
@@ -416,12 +517,45 @@ class Agent:
             except zmq.Again:
                 return
             kind, endpoint = event["event"], event.get("endpoint", b"").decode(errors="replace")
-            watched = self.monitors[monitor]
-            if kind in (zmq.EVENT_HANDSHAKE_FAILED_PROTOCOL, zmq.EVENT_HANDSHAKE_FAILED_NO_DETAIL):
-                log.warning("dropped a connection on %s: ZMTP handshake failed (not a ZeroMQ "
-                            "peer, or garbage on the port)", endpoint)
+            watched, fd = self.monitors[monitor], int(event.get("value") or 0)  # fd, or 0
+            if kind == zmq.EVENT_ACCEPTED and watched is self.router:
+                self.guard.accepted(fd)  # may cut the connection idle longest (the cap)
+            elif kind in (zmq.EVENT_DISCONNECTED, zmq.EVENT_CLOSED) and watched is self.router:
+                if self.store is not None:
+                    self.store.pusher_gone(fd)
+                if self.guard.closed(fd) and kind == zmq.EVENT_DISCONNECTED:  # not cut by us
+                    log.info("peer disconnected on %s (closed, heartbeat timeout, or a frame "
+                             "over the %d-byte cap)", endpoint,
+                             self.config.sockets.max_message_bytes)
+            elif kind in (zmq.EVENT_HANDSHAKE_FAILED_PROTOCOL,
+                          zmq.EVENT_HANDSHAKE_FAILED_NO_DETAIL):
+                self._handshake_log.add(time.monotonic(), (
+                    f"dropped a connection on {endpoint}: ZMTP handshake failed (not a ZeroMQ "
+                    "peer, garbage on the port, or "
+                    f"{'a peer without keys' if self.config.keys else 'a peer with keys'})"))
+            elif kind == zmq.EVENT_HANDSHAKE_FAILED_AUTH:
+                if watched is self.dealer:
+                    log.warning("the base station at %s refused this agent's key (%s must "
+                                "be in its trusted/ folder)", endpoint,
+                                self.config.keys.keypair.path.removesuffix("_secret"))
+                else:
+                    self._refused_log.add(time.monotonic(), (
+                        f"refused a peer on {endpoint}: its key is not in "
+                        f"{self.config.keys.folder}/trusted/ or pushers/"))
             elif kind == zmq.EVENT_DISCONNECTED:
-                log.info("peer disconnected on %s (closed, heartbeat timeout, or a message over "
-                         "the %d-byte cap)", endpoint, self.config.sockets.max_message_bytes)
+                log.info("disconnected from %s (closed, heartbeat timeout, or a frame over the "
+                         "%d-byte cap)", endpoint, self.config.sockets.max_message_bytes)
             elif kind == zmq.EVENT_HANDSHAKE_SUCCEEDED and watched is self.dealer:
                 self.hello_pending = True  # (re)connected to the base station: announce again
+
+
+def _source_fd(frame: zmq.Frame) -> int | None:
+    """The connection a received message came from (libzmq's ZMQ_SRCFD)."""
+    try:
+        return frame.get(zmq.SRCFD)
+    except zmq.ZMQError:
+        return None
+
+
+def _is_int(value) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)  # True is not layer 1

@@ -1,11 +1,23 @@
-"""Receiving pushed shards (`edge_agent --store DIR`): resumable, sha256-checked, atomic.
+"""Receiving pushed shards (`edge_agent --store DIR`): checked before any byte is written,
+resumable, sha256-checked, atomic.
 
-Protocol (one pusher at a time per expert; every step is answered with PUSH_ACK or ERROR):
-    PUSH_BEGIN  expert, payload = manifest.json bytes  -> ack offset (bytes already held)
+Protocol (every step is answered with PUSH_ACK or ERROR):
+    PUSH_BEGIN  expert, payload = manifest.json bytes, restart (optional: drop what is held)
+                -> ack offset (bytes already held), prefix_sha256 (of those bytes, when > 0)
     PUSH_CHUNK  expert, offset, sha256 (of this chunk), payload = chunk bytes -> ack offset
     PUSH_END    expert -> ack complete (the file was checked and renamed into place)
-The partial file `experts/expert-00q.safetensors.partial` and its `.partial.json` (which file
-it is becoming) survive pusher and agent restarts, so an interrupted push resumes.
+Nothing is written until the pusher may push (keys.ROLE_PUSH, checked by the server), the
+expert is hosted here, the manifest is the model this store accepts and the declared size fits
+the free disk. The model accepted: the store's own manifest.json when it holds one, else
+`--accept-fingerprint`, else (loopback only, `trust_first_push`) the first model whose push
+completes. manifest.json is written only then, after a shard was checked.
+One push session at a time per store: it belongs to the pusher's connection and ends when that
+closes, at PUSH_END, or after PUSH_IDLE_S of silence; chunks from anyone else are refused, so a
+second connection cannot mix its bytes into a push. The partial file
+`experts/expert-00q.safetensors.partial` and its `.partial.json` (which file it is becoming)
+survive pusher and agent restarts, so an interrupted push resumes; the pusher compares
+prefix_sha256 with its own file first, so bytes someone else staged are replaced, not resumed.
+A push that fails its checks leaves nothing behind.
 """
 
 from __future__ import annotations
@@ -14,23 +26,48 @@ import hashlib
 import json
 import logging
 import os
+import shutil
 from dataclasses import dataclass, replace
 
 from edge_agent.protocol import ERR_PUSH, ProtocolError
 from shard_tool.errors import ShardError
-from shard_tool.manifest import MANIFEST_NAME, FileEntry, Manifest, check_file, load_manifest
+from shard_tool.manifest import (
+    HASH_CHUNK_BYTES,
+    MANIFEST_NAME,
+    FileEntry,
+    Manifest,
+    check_file,
+    expert_file_path,
+    load_manifest,
+)
 
 log = logging.getLogger("edge_agent")
 
 PARTIAL_SUFFIX = ".partial"
 SIDECAR_SUFFIX = ".partial.json"
+# A push silent this long is over and another pusher may start: a chunk of a few MiB crosses
+# even a slow link faster, and the pusher waits 15 s per step by default.
+PUSH_IDLE_S = 60.0
+DISK_RESERVE_BYTES = 256 * 2**20  # a push never leaves less free space than this
+
+
+@dataclass(frozen=True)
+class Pusher:
+    """Who pushes: the peer's routing id and its connection (ZMQ_SRCFD; None: not known)."""
+
+    routing_id: bytes
+    fd: int | None = None
 
 
 @dataclass
-class _Upload:
+class _Session:
+    pusher: Pusher
+    expert: int
+    manifest: Manifest
     entry: FileEntry
-    file: object  # open binary file, appending
+    file: object | None  # the partial file, appending; None: the shard was already in place
     offset: int
+    last_s: float  # time.monotonic() of its last step
 
 
 def _write_atomic(path: str, data: bytes) -> None:
@@ -42,16 +79,63 @@ def _write_atomic(path: str, data: bytes) -> None:
     os.replace(tmp, path)
 
 
+def _fsync_dir(path: str) -> None:
+    dir_fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(dir_fd)
+    finally:
+        os.close(dir_fd)
+
+
 def _refuse(message: str) -> ProtocolError:
     return ProtocolError(ERR_PUSH, message)
 
 
+def fingerprint_matches(fingerprint: str, accepted: str) -> bool:
+    """`accepted`: a whole fingerprint or its start (`shard_tool split` prints 16 characters)."""
+    return fingerprint.startswith(accepted.lower())
+
+
+def _sha256_prefix(path: str, nbytes: int) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        while nbytes > 0:
+            block = f.read(min(HASH_CHUNK_BYTES, nbytes))
+            if not block:
+                break
+            digest.update(block)
+            nbytes -= len(block)
+    return digest.hexdigest()
+
+
 class ShardStore:
-    def __init__(self, folder: str, experts: list[int]):
+    def __init__(self, folder: str, experts: list[int], accept_fingerprint: str | None = None,
+                 trust_first_push: bool = False):
         self.folder = folder
         self.experts = list(experts)
-        self.uploads: dict[int, _Upload] = {}
+        self.accept_fingerprint = accept_fingerprint.lower() if accept_fingerprint else None
+        # loopback only (the server decides): with no model yet, the first one pushed whole
+        self.trust_first_push = trust_first_push
+        self.session: _Session | None = None
         os.makedirs(os.path.join(folder, "experts"), exist_ok=True)
+
+    def check_start(self) -> None:
+        """Whether the store may serve as configured; drops partial files of another model
+        than the one it holds. Raises ShardError (one line for the user)."""
+        held = self.held_manifest()
+        if held is None:
+            if not self.accept_fingerprint and not self.trust_first_push:
+                raise ShardError(
+                    f"--store {self.folder} holds no model yet: pass --accept-fingerprint FP "
+                    "(the fingerprint `shard_tool split` printed) so that only that model can "
+                    "be pushed (only an agent on a loopback --bind takes the first one without)")
+            return
+        if self.accept_fingerprint and not fingerprint_matches(held.fingerprint,
+                                                               self.accept_fingerprint):
+            raise ShardError(f"--store {self.folder} holds model {held.fingerprint[:16]}, not "
+                             f"{self.accept_fingerprint[:16]} (--accept-fingerprint); empty it "
+                             "to take another model")
+        self._drop_foreign_partials(held)
 
     def held_manifest(self) -> Manifest | None:
         if not os.path.exists(os.path.join(self.folder, MANIFEST_NAME)):
@@ -68,125 +152,217 @@ class ShardStore:
             raise _refuse(f"this agent hosts experts {self.experts}, not {expert!r}")
         return expert
 
-    def begin(self, header: dict, payload: list) -> dict:
-        """Start or resume a push. Raises ProtocolError(ERR_PUSH) with a user-facing reason."""
+    def _check_model(self, manifest: Manifest) -> None:
+        """Raises ProtocolError unless this store takes `manifest`'s model."""
+        held = self.held_manifest()
+        if held is not None:
+            if held.fingerprint != manifest.fingerprint:
+                raise _refuse(
+                    f"different model: this agent's store holds model {held.fingerprint[:16]}, "
+                    f"the push is model {manifest.fingerprint[:16]}; empty {self.folder} to "
+                    "replace it")
+        elif self.accept_fingerprint:
+            if not fingerprint_matches(manifest.fingerprint, self.accept_fingerprint):
+                raise _refuse(f"this agent accepts model {self.accept_fingerprint[:16]} "
+                              f"(--accept-fingerprint), the push is model "
+                              f"{manifest.fingerprint[:16]}")
+        elif not self.trust_first_push:
+            raise _refuse("this agent accepts no model (start it with --accept-fingerprint FP)")
+
+    # -- sessions -----------------------------------------------------------------------------
+
+    def _own_session(self, pusher: Pusher, expert: int, now: float) -> _Session:
+        """The caller's push of `expert`. Raises ProtocolError."""
+        session = self.session
+        if session is None or session.pusher != pusher or session.expert != expert:
+            held_by = "; another pusher holds the store" if session is not None \
+                and session.pusher != pusher else ""
+            raise _refuse(f"no push of expert {expert} in progress from this pusher (send "
+                          f"push_begin first{held_by})")
+        session.last_s = now
+        return session
+
+    def _end_session(self) -> None:
+        session, self.session = self.session, None
+        if session is not None and session.file is not None:
+            session.file.close()
+
+    def pusher_gone(self, fd: int) -> None:
+        """Connection `fd` closed: the push it held is over (its bytes stay for a resume)."""
+        if self.session is not None and self.session.pusher.fd == fd:
+            log.info("store: the pusher of expert %d left at %d of %d bytes",
+                     self.session.expert, self.session.offset, self.session.entry.bytes)
+            self._end_session()
+
+    def expire(self, now: float) -> None:
+        """End a push silent for PUSH_IDLE_S (its bytes stay for a resume)."""
+        if self.session is not None and now - self.session.last_s > PUSH_IDLE_S:
+            log.info("store: the push of expert %d stopped at %d of %d bytes %.0f s ago",
+                     self.session.expert, self.session.offset, self.session.entry.bytes,
+                     now - self.session.last_s)
+            self._end_session()
+
+    # -- the three steps --------------------------------------------------------------------
+
+    def begin(self, header: dict, payload: list, pusher: Pusher = Pusher(b""),
+              now: float = 0.0) -> dict:
+        """Start or resume a push. Writes nothing unless every check passes. Raises
+        ProtocolError(ERR_PUSH) with a user-facing reason."""
         expert = self._expert(header)
+        self.expire(now)
+        if self.session is not None and self.session.pusher != pusher:
+            session = self.session
+            raise _refuse(f"another push (expert {session.expert}, {session.offset} of "
+                          f"{session.entry.bytes} bytes) is in progress here; try again when "
+                          f"it ends (at most {PUSH_IDLE_S:.0f} s after its last chunk)")
         if len(payload) != 1:
             raise _refuse("push_begin carries the manifest as one frame")
         try:
             manifest = Manifest.from_json(json.loads(bytes(payload[0].buffer)))
             entry = manifest.expert_file(expert)
-        except (ValueError, UnicodeDecodeError):
+        except (ValueError, UnicodeDecodeError, RecursionError):
             raise _refuse("the pushed manifest is not JSON") from None
-        except ShardError as e:
-            raise _refuse(f"the pushed manifest is invalid: {e}") from None
-        held = self.held_manifest()
-        if held is not None and held.fingerprint != manifest.fingerprint:
-            raise _refuse(
-                f"different model: this agent's store holds model {held.fingerprint[:12]}, the "
-                f"push is model {manifest.fingerprint[:12]}; empty {self.folder} to replace it")
-        if held is None:
-            _write_atomic(os.path.join(self.folder, MANIFEST_NAME),
-                          json.dumps(manifest.to_json(), indent=1).encode())
-        old = self.uploads.pop(expert, None)
-        if old is not None:
-            old.file.close()
+        except (ShardError, AttributeError, TypeError, KeyError, OverflowError) as e:
+            # from_json lets a few through on odd values ("bytes": Infinity, a list of paths)
+            raise _refuse(f"the pushed manifest is invalid: {str(e)[:200]}") from None
+        self._check_model(manifest)
+        if entry.path != expert_file_path(expert):  # nowhere else: not over another file
+            raise _refuse(f"the manifest puts expert {expert} at {entry.path!r}, not "
+                          f"{expert_file_path(expert)}")
+        if entry.bytes < 0 or not isinstance(entry.sha256, str):
+            raise _refuse(f"the manifest's entry for expert {expert} is malformed")
         final = os.path.join(self.folder, entry.path)
+        partial, sidecar = final + PARTIAL_SUFFIX, final + SIDECAR_SUFFIX
+        target = {"sha256": entry.sha256, "bytes": entry.bytes}
+        in_place = False
         if os.path.exists(final):
             try:
                 check_file(self.folder, entry)
-                self.uploads[expert] = _Upload(entry, None, entry.bytes)
-                return {"offset": entry.bytes, "bytes": entry.bytes, "complete": True}
-            except ShardError as e:  # a corrupt copy in place: replace it
+                in_place = True
+            except ShardError as e:  # a corrupt copy in place: replaced below
                 log.warning("store: replacing expert %d's shard: %s", expert, e)
-                os.remove(final)
-        partial, sidecar = final + PARTIAL_SUFFIX, final + SIDECAR_SUFFIX
-        target = {"sha256": entry.sha256, "bytes": entry.bytes}
-        offset = 0
-        try:
-            with open(sidecar) as f:
-                if json.load(f) == target and os.path.exists(partial):
-                    offset = os.path.getsize(partial)
-        except (OSError, ValueError):
-            pass
-        if offset > entry.bytes:
-            offset = 0
+        offset = 0 if in_place or header.get("restart") is True else \
+            self._held_offset(partial, sidecar, target)
+        if not in_place:
+            need, free = entry.bytes - offset, shutil.disk_usage(self.folder).free
+            if need > free - DISK_RESERVE_BYTES:
+                raise _refuse(f"expert {expert}'s shard needs {need} more bytes; {free} are "
+                              f"free in {self.folder} and {DISK_RESERVE_BYTES} stay free")
+        self._end_session()  # this pusher starting again
+        if in_place:
+            self.session = _Session(pusher, expert, manifest, entry, None, entry.bytes, now)
+            return {"offset": entry.bytes, "bytes": entry.bytes, "complete": True}
+        if os.path.exists(final):
+            os.remove(final)
         if offset == 0:
             _write_atomic(sidecar, json.dumps(target).encode())
         file = open(partial, "r+b" if offset else "wb")
         file.truncate(offset)
         file.seek(offset)
-        self.uploads[expert] = _Upload(entry, file, offset)
+        self.session = _Session(pusher, expert, manifest, entry, file, offset, now)
+        ack = {"offset": offset, "bytes": entry.bytes, "complete": False}
         if offset:
             log.info("store: resuming expert %d at %d of %d bytes", expert, offset, entry.bytes)
-        return {"offset": offset, "bytes": entry.bytes, "complete": False}
+            ack["prefix_sha256"] = _sha256_prefix(partial, offset)
+        return ack
 
-    def _upload(self, expert: int) -> _Upload:
-        upload = self.uploads.get(expert)
-        if upload is None:
-            raise _refuse(f"no push in progress for expert {expert} (send push_begin first)")
-        return upload
+    @staticmethod
+    def _held_offset(partial: str, sidecar: str, target: dict) -> int:
+        """Bytes of the partial file that a resume keeps (0: none, or another target)."""
+        try:
+            with open(sidecar) as f:
+                if json.load(f) == target and os.path.exists(partial):
+                    offset = os.path.getsize(partial)
+                    return offset if offset <= target["bytes"] else 0
+        except (OSError, ValueError):
+            pass
+        return 0
 
-    def chunk(self, header: dict, payload: list) -> dict:
+    def chunk(self, header: dict, payload: list, pusher: Pusher = Pusher(b""),
+              now: float = 0.0) -> dict:
         """Append one verified chunk. Raises ProtocolError(ERR_PUSH)."""
         expert = self._expert(header)
-        upload = self._upload(expert)
+        session = self._own_session(pusher, expert, now)
         offset, digest = header.get("offset"), header.get("sha256")
         if len(payload) != 1 or not isinstance(offset, int) or not isinstance(digest, str):
             raise _refuse("push_chunk needs offset, sha256 and one data frame")
-        if offset != upload.offset or upload.file is None:
-            return {"offset": upload.offset, "bytes": upload.entry.bytes}  # pusher seeks here
+        if offset != session.offset or session.file is None:
+            return {"offset": session.offset, "bytes": session.entry.bytes}  # pusher seeks here
         data = payload[0].buffer
-        if offset + len(data) > upload.entry.bytes:
+        if offset + len(data) > session.entry.bytes:
             raise _refuse(f"chunk at {offset} runs past the end of the file "
-                          f"({upload.entry.bytes} bytes)")
+                          f"({session.entry.bytes} bytes)")
         if hashlib.sha256(data).hexdigest() != digest:
             raise _refuse(f"chunk at offset {offset} of expert {expert} is corrupted (sha256 "
                           "mismatch); refused")
-        upload.file.write(data)
-        upload.offset += len(data)
-        return {"offset": upload.offset, "bytes": upload.entry.bytes}
+        session.file.write(data)
+        session.offset += len(data)
+        return {"offset": session.offset, "bytes": session.entry.bytes}
 
-    def end(self, header: dict) -> dict:
-        """Check the whole file against the manifest and rename it into place.
+    def end(self, header: dict, pusher: Pusher = Pusher(b""), now: float = 0.0) -> dict:
+        """Check the whole file against the manifest and rename it into place; the first shard
+        of a model also writes its manifest.json.
 
         Raises ProtocolError(ERR_PUSH); a file that fails the check is discarded.
         """
         expert = self._expert(header)
-        upload = self._upload(expert)
-        entry = upload.entry
+        session = self._own_session(pusher, expert, now)
+        entry = session.entry
+        done = {"complete": True, "offset": entry.bytes, "bytes": entry.bytes}
+        self.session = None
+        if session.file is None:  # already in place before this push
+            self._hold(session.manifest)
+            return done
+        session.file.flush()
+        os.fsync(session.file.fileno())
+        session.file.close()
         final = os.path.join(self.folder, entry.path)
-        if upload.file is None:  # already complete before this push
-            del self.uploads[expert]
-            return {"complete": True, "offset": entry.bytes, "bytes": entry.bytes}
-        upload.file.flush()
-        os.fsync(upload.file.fileno())
-        upload.file.close()
-        del self.uploads[expert]
-        if upload.offset != entry.bytes:
-            raise _refuse(f"expert {expert}: push ended at {upload.offset} of {entry.bytes} "
+        if session.offset != entry.bytes:
+            raise _refuse(f"expert {expert}: push ended at {session.offset} of {entry.bytes} "
                           "bytes; push again to resume")
         try:
             check_file(self.folder, replace(entry, path=entry.path + PARTIAL_SUFFIX))
         except ShardError as e:
-            for path in (final + PARTIAL_SUFFIX, final + SIDECAR_SUFFIX):
-                if os.path.exists(path):
-                    os.remove(path)
+            self._drop_partial(final)
             raise _refuse(f"expert {expert}: the received shard failed its check ({e}); "
                           "discarded, push again") from None
         os.replace(final + PARTIAL_SUFFIX, final)  # atomic: a reader sees all of it or none
         os.remove(final + SIDECAR_SUFFIX)
-        dir_fd = os.open(os.path.dirname(final), os.O_RDONLY)
-        try:
-            os.fsync(dir_fd)
-        finally:
-            os.close(dir_fd)
+        _fsync_dir(os.path.dirname(final))
         log.info("store: expert %d received and checked (%d bytes)", expert, entry.bytes)
-        return {"complete": True, "offset": entry.bytes, "bytes": entry.bytes}
+        self._hold(session.manifest)
+        return done
+
+    def _hold(self, manifest: Manifest) -> None:
+        """A checked shard of `manifest` is in place: the store holds that model from now on."""
+        if self.held_manifest() is not None:
+            return
+        _write_atomic(os.path.join(self.folder, MANIFEST_NAME),
+                      json.dumps(manifest.to_json(), indent=1).encode())
+        _fsync_dir(self.folder)
+        log.info("store: holds model %s from now on", manifest.fingerprint[:16])
+        self._drop_foreign_partials(manifest)
+
+    def _drop_partial(self, final: str) -> None:
+        for path in (final + PARTIAL_SUFFIX, final + SIDECAR_SUFFIX):
+            if os.path.exists(path):
+                os.remove(path)
+
+    def _drop_foreign_partials(self, manifest: Manifest) -> None:
+        """Partial files that are not becoming `manifest`'s shards (another model pushed in
+        part before this one was taken) are of no use: removed."""
+        for expert in self.experts:
+            final = os.path.join(self.folder, expert_file_path(expert))
+            try:
+                entry = manifest.expert_file(expert)
+                target = {"sha256": entry.sha256, "bytes": entry.bytes}
+            except ShardError:
+                target = None
+            if os.path.exists(final + PARTIAL_SUFFIX) and (
+                    target is None or self._held_offset(final + PARTIAL_SUFFIX,
+                                                        final + SIDECAR_SUFFIX, target) == 0):
+                log.info("store: removing expert %d's partial file of another model", expert)
+                self._drop_partial(final)
 
     def close(self) -> None:
-        for upload in self.uploads.values():
-            if upload.file is not None:
-                upload.file.close()
-        self.uploads.clear()
-
+        self._end_session()

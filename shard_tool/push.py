@@ -1,9 +1,14 @@
 """`shard_tool push OUT --expert 3 --to tcp://HOST:PORT`: send expert shards to an edge agent.
 
-The agent must run with `--store DIR`. The shard goes in chunks, each with its sha256; the
-agent keeps what it received, so a push that was interrupted resumes where it stopped. The
-agent checks the whole file against the manifest, renames it into place and starts serving.
+The agent must run with `--store DIR` (and, beyond loopback, `--accept-fingerprint` of this
+model). The shard goes in chunks, each with its sha256; the agent keeps what it received, so a
+push that was interrupted resumes where it stopped, once the sha256 of what the agent holds
+matches this file's start (else it starts over). The agent checks the whole file against the
+manifest, renames it into place and starts serving.
 The wire protocol is the agent's (edge_agent/protocol.py, edge_agent/store.py).
+To an agent with `--keys`: `--keys DIR` (the pusher's keypair, from `basestation keygen` or
+`edge_agent keygen`; its .key must be in the agent's pushers/ folder) and `--agent-key` (the
+agent's public key or .key file).
 """
 
 from __future__ import annotations
@@ -19,6 +24,7 @@ from shard_tool.manifest import MANIFEST_NAME, check_size, load_manifest
 DEFAULT_CHUNK_BYTES = 4 * 1024 * 1024  # a few MiB: small enough for HWM/size caps, big enough
 DEFAULT_TIMEOUT_S = 15.0  # per chunk; raise it for slow links
 END_CHECK_BYTES_PER_S = 50e6  # the agent re-hashes the shard before it answers the last step
+HASH_BLOCK_BYTES = 8 * 1024 * 1024
 
 
 @dataclass(frozen=True)
@@ -40,8 +46,10 @@ class PushFaults:
 
 def push(src: str, expert: int, to: str, chunk_bytes: int = DEFAULT_CHUNK_BYTES,
          timeout_s: float = DEFAULT_TIMEOUT_S, progress: bool | None = None,
-         faults: PushFaults = PushFaults()) -> PushResult:
-    """Push expert `expert`'s shard of split folder `src` to the agent at `to`.
+         faults: PushFaults = PushFaults(), keypair=None, agent_key: bytes | None = None
+         ) -> PushResult:
+    """Push expert `expert`'s shard of split folder `src` to the agent at `to`; over CurveZMQ
+    when given this pusher's `keypair` (edge_agent.keys.Keypair) and the agent's public key.
 
     Raises ShardError: bad split folder, agent unreachable or silent, push refused.
     """
@@ -56,13 +64,26 @@ def push(src: str, expert: int, to: str, chunk_bytes: int = DEFAULT_CHUNK_BYTES,
     if progress is None:
         progress = sys.stderr.isatty()
 
-    client = AgentClient(sockets=P.SocketConfig(max_message_bytes=chunk_bytes + (1 << 20)))
-    peer = client.connect(to)
+    if (keypair is None) != (agent_key is None):
+        raise ShardError("a keyed push needs both this pusher's keys and the agent's public key")
+    client = AgentClient(sockets=P.SocketConfig(max_message_bytes=chunk_bytes + (1 << 20)),
+                         keypair=keypair)
+    peer = client.connect(to, server_key=agent_key)
     bar = None
     try:
-        ack = client.call(peer, P.PUSH_BEGIN, [manifest_bytes], timeout_s=timeout_s,
+        # the agent may check the shard it holds, or hash the part a resume would keep
+        begin_timeout_s = timeout_s + entry.bytes / END_CHECK_BYTES_PER_S
+        ack = client.call(peer, P.PUSH_BEGIN, [manifest_bytes], timeout_s=begin_timeout_s,
                           expert=expert).header
-        offset = resumed_from = int(ack["offset"])
+        offset = int(ack["offset"])
+        held = ack.get("prefix_sha256")  # agents before issue #13 do not send it
+        if offset and not ack.get("complete") and held is not None \
+                and held != _sha256_prefix(path, offset):
+            # bytes someone else staged (another pusher's interrupted push): not ours to resume
+            ack = client.call(peer, P.PUSH_BEGIN, [manifest_bytes], timeout_s=begin_timeout_s,
+                              expert=expert, restart=True).header
+            offset = int(ack["offset"])
+        resumed_from = offset
         sent = chunks = 0
         from tqdm import tqdm
 
@@ -92,11 +113,24 @@ def push(src: str, expert: int, to: str, chunk_bytes: int = DEFAULT_CHUNK_BYTES,
         raise ShardError(f"push refused by the agent at {to}: {e.message}") from None
     except (TimeoutError, PeerUnreachable):
         raise ShardError(f"{to}: no answer within {timeout_s} s (is `edge_agent --store` "
-                         "running there?)") from None
+                         "running there, and, if it has --keys, is this pusher's key in its "
+                         "pushers/ and --agent-key its key?)") from None
     finally:
         if bar is not None:
             bar.close()
         client.close()
+
+
+def _sha256_prefix(path: str, nbytes: int) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        while nbytes > 0:
+            block = f.read(min(HASH_BLOCK_BYTES, nbytes))
+            if not block:
+                break
+            digest.update(block)
+            nbytes -= len(block)
+    return digest.hexdigest()
 
 
 def cmd_push(args) -> int:
@@ -108,13 +142,31 @@ def cmd_push(args) -> int:
         raise ShardError(f"--expert {e}") from None
     faults = PushFaults(stop_after_chunks=args.fault_stop_after_chunks,
                         corrupt_chunk=args.fault_corrupt_chunk)
+    keypair, agent_key = _push_keys(args.keys, args.agent_key)
     for expert in experts:
         result = push(args.out, expert, args.to, chunk_bytes=int(args.chunk_mb * 2**20),
-                      timeout_s=args.timeout_s, faults=faults)
+                      timeout_s=args.timeout_s, faults=faults, keypair=keypair,
+                      agent_key=agent_key)
         resumed = f", resumed at {result.resumed_from} bytes" if result.resumed_from else ""
         print(f"pushed expert {expert} to {args.to}: {result.bytes} bytes{resumed}; agent "
               f"{'serving' if result.serving else 'waiting for its other experts'}", flush=True)
     return 0
+
+
+def _push_keys(keys_dir: str | None, agent_key: str | None):
+    """--keys and --agent-key -> (Keypair, agent's public key), or (None, None) for a plain
+    push. Raises ShardError."""
+    from edge_agent.keys import KeysError, load_keypair, public_key_arg
+
+    if keys_dir is None and agent_key is None:
+        return None, None
+    if keys_dir is None or agent_key is None:
+        raise ShardError("--keys DIR and --agent-key KEY go together (this pusher's keypair, "
+                         "the agent's public key)")
+    try:
+        return load_keypair(keys_dir, "basestation"), public_key_arg(agent_key)
+    except KeysError as e:
+        raise ShardError(str(e)) from None
 
 
 def add_parser(subparsers) -> None:
@@ -125,6 +177,11 @@ def add_parser(subparsers) -> None:
     p.add_argument("--expert", required=True, help="expert ids: 3, 0,3 or 0-3")
     p.add_argument("--to", required=True, metavar="tcp://HOST:PORT",
                    help="the agent's --bind address")
+    p.add_argument("--keys", metavar="DIR", help="CurveZMQ: this pusher's keypair (from "
+                   "`basestation keygen DIR` or `edge_agent keygen DIR`); its .key must be in "
+                   "the agent's pushers/ folder")
+    p.add_argument("--agent-key", metavar="KEY|FILE",
+                   help="with --keys: the agent's public key (Z85) or its .key certificate")
     p.add_argument("--chunk-mb", type=float, default=DEFAULT_CHUNK_BYTES / 2**20)
     p.add_argument("--timeout-s", type=float, default=DEFAULT_TIMEOUT_S,
                    help="deadline for each step's answer")

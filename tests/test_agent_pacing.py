@@ -33,6 +33,18 @@ def test_paced_agent_takes_its_emulated_time_and_answers_right(start_agent, tiny
     torch.testing.assert_close(out, expert_forward(x, reference.weights[3][0]))
 
 
+def test_roofline_pace_per_call_and_per_token(start_agent, tiny_split, client):
+    """max(per call, tokens x per token): one token costs the call, many their tokens."""
+    agent = start_agent("--expert", "3", "--shards", tiny_split, "--bind", "tcp://127.0.0.1:*",
+                        "--no-self-benchmark", "--pace-compute-us-per-call", "30000",
+                        "--pace-compute-us-per-token", "2000")
+    peer = client.connect(agent.endpoint)
+    _, one = client.expert(peer, 0, torch.randn(1, 64), [(3, 1)], timeout_s=REPLY_TIMEOUT_S)
+    _, many = client.expert(peer, 0, torch.randn(40, 64), [(3, 40)], timeout_s=REPLY_TIMEOUT_S)
+    assert 0.030 <= one.header["compute_s"] < 0.060
+    assert 0.080 <= many.header["compute_s"] < 0.150  # 40 x 2 ms beats the 30 ms call
+
+
 def test_bad_pace_is_a_one_line_error(start_agent, tiny_split):
     import subprocess
     import sys

@@ -93,7 +93,7 @@ def test_info(client, peer, tiny_split):
 
 def test_advertise_from_interfaces_and_override(start_agent, tiny_split, client):
     agent = start_agent("--expert", "0", "--shards", tiny_split, "--bind", "tcp://0.0.0.0:*",
-                        "--no-self-benchmark")
+                        "--insecure", "--no-self-benchmark")  # beyond loopback without keys
     port = agent.endpoint.rsplit(":", 1)[1]
     info = client.info(client.connect(f"tcp://127.0.0.1:{port}"))
     assert info["advertise"].endswith(f":{port}") and "0.0.0.0" not in info["advertise"]

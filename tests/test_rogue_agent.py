@@ -7,6 +7,7 @@ the wrong shape or a compute_s of "abc" crashed the base station with a tracebac
 from __future__ import annotations
 
 import threading
+import time
 
 import pytest
 import torch
@@ -19,6 +20,7 @@ from edge_agent import protocol as P
 
 pytestmark = pytest.mark.integration
 PROMPT = "Return the list of items in the queue."
+SLOW_REPLY_S = 0.12  # under the first request's deadline (the 0.25 s floor) on a busy machine
 
 
 class RogueAgent:
@@ -30,6 +32,7 @@ class RogueAgent:
         self.port = free_port()
         self.endpoint = f"tcp://127.0.0.1:{self.port}"
         self.expert_requests = 0
+        self.silent = threading.Event()  # set: no reply to anything any more
         self._stop = threading.Event()
         self._ready = threading.Event()
         self._thread = threading.Thread(target=self._serve, daemon=True)
@@ -44,6 +47,7 @@ class RogueAgent:
         if header["kind"] == P.PING:
             return [P.pack(P.PONG, request_id, bytes=0)]
         self.expert_requests += 1
+        started_s = time.perf_counter()
         tokens = header["shape"][0]
         y = torch.randn(tokens, self.hidden)
         fields = {"layer": header["layer"], "experts": header["experts"], "compute_s": 1e-5}
@@ -59,6 +63,10 @@ class RogueAgent:
             fields["compute_s"] = 1e300
         elif self.mode == "other_id":  # answers a request id it was not asked
             request_id += 1000
+        elif self.mode == "slow":  # late every time, and owns up to it: believable
+            y = torch.zeros(tokens, self.hidden)
+            time.sleep(SLOW_REPLY_S)
+            fields["compute_s"] = time.perf_counter() - started_s
         frames, tensor_fields = P.encode_tensor(y, "float32")
         return [P.pack(P.EXPERT_REPLY, request_id, **fields, **tensor_fields), *frames]
 
@@ -74,7 +82,8 @@ class RogueAgent:
                     continue
                 peer, *body = sock.recv_multipart()
                 header = P.unpack(body[0])
-                sock.send_multipart([peer, *self._reply(header, body[1:])])
+                if not self.silent.is_set():
+                    sock.send_multipart([peer, *self._reply(header, body[1:])])
         finally:
             sock.close()
             ctx.term()
@@ -110,3 +119,44 @@ def test_a_rogue_agent_is_an_agent_failing(mode, tiny_split, start_agent):
     assert figures[honest.endpoint]["failures"] == 0 and figures[honest.endpoint]["calls"] > 0
     # garbage never reached the model: the tokens are not NaN's argmax (id 0) on repeat
     assert len(set(result.token_ids)) > 1
+
+
+def test_a_slow_agent_that_goes_silent_is_waited_for_a_bounded_time(tiny_split, start_agent):
+    """Regression: the per-layer deadline came from the agent's own estimate alone. An agent
+    that answers every request late, reporting a compute time just under the round trip (which
+    the reply checks believe), taught the base station ~0.12 s per token; when it then fell
+    silent under a 301-token prompt the base station waited 30 s for one layer (1.5 x 0.12 s x
+    its tokens). Now every deadline is capped by the request's own size: 6.9 s in all."""
+    from basestation import link_estimator as links
+    from shard_tool.manifest import load_manifest
+
+    manifest = load_manifest(tiny_split)
+    hidden = int(manifest.model["hidden_size"])
+    honest = start_agent("--expert", "0-3", "--shards", tiny_split, "--bind",
+                         "tcp://127.0.0.1:*")
+    rogue = RogueAgent(manifest.fingerprint, hidden, "slow")
+    session = open_session(tiny_split, build_roster(
+        [f"0-3={honest.endpoint}", f"4-7={rogue.endpoint}"], None, None), wait_s=20,
+        dtype="float32", progress=False)
+    try:
+        tokenizer = session.base.tokenizer
+        ids = tokenizer(PROMPT, return_tensors="pt").input_ids
+        generate(session, ids, max_new_tokens=12, ignore_eos=True)
+        slow = next(a for a in session.agents if a.name == rogue.endpoint)
+        assert slow.calls > 0 and slow.state.compute_s_per_token_expert > 0.05, slow.figures()
+        rogue.silent.set()
+        long_ids = tokenizer("word " * 100, return_tensors="pt").input_ids
+        tokens = long_ids.shape[1]
+        nbytes = tokens * hidden * 4
+        assert links.expected_time_s(slow.state, nbytes, nbytes, tokens, 1) > 10  # the premise
+        start_s = time.monotonic()
+        result = generate(session, long_ids, max_new_tokens=4, ignore_eos=True)
+        elapsed_s = time.monotonic() - start_s
+    finally:
+        session.close()
+        rogue.stop()
+    assert len(result.token_ids) == 4 and result.fault_drops >= 1
+    # one layer waits for the silent agent at most the cap of the largest request (all the
+    # prompt's tokens); the rest (prefill, 3 decode steps, on one honest agent) takes ~1 s
+    cap_s = links.deadline_cap_s(nbytes, nbytes, tokens, 1, links.LinkEstimatorConfig())
+    assert elapsed_s < cap_s + 3, (elapsed_s, cap_s)
