@@ -32,13 +32,13 @@ from dataclasses import dataclass, replace
 from edge_agent.protocol import ERR_PUSH, ProtocolError
 from shard_tool.errors import ShardError
 from shard_tool.manifest import (
-    HASH_CHUNK_BYTES,
     MANIFEST_NAME,
     FileEntry,
     Manifest,
     check_file,
     expert_file_path,
     load_manifest,
+    sha256_prefix,
 )
 
 log = logging.getLogger("edge_agent")
@@ -94,18 +94,6 @@ def _refuse(message: str) -> ProtocolError:
 def fingerprint_matches(fingerprint: str, accepted: str) -> bool:
     """`accepted`: a whole fingerprint or its start (`shard_tool split` prints 16 characters)."""
     return fingerprint.startswith(accepted.lower())
-
-
-def _sha256_prefix(path: str, nbytes: int) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as f:
-        while nbytes > 0:
-            block = f.read(min(HASH_CHUNK_BYTES, nbytes))
-            if not block:
-                break
-            digest.update(block)
-            nbytes -= len(block)
-    return digest.hexdigest()
 
 
 class ShardStore:
@@ -263,7 +251,7 @@ class ShardStore:
         ack = {"offset": offset, "bytes": entry.bytes, "complete": False}
         if offset:
             log.info("store: resuming expert %d at %d of %d bytes", expert, offset, entry.bytes)
-            ack["prefix_sha256"] = _sha256_prefix(partial, offset)
+            ack["prefix_sha256"] = sha256_prefix(partial, offset)
         return ack
 
     @staticmethod

@@ -198,6 +198,20 @@ def write_manifest(folder: str, manifest: Manifest) -> None:
         os.fsync(f.fileno())
 
 
+def sha256_prefix(path: str, nbytes: int) -> str:
+    """SHA-256 of the first `nbytes` of a file: what a resumed push compares (the agent's
+    partial file against the pusher's)."""
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        while nbytes > 0:
+            block = f.read(min(HASH_CHUNK_BYTES, nbytes))
+            if not block:
+                break
+            digest.update(block)
+            nbytes -= len(block)
+    return digest.hexdigest()
+
+
 def sha256_file(path: str, progress=lambda n: None) -> str:
     digest = hashlib.sha256()
     with open(path, "rb", buffering=0) as f:

@@ -19,12 +19,11 @@ import sys
 from dataclasses import dataclass
 
 from shard_tool.errors import ShardError
-from shard_tool.manifest import MANIFEST_NAME, check_size, load_manifest
+from shard_tool.manifest import MANIFEST_NAME, check_size, load_manifest, sha256_prefix
 
 DEFAULT_CHUNK_BYTES = 4 * 1024 * 1024  # a few MiB: small enough for HWM/size caps, big enough
 DEFAULT_TIMEOUT_S = 15.0  # per chunk; raise it for slow links
 END_CHECK_BYTES_PER_S = 50e6  # the agent re-hashes the shard before it answers the last step
-HASH_BLOCK_BYTES = 8 * 1024 * 1024
 
 
 @dataclass(frozen=True)
@@ -78,7 +77,7 @@ def push(src: str, expert: int, to: str, chunk_bytes: int = DEFAULT_CHUNK_BYTES,
         offset = int(ack["offset"])
         held = ack.get("prefix_sha256")  # agents before issue #13 do not send it
         if offset and not ack.get("complete") and held is not None \
-                and held != _sha256_prefix(path, offset):
+                and held != sha256_prefix(path, offset):
             # bytes someone else staged (another pusher's interrupted push): not ours to resume
             ack = client.call(peer, P.PUSH_BEGIN, [manifest_bytes], timeout_s=begin_timeout_s,
                               expert=expert, restart=True).header
@@ -119,18 +118,6 @@ def push(src: str, expert: int, to: str, chunk_bytes: int = DEFAULT_CHUNK_BYTES,
         if bar is not None:
             bar.close()
         client.close()
-
-
-def _sha256_prefix(path: str, nbytes: int) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as f:
-        while nbytes > 0:
-            block = f.read(min(HASH_BLOCK_BYTES, nbytes))
-            if not block:
-                break
-            digest.update(block)
-            nbytes -= len(block)
-    return digest.hexdigest()
 
 
 def cmd_push(args) -> int:
