@@ -52,6 +52,9 @@ def add_session_args(p: argparse.ArgumentParser) -> None:
                    "CPU) | bfloat16 | float16 | float32")
     p.add_argument("--device", default="auto", type=device,
                    help="auto (CUDA when torch sees it) | cpu | cuda | cuda:N")
+    p.add_argument("--threads", type=number(1, integer=True), default=None,
+                   help="torch CPU threads (default: one per core); agents on this same host "
+                   "need cores too: give the base station the cores they leave, at least 1")
     p.add_argument("--wire-dtype", default=None, help="activations on the wire: "
                    "float32|bfloat16|float16|int8 (default: the compute dtype)")
     p.add_argument("--allow-missing", action="store_true",
@@ -83,6 +86,10 @@ def _open(args, roster=None):
     if not 0.0 <= args.theta <= 1.0:
         raise RosterError(f"--theta {args.theta}: must be in [0, 1]")
     roster = _roster(args) if roster is None else roster
+    if args.threads:
+        import torch
+
+        torch.set_num_threads(args.threads)
     return open_session(args.shards, roster, theta=args.theta, latency=args.latency,
                         dtype=args.dtype, wire_dtype=args.wire_dtype, wait_s=args.wait_s,
                         allow_missing=args.allow_missing, local_fallback=args.local_fallback,

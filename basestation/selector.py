@@ -23,6 +23,7 @@ Imports only torch: no clocks, no sockets; latencies are passed in.
 
 from __future__ import annotations
 
+import math
 from typing import NamedTuple
 
 import torch
@@ -71,6 +72,65 @@ def _box_weights(weights: torch.Tensor, same_box: torch.Tensor, keep: torch.Tens
     return (same_box * kept_w[:, None, :]).sum(dim=-1)
 
 
+# Up to this many (token, slot) pairs (decode, small batches) the rule runs on Python floats:
+# the tensor loop below costs ~25 torch calls per round, 170 us per layer for one token on
+# this CPU, which at θ > 0 cost decode more base-station time than WLR saved on the links.
+# Both paths make the same decisions (tests/test_selector.py checks them against each other).
+SMALL_SELECTION = 32
+
+
+def _select_few(experts: torch.Tensor, weights: torch.Tensor, box_of_expert: torch.Tensor,
+                box_latency_s: torch.Tensor, theta: float | torch.Tensor,
+                available: torch.Tensor | None) -> Selection:
+    """`select` token by token on Python floats (float64, like the tensor path)."""
+    rows_experts = experts.tolist()
+    num_experts = box_of_expert.shape[0]
+    if any(not 0 <= e < num_experts for row in rows_experts for e in row):
+        raise ValueError(f"expert ids outside 0..{num_experts - 1}")
+    if isinstance(theta, torch.Tensor):
+        if theta.shape != (experts.shape[0],):
+            raise ValueError(f"theta {tuple(theta.shape)} is neither a number nor [T]")
+        thetas = theta.double().tolist()
+    else:
+        thetas = [float(theta)] * experts.shape[0]
+    usable = available.tolist() if available is not None else None
+    rows_keep = [[usable[e] for e in row] if usable else [True] * len(row)
+                 for row in rows_experts]
+    if all(t <= 0 for t in thetas):
+        keep = torch.tensor(rows_keep, dtype=torch.bool).reshape(experts.shape)
+        if available is None:  # stock routing: nothing to decide, the router's bits untouched
+            return Selection(experts, weights, keep, ~keep)
+        return Selection(experts, rescale(weights, keep), keep, ~keep)
+    boxes_of = box_of_expert.tolist()
+    t_box = box_latency_s.double().tolist()
+    rows_w = weights.double().tolist()
+    for i, (row_experts, row_w, token_theta) in enumerate(zip(rows_experts, rows_w, thetas)):
+        slot_box = [boxes_of[e] for e in row_experts]
+        row_keep = rows_keep[i]
+        while token_theta > 0:
+            box_w: dict[int, float] = {}  # the token's kept boxes, in order of leading slot
+            for b, w, k in zip(slot_box, row_w, row_keep):
+                if k:
+                    box_w[b] = box_w.get(b, 0.0) + w
+            if len(box_w) < 2:
+                break
+            ratios = [(b, w / t_box[b]) for b, w in box_w.items()]  # WLR, Eq. 9
+            lo = min(r for _, r in ratios)
+            hi = max(r for _, r in ratios)
+            total = lo + hi
+            # Eq. 10; 0/0 and inf/inf are NaN in the tensor path, and NaN never drops
+            if total == 0 or math.isnan(total) or not lo / total <= token_theta:
+                break
+            # the smallest WLR; on a tie, the box whose leading slot comes later
+            victim = [b for b, r in ratios if r == lo][-1]
+            row_keep = [k and b != victim for b, k in zip(slot_box, row_keep)]
+        rows_keep[i] = row_keep
+    keep = torch.tensor(rows_keep, dtype=torch.bool).reshape(experts.shape)
+    if all(all(row) for row in rows_keep):  # rescale would return the router's weights
+        return Selection(experts, weights, keep, ~keep)
+    return Selection(experts, rescale(weights, keep), keep, ~keep)
+
+
 def select(
     experts: torch.Tensor,
     weights: torch.Tensor,
@@ -94,6 +154,9 @@ def select(
     if experts.shape != weights.shape or experts.dim() != 2:
         raise ValueError(f"experts {tuple(experts.shape)} and weights {tuple(weights.shape)} "
                          "must both be [T, K]")
+    if (experts.numel() <= SMALL_SELECTION and experts.device.type == "cpu"
+            and (isinstance(theta, torch.Tensor) or theta > 0)):
+        return _select_few(experts, weights, box_of_expert, box_latency_s, theta, available)
     num_experts = box_of_expert.shape[0]
     if experts.numel() and not (0 <= int(experts.min()) and int(experts.max()) < num_experts):
         raise ValueError(f"expert ids outside 0..{num_experts - 1}")

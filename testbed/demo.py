@@ -13,6 +13,7 @@ from __future__ import annotations
 import os
 
 from shard_tool.split import split
+from testbed.cpu_share import base_station_threads
 from testbed.eval_report import draw, markdown, write_tables
 from testbed.evaluate import EvalConfig, run_eval
 from testbed.make_model import ModelSpec, make_model
@@ -67,7 +68,8 @@ def serve_hint(shards: str, num_agents: int) -> str:
         "`testbed down` removes the links):\n"
         f"  .venv/bin/testbed up --shards {shards} --agents {num_agents} --scenario paper "
         f"--roster {roster}\n"
-        f"  .venv/bin/basestation serve --shards {shards} --agents {roster} --port 8000\n"
+        f"  .venv/bin/basestation serve --shards {shards} --agents {roster} --port 8000 "
+        f"--threads {base_station_threads(num_agents)}\n"
         "  curl -s localhost:8000/v1/chat/completions -H 'content-type: application/json' "
         "-d '{\"model\": \"shards\", \"messages\": [{\"role\": \"user\", \"content\": "
         "\"What does the queue module do?\"}], \"max_tokens\": 32, \"theta\": 0.2}'")

@@ -21,6 +21,10 @@ def _ci(figure: dict | None, spec: str = ".2f") -> str:
     return f"{figure['value']:{spec}} [{figure['low']:{spec}}, {figure['high']:{spec}}]"
 
 
+def _value(figure: dict | None) -> str:
+    return f"{figure['value']:.2f}" if figure else "-"
+
+
 def _by_scenario(rows: list[dict]) -> dict[str, list[dict]]:
     out: dict[str, list[dict]] = {}
     for row in rows:
@@ -34,7 +38,8 @@ def table_rows(rows: list[dict]) -> tuple[list[str], list[list[str]]]:
     header = ["θ"] + [f"{t} {(_primary(rows[0]['tasks'][t]) or ('-',))[0].split(',')[0]}"
                       for t in tasks if rows[0].get("tasks", {}).get(t)]
     header += ["median token ms [95% CI]", "Δ median vs first θ % [95% CI]",
-               "modeled median ms", "Δ modeled %", "measured / modeled", "drop rate %"]
+               "modeled median ms", "Δ modeled %", "measured / modeled",
+               "waiting for agents ms", "base station ms", "wait / modeled", "drop rate %"]
     cells = []
     for r in rows:
         line = [f"{r['theta']:g}"]
@@ -51,6 +56,8 @@ def table_rows(rows: list[dict]) -> tuple[list[str], list[list[str]]]:
                  f"{change['modeled']['value']:+.1f}" if change.get("modeled") else "-",
                  f"{r['measured_over_modeled']:.2f}" if r.get("measured_over_modeled")
                  else "-",
+                 _value(r.get("wait_median_token_ms")), _value(r.get("base_median_token_ms")),
+                 f"{r['wait_over_modeled']:.2f}" if r.get("wait_over_modeled") else "-",
                  f"{100 * r['drop_rate']:.1f}"]
         cells.append(line)
     return header, cells
@@ -119,6 +126,9 @@ def draw(folder: str) -> list[str]:
             if all(r.get("modeled_median_token_ms") for r in rows):
                 twin.plot(labels, [r["modeled_median_token_ms"]["value"] for r in rows], "s--",
                           color="#7f8c8d", label="modeled (Eqs. 6-8)")
+            if all(r.get("wait_median_token_ms") for r in rows):
+                twin.plot(labels, [r["wait_median_token_ms"]["value"] for r in rows], "^:",
+                          color="#d35400", label="of which waiting for agents")
             twin.set_ylabel("token latency (ms)")
             twin.set_ylim(bottom=0)
             handles = ax.get_legend_handles_labels()[0] + twin.get_legend_handles_labels()[0]

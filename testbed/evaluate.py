@@ -24,8 +24,10 @@ import numpy as np
 from basestation.generate import generate
 from basestation.session import build_roster, open_session
 from testbed import scenarios
+from testbed.cpu_share import share_with_agents
 from testbed.links import TestbedError
 from testbed.stats import bootstrap, relative_change
+from testbed.step_waits import StepWaits, observers
 from testbed.sweep import DEFAULT_PROMPTS, ScheduleRunner, code_version
 
 TASKS_DIR = os.path.join(os.path.dirname(os.path.abspath(__file__)), "tasks")
@@ -71,6 +73,7 @@ def run_eval(config: EvalConfig) -> str:
                    state_dir=os.path.join(config.out, "testbed-state"), agent_args=agent_args)
     schedule = session = None
     try:
+        threads = share_with_agents(num_agents)  # they run on this host
         session = open_session(config.shards, build_roster([], bed.roster_path, None),
                                dtype=config.dtype, wait_s=60, progress=False)
         start_s = time.monotonic()
@@ -79,12 +82,14 @@ def run_eval(config: EvalConfig) -> str:
                                       start_s=start_s)
             schedule.start()
         modeled = _modeled(scenario, num_agents, manifest, start_s)
-        session.runtime.on_selection = modeled
+        waits = StepWaits(session.runtime.stats, _moe_layers(manifest))
+        session.runtime.on_selection = observers(modeled, waits)
         tokenizer = session.base.tokenizer
         prompt_ids = [tokenizer(p, return_tensors="pt").input_ids for p in config.prompts]
         generate(session, prompt_ids[0], max_new_tokens=4, ignore_eos=True)  # learn the links
         base = {"scenario": scenario.name, "description": scenario.description,
                 "backend": bed.backend, "agents": num_agents, "fingerprint": manifest.fingerprint,
+                "base_station_threads": threads,
                 "code_version": code_version(),
                 "emulated": scenario.paper.emulate.name
                 if scenario.paper and scenario.paper.emulate else None,
@@ -94,7 +99,7 @@ def run_eval(config: EvalConfig) -> str:
         # weighs on every θ alike, instead of on whichever θ ran at the time.
         _say(config, f"latency: {len(prompt_ids)} prompts x {config.max_new_tokens} tokens "
                      f"at θ = {', '.join(f'{t:g}' for t in config.thetas)}, interleaved")
-        samples = _latency_interleaved(session, prompt_ids, config, modeled)
+        samples = _latency_interleaved(session, prompt_ids, config, modeled, waits)
         first = samples[config.thetas[0]]
         with open(results_path, "a") as results:
             for theta in config.thetas:
@@ -131,24 +136,35 @@ def _modeled(scenario, num_agents: int, manifest, start_s: float):
     paper = scenario.paper
     if paper is None or paper.emulate is None:
         return None
-    moe_layers = len(manifest.model.get("moe_layers") or [0])
-    return ModeledLatency(paper, paper.emulate, num_agents, moe_layers, start_s=start_s)
+    return ModeledLatency(paper, paper.emulate, num_agents, _moe_layers(manifest),
+                          start_s=start_s)
 
 
-def _latency_interleaved(session, prompt_ids, config: EvalConfig, modeled) -> dict:
+def _moe_layers(manifest) -> int:
+    return len(manifest.model.get("moe_layers") or [0])
+
+
+def _latency_interleaved(session, prompt_ids, config: EvalConfig, modeled,
+                         waits: StepWaits) -> dict:
     """Decode every prompt at every θ (θ order rotating per prompt): per θ, the measured and
     modeled latency of each decode step (the first step, the prefill, is left out of both),
-    and the experts called and dropped."""
+    the part of each measured step spent waiting for agents, and the experts called and
+    dropped."""
     thetas = config.thetas
-    out = {t: {"measured": [], "modeled": [], "calls": 0, "dropped": 0} for t in thetas}
+    out = {t: {"measured": [], "modeled": [], "wait": [], "calls": 0, "dropped": 0}
+           for t in thetas}
     for i, ids in enumerate(prompt_ids):
         for theta in thetas[i % len(thetas):] + thetas[:i % len(thetas)]:
             if modeled is not None:
                 modeled.reset()
+            waits.reset()
             result = generate(session, ids, max_new_tokens=config.max_new_tokens,
                               ignore_eos=True, theta=theta)
+            waits.close()
             mine = out[theta]
+            steps = len(result.token_latency_ms)
             mine["measured"] += result.token_latency_ms[1:]
+            mine["wait"] += [1e3 * s for s in waits.step_waits_s()[1:steps]]
             if modeled is not None:
                 steps = modeled.step_totals_s()
                 mine["modeled"] += [1e3 * s for s in steps[1:len(result.token_latency_ms)]]
@@ -169,10 +185,18 @@ def _figures(sample: dict) -> dict:
         "expert_calls": calls, "experts_dropped": dropped,
         "drop_rate": dropped / max(1, calls + dropped),
     }
+    wait = sample.get("wait") or []
+    if len(wait) == len(measured) and wait:
+        # the same steps: a step's base-station share is its measured time minus its wait
+        figures["wait_median_token_ms"] = bootstrap(wait, np.median).as_dict()
+        figures["base_median_token_ms"] = bootstrap(
+            [m - w for m, w in zip(measured, wait)], np.median).as_dict()
     if modeled:
         figures["modeled_median_token_ms"] = bootstrap(modeled, np.median).as_dict()
         figures["modeled_mean_token_ms"] = bootstrap(modeled, np.mean).as_dict()
         figures["measured_over_modeled"] = float(np.median(measured) / np.median(modeled))
+        if "wait_median_token_ms" in figures:
+            figures["wait_over_modeled"] = float(np.median(wait) / np.median(modeled))
     return figures
 
 

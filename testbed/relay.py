@@ -76,15 +76,24 @@ class Settings:
         # bits/s each way (0: unlimited); "down" is client -> target (base station -> agent)
         self.wire_bits_per_s = {"down": 0.0, "up": 0.0}
         self._token: str | None = None
+        self._seen: tuple[int, int, int] | None = None
         if path:
             self.refresh()
             threading.Thread(target=self._watch, daemon=True).start()
 
     def refresh(self) -> None:
-        # Read every poll and compare the token: mtimes are too coarse for quick rewrites.
+        # A stat per poll, a read only when the file changed: write_settings replaces it, and
+        # a file created while the old one still exists has another inode, so (inode, mtime,
+        # size) changes on every rewrite however quick (mtime alone is too coarse). Eight
+        # relays reading and parsing JSON 100 times a second each cost the shared CPU.
         try:
+            st = os.stat(self.path)
+            seen = (st.st_ino, st.st_mtime_ns, st.st_size)
+            if seen == self._seen:
+                return
             with open(self.path) as f:
                 data = json.load(f)
+            self._seen = seen
             token = str(data.get("token", ""))
             if token == self._token and self._token is not None:
                 return

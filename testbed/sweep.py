@@ -22,6 +22,7 @@ from dataclasses import dataclass
 from basestation.generate import generate
 from basestation.session import build_roster, open_session
 from testbed import quality, scenarios
+from testbed.cpu_share import share_with_agents
 from testbed.links import TestbedError
 
 DEFAULT_PROMPTS = (
@@ -126,6 +127,7 @@ def run_sweep(config: SweepConfig) -> str:
     schedule = None
     session = None
     try:
+        threads = share_with_agents(num_agents)  # they run on this host
         session = open_session(config.shards, build_roster([], bed.roster_path, None),
                                latency=config.latency, wait_s=60, progress=False)
         if scenario.changes_over_time:
@@ -136,6 +138,7 @@ def run_sweep(config: SweepConfig) -> str:
         generate(session, prompt_ids[0], max_new_tokens=4, ignore_eos=True)  # learn the links
         reference: list[list[int]] | None = None
         base_record = {"scenario": scenario.name, "backend": bed.backend,
+                       "base_station_threads": threads,
                        "fingerprint": manifest.fingerprint, "code_version": code_version(),
                        "latency": config.latency, "agents": num_agents}
         bar = _bar(len(config.thetas), config.progress)

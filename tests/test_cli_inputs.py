@@ -120,6 +120,7 @@ CASES = {
                                      "port '99999'", "listened on port 34463"),
     "generate --max-new-tokens 0": (bs_generate("--max-new-tokens", "0"),
                                     "argument --max-new-tokens", "traceback (ValueError)"),
+    "generate --threads 0": (bs_generate("--threads", "0"), "argument --threads", "new option"),
     "generate --max-new-tokens -1": (bs_generate("--max-new-tokens", "-1"),
                                      "argument --max-new-tokens", "traceback (ValueError)"),
     "generate --max-new-tokens past the context": (bs_generate("--max-new-tokens", "5000"),

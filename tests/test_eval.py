@@ -28,6 +28,10 @@ def test_eval_on_the_paper_scenario_writes_table_i_and_fig_3(run_cli, tiny_split
         median = r["median_token_ms"]
         assert 0 < median["low"] <= median["value"] <= median["high"]
         assert r["modeled_median_token_ms"]["value"] > 0 and r["measured_over_modeled"] > 0
+        # each step split into waiting for the agents (paced to at least 1.7 ms a layer) and
+        # the base station's own share
+        wait, base = r["wait_median_token_ms"]["value"], r["base_median_token_ms"]["value"]
+        assert wait > 1.7 and base > 0 and r["wait_over_modeled"] > 0
         # agents paced to the emulated expert: Eq. 4 / C_q for one token
         assert min(p["per_call"] for p in r["pace_us"].values()) > 1000
         mc = r["tasks"]["wdmoe_mc_heldout"]
@@ -40,7 +44,7 @@ def test_eval_on_the_paper_scenario_writes_table_i_and_fig_3(run_cli, tiny_split
         assert (out / name).stat().st_size > 0, name
     table = (out / "table-paper.md").read_text()
     assert "emulating Mixtral-8x7B" in table and "| 0.3 |" in table
-    assert "wdmoe_mc_heldout acc" in table
+    assert "wdmoe_mc_heldout acc" in table and "waiting for agents ms" in table
 
 
 def test_eval_bad_input_is_one_line(run_cli, tiny_split, tmp_path):

@@ -254,3 +254,35 @@ def test_theta_per_token_for_requests_batched_together():
     assert zero.weights is weights and zero.keep.all()
     with pytest.raises(ValueError):
         select(experts, weights, ONE_PER_BOX, t, torch.zeros(3))
+
+
+@pytest.mark.parametrize("seed", range(6))
+def test_small_selections_on_python_floats_decide_as_the_tensor_path(seed, monkeypatch):
+    """Decode-sized selections run on Python floats (selector.SMALL_SELECTION); on the same
+    inputs, including WLR ties, boxes with several experts, missing experts, infinite
+    latencies and per-token θ, they keep the same slots with the same weights."""
+    import basestation.selector as selector
+
+    g = torch.Generator().manual_seed(seed)
+    cases = []
+    for _ in range(60):
+        tokens, top_k = int(torch.randint(1, 6, (1,), generator=g)), int(
+            torch.randint(1, 5, (1,), generator=g))
+        num_experts, num_boxes = 8, int(torch.randint(2, 6, (1,), generator=g))
+        experts = torch.stack([torch.randperm(num_experts, generator=g)[:top_k]
+                               for _ in range(tokens)])
+        weights = torch.randint(1, 5, (tokens, top_k), generator=g).float() / 8  # ties
+        box = torch.randint(0, num_boxes, (num_experts,), generator=g)
+        latency = torch.randint(1, 4, (num_boxes,), generator=g).double() * 1e-3
+        if seed % 2:
+            latency[0] = float("inf")
+        available = torch.rand(num_experts, generator=g) > 0.2 if seed % 3 == 0 else None
+        theta = torch.rand(tokens, generator=g) * 0.6 if seed >= 3 else 0.25
+        cases.append((experts, weights, box, latency, theta, available))
+    fast = [select(*case) for case in cases]
+    monkeypatch.setattr(selector, "SMALL_SELECTION", -1)
+    for case, quick in zip(cases, fast):
+        slow = select(*case)
+        assert torch.equal(quick.keep, slow.keep) and torch.equal(quick.dropped, slow.dropped)
+        assert torch.equal(quick.weights, slow.weights)
+    assert any(bool(q.dropped.any()) for q in fast) and any(not q.dropped.any() for q in fast)

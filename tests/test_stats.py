@@ -28,3 +28,23 @@ def test_relative_change_sees_a_real_cut_and_not_a_fake_one():
     assert not same.excludes_zero()
     with pytest.raises(ValueError):
         relative_change([], [1.0])
+
+
+def test_step_waits_split_each_forward_pass_at_its_first_moe_layer():
+    from types import SimpleNamespace
+
+    from testbed.step_waits import StepWaits, observers
+
+    stats = SimpleNamespace(network_s=0.0)
+    waits = StepWaits(stats, moe_layers=2)
+    seen = []
+    observe = observers(None, lambda *a: seen.append(a[0]), waits)
+    for step_waits in ([0.5, 0.25], [1.0, 2.0], [0.0, 0.125]):  # three passes of two layers
+        for layer, wait_s in enumerate(step_waits):
+            observe(layer, None, None, None)  # before the layer's gather ...
+            stats.network_s += wait_s  # ... which then waits
+    waits.close()
+    assert waits.step_waits_s() == [0.75, 3.0, 0.125]
+    assert seen == [0, 1] * 3
+    waits.reset()
+    assert waits.step_waits_s() == [] and observers(None) is None
