@@ -45,6 +45,11 @@ class LinkEstimatorConfig:
     # so it errs long (throughput and compute vary more than the base RTT does).
     deadline_slack_ratio: float = 0.5
     deadline_floor_s: float = 0.25
+    # The transfer part gets more room: a wireless link's rate can fall several-fold from one
+    # sample to the next (a fading epoch), and a large request (a prefill, an lm-eval batch)
+    # must not be taken for a dead agent. With the transfer under the 0.5 slack, `testbed eval`
+    # on the paper scenario lost 2-3 lm-eval batches per θ that way (~2.5 % of its calls).
+    deadline_transfer_ratio: float = 4.0
     # ... and at most the cap, whatever the estimate says: an agent that answers ever later
     # (reporting a compute time just under its round trip, which the checks believe) inflates
     # its estimate, then one silence cost a wait the agent chose (measured: 30 s for one layer
@@ -188,8 +193,10 @@ def deadline_s(
 ) -> float:
     """How long to wait for this request before treating it as lost (per layer): from the
     estimate, at least the floor, at most `deadline_cap_s` of this request."""
-    expected = expected_time_s(state, request_bytes, reply_bytes, tokens, experts)
-    bound = expected * (1 + config.deadline_slack_ratio) + config.rttvar_k * state.rttvar_s
+    transfer_s = (request_bytes + reply_bytes) / state.throughput_bytes_per_s
+    rest_s = expected_time_s(state, request_bytes, reply_bytes, tokens, experts) - transfer_s
+    bound = (rest_s * (1 + config.deadline_slack_ratio)
+             + transfer_s * config.deadline_transfer_ratio + config.rttvar_k * state.rttvar_s)
     return min(max(bound, config.deadline_floor_s),
                deadline_cap_s(request_bytes, reply_bytes, tokens, experts, config))
 

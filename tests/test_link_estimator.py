@@ -120,12 +120,23 @@ def test_compute_longer_than_round_trip_is_clamped():
 
 
 def test_deadline():
-    # Priors: expected 12.16 ms (test_priors); 12.16 * 1.5 + 4 * 5 ms = 38.24 ms; the default
-    # floor 250 ms wins. With floor 10 ms: 38.24 ms.
+    # Priors: expected 12.16 ms (test_priors): RTT 10 + compute 2 ms, given 1.5x, and the
+    # transfer 0.16 ms, given 4x; + 4 * 5 ms RTTVAR = 18 + 0.64 + 20 = 38.64 ms; the default
+    # floor 250 ms wins. With floor 10 ms: 38.64 ms.
     s = initial_state()
     assert deadline_s(s, 1000, 1000, 1, 2) == 0.25
     config = LinkEstimatorConfig(deadline_floor_s=0.010)
-    assert deadline_s(s, 1000, 1000, 1, 2, config) == approx(0.03824)
+    assert deadline_s(s, 1000, 1000, 1, 2, config) == approx(0.03864)
+
+
+def test_a_large_transfer_may_take_four_times_its_estimate():
+    """Regression: on the paper scenario a fading epoch cut a link's rate ~3x while an lm-eval
+    batch of 500 tokens crossed it, and the 1.5x deadline declared the agent dead (2-3 batches
+    per θ, ~2.5 % of the calls dropped). 2 x 250 kB at 20 Mbit/s = 0.2 s expected transfer:
+    3 ms RTT and 1 ms compute x 1.5 + 0.2 s x 4 + 4 x 1 ms = 0.81 s."""
+    s = initial_state()._replace(srtt_s=0.003, rttvar_s=0.001, throughput_bytes_per_s=2.5e6,
+                                 compute_s_per_token_expert=2e-6)
+    assert deadline_s(s, 250_000, 250_000, 500, 1) == approx(0.81)
 
 
 def test_deadline_is_capped_whatever_the_estimate_says():
