@@ -7,11 +7,13 @@ unless `--allow-missing`.
 
 With `--keys DIR` every link can be CurveZMQ (edge_agent/keys.py): a roster entry carries its
 agent's public key, and DIR/trusted/ holds the agents allowed to dial in. Roster file (TOML):
+    [basestation]
+    keys = "keys/basestation"      (optional: --keys when the command gives none)
     [agents]
     "0-3" = "tcp://10.0.0.2:5600"
     "4-7" = { endpoint = "tcp://10.0.0.3:5600", public_key = "<the 40 Z85 characters>" }
     "8" = { endpoint = "tcp://10.0.0.4:5600", certificate = "keys/edge-4.key" }
-The first form is a plain link; `certificate` is a path relative to the roster file.
+The first form is a plain link; `certificate` and `keys` are paths relative to the roster file.
 """
 
 from __future__ import annotations
@@ -82,20 +84,42 @@ def parse_agent_flag(value: str) -> tuple[tuple[int, ...], str]:
 
 
 ROSTER_ENTRY_FIELDS = ("endpoint", "public_key", "certificate")
+ROSTER_BASESTATION_FIELDS = ("keys",)
+
+
+def _load_roster(path: str) -> dict:
+    try:
+        with open(path, "rb") as f:
+            return tomllib.load(f)
+    except OSError as e:
+        raise RosterError(f"{path}: {e.strerror}") from None
+    except tomllib.TOMLDecodeError as e:
+        raise RosterError(f"{path}: not valid TOML: {e}") from None
+
+
+def _beside(path: str, relative: str) -> str:
+    """A path the roster file names, relative to the roster's own folder."""
+    return os.path.normpath(os.path.join(os.path.dirname(os.path.abspath(path)), relative))
+
+
+def read_roster_keys(path: str) -> str | None:
+    """The key folder a roster's [basestation] table names (`keys = "DIR"`, relative to the
+    roster file), or None. Raises RosterError."""
+    table = _load_roster(path).get("basestation")
+    if table is None:
+        return None
+    if not isinstance(table, dict) or set(table) - set(ROSTER_BASESTATION_FIELDS) \
+            or not isinstance(table.get("keys"), str):
+        raise RosterError(f'{path}: [basestation] takes keys = "DIR" only (the base '
+                          "station's key folder)")
+    return _beside(path, table["keys"])
 
 
 def read_roster_agents(path: str) -> list[RosterAgent]:
     """A TOML roster: an [agents] table of "EXPERTS" = "tcp://HOST:PORT", or = { endpoint = …,
     public_key = "Z85" } or { endpoint = …, certificate = "PATH.key" } (relative to the roster
     file). Raises RosterError."""
-    try:
-        with open(path, "rb") as f:
-            data = tomllib.load(f)
-    except OSError as e:
-        raise RosterError(f"{path}: {e.strerror}") from None
-    except tomllib.TOMLDecodeError as e:
-        raise RosterError(f"{path}: not valid TOML: {e}") from None
-    agents = data.get("agents")
+    agents = _load_roster(path).get("agents")
     if not isinstance(agents, dict) or not agents:
         raise RosterError(f'{path}: needs an [agents] table, e.g. "3" = "tcp://10.0.0.3:5600"')
     return [_roster_agent(path, spec, value) for spec, value in agents.items()]
@@ -116,8 +140,7 @@ def _roster_agent(path: str, spec: str, value) -> RosterAgent:
         if "public_key" in value:
             key = parse_public_key(value["public_key"])
         elif "certificate" in value:
-            key = read_certificate(os.path.join(os.path.dirname(os.path.abspath(path)),
-                                                str(value["certificate"])))
+            key = read_certificate(_beside(path, str(value["certificate"])))
         else:
             key = None
     except KeysError as e:
@@ -130,10 +153,15 @@ def read_roster_file(path: str) -> list[tuple[tuple[int, ...], str]]:
     return [(agent.experts, agent.endpoint) for agent in read_roster_agents(path)]
 
 
-def format_roster(agents: Iterable[RosterAgent], comment: str | None = None) -> str:
+def format_roster(agents: Iterable[RosterAgent], comment: str | None = None,
+                  keys: str | None = None) -> str:
     """A roster file's text (what read_roster_agents reads): one entry per agent, with its
-    public key when it has one (for tools that write rosters, such as the testbed)."""
+    public key when it has one, and `keys`, the base station's key folder (absolute, or
+    relative to the roster file), when given (for tools that write rosters, such as the
+    testbed)."""
     lines = [f"# {comment}"] if comment else []
+    if keys is not None:
+        lines += ["[basestation]", f"keys = {json.dumps(keys)}", ""]
     lines.append("[agents]")
     for agent in agents:
         spec, endpoint = json.dumps(_ids(agent.experts)), json.dumps(agent.endpoint)
@@ -147,12 +175,14 @@ def format_roster(agents: Iterable[RosterAgent], comment: str | None = None) -> 
 
 def build_roster(agent_flags: list[str], agents_file: str | None, listen: str | None,
                  keys_dir: str | None = None, insecure: bool = False) -> Roster:
-    """The agents to reach and how (--agent, --agents, --listen, --keys, --insecure). Protected
-    by default: --listen beyond loopback needs keys, and with keys every agent beyond loopback
-    needs its public key, unless `insecure`. Raises RosterError."""
+    """The agents to reach and how (--agent, --agents, --listen, --keys, --insecure; without
+    --keys, the roster's [basestation] keys). Protected by default: --listen beyond loopback
+    needs keys, and with keys every agent beyond loopback needs its public key, unless
+    `insecure`. Raises RosterError."""
     entries = [RosterAgent(*parse_agent_flag(v)) for v in agent_flags or []]
     if agents_file:
         entries += read_roster_agents(agents_file)
+        keys_dir = keys_dir or read_roster_keys(agents_file)
     if not entries and not listen:
         raise RosterError("no agents: give --agent EXPERTS=tcp://HOST:PORT, --agents FILE "
                           "or --listen tcp://0.0.0.0:PORT")
@@ -380,4 +410,5 @@ def open_session(shards: str, roster: Roster, theta: float = 0.0, latency: str =
 
 
 __all__ = ["Roster", "RosterAgent", "RosterError", "Session", "ShardError", "build_roster",
-           "format_roster", "open_links", "open_session", "read_roster_agents"]
+           "format_roster", "open_links", "open_session", "read_roster_agents",
+           "read_roster_keys"]

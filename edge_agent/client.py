@@ -6,6 +6,10 @@ themselves with HELLO. Send several requests, then `wait` for their ids; replies
 that were given up on arrive later and are discarded by id (counted in `late_replies`).
 With a keypair, each link can be CurveZMQ (edge_agent/keys.py): `connect` names the agent's
 public key, `bind` the keys of the agents allowed to dial in.
+Every connection is bounded and a message counts only from the connection its agent's name is
+bound to (edge_agent/client_guard.py): a dial-in agent's HELLO binds its routing id to its
+connection, and no other connection can take that id over. Connect every listening agent
+before `bind`: libzmq aborts the process on a connect under a name a dial-in peer holds.
 """
 
 from __future__ import annotations
@@ -13,14 +17,15 @@ from __future__ import annotations
 import os
 import struct
 import time
+from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Sequence
 
 import torch
 import zmq
 from zmq.backend import zmq_poll
 
 from edge_agent import protocol as P
+from edge_agent.client_guard import ClientLimits, LinkGuard
 from edge_agent.keys import (
     Keypair,
     set_curve_client,
@@ -86,7 +91,7 @@ class Reply:
     def id(self) -> int | None:
         return self.header.get("id")
 
-    def check(self) -> "Reply":
+    def check(self) -> Reply:
         """Raises AgentError when this is an ERROR reply."""
         if self.kind == P.ERROR:
             raise AgentError(str(self.header.get("code")), str(self.header.get("message")))
@@ -111,6 +116,14 @@ class AgentClient:
                              f"bs-{os.getpid()}-{os.urandom(4).hex()}".encode())
         # IMMEDIATE stays off: with it a ROUTER ignores CONNECT_ROUTING_ID (libzmq 4.3.5)
         P.configure_socket(self.sock, sockets, immediate=False)
+        # No receive HWM: with one, a peer that fills its queue and hangs up aborts the process
+        # (libzmq 4.3.5 "!_io_error" with heartbeats on); the guard bounds bytes instead.
+        self.sock.setsockopt(zmq.RCVHWM, 0)
+        # A second connection with a routing id in use must not take it over (a dial-in
+        # hijack): libzmq then ignores that connection, and the guard cuts it if it lingers.
+        self.sock.setsockopt(zmq.ROUTER_HANDOVER, 0)
+        self.guard = LinkGuard(self.sock, ClientLimits.for_message_cap(sockets.max_message_bytes))
+        self._listening = False
         self._ids = RequestIds()
         self._poll_items = [(self.sock, zmq.POLLIN)]  # zmq_poll: Socket.poll builds a Poller
         self.hellos: dict[bytes, dict] = {}  # dial-in agents: routing id -> latest info
@@ -133,10 +146,16 @@ class AgentClient:
             return alias
         if alias in self.endpoints.values():
             raise ValueError(f"alias {alias!r} is already used for another endpoint")
+        # A dial-in peer may already hold the alias as its routing id, and libzmq aborts the
+        # process on a connect under a name in use (router.cpp "!has_out_pipe", measured).
+        if self._listening:
+            raise ValueError(f"connect {endpoint} before listening: a dial-in peer could hold "
+                             "its name")
         if server_key is None:
             set_plain(self.sock)
         else:
             set_curve_client(self.sock, self._require_keypair(), server_key)
+        self.guard.dialling(endpoint, alias, curve=server_key is not None)
         self.sock.setsockopt(zmq.CONNECT_ROUTING_ID, alias)
         self.sock.connect(endpoint)
         self.endpoints[endpoint] = alias
@@ -145,18 +164,21 @@ class AgentClient:
     def bind(self, endpoint: str, admitted: frozenset[bytes] | None = None) -> str:
         """Listen for dial-in agents; returns the bound endpoint (resolves a `*` port).
         `admitted`: the public keys (Z85) of the agents that may dial in, over CurveZMQ; None:
-        plain, anyone. One allow-list per client. Raises zmq.ZMQError, ValueError."""
+        plain, anyone. One allow-list per client; connect every listening agent first. Raises
+        zmq.ZMQError, ValueError."""
+        if self._listening and admitted != self._admitted:
+            raise ValueError("this client already listens with another allow-list")
         if admitted is None:
             set_plain(self.sock)
         else:
             keypair = self._require_keypair()
             if self._authenticator is None:  # before the bind: no ZAP handler admits any key
                 self._authenticator = start_authenticator(self.ctx, admitted)
-            elif admitted != self._admitted:
-                raise ValueError("this client already listens with another allow-list")
             self._admitted = admitted
             set_curve_server(self.sock, keypair)
+        self.guard.listening(curve=admitted is not None)
         self.sock.bind(endpoint)
+        self._listening = True
         return self.sock.getsockopt_string(zmq.LAST_ENDPOINT)
 
     def _require_keypair(self) -> Keypair:
@@ -165,6 +187,7 @@ class AgentClient:
         return self.keypair
 
     def close(self) -> None:
+        self.guard.close()
         self.sock.close(linger=0)
         if self._authenticator is not None:
             self._authenticator.stop()  # its sockets live in ctx: term() would wait for them
@@ -172,7 +195,7 @@ class AgentClient:
         if self._own_ctx:
             self.ctx.term()
 
-    def __enter__(self) -> "AgentClient":
+    def __enter__(self) -> AgentClient:
         return self
 
     def __exit__(self, *exc) -> None:
@@ -182,6 +205,8 @@ class AgentClient:
 
     def send(self, peer: bytes, kind: str, frames: Sequence = (), **fields) -> int:
         """Send one request; returns its id. Raises PeerUnreachable."""
+        if not self.guard.may_send(peer):  # a routing id no open connection has announced
+            raise PeerUnreachable(f"{peer!r}: not connected")
         request_id = self._ids.next()
         try:
             self.sock.send_multipart([peer, P.pack(kind, request_id, **fields), *frames],
@@ -209,24 +234,26 @@ class AgentClient:
 
     def recv(self, timeout_s: float) -> Reply | None:
         """The next reply from any agent, or None at the deadline. HELLOs are recorded in
-        `hellos` and not returned; malformed messages are skipped."""
+        `hellos` and not returned; malformed messages, and messages not from the connection
+        their sender's name is bound to, are skipped."""
         deadline = time.monotonic() + timeout_s
         while True:
             left_ms = max(0, int((deadline - time.monotonic()) * 1000))
             if not zmq_poll(self._poll_items, left_ms):
+                self.guard.drained(time.monotonic())
                 return None
             frames = self.sock.recv_multipart(copy=False)
-            if len(frames) < 2:
-                continue
             try:
-                header = P.unpack(frames[1])
+                header = P.unpack(frames[1]) if len(frames) > 1 else None
             except P.ProtocolError:
+                header = None
+            hello = header is not None and header["kind"] == P.HELLO
+            if not self.guard.admit(frames, hello) or header is None:
+                continue  # its bytes are counted as read either way
+            if hello:
+                self.hellos[frames[0].bytes] = header.get("info") or {}
                 continue
-            peer = frames[0].bytes
-            if header["kind"] == P.HELLO:
-                self.hellos[peer] = header.get("info") or {}
-                continue
-            return Reply(peer, header, frames[2:])
+            return Reply(frames[0].bytes, header, frames[2:])
 
     def wait(self, request_ids: set[int], timeout_s: float) -> dict[int, Reply]:
         """Replies to these ids (as many as arrive before the deadline); others are discarded."""

@@ -16,8 +16,8 @@ total, or the one idle longest beyond the connection cap, is shut down: libzmq s
 close, drops the connection and frees what it held; a real client reconnects by itself. A
 reply that would take a peer over its unread budget is dropped, not queued.
 Only TCP has the counters: an ipc:// peer counts towards the cap only. ZMTP heartbeats count as
-in flight too (about 80 B/s per connection, 410 B/s with CURVE, measured): the slack lets a
-connection live for days; past it, it is cut once and reconnects.
+in flight too (about 80 B/s per connection, 410 B/s with CURVE, measured): a connection's
+budget grows with its age by HEARTBEAT_ALLOWANCE_BYTES_PER_S, so they never get it cut.
 """
 
 from __future__ import annotations
@@ -39,6 +39,11 @@ log = logging.getLogger("edge_agent")
 MAX_PEERS = 64  # connections on the bound socket: a base station, pushers, probes, and room
 DESCRIPTOR_RESERVE = 128  # below the limit, kept for the agent (libzmq mailboxes, files, torch)
 IN_FLIGHT_SLACK_BYTES = 16 * 2**20  # per connection beyond one whole message (see the docstring)
+# ZMTP heartbeats count as in flight (80 B/s a connection, 410 B/s with CURVE, measured): the
+# budget of a connection grows by this much per second of its age, 2.5x the CURVE rate, so a
+# healthy connection is never cut for them (it was after ~11 h with keys); a flood is bytes per
+# millisecond and is cut as before.
+HEARTBEAT_ALLOWANCE_BYTES_PER_S = 1024
 CHECK_INTERVAL_S = 0.05  # counters are read this often: an attack overshoots by its rate x this
 LOG_EVERY_S = 10.0  # a flood of cuts or drops is summed up in one line this often
 # struct tcp_info (linux/tcp.h): tcpi_bytes_acked, tcpi_bytes_received (Linux 4.1+), u64 each
@@ -124,12 +129,23 @@ def over_cap(peers: Sequence[Peer], max_peers: int) -> list[Peer]:
     return sorted(peers, key=lambda p: p.idle_key)[:excess] if excess > 0 else []
 
 
-def over_budget(peers: Sequence[Peer], limits: PeerLimits) -> list[tuple[Peer, str]]:
-    """The peers to cut for bytes in flight, each with the reason."""
+def heartbeat_allowance_bytes(peer: Peer, now_s: float | None) -> int:
+    """The bytes ZMTP heartbeats may have added to a connection's count by `now_s`: they reach
+    the kernel's count but never the reader's (None: no allowance)."""
+    if now_s is None:
+        return 0
+    return int(max(0.0, now_s - peer.accepted_s) * HEARTBEAT_ALLOWANCE_BYTES_PER_S)
+
+
+def over_budget(peers: Sequence[Peer], limits: PeerLimits, now_s: float | None = None
+                ) -> list[tuple[Peer, str]]:
+    """The peers to cut for bytes in flight, each with the reason. With `now_s`, each
+    connection's budget grows by its heartbeats' allowance (heartbeat_allowance_bytes)."""
     cuts = []
     if limits.in_flight_bytes:
         cuts = [(p, f"{p.in_flight} bytes in flight, over its {limits.in_flight_bytes}")
-                for p in peers if p.in_flight > limits.in_flight_bytes]
+                for p in peers
+                if p.in_flight > limits.in_flight_bytes + heartbeat_allowance_bytes(p, now_s)]
     if limits.in_flight_total_bytes:
         cut = {id(p) for p, _ in cuts}
         left = sorted((p for p in peers if id(p) not in cut), key=lambda p: -p.in_flight)
@@ -305,7 +321,7 @@ class PeerGuard:
         self._read_counters(self.peers.values())
         now = self.clock()
         for peer, why in over_budget([p for p in self.peers.values() if p.counted],
-                                     self.limits):
+                                     self.limits, now):
             self._cut(peer, why, now)
 
     # -- inside -----------------------------------------------------------------------------

@@ -8,6 +8,11 @@ the links (shaping.py) and writes a roster for `basestation --agents`. Without r
 names relays on 127.0.0.1 that reach into the user namespace, so the base station runs on this
 machine unchanged. Where neither root nor user namespaces are available the agents run on
 loopback without shaping. `down` is links_down.py.
+`up(secure=True)` (`testbed up --secure`) makes a CurveZMQ keypair for the base station and
+each agent under STATE_DIR/keys, starts every agent with `--keys`, trusting the base station
+only, and writes a roster that carries each agent's public key and the base station's key
+folder: `basestation … --agents ROSTER` alone talks to them encrypted; nothing else gets an
+answer. `down` removes the keys.
 
 The names callers import from `testbed.links` are all here (see __all__).
 """
@@ -16,6 +21,7 @@ from __future__ import annotations
 
 import dataclasses
 import os
+import shutil
 import time
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
@@ -51,7 +57,7 @@ from testbed.links_state import (
     shape_of,
 )
 from testbed.links_types import LinkShape, TestbedError
-from testbed.links_up import INFO_TIMEOUT_S
+from testbed.links_up import INFO_TIMEOUT_S, KEYS_DIR
 from testbed.relay import APPLY_TIMEOUT_S, write_settings
 
 __all__ = [
@@ -120,6 +126,7 @@ class Testbed:
     backend: str
     endpoints: dict[int, str]  # expert id -> endpoint the base station dials
     agent_of: dict[int, int]  # expert id -> agent index
+    basestation_keys: str | None = None  # secure: the base station's key folder (--keys)
 
     def degrade(self, agent_index: int, shape: LinkShape) -> None:
         degrade(self.state_dir, agent_index, shape)
@@ -137,19 +144,36 @@ def _testbed_from_state(state_dir: str, state: dict) -> Testbed:
         for expert in agent["experts"]:
             endpoints[expert] = agent["endpoint"]
             agent_of[expert] = agent["index"]
-    return Testbed(state_dir, state["roster_path"], state["backend"], endpoints, agent_of)
+    keys = state.get("keys")
+    return Testbed(state_dir, state["roster_path"], state["backend"], endpoints, agent_of,
+                   keys["basestation"] if keys else None)
+
+
+def roster_text(state: dict) -> str:
+    """The roster `up` writes: endpoints only, or with --secure each agent's public key and
+    the base station's key folder too."""
+    keys = state.get("keys")
+    if not keys:
+        return roster_toml({tuple(a["experts"]): a["endpoint"] for a in state["agents"]})
+    from basestation.session import RosterAgent, format_roster
+
+    agents = [RosterAgent(tuple(a["experts"]), a["endpoint"], keys["public"][a["index"]].encode())
+              for a in state["agents"]]
+    return format_roster(agents, "written by `testbed up --secure`", keys=keys["basestation"])
 
 
 def up(shards: str, num_agents: int, shapes: dict[int, LinkShape] | None = None,
        state_dir: str = DEFAULT_STATE_DIR, roster_path: str | None = None,
        agent_args: Sequence[str] | Mapping[int, Sequence[str]] | None = None,
-       timeout_s: float = UP_TIMEOUT_S, mode: str | None = None) -> Testbed:
+       timeout_s: float = UP_TIMEOUT_S, mode: str | None = None,
+       secure: bool = False) -> Testbed:
     """Bring up num_agents agents behind shaped links and write the roster; returns when every
     agent answers INFO.
 
     agent_args: extra edge_agent arguments, a list for every agent or {agent index: list}
     (recorded in the state: `status` shows them, `restart` keeps them). mode: root, userns or
-    loopback (default: `link_mode`). Raises TestbedError (after removing everything it made).
+    loopback (default: `link_mode`). secure: CurveZMQ keys for the base station and every
+    agent (see above). Raises TestbedError (after removing everything it made).
     """
     from shard_tool.errors import ShardError
     from shard_tool.manifest import load_manifest
@@ -178,9 +202,12 @@ def up(shards: str, num_agents: int, shapes: dict[int, LinkShape] | None = None,
     roster_path = os.path.abspath(roster_path or os.path.join(state_dir, "roster.toml"))
     state = {"tag": os.urandom(2).hex(), "mode": mode, "slot": None, "holder": None,
              "shaper": None, "backend": shaping.LOOPBACK, "shards": os.path.abspath(shards),
-             "roster_path": roster_path, "agents": []}
+             "roster_path": roster_path, "agents": [], "keys": None}
     save_state(state_dir, state)  # first, so `down` finds whatever follows
     try:
+        if secure:
+            state["keys"] = links_up.make_keys(state_dir, num_agents)
+            save_state(state_dir, state)
         if mode == LOOPBACK:
             links_up.start_loopback_agents(state_dir, state, groups, extra_args)
         else:
@@ -193,7 +220,7 @@ def up(shards: str, num_agents: int, shapes: dict[int, LinkShape] | None = None,
                 agent["shape"] = dataclasses.asdict(shape)
         save_state(state_dir, state)
         with open(roster_path, "w") as f:
-            f.write(roster_toml({tuple(a["experts"]): a["endpoint"] for a in state["agents"]}))
+            f.write(roster_text(state))
     except BaseException:
         down(state_dir)
         raise
@@ -275,13 +302,13 @@ class LinkStatus:
 
 def status(state_dir: str) -> list[LinkStatus]:
     """Each link's shape and its agent's state. Raises TestbedError when nothing is up."""
-    from edge_agent.client import AgentClient, PeerUnreachable
+    from edge_agent.client import PeerUnreachable
 
     state = require_state(state_dir)
     out = []
-    with AgentClient() as client:
+    with links_up.open_client(state) as client:
         sent = {}
-        peers = {a["index"]: client.connect(a["endpoint"]) for a in state["agents"]}
+        peers = {a["index"]: links_up.connect(client, state, a) for a in state["agents"]}
         time.sleep(0.1)  # give the connections a moment before asking
         for agent in state["agents"]:
             try:
@@ -301,5 +328,10 @@ def status(state_dir: str) -> list[LinkStatus]:
 def down(state_dir: str = DEFAULT_STATE_DIR, everything: bool = False) -> list[str]:
     """Remove every process, namespace, veth, route and rule `up` made in state_dir, also after
     a crash; `everything` also removes every leftover of any testbed of ours. Safe to run
-    twice. Returns what it removed (see links_down.down)."""
-    return links_down.down(state_dir, everything, is_root())
+    twice. Returns what it removed (see links_down.down), and the keys of `up --secure`."""
+    removed = links_down.down(state_dir, everything, is_root())
+    keys = os.path.join(state_dir, KEYS_DIR)
+    if os.path.isdir(keys):
+        shutil.rmtree(keys, ignore_errors=True)
+        removed.append(keys)
+    return removed

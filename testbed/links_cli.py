@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import os
 import re
 import sys
 
@@ -74,10 +75,13 @@ def cmd_up(args) -> int:
               file=sys.stderr)
         tb = links.up(args.shards, args.agents, shapes, state_dir=args.state_dir,
                       roster_path=args.roster, agent_args=agent_args,
-                      timeout_s=args.timeout_s)
+                      timeout_s=args.timeout_s, secure=args.secure)
     except (TestbedError, ValueError) as e:
         return _fail(e)
     _print_status(links.status(tb.state_dir))
+    if tb.basestation_keys:
+        print(f"keys: {os.path.dirname(tb.basestation_keys)}  (CurveZMQ: the roster names the "
+              "base station's keys and each agent's public key; `testbed down` removes them)")
     print(f"roster: {tb.roster_path}  (basestation chat --shards {args.shards} --agents "
           f"{tb.roster_path})")
     return 0
@@ -164,6 +168,10 @@ def add_parsers(subparsers) -> None:
     p.add_argument("--agent-arg", action="append", metavar="ARG",
                    help="extra edge_agent argument (repeatable), e.g. "
                         "--agent-arg=--no-self-benchmark")
+    p.add_argument("--secure", action="store_true",
+                   help="CurveZMQ: keys for the base station and every agent (in "
+                        "STATE_DIR/keys), agents that answer the base station's key only, and "
+                        "a roster that carries the keys (basestation --agents ROSTER alone)")
     state_dir(p)
     p.set_defaults(func=cmd_up)
 

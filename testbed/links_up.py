@@ -1,14 +1,15 @@
-"""The steps of `testbed up`: the user namespace (not root), each agent's namespace and veth,
-its relay and agent processes, and the wait until every agent answers. Namespaces and veths are
-recorded in the state before they are made, processes as soon as they start (`down` also finds
-one that `up` started just before it was killed); links.up runs the steps and tears down on
-error.
+"""The steps of `testbed up`: the keys (`--secure`), the user namespace (not root), each agent's
+namespace and veth, its relay and agent processes, and the wait until every agent answers.
+Namespaces and veths are recorded in the state before they are made, processes as soon as they
+start (`down` also finds one that `up` started just before it was killed); links.up runs the
+steps and tears down on error.
 """
 
 from __future__ import annotations
 
 import functools
 import os
+import shutil
 import socket
 import sys
 import time
@@ -31,6 +32,8 @@ from testbed.links_types import TestbedError
 from testbed.relay import LISTEN_BACKLOG, write_settings
 
 INFO_TIMEOUT_S = 1.0  # one INFO round while waiting or in status
+KEYS_DIR = "keys"  # STATE_DIR/keys/: `up --secure`'s key folders, removed by `down`
+BASESTATION_KEY_NAME = "basestation"
 
 
 @functools.cache
@@ -40,6 +43,69 @@ def agent_takes_insecure() -> bool:
     from edge_agent.cli import build_parser
 
     return "--insecure" in build_parser()._option_string_actions
+
+
+# -- keys (`up --secure`) ---------------------------------------------------------------------
+
+
+def key_folders(state_dir: str, num_agents: int) -> dict:
+    """Where `up --secure` keeps each identity (pure): STATE_DIR/keys/basestation and
+    STATE_DIR/keys/agent-I, as the state records them."""
+    root = os.path.join(os.path.abspath(state_dir), KEYS_DIR)
+    return {"basestation": os.path.join(root, BASESTATION_KEY_NAME),
+            "agents": [os.path.join(root, f"agent-{i}") for i in range(num_agents)]}
+
+
+def make_keys(state_dir: str, num_agents: int) -> dict:
+    """A keypair for the base station and one per agent, each agent trusting the base station
+    and the base station every agent (should it listen for them). Returns key_folders plus
+    "public": each agent's public key (Z85 text). Raises TestbedError."""
+    from edge_agent.keys import SECRET_SUFFIX, TRUSTED_DIR, KeysError, keygen, load_keypair, trust
+
+    folders = key_folders(state_dir, num_agents)
+    shutil.rmtree(os.path.dirname(folders["basestation"]), ignore_errors=True)  # a stale run's
+    try:
+        keygen(folders["basestation"], BASESTATION_KEY_NAME, (TRUSTED_DIR,))
+        bs_secret = os.path.join(folders["basestation"], BASESTATION_KEY_NAME + SECRET_SUFFIX)
+        public = []
+        for i, folder in enumerate(folders["agents"]):
+            _, agent_secret = keygen(folder, f"agent-{i}", (TRUSTED_DIR,))
+            trust(folder, bs_secret)
+            trust(folders["basestation"], agent_secret)
+            public.append(load_keypair(folder).public.decode())
+    except KeysError as e:
+        raise TestbedError(f"--secure: {e}") from None
+    return {**folders, "public": public}
+
+
+def keyed_args(state: dict, index: int) -> list[str]:
+    """The edge_agent arguments of agent INDEX's keys (none when the testbed is plain)."""
+    keys = state.get("keys")
+    return ["--keys", keys["agents"][index]] if keys else []
+
+
+def open_client(state: dict):
+    """An AgentClient for this testbed's agents: with the base station's keypair when it is
+    secure. Raises TestbedError."""
+    from edge_agent.client import AgentClient
+    from edge_agent.keys import KeysError, load_keypair
+
+    keys = state.get("keys")
+    try:
+        keypair = load_keypair(keys["basestation"], "basestation") if keys else None
+    except KeysError as e:
+        raise TestbedError(f"this testbed's keys: {e}") from None
+    return AgentClient(keypair=keypair)
+
+
+def connect(client, state: dict, agent: dict) -> bytes:
+    """Connect `client` (open_client) to AGENT: over CurveZMQ to its key when secure."""
+    keys = state.get("keys")
+    key = keys["public"][agent["index"]].encode() if keys else None
+    return client.connect(agent["endpoint"], server_key=key)
+
+
+# -- links and agents -------------------------------------------------------------------------
 
 
 def start_holder(state_dir: str, state: dict) -> tuple[str, ...]:
@@ -112,10 +178,11 @@ def start_agent(state_dir: str, state: dict, agent: dict, enter: tuple[str, ...]
     else:
         bind = agent["endpoint"]
     # A veth address of ours is reached only through this machine (the user namespace's only
-    # from inside it): the testbed's agents serve unencrypted, as on loopback.
-    insecure = not bind.startswith(f"tcp://{LOCALHOST}:") and agent_takes_insecure()
+    # from inside it): without --secure the testbed's agents serve unencrypted, as on loopback.
+    insecure = not state.get("keys") and not bind.startswith(f"tcp://{LOCALHOST}:") \
+        and agent_takes_insecure()
     agent["agent_command"] = in_ns + edge_agent_command(python, agent, state["shards"], bind,
-                                                        insecure)
+                                                        insecure) + keyed_args(state, index)
     agent["agent_pid"] = spawn(agent["agent_command"], agent["log"])
     agent["pids"].append(agent["agent_pid"])
 
@@ -125,7 +192,7 @@ def start_loopback_agents(state_dir: str, state: dict, groups: list[tuple[int, .
     for i, experts in enumerate(groups):
         agent = plan_loopback_agent(i, experts, free_port(), state_dir, extra_args[i])
         agent["agent_command"] = edge_agent_command(sys.executable, agent, state["shards"],
-                                                    agent["endpoint"])
+                                                    agent["endpoint"]) + keyed_args(state, i)
         state["agents"].append(agent)
         agent["agent_pid"] = spawn(agent["agent_command"], agent["log"])
         agent["pids"].append(agent["agent_pid"])
@@ -133,12 +200,13 @@ def start_loopback_agents(state_dir: str, state: dict, groups: list[tuple[int, .
 
 
 def wait_ready(state: dict, agents: list[dict], timeout_s: float) -> None:
-    """Until each of AGENTS answers INFO through its link. Raises TestbedError."""
-    from edge_agent.client import AgentClient, PeerUnreachable
+    """Until each of AGENTS answers INFO through its link (keyed when the testbed is secure).
+    Raises TestbedError."""
+    from edge_agent.client import PeerUnreachable
 
     deadline = time.monotonic() + timeout_s
-    with AgentClient() as client:
-        peers = {a["index"]: client.connect(a["endpoint"]) for a in agents}
+    with open_client(state) as client:
+        peers = {a["index"]: connect(client, state, a) for a in agents}
         pending = {a["index"]: a for a in agents}
         while pending:
             for i, agent in pending.items():

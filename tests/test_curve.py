@@ -22,6 +22,7 @@ from basestation.session import (
     open_links,
     read_roster_agents,
     read_roster_file,
+    read_roster_keys,
 )
 from edge_agent import protocol as P
 from edge_agent.client import AgentClient, AgentError, PeerUnreachable
@@ -152,6 +153,29 @@ def test_roster_entries_carry_public_keys(tmp_path, ids):
         with pytest.raises(RosterError, match=reason) as e:
             read_roster_agents(str(roster))
         assert "\n" not in str(e.value)
+
+
+def test_a_roster_can_name_the_basestations_keys(tmp_path, ids):
+    """`testbed up --secure` writes one roster that is all `basestation` needs: [basestation]
+    keys (relative to the roster, or absolute) stand in for --keys; --keys wins."""
+    agent = RosterAgent((3,), "tcp://10.0.0.3:5600", keypair(ids, "agent-a").public)
+    roster = tmp_path / "roster.toml"
+    roster.write_text(format_roster([agent], keys=os.path.relpath(ids["bs"], tmp_path)))
+    assert read_roster_keys(str(roster)) == os.path.normpath(ids["bs"])
+    assert read_roster_agents(str(roster)) == [agent]
+    keyed = build_roster([], str(roster), None)  # no --keys: the roster's
+    assert keyed.keys.keypair.public == keypair(ids, "bs").public
+    roster.write_text(format_roster([agent], keys=ids["bs"]))
+    assert build_roster([], str(roster), None).keys.keypair.public == keypair(ids, "bs").public
+    assert build_roster([], str(roster), None, keys_dir=ids["stranger"]).keys.keypair.public \
+        == keypair(ids, "stranger").public
+    for bad in ('[basestation]\nkeys = 3\n', '[basestation]\nkeys = "x"\nmore = 1\n'):
+        roster.write_text(bad + '[agents]\n"3" = "tcp://127.0.0.1:5600"\n')
+        with pytest.raises(RosterError, match=r"\[basestation\] takes keys"):
+            build_roster([], str(roster), None)
+    roster.write_text(format_roster([agent], keys=str(tmp_path / "missing")))
+    with pytest.raises(RosterError, match="no such folder"):
+        build_roster([], str(roster), None)
 
 
 def test_protected_by_default_rules(tmp_path, ids):

@@ -49,6 +49,7 @@ AGENT_CASES = 6000
 RAW_ZMTP_CASES = 400
 STORE_CASES = 2500
 DIALIN_CASES = 1500
+HANG_UP_EVERY = 250  # dial-in cases between two hang-ups of one fuzzing connection
 MIB = 1 << 20
 MESSAGE_CAP_MB = "1"  # --max-message-mb of the agents under test
 SECTION_DEADLINE_S = 60.0  # a fuzz section still running after this fails: bounded in time
@@ -367,25 +368,30 @@ class RogueDialIn:
 
 
 def fuzz_dial_in(endpoint: str, cases, count: int, stop: threading.Event, sent: list) -> None:
-    """Fire-and-forget cases into a base station's dial-in port from four routing ids; the
-    connections stay open until `stop`. (Closing one whose queue at the base station is full
-    aborts the base station at its next heartbeat: libzmq 4.3.5's "!_io_error" assertion, which
-    the agent avoids by having no receive HWM; the base station's socket, edge_agent/client.py,
-    still has one. Not this test's subject: it stays out of its way.)"""
+    """Fire-and-forget cases into a base station's dial-in port from four routing ids, one of
+    them hanging up and coming back under a new id every HANG_UP_EVERY cases, whatever it left
+    queued (that aborted the base station while its socket had a receive HWM: libzmq 4.3.5's
+    "!_io_error"; tests/test_agent_dialin.py floods it on purpose). The others stay open until
+    `stop`."""
     ctx = zmq.Context()
     rng = random.Random(SEED + 2)
-    socks = []
-    for i in range(CONNECTIONS):
+
+    def dial(i: int) -> zmq.Socket:
         sock = ctx.socket(zmq.DEALER)
         sock.setsockopt(zmq.LINGER, 0)
         sock.setsockopt(zmq.SNDHWM, 1000)
         sock.setsockopt(zmq.ROUTING_ID, bytes([1 + rng.randrange(255)]) + rng.randbytes(i * 4))
         sock.connect(endpoint)
-        socks.append(sock)
+        return sock
+
+    socks = [dial(i) for i in range(CONNECTIONS)]
     try:
         for i in range(count):
             if stop.is_set():
                 return
+            if i % HANG_UP_EVERY == HANG_UP_EVERY - 1:
+                socks[0].close(linger=0)
+                socks[0] = dial(0)
             try:
                 socks[i % CONNECTIONS].send_multipart(next(cases), flags=zmq.NOBLOCK)
             except zmq.Again:

@@ -129,3 +129,19 @@ def test_the_ledger_on_a_real_connection_cuts_and_drops():
         finally:
             client.close()
             accepted.close()
+
+
+def test_heartbeats_never_get_a_long_lived_connection_cut():
+    """Regression: ZMTP heartbeats reach the kernel's byte count but never the reader's, so a
+    healthy keyed connection (410 B/s of heartbeats) crossed the 16 MiB slack after ~11 h and
+    was cut. Its budget now grows with its age; a flood still goes at once."""
+    from edge_agent.peer_limits import HEARTBEAT_ALLOWANCE_BYTES_PER_S, Peer
+
+    limits = PeerLimits(in_flight_bytes=1000)
+    day_s = 86_400.0
+    old = Peer(fd=1, address=None, accepted_s=0.0, received=410 * int(day_s))
+    assert over_budget([old], limits)  # without the clock: the old rule, cut
+    assert over_budget([old], limits, now_s=day_s) == []
+    flood = Peer(fd=2, address=None, accepted_s=day_s - 1,
+                 received=1000 + 2 * HEARTBEAT_ALLOWANCE_BYTES_PER_S)
+    assert [p.fd for p, _ in over_budget([old, flood], limits, now_s=day_s)] == [2]
