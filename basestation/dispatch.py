@@ -136,6 +136,8 @@ class Dispatcher:
                 reply_bytes=nbytes, tokens=tokens, experts=1, time_s=arrived_s))
             agent.calls += tokens
             agent.compute_s_total += compute_s
+            if "cache" in reply.header:  # a memory-budgeted agent's counters
+                agent.cache = P.cache_figures(reply.header["cache"]) or agent.cache
             agent.last_used_s = arrived_s
             self.stats.expert_calls += tokens
             if y.dtype != x.dtype:

@@ -15,6 +15,7 @@ from dataclasses import dataclass, field
 import torch
 
 from basestation import link_estimator as links
+from basestation.prefetch import cache_summary
 from edge_agent import protocol as P
 from edge_agent.client import AgentClient, PeerUnreachable
 
@@ -72,6 +73,9 @@ class AgentLink:
     failures: int = 0  # requests with no valid reply in time, or refused
     probes: int = 0  # work probes sent while the agent was idle or avoided
     compute_s_total: float = 0.0
+    # a memory-budgeted agent's cache counters (protocol.cache_figures), from its latest
+    # expert reply; None: unbudgeted, or no reply yet (figures() then reads its info)
+    cache: dict | None = None
 
     def figures(self) -> dict:
         return {
@@ -82,7 +86,11 @@ class AgentLink:
             "compute_us_per_token": round(self.state.compute_s_per_token_expert * 1e6, 2),
             "calls": self.calls, "drops": self.drops, "failures": self.failures,
             "probes": self.probes, "device": self.info.get("device", "?"),
-        }
+        } | self._cache_figures()
+
+    def _cache_figures(self) -> dict:
+        cache = self.cache or self.info.get("memory_budget")
+        return cache_summary(cache) if isinstance(cache, dict) else {}
 
     def mark_failed(self, now_s: float) -> bool:
         """Count a failure; returns True when this turned a live agent dead."""

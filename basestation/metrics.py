@@ -77,8 +77,8 @@ def render(engine: EngineMetrics, http_responses: dict[tuple[str, int], int], qu
     metric("wdmoe_completion_tokens_total", "counter", "tokens generated",
            [("", engine.completion_tokens)])
     metric("wdmoe_queue_depth", "gauge", "requests waiting for the engine", [("", queue_depth)])
-    lines.extend(["# HELP wdmoe_token_latency_seconds time per generated token (the first "
-                  "includes the prefill)", "# TYPE wdmoe_token_latency_seconds histogram"])
+    lines.extend([("# HELP wdmoe_token_latency_seconds time per generated token (the first "
+                   "includes the prefill)"), "# TYPE wdmoe_token_latency_seconds histogram"])
     lines.extend(engine.token_latency.lines("wdmoe_token_latency_seconds"))
     lines.extend(["# HELP wdmoe_batch_sequences sequences decoded together per forward pass",
                   "# TYPE wdmoe_batch_sequences histogram"])
@@ -94,8 +94,24 @@ def render(engine: EngineMetrics, http_responses: dict[tuple[str, int], int], qu
         ("wdmoe_agent_drops_total", "counter", "token-expert computations dropped", "drops"),
         ("wdmoe_agent_failures_total", "counter", "late, missing or bad replies", "failures"),
     ]
-    for name, kind, help_, key in per_agent:
-        metric(name, kind, help_, [(f'{{agent="{_label(a["address"])}",experts="'
-                                    f'{",".join(map(str, a["experts"]))}"}}', float(a[key]))
-                                   for a in agents])
+    per_budgeted_agent = [  # agents with --memory-budget only (basestation/prefetch.py)
+        ("wdmoe_agent_cache_hits_total", "counter", "layer-experts found resident", "cache_hits"),
+        ("wdmoe_agent_cache_misses_total", "counter", "layer-experts a request waited for",
+         "cache_misses"),
+        ("wdmoe_agent_cache_stall_seconds_total", "counter", "time requests waited for loads",
+         "cache_stall_s"),
+        ("wdmoe_agent_cache_loads_total", "counter", "layer-experts read from the shard",
+         "cache_loads"),
+        ("wdmoe_agent_cache_evictions_total", "counter", "layer-experts evicted",
+         "cache_evictions"),
+        ("wdmoe_agent_cache_resident_bytes", "gauge", "bytes of layer-experts in memory",
+         "cache_resident_bytes"),
+    ]
+    budgeted = [dict(a, cache_stall_s=a["cache_stall_ms"] / 1e3) for a in agents
+                if "cache_hits" in a]
+    for name, kind, help_, key in per_agent + (per_budgeted_agent if budgeted else []):
+        rows = budgeted if key.startswith("cache_") else agents
+        metric(name, kind, help_, [((f'{{agent="{_label(a["address"])}",experts="'
+                                     f'{",".join(map(str, a["experts"]))}"}}'), float(a[key]))
+                                   for a in rows])
     return "\n".join(lines) + "\n"

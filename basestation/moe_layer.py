@@ -6,6 +6,8 @@ replaces only the routed experts' computation and reads top to bottom:
     box latency -> select (WLR per box) -> group -> run on agents -> drop/retry -> combine
 
 θ belongs to the request being generated (`MoeRuntime.theta`, set per call by generate).
+With memory-budgeted agents, a layer's routing first becomes prefetch hints for the next layer
+(basestation/prefetch.py), sent before this layer's requests so the agents' loads overlap them.
 
 Shape legend: T = tokens, K = top-k slots, E = experts, B = boxes (agents + the local fallback),
 H = hidden.
@@ -22,8 +24,11 @@ from basestation import link_estimator as links
 from basestation.channel_model import ChannelScenario, scenario_latency_s
 from basestation.dispatch import Dispatcher
 from basestation.ledger import RequestLedger, charge
+from basestation.prefetch import PrefetchConfig, RoutePredictor, plan_hints
 from basestation.routing import after_failures, combine, group_by_expert
 from basestation.selector import Selection, select
+from edge_agent import protocol as P
+from edge_agent.client import PeerUnreachable
 
 LOCAL_S_PER_PAIR = 1e-3  # latency the selector assumes for the local fallback, per (token, expert)
 
@@ -54,6 +59,15 @@ class MoeRuntime:
         self._boxes: tuple[torch.Tensor, torch.Tensor | None] | None = None
         dispatcher.on_liveness_change = self.liveness_changed
         dispatcher.prober.on_liveness_change = self.liveness_changed
+        # memory-budgeted agents (info has memory_budget) get prefetch hints (set_prefetch; on
+        # when there are any); the dispatcher keeps their replies' cache figures (AgentLink.cache)
+        self.predictor = RoutePredictor(num_experts)
+        self.prefetch_config = PrefetchConfig()
+        self.prefetching = False
+        self.hints_sent = 0
+        self._hint_owner: dict[int, int] = {}  # expert -> index of its budgeted agent
+        if self.budgeted_agents():
+            self.set_prefetch(True)
 
     def charge_to(self, ledgers: list[RequestLedger] | None,
                   owners: torch.Tensor | None = None) -> None:
@@ -66,6 +80,46 @@ class MoeRuntime:
 
     def liveness_changed(self) -> None:
         self._boxes = None
+
+    def budgeted_agents(self) -> list:
+        return [a for a in self.agents if isinstance(a.info.get("memory_budget"), dict)]
+
+    def set_prefetch(self, on: bool, predictor: RoutePredictor | None = None,
+                     config: PrefetchConfig | None = None) -> bool:
+        """Prefetch hints to the memory-budgeted agents on or off (agents without a budget never
+        get one). `predictor`: a table seeded from a calibration run (default: the one learned
+        so far); `config`: how sure a hint must be. Returns whether hints are on."""
+        budgeted = {id(a) for a in self.budgeted_agents()}
+        self.predictor = predictor or self.predictor
+        self.prefetch_config = config or self.prefetch_config
+        self._hint_owner = {expert: i for i, a in enumerate(self.agents) if id(a) in budgeted
+                            for expert in a.experts if self.dispatcher.owner.get(expert) is a}
+        self.prefetching = bool(on and self._hint_owner)
+        return self.prefetching
+
+    def agent_figures(self) -> list[dict]:
+        """Every agent's AgentLink.figures() (with cache_* figures for budgeted agents)."""
+        return [agent.figures() for agent in self.agents]
+
+    def _send_hints(self, layer: int, experts: torch.Tensor) -> None:
+        """This layer's routing -> hints for the next layer's likely experts (prefetch.py)."""
+        routed = experts.numpy(force=True)  # [T, K]
+        self.predictor.observe(layer, routed)
+        predicted = self.predictor.predict(layer, routed)
+        if predicted is None:
+            return
+        following, probability = predicted
+        for index, hinted in plan_hints(probability, self._hint_owner,
+                                        self.prefetch_config).items():
+            agent = self.agents[index]
+            if not agent.alive:
+                continue
+            try:
+                self.dispatcher.client.send(agent.peer, P.PREFETCH, **P.prefetch_fields(
+                    following, hinted, [round(100 * probability[e]) for e in hinted]))
+                self.hints_sent += 1
+            except PeerUnreachable:
+                pass
 
     def boxes(self) -> tuple[torch.Tensor, torch.Tensor | None]:
         """box_of_expert [E] (agent index, or len(agents) for the local fallback) and the
@@ -110,6 +164,8 @@ class MoeRuntime:
                 weights: torch.Tensor) -> torch.Tensor:
         """x [T, H]; the router's experts [T, K] and weights [T, K] -> the experts' weighted
         sum [T, H]."""
+        if self.prefetching:  # first: the agents load while they compute this layer
+            self._send_hints(layer, experts)
         box_of_expert, available = self.boxes()
         theta = self.theta  # a number, or [T] when requests with their own θ share a batch
         dropping = bool((theta > 0).any()) if isinstance(theta, torch.Tensor) else theta > 0
@@ -181,3 +237,4 @@ def remote_experts_forward(self, hidden_states: torch.Tensor, top_k_index: torch
     library calls it in place of `…Experts.forward` with the family's own routing."""
     return self.wdmoe_runtime.forward(self.wdmoe_layer, hidden_states, top_k_index,
                                       top_k_weights)
+

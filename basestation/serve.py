@@ -1,5 +1,6 @@
-"""`basestation serve`: the OpenAI API (chat, completions, models) over the engine, plus /health
-and /metrics (Prometheus).
+"""`basestation serve`: the OpenAI API (chat, completions, models) over the engine, plus /health,
+/metrics (Prometheus) and /stats (JSON: per-agent figures, memory-budgeted agents' cache hits,
+misses and stalls included, and the MoE layers' counters).
 
 Handlers parse the body (openai_api), submit an engine Request, and read its events from an
 asyncio queue the engine thread fills through `call_soon_threadsafe`; the engine alone touches
@@ -9,6 +10,7 @@ the sockets and the model. A client that goes away cancels its request.
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import hmac
 import json
 import time
@@ -45,6 +47,7 @@ class Server:
         app = Starlette(routes=[
             Route("/health", self.health),
             Route("/metrics", self.metrics),
+            Route("/stats", self.stats),
             Route("/v1/models", self.models),
             Route("/v1/chat/completions", self.chat, methods=["POST"]),
             Route("/v1/completions", self.completions, methods=["POST"]),
@@ -93,8 +96,15 @@ class Server:
 
     async def metrics(self, request: HttpRequest) -> Response:
         text = M.render(self.engine.metrics, dict(self.responses), self.engine.queue_depth,
-                        [a.figures() for a in self.engine.session.agents])
+                        self.engine.session.runtime.agent_figures())
         return PlainTextResponse(text, media_type="text/plain; version=0.0.4")
+
+    async def stats(self, request: HttpRequest) -> Response:
+        runtime = self.engine.session.runtime
+        return JSONResponse({"agents": runtime.agent_figures(),
+                             "moe": dataclasses.asdict(runtime.stats),
+                             "prefetch": {"hints": runtime.prefetching,
+                                          "hints_sent": runtime.hints_sent}})
 
     async def models(self, request: HttpRequest) -> Response:
         return JSONResponse({"object": "list", "data": [{

@@ -5,7 +5,9 @@ from __future__ import annotations
 
 import argparse
 import logging
+import math
 import os
+import re
 import signal
 import socket
 import sys
@@ -27,6 +29,12 @@ from shard_tool.expert_ids import parse_expert_ids
 
 DEFAULT_BIND = "tcp://0.0.0.0:5600"
 EXIT_USAGE = 2
+# --memory-budget units: decimal (MB = 10^6 bytes) and binary (MiB = 2^20 bytes), as disks and
+# `free -h` count them; no unit: bytes
+SIZE_UNITS = {"": 1, "b": 1, "kb": 10**3, "mb": 10**6, "gb": 10**9, "tb": 10**12,
+              "kib": 2**10, "mib": 2**20, "gib": 2**30, "tib": 2**40}
+SIZE_RE = re.compile(r"\s*(\d+(?:\.\d*)?|\.\d+)\s*([a-zA-Z]*)\s*", re.ASCII)
+MAX_MEMORY_BYTES = 2**50
 
 
 class UsageError(Exception):
@@ -70,6 +78,19 @@ def fingerprint(text: str) -> str:
         raise argparse.ArgumentTypeError(f"{text!r}: 16 to 64 hex characters (the fingerprint "
                                          "`shard_tool split` printed)")
     return text.lower()
+
+
+def memory_size(text: str) -> int:
+    """An argparse `type` for --memory-budget: `64MB`, `1.5GiB`, `300000000` -> bytes."""
+    match = SIZE_RE.fullmatch(text)
+    if match is None or match.group(2).lower() not in SIZE_UNITS:
+        raise argparse.ArgumentTypeError(f"{text[:40]!r} is not a size (e.g. 64MB, 1.5GiB, or a "
+                                         "number of bytes)")
+    value = float(match.group(1)) * SIZE_UNITS[match.group(2).lower()]
+    if not (math.isfinite(value) and 1 <= value <= MAX_MEMORY_BYTES):
+        raise argparse.ArgumentTypeError(f"{text[:40]!r}: must be at least 1 byte and at most "
+                                         "1 PiB")
+    return int(value)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -118,6 +139,14 @@ def build_parser() -> argparse.ArgumentParser:
                    help="with --store: the only model that may be pushed (its fingerprint, "
                    "as `shard_tool split` prints it); needed on an empty store whose --bind "
                    "reaches beyond loopback")
+    p.add_argument("--memory-budget", type=memory_size, metavar="SIZE",
+                   help="keep at most SIZE of expert weights in memory (64MB, 1.5GiB): the "
+                   "layer-experts beyond it stay in the shard and load when a request needs "
+                   "them or the base station hints they will (default: all of them, at start)")
+    p.add_argument("--pace-load-mb-per-s", type=number(0, 1e6), default=0.0, metavar="MB",
+                   help="emulation, with --memory-budget: reading a layer-expert from the shard "
+                   "takes at least its size / MB (10^6 bytes) per second, as from an SD card "
+                   "or eMMC; 0: off (default)")
     p.add_argument("--fault", action="append", default=[], metavar="delay=S|drop=N|crash=N",
                    help="fault injection for tests")
     p.add_argument("--no-self-benchmark", action="store_true", help="skip the start-up benchmark")
@@ -182,6 +211,10 @@ def main(argv: list[str] | None = None) -> int:
         print("edge_agent: error: --pace-compute-us-per-token/-per-call must be in [0, 1e7)",
               file=sys.stderr)
         return EXIT_USAGE
+    if args.pace_load_mb_per_s and not args.memory_budget:
+        print("edge_agent: error: --pace-load-mb-per-s paces the loads of --memory-budget: give "
+              "both", file=sys.stderr)
+        return EXIT_USAGE
     if args.store and os.path.exists(args.store) and not os.path.isdir(args.store):
         print(f"edge_agent: error: --store {args.store}: not a folder", file=sys.stderr)
         return EXIT_USAGE
@@ -195,7 +228,9 @@ def main(argv: list[str] | None = None) -> int:
         pace_s_per_token=args.pace_compute_us_per_token / 1e6,
         pace_s_per_call=args.pace_compute_us_per_call / 1e6, keys=keys,
         basestation_key=basestation_key, accept_fingerprint=args.accept_fingerprint,
-        limits=PeerLimits.for_message_cap(sockets.max_message_bytes, args.max_peers))
+        limits=PeerLimits.for_message_cap(sockets.max_message_bytes, args.max_peers),
+        memory_budget_bytes=args.memory_budget,
+        pace_load_bytes_per_s=args.pace_load_mb_per_s * 1e6)
     try:  # with --store, makes the store's folders
         agent = Agent(config, ready=lambda line: print(line, flush=True))
     except OSError as e:

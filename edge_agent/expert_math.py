@@ -264,7 +264,7 @@ class ExpertWeights:
 
     @classmethod
     def from_w123(cls, w1: torch.Tensor, w2: torch.Tensor, w3: torch.Tensor,
-                  activation: str = "silu") -> "ExpertWeights":
+                  activation: str = "silu") -> ExpertWeights:
         """Separate gate (w1 [F, D]), down (w2 [D, F]) and up (w3 [F, D]) -> fused, as
         transformers concatenates them at load."""
         assert w1.shape == w3.shape and w2.shape == (w1.shape[1], w1.shape[0]), (

@@ -24,7 +24,13 @@ Kinds and their extra header fields:
     EXPERT        layer, experts [[expert_id, tokens], ...] (tokens of each expert, in frame
                   order), dtype (wire dtype of this tensor), shape [tokens, hidden],
                   reply_dtype (optional; default: dtype)
-    EXPERT_REPLY  layer, experts, dtype, shape, compute_s (time spent computing on the box)
+    EXPERT_REPLY  layer, experts, dtype, shape, compute_s (time spent computing on the box);
+                  cache (only from an agent with --memory-budget): CACHE_FIELDS, in that order,
+                  counted since the agent started (compute_s includes this request's stall)
+    PREFETCH      layer, experts [expert_id, ...] (at most MAX_PREFETCH_EXPERTS): a hint that
+                  these experts of that layer are needed soon; percent (optional) [0..100, ...]
+                  how likely each is; fire-and-forget: no reply, ever (a wrong or garbled one
+                  is dropped), no payload; sent only to agents whose info has memory_budget
     PING          reply_bytes (optional: answer with that many bytes; else echo the payload)
     PONG          bytes
     INFO / INFO_REPLY   info {experts, layers, hidden, dtype, device, fingerprint, ...}
@@ -38,8 +44,9 @@ Kinds and their extra header fields:
 from __future__ import annotations
 
 import math
+from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Any, Sequence
+from typing import Any
 
 import msgpack
 import torch
@@ -62,8 +69,16 @@ PUSH_CHUNK = "push_chunk"
 PUSH_END = "push_end"
 PUSH_ACK = "push_ack"
 ERROR = "error"
+PREFETCH = "prefetch"
 PUSH_KINDS = (PUSH_BEGIN, PUSH_CHUNK, PUSH_END)
 REQUEST_KINDS = (EXPERT, PING, INFO, *PUSH_KINDS)
+NO_REPLY_KINDS = (PREFETCH,)  # a message of these kinds that unpacks is never answered
+
+# Memory-budgeted agents (edge_agent/expert_cache.py): a hint names at most this many experts
+# (a layer of the largest MoE has 256); the reply's `cache` list holds these, in this order
+MAX_PREFETCH_EXPERTS = 256
+CACHE_FIELDS = ("hits", "misses", "stall_us", "loads", "evictions", "resident_bytes",
+                "hinted_hits")
 
 # Error codes carried by ERROR replies
 ERR_MALFORMED = "malformed"
@@ -151,7 +166,7 @@ def unpack(frame) -> dict:
     """Decode and check a header frame. Raises ProtocolError (malformed, version)."""
     try:
         header = msgpack.unpackb(frame, raw=False, strict_map_key=True)
-    except Exception:  # msgpack raises many types on garbage
+    except Exception:  # noqa: BLE001 (msgpack raises many types on garbage)
         raise ProtocolError(ERR_MALFORMED, "header is not msgpack") from None
     if not isinstance(header, dict):
         raise ProtocolError(ERR_MALFORMED, "header is not a map")
@@ -186,7 +201,7 @@ def request_id_of(frame) -> int | None:
         header = msgpack.unpackb(frame, raw=False)
         request_id = header.get("id") if isinstance(header, dict) else None
         return request_id if isinstance(request_id, int) else None
-    except Exception:
+    except Exception:  # noqa: BLE001 (garbage: no id)
         return None
 
 
@@ -271,6 +286,57 @@ def decode_tensor_view(header: dict, frames: Sequence, hidden: int | None = None
         scale = _frame_tensor(frames[1], torch.float32, shape[0])[0].view(shape[0], 1)
         return x.float() * scale, False
     return x, is_view
+
+
+@dataclass(frozen=True)
+class PrefetchHint:
+    layer: int
+    experts: tuple[int, ...]
+    percent: tuple[int, ...] | None = None  # how likely each expert is; None: sure
+
+
+def prefetch_fields(layer: int, experts, percent=None) -> dict:
+    """The header fields of a PREFETCH (AgentClient.send(peer, PREFETCH, **fields))."""
+    fields = {"layer": int(layer),
+              "experts": [int(e) for e in experts][:MAX_PREFETCH_EXPERTS]}
+    if percent is not None:
+        fields["percent"] = [min(100, max(0, int(p))) for p in percent][:MAX_PREFETCH_EXPERTS]
+    return fields
+
+
+def parse_prefetch(header: dict, payload: Sequence = ()) -> PrefetchHint:
+    """A PREFETCH's fields, checked. Raises ProtocolError (ERR_MALFORMED, ERR_TOO_LARGE)."""
+    layer, experts = header.get("layer"), header.get("experts")
+    if payload:
+        raise ProtocolError(ERR_MALFORMED, "a prefetch hint carries no payload")
+    if not _plain_int(layer) or layer < 0:
+        raise ProtocolError(ERR_MALFORMED, f"prefetch layer {str(layer)[:20]!r} is not a layer")
+    if not isinstance(experts, list):
+        raise ProtocolError(ERR_MALFORMED, "prefetch experts must be [expert_id, ...]")
+    if len(experts) > MAX_PREFETCH_EXPERTS:
+        raise ProtocolError(ERR_TOO_LARGE, f"a prefetch hint of {len(experts)} experts (at most "
+                                           f"{MAX_PREFETCH_EXPERTS})")
+    if not all(_plain_int(e) and e >= 0 for e in experts):
+        raise ProtocolError(ERR_MALFORMED, "prefetch experts must be [expert_id, ...]")
+    percent = header.get("percent")
+    if percent is not None and (not isinstance(percent, list) or len(percent) != len(experts)
+                                or not all(_plain_int(p) and 0 <= p <= 100 for p in percent)):
+        raise ProtocolError(ERR_MALFORMED, "prefetch percent must be [0..100, ...], one per "
+                                           "expert")
+    return PrefetchHint(layer, tuple(experts), None if percent is None else tuple(percent))
+
+
+def cache_figures(value) -> dict | None:
+    """An expert reply's `cache` list as {CACHE_FIELDS name: int}, or None when it is absent or
+    malformed (figures for humans: a bad one is ignored, not an error)."""
+    if (not isinstance(value, list) or len(value) != len(CACHE_FIELDS)
+            or not all(_plain_int(v) and v >= 0 for v in value)):
+        return None
+    return dict(zip(CACHE_FIELDS, value))
+
+
+def _plain_int(value) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
 
 
 def error_header(request_id: int | None, code: str, message: str) -> bytes:

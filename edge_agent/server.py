@@ -7,8 +7,8 @@ import os
 import platform
 import socket as pysocket
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Callable
 
 import torch
 import zmq
@@ -76,6 +76,12 @@ class AgentConfig:
     # loopback --bind with none held the first one pushed whole; see store.py)
     accept_fingerprint: str | None = None
     limits: PeerLimits | None = None  # the bound socket's per-peer limits; None: from sockets
+    # --memory-budget: bytes of layer-experts kept in memory, the rest loaded on demand or on a
+    # hint (shards.ExpertStore); None: every layer-expert resident, loaded at start
+    memory_budget_bytes: int | None = None
+    # emulation (off at 0): with a budget, a layer-expert loaded after the start takes at least
+    # its shard bytes / this (the storage of a small box: SD card, eMMC)
+    pace_load_bytes_per_s: float = 0.0
 
 
 def default_agent_id(experts: tuple[int, ...]) -> str:
@@ -103,7 +109,7 @@ def advertise_address(endpoint: str) -> str:
                 ip = addr.get("addr", "")
                 if ip and not ip.startswith("127."):
                     return f"tcp://{ip}:{port}"
-    except Exception as e:  # netifaces missing or an odd interface: fall back, say why
+    except Exception as e:  # noqa: BLE001 (no netifaces, an odd interface: fall back, say why)
         log.debug("advertise: netifaces failed: %s", e)
     return f"tcp://127.0.0.1:{port}"
 
@@ -127,7 +133,7 @@ def device_facts(device: torch.device) -> dict:
 
 def self_benchmark(loaded: LoadedExperts) -> dict:
     """Measured expert throughput of this box (tokens/s and FLOP/s of one expert FFN)."""
-    weights = loaded.weights[loaded.experts[0]][loaded.moe_layers[0]]
+    weights = loaded.sample_weights()
     x = torch.randn(BENCH_TOKENS, loaded.hidden_size, device=loaded.device, dtype=loaded.dtype)
     sync = torch.cuda.synchronize if loaded.device.type == "cuda" else (lambda: None)
     expert_forward(x, weights)  # warm-up
@@ -158,6 +164,7 @@ class Agent:
         self._router_monitor: zmq.Socket | None = None
         # a flood of bad peers must not become a flood of log lines (one per 10 s at most)
         self._handshake_log, self._refused_log, self._send_log = LogTally(), LogTally(), LogTally()
+        self._hint_log = LogTally()
         self.faults = FaultInjector(config.faults)
         self.throughput: dict = {}
         self.stop_requested = False
@@ -188,7 +195,9 @@ class Agent:
     def load(self, folder: str) -> None:
         """Raises ShardError (missing, corrupt, wrong shape)."""
         self.loaded = load_experts(folder, list(self.config.experts), self.config.device,
-                                   self.config.dtype)
+                                   self.config.dtype,
+                                   memory_budget_bytes=self.config.memory_budget_bytes,
+                                   load_bytes_per_s=self.config.pace_load_bytes_per_s)
         if self.config.self_benchmark:
             self.throughput = self_benchmark(self.loaded)
 
@@ -232,6 +241,8 @@ class Agent:
         return monitor
 
     def close(self) -> None:
+        if self.loaded is not None and self.loaded.store is not None:
+            self.loaded.store.close()
         for monitor, sock in self.monitors.items():
             try:
                 sock.disable_monitor()
@@ -357,6 +368,9 @@ class Agent:
                 log.info("fault injection: dropped expert request %s", request_id)
                 return None
             return self.expert(header, payload)
+        if kind == P.PREFETCH:
+            self.prefetch(header, payload, roles)
+            return None
         if kind == P.PING:
             return self.ping(header, payload)
         if kind == P.INFO:
@@ -401,6 +415,9 @@ class Agent:
         # through pyzmq's garbage-collector thread, which a zero-copy send of a new buffer costs).
         in_place = is_view and reply_dtype == wire_dtype and self._answer_in_place
         start = time.perf_counter()
+        store = loaded.store  # a budgeted box: loading what is not resident is part of the call
+        weights = loaded.weights if store is None else \
+            store.acquire(layer, [expert for expert, _ in experts])
         compute_x = x  # a decoded tensor is on the CPU
         if x.dtype is not loaded.dtype or loaded.device.type != "cpu":
             compute_x = x.to(device=loaded.device, dtype=loaded.dtype)
@@ -410,12 +427,12 @@ class Agent:
             compute_x = x.clone()
         out = x if in_place and compute_x is x else None  # CPU, same dtype: write straight in
         if len(experts) == 1:
-            y = expert_forward(compute_x, loaded.weights[experts[0][0]][layer], out=out)
+            y = expert_forward(compute_x, weights[experts[0][0]][layer], out=out)
         else:
             parts, offset = [], 0
             for expert, tokens in experts:
                 rows = slice(offset, offset + tokens)
-                parts.append(expert_forward(compute_x[rows], loaded.weights[expert][layer],
+                parts.append(expert_forward(compute_x[rows], weights[expert][layer],
                                             out=None if out is None else out[rows]))
                 offset += tokens
             y = out if out is not None else torch.cat(parts)
@@ -434,8 +451,26 @@ class Agent:
             frames, fields = [payload[0]], {"dtype": wire_dtype, "shape": header["shape"]}
         else:
             frames, fields = P.encode_tensor(y, reply_dtype)
+        if store is not None:
+            fields["cache"] = store.reply_fields()
         return [P.pack(P.EXPERT_REPLY, header["id"], layer=layer, experts=experts,
                        compute_s=compute_s, **fields)] + frames
+
+    def prefetch(self, header: dict, payload: list, roles: frozenset[str]) -> None:
+        """A hint (protocol.PREFETCH): load these layer-experts in the background. Never
+        answered, never raises: a hint from a key that may not compute, to a box without a
+        budget, or garbled, is dropped (and logged, at most once per 10 s)."""
+        store = self.loaded.store if self.loaded is not None else None
+        try:
+            hint = P.parse_prefetch(header, payload)
+            if ROLE_COMPUTE not in roles:
+                raise P.ProtocolError(P.ERR_NOT_ALLOWED, "a key that may not compute")
+            if store is not None:
+                store.hint(hint.layer, hint.experts, hint.percent)
+        except P.ProtocolError as e:
+            self._hint_log.add(time.monotonic(), f"dropped a prefetch hint: {e.message}")
+        except Exception:  # a bug must not take the box down, nor answer a hint
+            log.exception("prefetch hint failed")
 
     def ping(self, header: dict, payload: list) -> list:
         reply_bytes = header.get("reply_bytes")
@@ -472,6 +507,8 @@ class Agent:
             fingerprint=loaded.manifest.fingerprint, model=loaded.manifest.model,
             shard_bytes=loaded.shard_bytes, throughput=self.throughput,
             **device_facts(loaded.device))
+        if loaded.store is not None:  # the base station sends prefetch hints to these only
+            info["memory_budget"] = loaded.store.figures()
         return info
 
     def push(self, kind: str, header: dict, payload: list, sender: tuple | None = None

@@ -2,32 +2,61 @@
 
 Layers split at 8 or 4 bits stay quantised in memory (edge_agent/expert_math.py QuantLinear);
 one scratch buffer, the size of the largest matrix, is all the float memory they add.
+With a memory budget (`edge_agent --memory-budget`), layer-experts beyond it stay in the shard
+and load on demand or on a hint (ExpertStore; what stays is edge_agent/expert_cache.py's choice).
 """
 
 from __future__ import annotations
 
+import logging
 import os
-from collections.abc import Callable
+import threading
+import time
+from collections import OrderedDict
+from collections.abc import Callable, Iterable, Iterator, Mapping
 from dataclasses import dataclass, field
 from functools import cached_property
 
 import torch
 
 from edge_agent import mxfp4
-from edge_agent.expert_math import (ExpertWeights, KernelChoice, QuantLinear, Scratch,
-                                    choose_kernel)
+from edge_agent.expert_cache import CacheConfig, CacheCounters, ExpertCache, Unit
+from edge_agent.expert_math import ExpertWeights, KernelChoice, QuantLinear, Scratch, choose_kernel
 from shard_tool import quant
 from shard_tool.dtypes import canonical_dtype
 from shard_tool.errors import ShardError
-from shard_tool.families import (DOWN, DOWN_BIAS, DOWN_BLOCKS, DOWN_SCALES, FAMILIES, GATE,
-                                 GATE_UP, GATE_UP_BIAS, GATE_UP_BLOCKS, GATE_UP_SCALES, GPT_OSS,
-                                 UP, ExpertTensor, ModelShape)
-from shard_tool.manifest import (FULL_BITS, QUANTISED_PARTS, Manifest, check_file, load_manifest,
-                                 stored_transposed)
+from shard_tool.families import (
+    DOWN,
+    DOWN_BIAS,
+    DOWN_BLOCKS,
+    DOWN_SCALES,
+    FAMILIES,
+    GATE,
+    GATE_UP,
+    GATE_UP_BIAS,
+    GATE_UP_BLOCKS,
+    GATE_UP_SCALES,
+    GPT_OSS,
+    UP,
+    ExpertTensor,
+    ModelShape,
+)
+from shard_tool.manifest import (
+    FULL_BITS,
+    QUANTISED_PARTS,
+    Manifest,
+    check_file,
+    load_manifest,
+    stored_transposed,
+)
 from shard_tool.safetensors_io import TensorInfo, read_header, read_tensor
 
 COMPUTE_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16,
                   "float16": torch.float16}
+MAX_PENDING_HINTS = 64  # hinted units waiting for the loader; past it the oldest are dropped
+STOP_TIMEOUT_S = 2.0
+
+log = logging.getLogger("edge_agent")
 
 
 @dataclass(frozen=True)
@@ -39,6 +68,9 @@ class LoadedExperts:
     shard_bytes: int
     scratch: Scratch | None = None  # the dequantising buffer (None: nothing is quantised)
     kernels: dict[int, KernelChoice] = field(default_factory=dict)  # bits -> how it multiplies
+    # with a memory budget: the resident layer-experts and their loader (`weights[q][layer]`
+    # then loads through it); None: every layer-expert is in `weights`, loaded at start
+    store: ExpertStore | None = None
 
     @property
     def experts(self) -> list[int]:
@@ -64,8 +96,17 @@ class LoadedExperts:
     @property
     def weight_bytes(self) -> int:
         """Bytes of expert weights held on the device, the dequantising scratch included."""
-        held = sum(w.nbytes for layers in self.weights.values() for w in layers.values())
+        if self.store is not None:
+            held = self.store.resident_bytes
+        else:
+            held = sum(w.nbytes for layers in self.weights.values() for w in layers.values())
         return held + (self.scratch.nbytes if self.scratch is not None else 0)
+
+    def sample_weights(self) -> ExpertWeights:
+        """One layer-expert to measure with (the self-benchmark), without loading anything."""
+        if self.store is not None:
+            return self.store.any_resident()
+        return self.weights[self.experts[0]][self.moe_layers[0]]
 
 
 def resolve_device(name: str) -> torch.device:
@@ -139,9 +180,9 @@ def build_expert(parts: dict, shape: ModelShape, device: torch.device, dtype: to
                          down=get(DOWN).contiguous(), activation=shape.activation)
 
 
-def _read_quantised(path: str, tensors: dict[str, TensorInfo], row: ExpertTensor, name: str,
-                    shape: ModelShape, bits: int) -> quant.QuantizedMatrix:
-    """One weight matrix stored at `bits`, its tensors checked against the config's shape.
+def _check_quantised(path: str, tensors: dict[str, TensorInfo], row: ExpertTensor, name: str,
+                     shape: ModelShape, bits: int) -> tuple[TensorInfo, ...]:
+    """The stored tensors of one weight matrix at `bits`, checked against the config's shape.
     Raises ShardError."""
     rows, cols = row.shape(shape)
     if stored_transposed(shape.expert_kind):
@@ -154,72 +195,375 @@ def _read_quantised(path: str, tensors: dict[str, TensorInfo], row: ExpertTensor
         if info.dtype != code or tuple(info.shape) != want_shape:
             raise ShardError(f"{path}: {want_name} is {info.dtype}{list(info.shape)}, a {bits}-bit "
                              f"matrix of this config is {code}{list(want_shape)}")
-        stored.append(read_tensor(info))
-    try:
-        return quant.from_stored(bits, stored)
-    except ValueError as e:
-        raise ShardError(f"{path}: {name}: {e}") from None
+        stored.append(info)
+    return tuple(stored)
+
+
+@dataclass(frozen=True)
+class _UnitSource:
+    """Where one layer-expert's tensors are in its shard (checked when the reader opened)."""
+
+    path: str  # as the manifest names the file, for messages
+    bits: int
+    parts: dict[str, TensorInfo | tuple[TensorInfo, ...]]  # part -> tensor, or a quantised one's
+
+
+class ExpertReader:
+    """This box's expert shards, checked when opened (size, sha256, and every tensor's name,
+    dtype and shape against the config, so a bad shard fails at start); `load(q, layer)` then
+    reads one layer-expert and builds it on the device. Reads are plain preads of the tensors'
+    bytes (offsets from the header), not a memory map: a mapping's pages count in the agent's
+    resident set until unmapped, and a shard truncated under one kills the process (SIGBUS)
+    where a read raises ShardError. Raises ShardError."""
+
+    def __init__(self, folder: str, experts: list[int], device: str = "auto",
+                 dtype: str = "auto", quant_kernels: str = "auto"):
+        manifest = load_manifest(folder)
+        family = FAMILIES.get(manifest.family)
+        if family is None:
+            raise ShardError(f"manifest family {manifest.family!r} is not supported "
+                             f"(supported: {', '.join(FAMILIES)})")
+        try:
+            shape = ModelShape.from_summary(manifest.model)
+        except (KeyError, TypeError, ValueError) as e:
+            raise ShardError(f"manifest model summary is malformed ({type(e).__name__}: {e})") \
+                from None
+        if quant_kernels not in ("auto", "on", "off"):
+            raise ShardError(f"quant_kernels {quant_kernels!r}: choose auto, on or off")
+        self.manifest, self.shape = manifest, shape
+        self.quant_kernels = quant_kernels
+        self.device = resolve_device(device)
+        self.dtype = resolve_dtype(dtype, manifest, self.device)
+        self.scratch = Scratch(self.device, self.dtype)
+        self.kernels: dict[int, KernelChoice] = {}
+        self.sources: dict[tuple[int, int], _UnitSource] = {}
+        self.shard_bytes = 0
+        rows = family.tensors(shape)
+        for q in experts:
+            if not 0 <= q < manifest.num_experts:
+                raise ShardError(f"expert {q} is out of range: the model has "
+                                 f"{manifest.num_experts} experts")
+            entry = manifest.expert_file(q)
+            check_file(folder, entry)
+            self.shard_bytes += entry.bytes
+            tensors, _ = read_header(os.path.join(folder, entry.path))
+            for layer in shape.moe_layers:
+                bits = entry.layer_bits(layer)
+                parts: dict[str, TensorInfo | tuple[TensorInfo, ...]] = {}
+                for row in rows:
+                    name = row.shard_name(layer, q)
+                    if bits != FULL_BITS and row.part in QUANTISED_PARTS:
+                        parts[row.part] = _check_quantised(entry.path, tensors, row, name, shape,
+                                                           bits)
+                        continue
+                    info = tensors.get(name)
+                    if info is None:
+                        raise ShardError(f"{entry.path}: tensor {name} is missing")
+                    if tuple(info.shape) != row.shape(shape):
+                        raise ShardError(f"{entry.path}: {name} is {list(info.shape)}, "
+                                         f"the config implies {list(row.shape(shape))}")
+                    parts[row.part] = info
+                self.sources[(q, layer)] = _UnitSource(entry.path, bits, parts)
+
+    @property
+    def moe_layers(self) -> tuple[int, ...]:
+        return tuple(self.shape.moe_layers)
+
+    def _quantized(self, q: quant.QuantizedMatrix) -> QuantLinear:
+        if q.bits not in self.kernels:  # probed once per width, on the first matrix of that width
+            self.kernels[q.bits] = choose_kernel(q, self.device, self.dtype, self.quant_kernels)
+        return QuantLinear(q, self.device, self.dtype, self.scratch,
+                           self.kernels[q.bits].max_tokens)
+
+    def disk_bytes(self, expert: int, layer: int) -> int:
+        """Bytes of one layer-expert in its shard (what a load reads)."""
+        infos = self.sources[(expert, layer)].parts.values()
+        return sum(sum(i.nbytes for i in info) if isinstance(info, tuple) else info.nbytes
+                   for info in infos)
+
+    def load(self, expert: int, layer: int) -> ExpertWeights:
+        """Read and build one layer-expert. Raises ShardError (a file changed or gone since)."""
+        source = self.sources[(expert, layer)]
+        parts = {}
+        try:
+            for part, info in source.parts.items():
+                if isinstance(info, tuple):
+                    try:
+                        parts[part] = quant.from_stored(source.bits,
+                                                        [read_tensor(i) for i in info])
+                    except ValueError as e:
+                        raise ShardError(f"{source.path}: {info[0].name}: {e}") from None
+                else:
+                    parts[part] = read_tensor(info)
+        except OSError as e:
+            raise ShardError(f"{source.path}: cannot read: {e.strerror}") from None
+        try:
+            return build_expert(parts, self.shape, self.device, self.dtype, self._quantized)
+        except ValueError as e:
+            raise ShardError(f"{source.path}: layer {layer}: {e}") from None
 
 
 def load_experts(folder: str, experts: list[int], device: str = "auto",
-                 dtype: str = "auto", quant_kernels: str = "auto") -> LoadedExperts:
+                 dtype: str = "auto", quant_kernels: str = "auto",
+                 memory_budget_bytes: int | None = None,
+                 load_bytes_per_s: float = 0.0) -> LoadedExperts:
     """Check (size, sha256, tensor list) and load expert shards. Quantised layers stay
     quantised; `quant_kernels` auto|on|off says when torch's int8/int4 kernels multiply with them
-    (expert_math.choose_kernel). Raises ShardError."""
-    manifest = load_manifest(folder)
-    family = FAMILIES.get(manifest.family)
-    if family is None:
-        raise ShardError(f"manifest family {manifest.family!r} is not supported "
-                         f"(supported: {', '.join(FAMILIES)})")
-    try:
-        shape = ModelShape.from_summary(manifest.model)
-    except (KeyError, TypeError, ValueError) as e:
-        raise ShardError(f"manifest model summary is malformed ({type(e).__name__}: {e})") \
-            from None
-    if quant_kernels not in ("auto", "on", "off"):
-        raise ShardError(f"quant_kernels {quant_kernels!r}: choose auto, on or off")
-    torch_device = resolve_device(device)
-    torch_dtype = resolve_dtype(dtype, manifest, torch_device)
-    rows = family.tensors(shape)
-    weights: dict[int, dict[int, ExpertWeights]] = {}
-    shard_bytes = 0
-    scratch = Scratch(torch_device, torch_dtype)
-    kernels: dict[int, KernelChoice] = {}
+    (expert_math.choose_kernel). With `memory_budget_bytes`, layer-experts beyond the budget stay
+    in the shard and load on demand (ExpertStore; `load_bytes_per_s` emulates slow storage for
+    those loads). Raises ShardError."""
+    reader = ExpertReader(folder, experts, device, dtype, quant_kernels)
+    if memory_budget_bytes is None:
+        store = None
+        weights = {q: {layer: reader.load(q, layer) for layer in reader.moe_layers}
+                   for q in experts}
+    else:
+        store = ExpertStore(reader, experts, memory_budget_bytes, load_bytes_per_s)
+        weights = {q: _StoredLayers(store, q) for q in experts}
+    return LoadedExperts(manifest=reader.manifest, weights=weights, device=reader.device,
+                         dtype=reader.dtype, shard_bytes=reader.shard_bytes,
+                         scratch=reader.scratch if reader.scratch.nbytes or store else None,
+                         kernels=reader.kernels, store=store)
 
-    def quantized(q: quant.QuantizedMatrix) -> QuantLinear:
-        if q.bits not in kernels:  # probed once per width, on the first matrix of that width
-            kernels[q.bits] = choose_kernel(q, torch_device, torch_dtype, quant_kernels)
-        return QuantLinear(q, torch_device, torch_dtype, scratch, kernels[q.bits].max_tokens)
 
-    for q in experts:
-        if not 0 <= q < manifest.num_experts:
-            raise ShardError(f"expert {q} is out of range: the model has "
-                             f"{manifest.num_experts} experts")
-        entry = manifest.expert_file(q)
-        check_file(folder, entry)
-        shard_bytes += entry.bytes
-        tensors, _ = read_header(os.path.join(folder, entry.path))
-        layers = {}
-        for layer in shape.moe_layers:
-            parts = {}
-            bits = entry.layer_bits(layer)
-            for row in rows:
-                name = row.shard_name(layer, q)
-                if bits != FULL_BITS and row.part in QUANTISED_PARTS:
-                    parts[row.part] = _read_quantised(entry.path, tensors, row, name, shape, bits)
+class ExpertStore:
+    """Layer-experts under a memory budget: the resident ones in a dict, the rest read from the
+    shard when a request needs them (a miss: the request waits, a stall) or, ahead of time, when
+    a hint names them (a background thread reads, so the read overlaps the agent's other work:
+    torch and file reads release the GIL). What stays is expert_cache.ExpertCache's choice.
+    The budget covers the units' weights; the dequantising scratch (one matrix) and a unit still
+    being computed while a load evicts it (at most one more) come on top. `load_bytes_per_s`
+    (emulation, 0: off): a load after the start takes at least its shard bytes / this, as from
+    a slow SD card or eMMC (the wait sleeps, so it overlaps like real I/O).
+    Raises ShardError (at start: when not even one unit fits)."""
+
+    def __init__(self, reader: ExpertReader, experts: Iterable[int], budget_bytes: int,
+                 load_bytes_per_s: float = 0.0):
+        self.reader = reader
+        self.load_bytes_per_s = load_bytes_per_s
+        self.experts = tuple(experts)
+        self.layers = reader.moe_layers
+        self.budget_bytes = budget_bytes
+        self.cache = ExpertCache(self.layers, CacheConfig(budget_bytes))
+        self.counters = CacheCounters()
+        self.resident: dict[Unit, ExpertWeights] = {}
+        self._lock = threading.Lock()
+        self._changed = threading.Condition(self._lock)  # a load ended, a hint or request came
+        self._loading: set[Unit] = set()
+        self._pending: OrderedDict[Unit, None] = OrderedDict()  # hinted, not loaded yet
+        self._blocked: set[Unit] = set()  # hinted units with no room until the clock moves
+        self._hint_loaded: set[Unit] = set()  # loaded on a hint, not used yet
+        self._stop = False
+        self._thread: threading.Thread | None = None
+        self._warm()
+
+    @property
+    def resident_bytes(self) -> int:
+        return self.cache.resident_bytes
+
+    def _warm(self) -> None:
+        """Fill the budget at start, in the order a forward pass visits the layers."""
+        for layer in self.layers:
+            for q in self.experts:
+                unit = (q, layer)
+                if self.cache.used_bytes + self.cache.estimate(unit) > self.budget_bytes:
+                    return
+                weights = self.reader.load(q, layer)
+                if not self.resident and weights.nbytes > self.budget_bytes:
+                    raise ShardError(f"--memory-budget {self.budget_bytes} bytes is smaller "
+                                     f"than one layer-expert ({weights.nbytes} bytes)")
+                if self.cache.used_bytes + weights.nbytes > self.budget_bytes:
+                    return
+                self.cache.insert(unit, weights.nbytes)
+                self.resident[unit] = weights
+                self.counters.loads += 1
+        self.counters.resident_bytes = self.cache.resident_bytes
+
+    def any_resident(self) -> ExpertWeights:
+        with self._lock:
+            return next(iter(self.resident.values()))
+
+    # -- requests -------------------------------------------------------------------------------
+
+    def acquire(self, layer: int, experts: Iterable[int]) -> dict[int, dict[int, ExpertWeights]]:
+        """One request's weights, {expert: {layer: weights}}: the resident ones (hits), the
+        others loaded now, the request waiting (misses, stall). Raises ShardError."""
+        units = [(q, layer) for q in experts]
+        out: dict[int, dict[int, ExpertWeights]] = {}
+        missing = []
+        with self._lock:
+            self.cache.advance(layer)
+            self._blocked.clear()  # the clock moved: hints without room may fit now
+            for unit in units:
+                weights = self.resident.get(unit)
+                if weights is None:
+                    missing.append(unit)
                     continue
-                info = tensors.get(name)
-                if info is None:
-                    raise ShardError(f"{entry.path}: tensor {name} is missing")
-                if tuple(info.shape) != row.shape(shape):
-                    raise ShardError(f"{entry.path}: {name} is {list(info.shape)}, "
-                                     f"the config implies {list(row.shape(shape))}")
-                parts[row.part] = read_tensor(info)
-            try:
-                layers[layer] = build_expert(parts, shape, torch_device, torch_dtype, quantized)
-            except ValueError as e:
-                raise ShardError(f"{entry.path}: layer {layer}: {e}") from None
-        weights[q] = layers
-    return LoadedExperts(manifest=manifest, weights=weights, device=torch_device,
-                         dtype=torch_dtype, shard_bytes=shard_bytes,
-                         scratch=scratch if scratch.nbytes else None, kernels=kernels)
+                self.counters.hits += 1
+                if unit in self._hint_loaded:
+                    self._hint_loaded.discard(unit)
+                    self.counters.hinted_hits += 1
+                self.cache.touch(unit)
+                out[unit[0]] = {layer: weights}
+            if self._pending:
+                self._changed.notify_all()
+        for unit in missing:
+            start_s = time.perf_counter()
+            weights = self._load(unit, units)
+            with self._lock:
+                self.counters.misses += 1
+                self.counters.stall_s += time.perf_counter() - start_s
+                self._hint_loaded.discard(unit)
+                self.cache.touch(unit)
+            out[unit[0]] = {layer: weights}
+        return out
+
+    def _load(self, unit: Unit, protect: Iterable[Unit] = (), for_hint: bool = False
+              ) -> ExpertWeights | None:
+        """Make `unit` resident and return it; a hint's load returns None when it is no longer
+        wanted or has no room now. Raises ShardError."""
+        with self._lock:
+            while unit in self._loading:  # the other thread is reading it: wait for that
+                self._changed.wait()
+            weights = self.resident.get(unit)
+            if weights is not None:
+                return weights
+            if for_hint and not self.cache.wanted(unit):
+                return None
+            estimate = self.cache.estimate(unit)
+            victims = self.cache.victims(estimate, protect, for_hint=unit if for_hint else None)
+            if victims is None:
+                self._blocked.add(unit)
+                return None
+            self._evict(victims)
+            self.cache.reserve(unit, estimate)
+            self._loading.add(unit)
+        try:
+            start_s = time.perf_counter()
+            weights = self.reader.load(*unit)
+            if self.load_bytes_per_s:
+                time.sleep(max(0.0, self.reader.disk_bytes(*unit) / self.load_bytes_per_s
+                               - (time.perf_counter() - start_s)))
+        except BaseException:
+            with self._lock:
+                self.cache.cancel(unit)
+                self._loading.discard(unit)
+                self._changed.notify_all()
+            raise
+        with self._lock:
+            self._loading.discard(unit)
+            self.cache.insert(unit, weights.nbytes)
+            self.resident[unit] = weights
+            self.counters.loads += 1
+            if for_hint:
+                self.counters.hinted_loads += 1
+                self._hint_loaded.add(unit)
+            self._evict(self.cache.victims(0, {*protect, unit}) or [])  # larger than estimated
+            self.counters.resident_bytes = self.cache.resident_bytes
+            self._changed.notify_all()
+        return weights
+
+    def _evict(self, units: list[Unit]) -> None:
+        for unit in units:  # a request computing with one keeps its tensors alive until done
+            self.resident.pop(unit, None)
+            self.cache.evict(unit)
+            self._hint_loaded.discard(unit)
+            self.counters.evictions += 1
+            if unit in self.cache.hinted:  # a request took its room: load it again when it can
+                self._pending[unit] = None
+        self.counters.resident_bytes = self.cache.resident_bytes
+
+    # -- hints ----------------------------------------------------------------------------------
+
+    def hint(self, layer: int, experts: Iterable[int],
+             percent: Iterable[int] | None = None) -> None:
+        """These experts of `layer` are needed soon (with these chances, in percent; None:
+        surely): load the missing ones in the background. Experts not hosted here and layers
+        without experts are ignored."""
+        if layer not in self.cache.position:
+            return
+        experts = list(experts)
+        chances = [p / 100 for p in percent] if percent is not None else [1.0] * len(experts)
+        with self._lock:
+            self.counters.hints += 1
+            for q, chance in zip(experts, chances):
+                unit = (q, layer)
+                if q in self.experts and self.cache.hint(unit, chance):
+                    self._pending[unit] = None
+                    self._pending.move_to_end(unit)
+            while len(self._pending) > MAX_PENDING_HINTS:
+                self._pending.popitem(last=False)
+            if self._pending and self._thread is None:
+                self._thread = threading.Thread(target=self._run, name="expert-prefetch",
+                                                daemon=True)
+                self._thread.start()
+            self._changed.notify_all()
+
+    def _next_hinted(self) -> Unit | None:
+        for unit in list(self._pending):
+            if not self.cache.wanted(unit):
+                del self._pending[unit]
+            elif unit not in self._blocked:
+                del self._pending[unit]
+                return unit
+        return None
+
+    def _run(self) -> None:
+        with torch.inference_mode():
+            while True:
+                with self._lock:
+                    unit = self._next_hinted()
+                    while unit is None and not self._stop:
+                        self._changed.wait()
+                        unit = self._next_hinted()
+                    if self._stop:
+                        return
+                try:
+                    if self._load(unit, for_hint=True) is None:
+                        with self._lock:
+                            if self.cache.wanted(unit):  # no room yet: once the clock moves
+                                self._pending[unit] = None
+                except Exception as e:  # noqa: BLE001 (a hint must never take the agent down)
+                    log.warning("prefetch of expert %d layer %d failed: %s", unit[0], unit[1], e)
+
+    def close(self) -> None:
+        with self._lock:
+            self._stop = True
+            self._changed.notify_all()
+        if self._thread is not None:
+            self._thread.join(STOP_TIMEOUT_S)
+
+    def figures(self) -> dict:
+        """For `info`: the budget, what is resident, and the counters."""
+        with self._lock:
+            c = self.counters
+            return {"budget_bytes": self.budget_bytes, "units": len(self.experts) *
+                    len(self.layers), "resident_units": len(self.resident),
+                    "resident_bytes": self.cache.resident_bytes, "hits": c.hits,
+                    "misses": c.misses, "stall_s": round(c.stall_s, 6), "loads": c.loads,
+                    "evictions": c.evictions, "hinted_hits": c.hinted_hits, "hints": c.hints,
+                    "hinted_loads": c.hinted_loads}
+
+    def reply_fields(self) -> list[int]:
+        return self.counters.reply_fields()  # ints read without the lock: a torn read is fine
+
+
+class _StoredLayers(Mapping):
+    """`loaded.weights[q]` of a budgeted box: layer -> weights, loaded through the store."""
+
+    def __init__(self, store: ExpertStore, expert: int):
+        self.store, self.expert = store, expert
+
+    def __getitem__(self, layer: int) -> ExpertWeights:
+        if layer not in self.store.cache.position:
+            raise KeyError(layer)
+        return self.store.acquire(layer, [self.expert])[self.expert][layer]
+
+    def __contains__(self, layer) -> bool:  # Mapping's would load the unit
+        return layer in self.store.cache.position
+
+    def __iter__(self) -> Iterator[int]:
+        return iter(self.store.layers)
+
+    def __len__(self) -> int:
+        return len(self.store.layers)
