@@ -57,6 +57,9 @@ def add_session_args(p: argparse.ArgumentParser) -> None:
                    "need cores too: give the base station the cores they leave, at least 1")
     p.add_argument("--wire-dtype", default=None, help="activations on the wire: "
                    "float32|bfloat16|float16|int8 (default: the compute dtype)")
+    p.add_argument("--no-prefetch-hints", action="store_true",
+                   help="send memory-budgeted agents no prefetch hints (on by default when an "
+                   "agent reports --memory-budget)")
     p.add_argument("--allow-missing", action="store_true",
                    help="run with the experts that have no agent dropped")
     p.add_argument("--local-fallback", metavar="EXPERTS|all",
@@ -90,12 +93,15 @@ def _open(args, roster=None):
         import torch
 
         torch.set_num_threads(args.threads)
-    return open_session(args.shards, roster, theta=args.theta, latency=args.latency,
-                        dtype=args.dtype, wire_dtype=args.wire_dtype, wait_s=args.wait_s,
-                        allow_missing=args.allow_missing, local_fallback=args.local_fallback,
-                        channel=read_channel_file(args.channel) if args.channel else None,
-                        device=args.device,
-                        progress=sys.stderr.isatty())
+    session = open_session(args.shards, roster, theta=args.theta, latency=args.latency,
+                           dtype=args.dtype, wire_dtype=args.wire_dtype, wait_s=args.wait_s,
+                           allow_missing=args.allow_missing, local_fallback=args.local_fallback,
+                           channel=read_channel_file(args.channel) if args.channel else None,
+                           device=args.device,
+                           progress=sys.stderr.isatty())
+    if args.no_prefetch_hints:
+        session.runtime.set_prefetch(False)
+    return session
 
 
 def _roster(args):

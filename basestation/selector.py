@@ -80,7 +80,7 @@ SMALL_SELECTION = 32
 
 
 def _select_few(experts: torch.Tensor, weights: torch.Tensor, box_of_expert: torch.Tensor,
-                box_latency_s: torch.Tensor, theta: float | torch.Tensor,
+                box_latency_s: torch.Tensor | list[float], theta: float | torch.Tensor,
                 available: torch.Tensor | None) -> Selection:
     """`select` token by token on Python floats (float64, like the tensor path)."""
     rows_experts = experts.tolist()
@@ -102,7 +102,8 @@ def _select_few(experts: torch.Tensor, weights: torch.Tensor, box_of_expert: tor
             return Selection(experts, weights, keep, ~keep)
         return Selection(experts, rescale(weights, keep), keep, ~keep)
     boxes_of = box_of_expert.tolist()
-    t_box = box_latency_s.double().tolist()
+    t_box = box_latency_s.double().tolist() if isinstance(box_latency_s, torch.Tensor) \
+        else box_latency_s
     rows_w = weights.double().tolist()
     for i, (row_experts, row_w, token_theta) in enumerate(zip(rows_experts, rows_w, thetas)):
         slot_box = [boxes_of[e] for e in row_experts]
@@ -135,7 +136,7 @@ def select(
     experts: torch.Tensor,
     weights: torch.Tensor,
     box_of_expert: torch.Tensor,
-    box_latency_s: torch.Tensor,
+    box_latency_s: torch.Tensor | list[float],
     theta: float | torch.Tensor,
     available: torch.Tensor | None = None,
 ) -> Selection:
@@ -145,7 +146,8 @@ def select(
         scale: softmax, sigmoid, unnormalised; WLR ratios do not depend on it).
     box_of_expert: [E] int64, the box hosting each expert.
     box_latency_s: [B] expected seconds for each box to return this layer's request; must be
-        > 0 (inf allowed: WLR 0, the first to go).
+        > 0 (inf allowed: WLR 0, the first to go). A list of floats will do for a selection of
+        at most SMALL_SELECTION slots on the CPU (decode builds no tensor for it).
     theta: drop threshold on kappa (Eq. 10), one for all tokens or [T] one per token (tokens
         of several requests in one batch, each with its own θ); theta <= 0 never drops.
     available: optional [E] bool; slots of unavailable experts are dropped first (no box can

@@ -40,10 +40,10 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def start_server(shards: str, roster: str, port: int) -> subprocess.Popen:
+def start_server(shards: str, roster: str, port: int, threads: int) -> subprocess.Popen:
     proc = subprocess.Popen([sys.executable, "-m", "basestation", "serve", "--shards", shards,
                              "--agents", roster, "--port", str(port), "--dtype", "float32",
-                             "--max-queue", "64"],
+                             "--max-queue", "64", "--threads", str(threads)],
                             stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True,
                             cwd=REPO_ROOT)
     deadline = time.monotonic() + START_TIMEOUT_S
@@ -88,10 +88,11 @@ def aggregate_tokens_per_s(port: int, clients: int, tokens: int) -> float:
     return sum(done) / elapsed
 
 
-def generate_alone_tokens_per_s(shards: str, roster: str, tokens: int) -> float:
+def generate_alone_tokens_per_s(shards: str, roster: str, tokens: int, threads: int) -> float:
     result = subprocess.run([sys.executable, "-m", "basestation", "generate", "--shards", shards,
                              "--agents", roster, "--prompt", PROMPT, "--max-new-tokens",
-                             str(tokens), "--ignore-eos", "--json", "--dtype", "float32"],
+                             str(tokens), "--ignore-eos", "--json", "--dtype", "float32",
+                             "--threads", str(threads)],
                             capture_output=True, text=True, cwd=REPO_ROOT, timeout=600)
     if result.returncode:
         raise SystemExit(f"generate failed: {result.stderr.strip()[-300:]}")
@@ -111,6 +112,9 @@ def main() -> None:
 
     from shard_tool.split import split
     from testbed import links
+    from testbed.cpu_share import base_station_threads
+
+    threads = base_station_threads(args.agents)  # the agents run on this host too
 
     scratch = tempfile.mkdtemp(prefix="bench-serve-")
     bed = server = None
@@ -119,9 +123,9 @@ def main() -> None:
         split(args.model, shards)
         shapes = {i: links.LinkShape(delay_ms=args.delay_ms) for i in range(args.agents)}
         bed = links.up(shards, args.agents, shapes, state_dir=os.path.join(scratch, "bed"))
-        alone = generate_alone_tokens_per_s(shards, bed.roster_path, args.tokens)
+        alone = generate_alone_tokens_per_s(shards, bed.roster_path, args.tokens, threads)
         port = free_port()
-        server = start_server(shards, bed.roster_path, port)
+        server = start_server(shards, bed.roster_path, port, threads)
         one_request(port, 4)  # warm up the links
         rates = {n: aggregate_tokens_per_s(port, n, args.tokens) for n in counts}
     finally:
@@ -132,7 +136,7 @@ def main() -> None:
             bed.down()
         shutil.rmtree(scratch, ignore_errors=True)
     print(f"{args.agents} agents, links {bed.backend}: {args.delay_ms:g} ms each way; "
-          f"{args.tokens} tokens per request, greedy")
+          f"{args.tokens} tokens per request, greedy; base station on {threads} thread(s)")
     print(f"basestation generate alone      {alone:8.1f} tokens/s")
     base = rates[counts[0]]
     for n in counts:
