@@ -144,3 +144,64 @@ def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]
+
+
+class ScriptedDialIn:
+    """A scripted dial-in agent in a thread, for attacks on the base station's dial-in port: a
+    DEALER under `routing_id` that announces itself with `info` (HELLO every hello_every_s,
+    as real agents do on connect) and answers each message with `answer(header, frames)`, a
+    list of multipart replies. `curve`: (its keypair, the base station's public key)."""
+
+    hello_every_s = 0.5
+
+    def __init__(self, endpoint: str, routing_id: bytes, info: dict, curve=None):
+        self.endpoint, self.routing_id, self.info, self.curve = endpoint, routing_id, info, curve
+        self.connected = threading.Event()
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._serve, daemon=True)
+        self._thread.start()
+
+    def answer(self, header: dict, frames: list[bytes]) -> list[list[bytes]]:
+        raise NotImplementedError
+
+    def _serve(self) -> None:
+        import zmq
+
+        from edge_agent import protocol as P
+
+        ctx = zmq.Context()
+        sock = ctx.socket(zmq.DEALER)
+        sock.setsockopt(zmq.LINGER, 0)
+        sock.setsockopt(zmq.ROUTING_ID, self.routing_id)
+        sock.setsockopt(zmq.RECONNECT_IVL, 100)
+        if self.curve is not None:
+            keypair, server_key = self.curve
+            sock.setsockopt(zmq.CURVE_PUBLICKEY, keypair.public)
+            sock.setsockopt(zmq.CURVE_SECRETKEY, keypair.secret)
+            sock.setsockopt(zmq.CURVE_SERVERKEY, server_key)
+        sock.connect(self.endpoint)
+        next_hello_s = 0.0
+        try:
+            while not self._stop.is_set():
+                if time.monotonic() >= next_hello_s:
+                    sock.send(P.pack(P.HELLO, 0, info=self.info), flags=zmq.NOBLOCK)
+                    next_hello_s = time.monotonic() + self.hello_every_s
+                    self.connected.set()
+                if not sock.poll(20):
+                    continue
+                frames = sock.recv_multipart()
+                try:
+                    header = P.unpack(frames[0])
+                except P.ProtocolError:
+                    continue
+                for reply in self.answer(header, frames):
+                    sock.send_multipart(reply, flags=zmq.NOBLOCK)
+        except zmq.Again:  # the base station stopped reading: it is being closed
+            pass
+        finally:
+            sock.close(linger=0)
+            ctx.term()
+
+    def stop(self) -> None:
+        self._stop.set()
+        self._thread.join(10)

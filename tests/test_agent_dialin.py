@@ -18,7 +18,13 @@ import pytest
 import torch
 import zmq
 import zmtp_raw
-from agent_fixtures import REPO_ROOT, client, free_port, start_agent  # noqa: F401
+from agent_fixtures import (  # noqa: F401
+    REPO_ROOT,
+    ScriptedDialIn,
+    client,
+    free_port,
+    start_agent,
+)
 from test_agent_limits import rss_mib
 from test_agent_math import assert_close_rel
 
@@ -234,61 +240,27 @@ def test_dial_in_port_survives_floods_and_hang_ups(start_agent, tiny_split):
 PROMPT = "Return the list of items in the queue."
 
 
-class Hijacker:
+class Hijacker(ScriptedDialIn):
     """A peer that dials in under another agent's routing id (optionally with a key the base
     station trusts), announces itself with that agent's info and answers every expert request
     with zeros of the right shape: finite, believable and wrong."""
 
+    hello_every_s = 0.2
+
     def __init__(self, endpoint: str, routing_id: bytes, info: dict, curve=None):
-        self.endpoint, self.routing_id, self.info, self.curve = endpoint, routing_id, info, curve
         self.requests = 0
-        self.connected = threading.Event()
-        self._stop = threading.Event()
-        self._thread = threading.Thread(target=self._serve, daemon=True)
-        self._thread.start()
+        super().__init__(endpoint, routing_id, info, curve)
 
-    def _serve(self) -> None:
-        ctx = zmq.Context()
-        sock = ctx.socket(zmq.DEALER)
-        sock.setsockopt(zmq.LINGER, 0)
-        sock.setsockopt(zmq.ROUTING_ID, self.routing_id)
-        sock.setsockopt(zmq.RECONNECT_IVL, 100)
-        if self.curve is not None:  # (its keypair, the base station's public key)
-            keypair, server_key = self.curve
-            sock.setsockopt(zmq.CURVE_PUBLICKEY, keypair.public)
-            sock.setsockopt(zmq.CURVE_SECRETKEY, keypair.secret)
-            sock.setsockopt(zmq.CURVE_SERVERKEY, server_key)
-        sock.connect(self.endpoint)
-        next_hello_s = 0.0
-        try:
-            while not self._stop.is_set():
-                if time.monotonic() >= next_hello_s:
-                    sock.send(P.pack(P.HELLO, 0, info=self.info), flags=zmq.NOBLOCK)
-                    next_hello_s = time.monotonic() + 0.2
-                    self.connected.set()
-                if not sock.poll(20):
-                    continue
-                frames = sock.recv_multipart()
-                header = P.unpack(frames[0])
-                self.requests += 1
-                if header["kind"] == P.EXPERT:
-                    y = torch.zeros(header["shape"], dtype=torch.float32)
-                    out, fields = P.encode_tensor(y, "float32")
-                    sock.send_multipart([P.pack(P.EXPERT_REPLY, header["id"],
-                                                layer=header["layer"],
-                                                experts=header["experts"], compute_s=1e-4,
-                                                **fields)] + out, flags=zmq.NOBLOCK)
-                elif header["kind"] == P.PING:
-                    sock.send(P.pack(P.PONG, header["id"], bytes=0), flags=zmq.NOBLOCK)
-        except zmq.Again:
-            pass
-        finally:
-            sock.close(linger=0)
-            ctx.term()
-
-    def stop(self) -> None:
-        self._stop.set()
-        self._thread.join(10)
+    def answer(self, header: dict, frames: list[bytes]) -> list[list[bytes]]:
+        self.requests += 1
+        if header["kind"] == P.EXPERT:
+            y = torch.zeros(header["shape"], dtype=torch.float32)
+            out, fields = P.encode_tensor(y, "float32")
+            return [[P.pack(P.EXPERT_REPLY, header["id"], layer=header["layer"],
+                             experts=header["experts"], compute_s=1e-4, **fields)] + out]
+        if header["kind"] == P.PING:
+            return [[P.pack(P.PONG, header["id"], bytes=0)]]
+        return []
 
 
 @pytest.mark.integration

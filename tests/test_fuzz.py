@@ -30,7 +30,7 @@ import pytest
 import torch
 import zmq
 import zmtp_raw
-from agent_fixtures import free_port, start_module_agent  # noqa: F401
+from agent_fixtures import ScriptedDialIn, free_port, start_module_agent  # noqa: F401
 from fuzz_messages import REPLY_KINDS, MessageFuzzer, raw_zmtp_case
 from test_agent_limits import agent_log, rss_mib
 from test_agent_math import assert_close_rel
@@ -250,7 +250,7 @@ def test_fuzz_a_pushing_store(agents, tiny_split):
     assert_healthy(agent)
 
 
-class RogueDialIn:
+class RogueDialIn(ScriptedDialIn):
     """A dial-in agent for experts 4-7 with the right fingerprint that answers every expert
     request with the next kind of bad reply (PING and INFO correctly, so it keeps coming
     back to life and being asked again)."""
@@ -262,13 +262,11 @@ class RogueDialIn:
              "oversized", "silence")
 
     def __init__(self, endpoint: str, fingerprint: str, hidden: int):
-        self.endpoint, self.hidden = endpoint, hidden
-        self.info = {"serving": True, "fingerprint": fingerprint, "experts": [4, 5, 6, 7],
-                     "protocol": P.PROTOCOL_VERSION, "agent_id": "rogue"}
+        self.hidden = hidden
         self.used = collections.Counter()
-        self._stop = threading.Event()
-        self._thread = threading.Thread(target=self._serve, daemon=True)
-        self._thread.start()
+        super().__init__(endpoint, b"rogue-4-7", {
+            "serving": True, "fingerprint": fingerprint, "experts": [4, 5, 6, 7],
+            "protocol": P.PROTOCOL_VERSION, "agent_id": "rogue"})
 
     def _bad_reply(self, header: dict) -> list[list[bytes]]:
         mode = self.MODES[sum(self.used.values()) % len(self.MODES)]
@@ -327,44 +325,14 @@ class RogueDialIn:
             reply = [P.pack(kind, request_id, **header_fields)] + frames
         return [reply, reply] if mode == "twice" else [reply]
 
-    def _serve(self) -> None:
-        ctx = zmq.Context()
-        sock = ctx.socket(zmq.DEALER)
-        sock.setsockopt(zmq.LINGER, 0)
-        sock.setsockopt(zmq.ROUTING_ID, b"rogue-4-7")
-        sock.connect(self.endpoint)
-        next_hello_s = 0.0
-        try:
-            while not self._stop.is_set():
-                if time.monotonic() >= next_hello_s:  # announce, as real agents do on connect
-                    sock.send(P.pack(P.HELLO, 0, info=self.info), flags=zmq.NOBLOCK)
-                    next_hello_s = time.monotonic() + 0.5
-                if not sock.poll(20):
-                    continue
-                frames = sock.recv_multipart()
-                try:
-                    header = P.unpack(frames[0])
-                except P.ProtocolError:
-                    continue
-                if header["kind"] == P.PING:
-                    replies = [[P.pack(P.PONG, header["id"], bytes=0)]]
-                elif header["kind"] == P.INFO:
-                    replies = [[P.pack(P.INFO_REPLY, header["id"], info=self.info)]]
-                elif header["kind"] == P.EXPERT:
-                    replies = self._bad_reply(header)
-                else:
-                    continue
-                for reply in replies:
-                    sock.send_multipart(reply, flags=zmq.NOBLOCK)
-        except zmq.Again:  # the base station stopped reading: it is being closed
-            pass
-        finally:
-            sock.close(linger=0)
-            ctx.term()
-
-    def stop(self) -> None:
-        self._stop.set()
-        self._thread.join(10)
+    def answer(self, header: dict, frames: list[bytes]) -> list[list[bytes]]:
+        if header["kind"] == P.PING:
+            return [[P.pack(P.PONG, header["id"], bytes=0)]]
+        if header["kind"] == P.INFO:
+            return [[P.pack(P.INFO_REPLY, header["id"], info=self.info)]]
+        if header["kind"] == P.EXPERT:
+            return self._bad_reply(header)
+        return []
 
 
 def fuzz_dial_in(endpoint: str, cases, count: int, stop: threading.Event, sent: list) -> None:
