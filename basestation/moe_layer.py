@@ -26,7 +26,7 @@ from basestation.dispatch import Dispatcher
 from basestation.ledger import RequestLedger, charge
 from basestation.prefetch import PrefetchConfig, RoutePredictor, plan_hints
 from basestation.routing import after_failures, combine, group_by_expert
-from basestation.selector import Selection, select
+from basestation.selector import SMALL_SELECTION, Selection, select
 from edge_agent import protocol as P
 from edge_agent.client import PeerUnreachable
 
@@ -141,11 +141,20 @@ class MoeRuntime:
             self._boxes = (torch.tensor(box), None if bool(mask.all()) else mask)
         return self._boxes
 
-    def box_latency_s(self, box_of_expert: torch.Tensor, experts: torch.Tensor) -> torch.Tensor:
+    def box_latency_s(self, box_of_expert: torch.Tensor, experts: torch.Tensor
+                      ) -> torch.Tensor | list[float]:
         """[B] expected seconds for each box to return this layer's request, if every top-k
-        slot were kept (what the selector weighs a box by)."""
+        slot were kept (what the selector weighs a box by); a list of floats for selections
+        of at most SMALL_SELECTION slots on the CPU (decode)."""
         num_boxes = len(self.agents) + 1
-        pairs = torch.bincount(box_of_expert[experts.reshape(-1)], minlength=num_boxes).tolist()
+        few = experts.numel() <= SMALL_SELECTION and experts.device.type == "cpu"
+        if few:  # decode: count on Python ints, and hand the selector a list (no tensor ops)
+            pairs, box_of = [0] * num_boxes, box_of_expert.tolist()
+            for expert in experts.view(-1).tolist():
+                pairs[box_of[expert]] += 1
+        else:
+            pairs = torch.bincount(box_of_expert[experts.reshape(-1)],
+                                   minlength=num_boxes).tolist()
         if self.latency_mode == "model":
             modeled = scenario_latency_s(
                 self.scenario, self.hidden_size, self.ffn_size, tokens=experts.shape[0],
@@ -158,6 +167,8 @@ class MoeRuntime:
                 nbytes = self.dispatcher.request_bytes(max(n, 1))
                 t.append(links.expected_time_s(agent.state, nbytes, nbytes, max(n, 1), 1))
         t.append(max(pairs[-1], 1) * LOCAL_S_PER_PAIR)
+        if few:
+            return t  # select() takes a list for selections this small
         return torch.tensor(t, dtype=torch.float64)
 
     def forward(self, layer: int, x: torch.Tensor, experts: torch.Tensor,
@@ -198,7 +209,11 @@ class MoeRuntime:
                failed_boxes)
 
     def _count_drops(self, selection: Selection) -> None:
-        dropped = selection.experts[selection.dropped].tolist()
+        if selection.experts.numel() <= SMALL_SELECTION:  # decode: two lists, no indexing
+            dropped = [e for e, d in zip(selection.experts.view(-1).tolist(),
+                                         selection.dropped.view(-1).tolist()) if d]
+        else:
+            dropped = selection.experts[selection.dropped].tolist()
         self.stats.experts_dropped += len(dropped)
         for expert in dropped:
             agent = self.dispatcher.owner.get(expert)
