@@ -28,6 +28,7 @@ import resource
 import socket
 import struct
 import sys
+import threading
 import time
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
@@ -188,28 +189,42 @@ if sys.platform.startswith("linux") and hasattr(socket, "TCP_INFO"):
         _libc.shutdown.argtypes = [ctypes.c_int, ctypes.c_int]
     except (OSError, AttributeError):  # no libc by that name: the cap alone, via socket calls
         _libc = None
-_info = ctypes.create_string_buffer(TCP_INFO_BYTES)
-_address = ctypes.create_string_buffer(128)
+# Buffers are per thread: every AgentClient's guard reads counters from its own watchdog thread,
+# and ctypes calls release the GIL. With one module-wide buffer, one thread read another's
+# counters, took them for a reused descriptor and forgot a live connection; its agent's replies
+# were then dropped as "from a connection the client does not know" (3 of 4 runs of a bench
+# holding three sessions in one process).
+_buffers = threading.local()
+
+
+def _buffer(name: str, size: int):
+    buf = getattr(_buffers, name, None)
+    if buf is None:
+        buf = ctypes.create_string_buffer(size)
+        setattr(_buffers, name, buf)
+    return buf
 
 
 def tcp_counters(fd: int) -> tuple[int, int] | None:
     """(bytes acked by the peer, bytes received from it), or None (not TCP, or gone)."""
     if _libc is None:
         return None
+    info = _buffer("info", TCP_INFO_BYTES)
     size = ctypes.c_uint32(TCP_INFO_BYTES)
-    if _libc.getsockopt(fd, socket.IPPROTO_TCP, socket.TCP_INFO, _info, ctypes.byref(size)) \
+    if _libc.getsockopt(fd, socket.IPPROTO_TCP, socket.TCP_INFO, info, ctypes.byref(size)) \
             or size.value < TCP_INFO_ACKED_OFFSET + 16:
         return None
-    return struct.unpack_from("=QQ", _info.raw, TCP_INFO_ACKED_OFFSET)
+    return struct.unpack_from("=QQ", info.raw, TCP_INFO_ACKED_OFFSET)
 
 
 def peer_address(fd: int) -> bytes | None:
     if _libc is None:
         return None
-    size = ctypes.c_uint32(len(_address))
-    if _libc.getpeername(fd, _address, ctypes.byref(size)):
+    address = _buffer("address", 128)
+    size = ctypes.c_uint32(len(address))
+    if _libc.getpeername(fd, address, ctypes.byref(size)):
         return None
-    return _address.raw[:size.value]
+    return address.raw[:size.value]
 
 
 def shut_down(fd: int) -> None:

@@ -145,3 +145,45 @@ def test_heartbeats_never_get_a_long_lived_connection_cut():
     flood = Peer(fd=2, address=None, accepted_s=day_s - 1,
                  received=1000 + 2 * HEARTBEAT_ALLOWANCE_BYTES_PER_S)
     assert [p.fd for p, _ in over_budget([old, flood], limits, now_s=day_s)] == [2]
+
+
+def test_counters_read_from_many_threads_are_each_threads_own():
+    """Regression: one module-wide ctypes buffer served every guard's watchdog thread, so a
+    thread read another connection's counters, took it for a reused descriptor and forgot a
+    live connection (a bench with three sessions in one process lost an agent's replies)."""
+    import threading
+
+    from edge_agent.peer_limits import tcp_counters
+
+    pairs, expected = [], []
+    for nbytes in (10, 100_000):
+        server = socket.create_server(("127.0.0.1", 0))
+        a = socket.create_connection(server.getsockname())
+        b, _ = server.accept()
+        server.close()
+        a.sendall(b"x" * nbytes)
+        deadline = time.monotonic() + 5
+        while (tcp_counters(b.fileno()) or (0, 0))[1] < nbytes and time.monotonic() < deadline:
+            time.sleep(0.01)
+        pairs.append((a, b))
+        expected.append(tcp_counters(b.fileno()))
+    if expected[0] is None:
+        pytest.skip("no TCP_INFO byte counters on this kernel")
+    wrong = []
+
+    def read(fd: int, want: tuple[int, int]) -> None:
+        for _ in range(20_000):
+            got = tcp_counters(fd)
+            if got != want:
+                wrong.append(got)
+
+    threads = [threading.Thread(target=read, args=(b.fileno(), want))
+               for (_, b), want in zip(pairs, expected)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    for a, b in pairs:
+        a.close()
+        b.close()
+    assert wrong == []
