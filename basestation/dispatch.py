@@ -59,6 +59,10 @@ class Dispatcher:
             for expert in agent.experts:
                 self.owner.setdefault(expert, agent)
         self.stats = MoeStats()
+        # prefetch hints for the next run (MoeRuntime._send_hints): id(agent) -> (agent, the
+        # PREFETCH fields); carried by the agent's EXPERT request when it gets one, else sent
+        # as a PREFETCH after the requests (an extra message would only delay them)
+        self.hints: dict[int, tuple[AgentLink, dict]] = {}
 
     def request_bytes(self, tokens: int) -> int:
         return tokens * self.hidden_size * self.element_bytes
@@ -81,6 +85,7 @@ class Dispatcher:
                 local.append(expert)
             else:
                 failed.add(expert)
+        hints, self.hints = self.hints, {}
         pending: dict[int, tuple[AgentLink, list, float, int, int]] = {}  # id -> agent, counts, ...
         deadline = 0.0
         start = time.perf_counter()
@@ -94,8 +99,10 @@ class Dispatcher:
                 request, n_rows = x[rows], rows.shape[0]
             sent_s = time.perf_counter()  # before the send: the agent may answer before it returns
             try:
-                request_id = self.client.send_expert(agent.peer, layer, request, counts,
-                                                     wire_dtype=self.wire_dtype)
+                hint = hints.pop(id(agent), None) if hints else None
+                request_id = self.client.send_expert(
+                    agent.peer, layer, request, counts, wire_dtype=self.wire_dtype,
+                    **({"prefetch": hint[1]} if hint else {}))
             except PeerUnreachable:
                 self._fail(agent, "unreachable")
                 failed.update(experts)
@@ -104,6 +111,12 @@ class Dispatcher:
             pending[request_id] = (agent, counts, sent_s, nbytes, n_rows)
             deadline = max(deadline, sent_s + links.deadline_s(agent.state, nbytes, nbytes,
                                                                n_rows, 1))
+        for agent, fields in hints.values():  # hinted agents this layer does not call
+            if agent.alive:
+                try:
+                    self.client.send(agent.peer, P.PREFETCH, **fields)
+                except PeerUnreachable:
+                    pass
         outputs: list[ExpertOutput] = []
         for expert in local:  # outage fallback: compute here while the agents work
             token_idx, slot = groups[expert]

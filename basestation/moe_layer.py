@@ -7,7 +7,8 @@ replaces only the routed experts' computation and reads top to bottom:
 
 θ belongs to the request being generated (`MoeRuntime.theta`, set per call by generate).
 With memory-budgeted agents, a layer's routing first becomes prefetch hints for the next layer
-(basestation/prefetch.py), sent before this layer's requests so the agents' loads overlap them.
+(basestation/prefetch.py), carried by this layer's requests (a PREFETCH after them to agents
+not called) so the agents' loads overlap their compute and the base station's.
 
 Shape legend: T = tokens, K = top-k slots, E = experts, B = boxes (agents + the local fallback),
 H = hidden.
@@ -24,11 +25,9 @@ from basestation import link_estimator as links
 from basestation.channel_model import ChannelScenario, scenario_latency_s
 from basestation.dispatch import Dispatcher
 from basestation.ledger import RequestLedger, charge
-from basestation.prefetch import PrefetchConfig, RoutePredictor, plan_hints
+from basestation.prefetch import HintPlans, PrefetchConfig, RoutePredictor
 from basestation.routing import after_failures, combine, group_by_expert
 from basestation.selector import SMALL_SELECTION, Selection, select
-from edge_agent import protocol as P
-from edge_agent.client import PeerUnreachable
 
 LOCAL_S_PER_PAIR = 1e-3  # latency the selector assumes for the local fallback, per (token, expert)
 
@@ -66,6 +65,7 @@ class MoeRuntime:
         self.prefetching = False
         self.hints_sent = 0
         self._hint_owner: dict[int, int] = {}  # expert -> index of its budgeted agent
+        self._plans = HintPlans(self.predictor, self._hint_owner, self.prefetch_config)
         if self.budgeted_agents():
             self.set_prefetch(True)
 
@@ -82,7 +82,11 @@ class MoeRuntime:
         self._boxes = None
 
     def budgeted_agents(self) -> list:
-        return [a for a in self.agents if isinstance(a.info.get("memory_budget"), dict)]
+        """The memory-budgeted agents that take prefetch hints: their info's memory_budget
+        "prefetch" is false while their loads cost no waiting on storage (edge_agent/shards.py
+        HINT_LOAD_RATIO; absent, from agents before it: true)."""
+        return [a for a in self.agents if isinstance(a.info.get("memory_budget"), dict)
+                and a.info["memory_budget"].get("prefetch", True) is not False]
 
     def set_prefetch(self, on: bool, predictor: RoutePredictor | None = None,
                      config: PrefetchConfig | None = None) -> bool:
@@ -94,7 +98,10 @@ class MoeRuntime:
         self.prefetch_config = config or self.prefetch_config
         self._hint_owner = {expert: i for i, a in enumerate(self.agents) if id(a) in budgeted
                             for expert in a.experts if self.dispatcher.owner.get(expert) is a}
+        self._plans = HintPlans(self.predictor, self._hint_owner, self.prefetch_config)
         self.prefetching = bool(on and self._hint_owner)
+        if not self.prefetching:
+            self.dispatcher.hints = {}
         return self.prefetching
 
     def agent_figures(self) -> list[dict]:
@@ -102,24 +109,17 @@ class MoeRuntime:
         return [agent.figures() for agent in self.agents]
 
     def _send_hints(self, layer: int, experts: torch.Tensor) -> None:
-        """This layer's routing -> hints for the next layer's likely experts (prefetch.py)."""
-        routed = experts.numpy(force=True)  # [T, K]
-        self.predictor.observe(layer, routed)
-        predicted = self.predictor.predict(layer, routed)
-        if predicted is None:
-            return
-        following, probability = predicted
-        for index, hinted in plan_hints(probability, self._hint_owner,
-                                        self.prefetch_config).items():
+        """This layer's routing -> hints for the next layer's likely experts (prefetch.py), for
+        the dispatcher to send with this layer's requests."""
+        hints = {}
+        for index, fields in self._plans.plan(layer, experts.numpy(force=True)).items():
             agent = self.agents[index]
-            if not agent.alive:
-                continue
-            try:
-                self.dispatcher.client.send(agent.peer, P.PREFETCH, **P.prefetch_fields(
-                    following, hinted, [round(100 * probability[e]) for e in hinted]))
-                self.hints_sent += 1
-            except PeerUnreachable:
-                pass
+            if agent.alive:
+                hints[id(agent)] = (agent, fields)
+        # the dispatcher's run of this layer carries them: in the EXPERT request of an agent it
+        # calls (no message of their own), else as a PREFETCH after the requests
+        self.dispatcher.hints = hints
+        self.hints_sent += len(hints)
 
     def boxes(self) -> tuple[torch.Tensor, torch.Tensor | None]:
         """box_of_expert [E] (agent index, or len(agents) for the local fallback) and the

@@ -25,6 +25,8 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from edge_agent.protocol import prefetch_fields
+
 # above the uniform guess K/E of the usual MoE (2/8 Mixtral, 8/64 OLMoE): a hint that evicts
 # something for a coin flip is worse than none
 MIN_HINT_PROBABILITY = 0.3
@@ -50,9 +52,13 @@ class RoutePredictor:
 
     def __init__(self, num_experts: int):
         self.num_experts = num_experts
-        self.counts: dict[int, np.ndarray] = {}  # layer -> [E, E] float64
+        # layer -> [E][E] counts, plain lists: decode's update (K x K cells) and question (K rows
+        # summed) are a few list operations, where numpy's indexed += and sums cost ~4 us each
+        # hot and ~50 us on a base station just woken by a reply (measured in situ)
+        self._rows: dict[int, list[list[float]]] = {}
         self.next_layer: dict[int, int] = {}  # layer -> the MoE layer seen after it
         self._previous: tuple[int, np.ndarray] | None = None  # (layer, experts [T, K])
+        self.observations = 0  # transitions counted: a plan made from fewer may be stale
 
     def observe(self, layer: int, experts: np.ndarray) -> None:
         """The router's experts [T, K] at `layer` (ids, distinct per token): count the
@@ -60,39 +66,58 @@ class RoutePredictor:
         previous = self._previous
         if previous is not None and previous[1].shape[0] == experts.shape[0]:
             before, seen = previous
-            table = self.counts.get(before)
-            if table is None:
-                table = self.counts[before] = np.zeros((self.num_experts, self.num_experts))
+            rows = self._rows.get(before)
+            if rows is None:
+                rows = self._rows[before] = [[0.0] * self.num_experts
+                                             for _ in range(self.num_experts)]
             if experts.shape[0] == 1:  # decode: one token, K x K cells
-                table[seen[0][:, None], experts[0]] += 1.0
+                now = experts[0].tolist()
+                for i in seen[0].tolist():
+                    row = rows[i]
+                    for j in now:
+                        row[j] += 1.0
             else:
-                table += multi_hot(seen, self.num_experts).T @ multi_hot(experts,
-                                                                         self.num_experts)
+                self._rows[before] = (np.array(rows) + multi_hot(seen, self.num_experts).T
+                                      @ multi_hot(experts, self.num_experts)).tolist()
             self.next_layer[before] = layer
+            self.observations += experts.shape[0]
         self._previous = (layer, experts)
+
+    @property
+    def counts(self) -> dict[int, np.ndarray]:
+        """layer -> [E, E] float64, the transitions counted so far (a copy)."""
+        return {layer: np.array(rows) for layer, rows in self._rows.items()}
+
+    def predict_one(self, layer: int, experts: list[int]) -> tuple[int, list[float]] | None:
+        """`predict` for one token's experts [K] (ids), in plain lists: (1)."""
+        rows, following = self._rows.get(layer), self.next_layer.get(layer)
+        if rows is None or following is None:
+            return None
+        mass = [sum(column) for column in zip(*(rows[i] for i in experts))]
+        total = sum(mass)
+        if total == 0:  # experts never seen here: no guess
+            return None
+        scale = len(experts) / total
+        return following, [min(m * scale, 1.0) for m in mass]
 
     def predict(self, layer: int, experts: np.ndarray) -> tuple[int, np.ndarray] | None:
         """(the next MoE layer, P [E]: the chance some token takes each expert there) for tokens
         routed to `experts` [T, K] at `layer`; None while the table knows nothing of it."""
-        table, following = self.counts.get(layer), self.next_layer.get(layer)
-        if table is None or following is None:
-            return None
-        per_token = experts.shape[1]
         if experts.shape[0] == 1:
-            mass = table[experts[0]].sum(axis=0)  # [E]
-            total = mass.sum()
-            if total == 0:  # experts never seen here: no guess
-                return None
-            return following, np.minimum(per_token * mass / total, 1.0)  # (1)
-        mass = multi_hot(experts, self.num_experts) @ table  # [T, E]
+            one = self.predict_one(layer, experts[0].tolist())
+            return None if one is None else (one[0], np.array(one[1]))
+        rows, following = self._rows.get(layer), self.next_layer.get(layer)
+        if rows is None or following is None:
+            return None
+        mass = multi_hot(experts, self.num_experts) @ np.array(rows)  # [T, E]
         total = mass.sum(axis=1, keepdims=True)  # [T, 1]
-        q = np.minimum(per_token * mass / np.maximum(total, 1e-12), 1.0)  # (1), [T, E]
+        q = np.minimum(experts.shape[1] * mass / np.maximum(total, 1e-12), 1.0)  # (1), [T, E]
         return following, 1.0 - np.prod(1.0 - q, axis=0)
 
     def state(self) -> dict:
         """The table as plain data (JSON-able), to seed another run."""
         return {"num_experts": self.num_experts,
-                "counts": {str(k): v.tolist() for k, v in self.counts.items()},
+                "counts": {str(k): [list(row) for row in v] for k, v in self._rows.items()},
                 "next_layer": {str(k): v for k, v in self.next_layer.items()}}
 
     @classmethod
@@ -104,7 +129,7 @@ class RoutePredictor:
             if table.shape != (predictor.num_experts, predictor.num_experts):
                 raise ValueError(f"layer {key}: a {list(table.shape)} table, not "
                                  f"[{predictor.num_experts}, {predictor.num_experts}]")
-            predictor.counts[int(key)] = table
+            predictor._rows[int(key)] = table.tolist()
         predictor.next_layer = {int(k): int(v) for k, v in state["next_layer"].items()}
         return predictor
 
@@ -113,7 +138,7 @@ def plan_hints(probability: np.ndarray, owner: Mapping[int, Hashable],
                config: PrefetchConfig = PrefetchConfig()) -> dict[Hashable, list[int]]:
     """P [E] -> {agent: its experts to hint, likeliest first}: experts at or above
     min_probability, at most max_experts, only those `owner` (expert -> agent) names."""
-    order = np.argsort(-probability, kind="stable")[: config.max_experts].tolist()
+    order = sorted(range(len(probability)), key=lambda e: -probability[e])[:config.max_experts]
     hints: dict[Hashable, list[int]] = {}
     for expert in order:
         if probability[expert] < config.min_probability:
@@ -122,6 +147,47 @@ def plan_hints(probability: np.ndarray, owner: Mapping[int, Hashable],
         if agent is not None:
             hints.setdefault(agent, []).append(expert)
     return hints
+
+
+class HintPlans:
+    """plan_hints over `predict`, remembered per (layer, a decode token's experts): decode asks
+    the same few questions every token, and a plan costs ~15 us hot but ~80 us on a base station
+    just woken by a reply (measured in situ), 4 to 8 times a token. A plan is made again once
+    the table has counted REFRESH more transitions, or a quarter more, since it was made.
+    Plans are {key: its PREFETCH fields (protocol.prefetch_fields)}."""
+
+    REFRESH = 16
+
+    def __init__(self, predictor: RoutePredictor, owner: Mapping[int, Hashable],
+                 config: PrefetchConfig):
+        self.predictor, self.owner, self.config = predictor, owner, config
+        self._plans: dict[tuple[int, ...], tuple[int, dict]] = {}
+
+    def plan(self, layer: int, experts: np.ndarray) -> dict[Hashable, dict]:
+        """Observe this layer's routing `experts` [T, K] and plan the next layer's hints:
+        {agent: PREFETCH fields}."""
+        predictor = self.predictor
+        predictor.observe(layer, experts)
+        key = None
+        if experts.shape[0] == 1:  # decode: (1) does not depend on the order of the experts
+            ids = experts[0].tolist()
+            key = (layer, *sorted(ids))
+            made = self._plans.get(key)
+            if made is not None and predictor.observations - made[0] <= max(self.REFRESH,
+                                                                              made[0] // 4):
+                return made[1]
+            predicted = predictor.predict_one(layer, ids)
+        else:
+            predicted = predictor.predict(layer, experts)
+        if predicted is None:
+            return {}
+        following, probability = predicted
+        hints = {agent: prefetch_fields(following, hinted,
+                                        [round(100 * float(probability[e])) for e in hinted])
+                 for agent, hinted in plan_hints(probability, self.owner, self.config).items()}
+        if key is not None:
+            self._plans[key] = (predictor.observations, hints)
+        return hints
 
 
 def cache_summary(figures: Mapping) -> dict:

@@ -10,7 +10,9 @@ with hints. A calibration generation first teaches the base station's predictor 
 every agent); then each round decodes TOKENS greedy tokens in each setting, the settings taking
 turns, so all see the same machine. Hit rate, misses and stall come from the agents' own counters
 (`info` memory_budget, before and after each run); stall per token sums both agents' stalls;
-tokens/s counts decode steps only (the first token, with the prefill, is left out).
+tokens/s counts decode steps only (the first token, with the prefill, is left out). "+ hints"
+is the default: an agent whose loads cost no waiting on storage declines hints (info
+memory_budget prefetch false, edge_agent/shards.py HINT_LOAD_RATIO) and gets none.
 
     .venv/bin/python bench/expert_cache.py [--model testbed/data/tiny-mixtral] [--tokens 64]
         [--rounds 3] [--fraction 0.5] [--storage-mb-per-s 400]
@@ -125,19 +127,32 @@ def main() -> None:
                    "slow": start_agents(shards, budget, args.storage_mb_per_s)}
         procs = [proc for pair in started.values() for proc in pair]
         flags = {name: roster_flags(pair) for name, pair in started.items()}
-        for name, roster in flags.items():
-            sessions[name] = open_session(shards, build_roster(roster, None, None),
-                                          dtype="float32", device="cpu", wait_s=60,
-                                          progress=False)
-        tokenizer = sessions["full"].base.tokenizer
+        # one session open at a time, each setting's route table living on across its sessions
+        # (several at once lost replies to a race in the client guard's counters, since fixed:
+        # peer_limits' buffers are per thread)
+        from basestation.prefetch import PrefetchConfig, RoutePredictor
+
+        predictors = {name: RoutePredictor(manifest.num_experts) for name in flags}
+        config = PrefetchConfig(args.min_probability) if args.min_probability is not None \
+            else PrefetchConfig()
+
+        def run(name: str, hints: bool | None, prompt) -> dict:
+            session = open_session(shards, build_roster(flags[name], None, None),
+                                   dtype="float32", device="cpu", wait_s=60, progress=False)
+            sessions[name] = session
+            try:
+                session.runtime.set_prefetch(bool(hints), predictor=predictors[name],
+                                             config=config)
+                return decode(session, prompt, args.tokens)
+            finally:
+                session.close()
+                del sessions[name]
+
+        from transformers import AutoTokenizer
+
+        tokenizer = AutoTokenizer.from_pretrained(args.model)
         calibration = tokenizer(CALIBRATION, return_tensors="pt").input_ids
         ids = tokenizer(PROMPT, return_tensors="pt").input_ids
-        if args.min_probability is not None:
-            from basestation.prefetch import PrefetchConfig
-
-            for name in ("budget", "slow"):
-                sessions[name].runtime.set_prefetch(
-                    True, config=PrefetchConfig(args.min_probability))
         print(f"model {args.model}: {layers} MoE layers x {manifest.num_experts} experts, "
               f"hidden {hidden}, ffn {ffn}; 2 agents x {units} layer-experts of "
               f"{unit_bytes:,} bytes (float32, CPU, 1 thread)")
@@ -147,17 +162,24 @@ def main() -> None:
               f"{unit_bytes / 2 / args.storage_mb_per_s / 1e3:.2f} ms a load); "
               f"{args.tokens} tokens x {args.rounds} rounds; setup "
               f"{time.perf_counter() - started_s:.1f} s", flush=True)
-        for session in sessions.values():  # calibration: the predictor learns, caches warm
-            decode(session, calibration, args.tokens)
+        for name in ("budget", "slow"):  # each agent's own call (info memory_budget)
+            session = open_session(shards, build_roster(flags[name], None, None),
+                                   dtype="float32", device="cpu", wait_s=60, progress=False)
+            budgets = [agent.info["memory_budget"] for agent in session.agents]
+            print(f"{name}: agents take hints {[b.get('prefetch') for b in budgets]} (a load "
+                  f"{[b.get('load_ms') for b in budgets]} ms, of it CPU "
+                  f"{[b.get('load_cpu_ms') for b in budgets]} ms); the base station hints "
+                  f"{len(session.runtime.budgeted_agents())} of them")
+            session.close()
+        for name in flags:  # calibration: the predictor learns, caches warm
+            run(name, True, calibration)
         settings = {"unbudgeted": ("full", None), "budget, no hints": ("budget", False),
                     "budget + hints": ("budget", True), "slow, no hints": ("slow", False),
                     "slow + hints": ("slow", True)}
         runs: dict[str, list[dict]] = {name: [] for name in settings}
         for _ in range(args.rounds):
             for name, (session_name, hints) in settings.items():
-                if hints is not None:
-                    sessions[session_name].runtime.set_prefetch(hints)
-                runs[name].append(decode(sessions[session_name], ids, args.tokens))
+                runs[name].append(run(session_name, hints, ids))
         full_rate = sum(r["steps"] for r in runs["unbudgeted"]) / \
             sum(r["decode_s"] for r in runs["unbudgeted"])
         same = all(r["token_ids"] == runs["unbudgeted"][0]["token_ids"]
@@ -182,7 +204,7 @@ def main() -> None:
               f"equal in every setting: {'yes' if same else 'NO'}; total "
               f"{time.perf_counter() - started_s:.1f} s")
     finally:
-        for session in sessions.values():
+        for session in list(sessions.values()):
             session.close()
         for proc in procs:
             proc.terminate()

@@ -221,12 +221,15 @@ class AgentClient:
 
     def send_expert(self, peer: bytes, layer: int, x: torch.Tensor,
                     counts: Sequence[tuple[int, int]], wire_dtype: str | None = None,
-                    reply_dtype: str | None = None) -> int:
-        """x [T, H]: the tokens of each (expert id, tokens) in `counts`, in that order."""
+                    reply_dtype: str | None = None, prefetch: dict | None = None) -> int:
+        """x [T, H]: the tokens of each (expert id, tokens) in `counts`, in that order.
+        `prefetch`: a hint carried along (protocol.prefetch_fields), for a budgeted agent."""
         dtype = wire_dtype or P.DTYPE_NAME[x.dtype]
         frames, fields = P.encode_tensor(x, dtype)
         if reply_dtype:
             fields["reply_dtype"] = reply_dtype
+        if prefetch:
+            fields["prefetch"] = prefetch
         return self.send(peer, P.EXPERT, frames, layer=layer,
                          experts=[[int(e), int(n)] for e, n in counts], **fields)
 

@@ -57,6 +57,7 @@ class CacheCounters:
     hinted_hits: int = 0  # hits on units a hint loaded
     hints: int = 0  # hint messages taken
     hinted_loads: int = 0  # loads a hint started
+    hints_ignored: int = 0  # hint messages dropped: loads cost no waiting (shards.ExpertStore)
 
     def reply_fields(self) -> list[int]:
         """protocol.CACHE_FIELDS order: small integers, the stall in microseconds."""

@@ -23,7 +23,11 @@ Message = multipart [header, *payload]; ROUTER sockets add the peer's routing id
 Kinds and their extra header fields:
     EXPERT        layer, experts [[expert_id, tokens], ...] (tokens of each expert, in frame
                   order), dtype (wire dtype of this tensor), shape [tokens, hidden],
-                  reply_dtype (optional; default: dtype)
+                  reply_dtype (optional; default: dtype), prefetch (optional: a PREFETCH's
+                  fields as a map {layer, experts, percent}: the hint for the agent's next
+                  layer, carried by this request instead of a message of its own; taken once
+                  the request's units are in hand; a malformed one is dropped, never fails the
+                  request; agents before it ignore it, so no version change)
     EXPERT_REPLY  layer, experts, dtype, shape, compute_s (time spent computing on the box);
                   cache (only from an agent with --memory-budget): CACHE_FIELDS, in that order,
                   counted since the agent started (compute_s includes this request's stall)
@@ -31,6 +35,7 @@ Kinds and their extra header fields:
                   these experts of that layer are needed soon; percent (optional) [0..100, ...]
                   how likely each is; fire-and-forget: no reply, ever (a wrong or garbled one
                   is dropped), no payload; sent only to agents whose info has memory_budget
+                  (and its prefetch not false), and only to those the layer does not call
     PING          reply_bytes (optional: answer with that many bytes; else echo the payload)
     PONG          bytes
     INFO / INFO_REPLY   info {experts, layers, hidden, dtype, device, fingerprint, ...}
@@ -305,7 +310,10 @@ def prefetch_fields(layer: int, experts, percent=None) -> dict:
 
 
 def parse_prefetch(header: dict, payload: Sequence = ()) -> PrefetchHint:
-    """A PREFETCH's fields, checked. Raises ProtocolError (ERR_MALFORMED, ERR_TOO_LARGE)."""
+    """A PREFETCH's fields (or an EXPERT's `prefetch` map), checked. Raises ProtocolError
+    (ERR_MALFORMED, ERR_TOO_LARGE)."""
+    if not isinstance(header, dict):
+        raise ProtocolError(ERR_MALFORMED, "a prefetch hint must be a map")
     layer, experts = header.get("layer"), header.get("experts")
     if payload:
         raise ProtocolError(ERR_MALFORMED, "a prefetch hint carries no payload")

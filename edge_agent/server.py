@@ -82,6 +82,8 @@ class AgentConfig:
     # emulation (off at 0): with a budget, a layer-expert loaded after the start takes at least
     # its shard bytes / this (the storage of a small box: SD card, eMMC)
     pace_load_bytes_per_s: float = 0.0
+    # take prefetch hints: auto (while loads wait on storage, shards.HINT_LOAD_RATIO), on, off
+    prefetch_hints: str = "auto"
 
 
 def default_agent_id(experts: tuple[int, ...]) -> str:
@@ -197,7 +199,8 @@ class Agent:
         self.loaded = load_experts(folder, list(self.config.experts), self.config.device,
                                    self.config.dtype,
                                    memory_budget_bytes=self.config.memory_budget_bytes,
-                                   load_bytes_per_s=self.config.pace_load_bytes_per_s)
+                                   load_bytes_per_s=self.config.pace_load_bytes_per_s,
+                                   prefetch_hints=self.config.prefetch_hints)
         if self.config.self_benchmark:
             self.throughput = self_benchmark(self.loaded)
 
@@ -418,6 +421,11 @@ class Agent:
         store = loaded.store  # a budgeted box: loading what is not resident is part of the call
         weights = loaded.weights if store is None else \
             store.acquire(layer, [expert for expert, _ in experts])
+        carried = header.get("prefetch") if store is not None else None
+        if carried is not None and store.takes_hints:
+            # the next layer's hint, carried by this request: taken once this request's units
+            # are in hand, so its load waits on storage while this request computes
+            self.prefetch(carried, (), DIALLED_ROLES)  # the sender may compute here
         compute_x = x  # a decoded tensor is on the CPU
         if x.dtype is not loaded.dtype or loaded.device.type != "cpu":
             compute_x = x.to(device=loaded.device, dtype=loaded.dtype)

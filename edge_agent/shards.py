@@ -54,6 +54,15 @@ from shard_tool.safetensors_io import TensorInfo, read_header, read_tensor
 COMPUTE_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16,
                   "float16": torch.float16}
 MAX_PENDING_HINTS = 64  # hinted units waiting for the loader; past it the oldest are dropped
+# A budgeted agent takes prefetch hints only while a load takes at least this many times the
+# CPU it spends (reading, converting), the rest waiting on storage: a load from memory is CPU
+# work (measured: 1.06x on the page cache, 2-3x at 400 MB/s emulated), and a
+# hint only moves it to another thread, while its wrong guesses (a third to a half) are loads
+# and evictions more (measured, bench/expert_cache.py: hints cost 13 % of tokens/s at memory
+# speed). The ratio is an EWMA over loads (LOAD_EWMA), so a page cache that goes cold turns
+# hints on; `hints="on"`/"off" force it.
+HINT_LOAD_RATIO = 1.5
+LOAD_EWMA = 0.2
 STOP_TIMEOUT_S = 2.0
 
 log = logging.getLogger("edge_agent")
@@ -306,7 +315,7 @@ class ExpertReader:
 def load_experts(folder: str, experts: list[int], device: str = "auto",
                  dtype: str = "auto", quant_kernels: str = "auto",
                  memory_budget_bytes: int | None = None,
-                 load_bytes_per_s: float = 0.0) -> LoadedExperts:
+                 load_bytes_per_s: float = 0.0, prefetch_hints: str = "auto") -> LoadedExperts:
     """Check (size, sha256, tensor list) and load expert shards. Quantised layers stay
     quantised; `quant_kernels` auto|on|off says when torch's int8/int4 kernels multiply with them
     (expert_math.choose_kernel). With `memory_budget_bytes`, layer-experts beyond the budget stay
@@ -318,7 +327,8 @@ def load_experts(folder: str, experts: list[int], device: str = "auto",
         weights = {q: {layer: reader.load(q, layer) for layer in reader.moe_layers}
                    for q in experts}
     else:
-        store = ExpertStore(reader, experts, memory_budget_bytes, load_bytes_per_s)
+        store = ExpertStore(reader, experts, memory_budget_bytes, load_bytes_per_s,
+                            prefetch_hints)
         weights = {q: _StoredLayers(store, q) for q in experts}
     return LoadedExperts(manifest=reader.manifest, weights=weights, device=reader.device,
                          dtype=reader.dtype, shard_bytes=reader.shard_bytes,
@@ -334,12 +344,19 @@ class ExpertStore:
     The budget covers the units' weights; the dequantising scratch (one matrix) and a unit still
     being computed while a load evicts it (at most one more) come on top. `load_bytes_per_s`
     (emulation, 0: off): a load after the start takes at least its shard bytes / this, as from
-    a slow SD card or eMMC (the wait sleeps, so it overlaps like real I/O).
+    a slow SD card or eMMC (the wait sleeps, so it overlaps like real I/O, and comes before the
+    read's CPU, as a real read's does).
     Raises ShardError (at start: when not even one unit fits)."""
 
     def __init__(self, reader: ExpertReader, experts: Iterable[int], budget_bytes: int,
-                 load_bytes_per_s: float = 0.0):
+                 load_bytes_per_s: float = 0.0, hints: str = "auto"):
+        if hints not in ("auto", "on", "off"):
+            raise ValueError(f"hints {hints!r}: auto, on or off")
         self.reader = reader
+        self.hints_mode = hints
+        self.load_wall_s = 0.0  # EWMA of a load's time (paced loads: the pace included)
+        self.load_cpu_s = 0.0  # EWMA of the CPU a load spends
+        self.takes_hints = hints == "on"
         self.load_bytes_per_s = load_bytes_per_s
         self.experts = tuple(experts)
         self.layers = reader.moe_layers
@@ -368,7 +385,14 @@ class ExpertStore:
                 unit = (q, layer)
                 if self.cache.used_bytes + self.cache.estimate(unit) > self.budget_bytes:
                     return
+                start_s, cpu_s = time.perf_counter(), time.thread_time()
                 weights = self.reader.load(q, layer)
+                wall_s = time.perf_counter() - start_s
+                if self.load_bytes_per_s:  # later loads are paced
+                    wall_s = max(wall_s, self.reader.disk_bytes(q, layer) / self.load_bytes_per_s)
+                cpu_s = time.thread_time() - cpu_s
+                if self.load_cpu_s == 0.0 or cpu_s < self.load_cpu_s:  # the least CPU: the
+                    self._measured(wall_s, cpu_s, seed=True)  # others paid for a cold start
                 if not self.resident and weights.nbytes > self.budget_bytes:
                     raise ShardError(f"--memory-budget {self.budget_bytes} bytes is smaller "
                                      f"than one layer-expert ({weights.nbytes} bytes)")
@@ -378,6 +402,17 @@ class ExpertStore:
                 self.resident[unit] = weights
                 self.counters.loads += 1
         self.counters.resident_bytes = self.cache.resident_bytes
+
+    def _measured(self, wall_s: float, cpu_s: float, seed: bool = False) -> None:
+        """One load's time and CPU: whether hints are worth taking (HINT_LOAD_RATIO). `seed`:
+        replace the figures (at start)."""
+        if seed or self.load_cpu_s == 0.0:
+            self.load_wall_s, self.load_cpu_s = wall_s, max(cpu_s, 1e-6)
+        else:
+            self.load_wall_s += LOAD_EWMA * (wall_s - self.load_wall_s)
+            self.load_cpu_s += LOAD_EWMA * (max(cpu_s, 1e-6) - self.load_cpu_s)
+        if self.hints_mode == "auto":
+            self.takes_hints = self.load_wall_s >= HINT_LOAD_RATIO * self.load_cpu_s
 
     def any_resident(self) -> ExpertWeights:
         with self._lock:
@@ -440,17 +475,25 @@ class ExpertStore:
             self._loading.add(unit)
         try:
             start_s = time.perf_counter()
+            paced_s = self.reader.disk_bytes(*unit) / self.load_bytes_per_s \
+                if self.load_bytes_per_s else 0.0
+            if paced_s:  # storage first, then the CPU (conversion), as a real read goes: a
+                # hinted load's CPU then comes after the request it overlaps, not during it
+                time.sleep(max(0.0, paced_s - self.load_cpu_s))
+            cpu_s = time.thread_time()
             weights = self.reader.load(*unit)
-            if self.load_bytes_per_s:
-                time.sleep(max(0.0, self.reader.disk_bytes(*unit) / self.load_bytes_per_s
-                               - (time.perf_counter() - start_s)))
+            cpu_s = time.thread_time() - cpu_s
+            if paced_s:
+                time.sleep(max(0.0, paced_s - (time.perf_counter() - start_s)))
         except BaseException:
             with self._lock:
                 self.cache.cancel(unit)
                 self._loading.discard(unit)
                 self._changed.notify_all()
             raise
+        wall_s = time.perf_counter() - start_s
         with self._lock:
+            self._measured(wall_s, cpu_s)
             self._loading.discard(unit)
             self.cache.insert(unit, weights.nbytes)
             self.resident[unit] = weights
@@ -482,18 +525,26 @@ class ExpertStore:
         without experts are ignored."""
         if layer not in self.cache.position:
             return
-        experts = list(experts)
-        chances = [p / 100 for p in percent] if percent is not None else [1.0] * len(experts)
+        if not self.takes_hints:  # loads from memory: a hint would cost more than it saves
+            self.counters.hints_ignored += 1
+            return
+        if percent is None:
+            percent = [100] * len(experts)
+        added = False
         with self._lock:
             self.counters.hints += 1
-            for q, chance in zip(experts, chances):
+            for q, chance in zip(experts, percent):
                 unit = (q, layer)
-                if q in self.experts and self.cache.hint(unit, chance):
+                # a resident unit costs two dict writes: kept until its layer comes round
+                if q in self.experts and self.cache.hint(unit, chance / 100):
                     self._pending[unit] = None
                     self._pending.move_to_end(unit)
+                    added = True
+            if not added:  # nothing to load: the loader sleeps on
+                return
             while len(self._pending) > MAX_PENDING_HINTS:
                 self._pending.popitem(last=False)
-            if self._pending and self._thread is None:
+            if self._thread is None:
                 self._thread = threading.Thread(target=self._run, name="expert-prefetch",
                                                 daemon=True)
                 self._thread.start()
@@ -542,7 +593,10 @@ class ExpertStore:
                     "resident_bytes": self.cache.resident_bytes, "hits": c.hits,
                     "misses": c.misses, "stall_s": round(c.stall_s, 6), "loads": c.loads,
                     "evictions": c.evictions, "hinted_hits": c.hinted_hits, "hints": c.hints,
-                    "hinted_loads": c.hinted_loads}
+                    "hinted_loads": c.hinted_loads, "hints_ignored": c.hints_ignored,
+                    # whether it takes hints now (the base station sends none when false)
+                    "prefetch": self.takes_hints, "load_ms": round(self.load_wall_s * 1e3, 3),
+                    "load_cpu_ms": round(self.load_cpu_s * 1e3, 3)}
 
     def reply_fields(self) -> list[int]:
         return self.counters.reply_fields()  # ints read without the lock: a torn read is fine

@@ -99,6 +99,10 @@ class MessageFuzzer:
                 fields["compute_s"] = r.random() * 1e-3
             elif r.random() < 0.3:
                 fields["reply_dtype"] = r.choice(list(P.WIRE_DTYPES))
+            if kind == P.EXPERT and r.random() < 0.3:  # the next layer's hint, carried along
+                hinted = r.sample(self.experts, r.randrange(1, len(self.experts) + 1))
+                fields["prefetch"] = self.junk() if r.random() < 0.3 else P.prefetch_fields(
+                    r.randrange(self.layers), hinted, [r.randrange(101) for _ in hinted])
             return fields, [f.tobytes() for f in frames]  # numpy arrays
         if kind in (P.PING, P.PONG):
             if kind == P.PING and r.random() < 0.3:

@@ -305,7 +305,8 @@ def test_hints_load_in_the_background_and_turn_misses_into_hits(tiny_split):
     unit = unit_bytes(tiny_split)
     stores = {}
     for hinted in (False, True):
-        store = load_experts(tiny_split, [0], device="cpu", memory_budget_bytes=unit).store
+        store = load_experts(tiny_split, [0], device="cpu", memory_budget_bytes=unit,
+                             prefetch_hints="on").store
         for step in range(12):  # 2 layers, room for 1 unit: each request needs the other
             layer, following = step % 2, (step + 1) % 2
             if hinted:
@@ -327,7 +328,7 @@ def test_prefetch_garbage_never_answers_nor_breaks_the_agent(tiny_split):
 
     unit = unit_bytes(tiny_split)
     agent = Agent(AgentConfig(experts=(0, 3), shards_dir=tiny_split, self_benchmark=False,
-                              memory_budget_bytes=2 * unit))
+                              memory_budget_bytes=2 * unit, prefetch_hints="on"))
     agent.load(tiny_split)
     fuzz = MessageFuzzer(14, hidden=64, experts=(0, 3, 5), layers=3, frame_cap=1 << 20)
     rng = random.Random(14)
@@ -350,11 +351,16 @@ def test_prefetch_garbage_never_answers_nor_breaks_the_agent(tiny_split):
                     assert P.unpack(reply[0])["code"] == P.ERR_MALFORMED
             x = torch.randn(4, 64)
             frames, fields = P.encode_tensor(x, "float32")
-            out = agent.handle([zmq.Frame(P.pack(P.EXPERT, 1, layer=1, experts=[[3, 4]],
-                                                 **fields)), *map(zmq.Frame, frames)])
-        reference = load_experts(tiny_split, [3], device="cpu")
-        assert_close_rel(P.decode_tensor(P.unpack(out[0]), out[1:]),
-                         expert_forward(x, reference.weights[3][1]), rel=1e-6)
+            reference = load_experts(tiny_split, [3], device="cpu")
+            for _ in range(100):  # a hint carried by an EXPERT: garbled, it never fails it
+                carried = fuzz.junk() if rng.random() < 0.7 else P.prefetch_fields(
+                    rng.randrange(3), [3, 0, 5], [rng.randrange(101) for _ in range(3)])
+                out = agent.handle([zmq.Frame(P.pack(P.EXPERT, 1, layer=1, experts=[[3, 4]],
+                                                     prefetch=carried, **fields)),
+                                    *map(zmq.Frame, [f.copy() for f in frames])])
+                assert P.unpack(out[0])["kind"] == P.EXPERT_REPLY
+                assert_close_rel(P.decode_tensor(P.unpack(out[0]), out[1:]),
+                                 expert_forward(x, reference.weights[3][1]), rel=1e-6)
         assert agent.info()["memory_budget"]["hints"] > 0
     finally:
         agent.close()
@@ -368,8 +374,8 @@ def budgeted_pair(start_module_agent, tiny_split):  # noqa: F811
     """Experts 0-3 and 4-7 with half their layer-experts' bytes, and the same unbudgeted."""
     unit = unit_bytes(tiny_split)
     agents = {}
-    for budget in (None, 4 * unit):  # 8 units each: half
-        extra = ("--memory-budget", str(budget)) if budget else ()
+    for budget in (None, 4 * unit):  # 8 units each: half; slow storage, so hints are taken
+        extra = ("--memory-budget", str(budget), "--pace-load-mb-per-s", "50") if budget else ()
         started = [start_module_agent("--expert", ids, "--shards", tiny_split, "--bind",
                                       "tcp://127.0.0.1:*", "--no-self-benchmark", *extra,
                                       ready=None) for ids in ("0-3", "4-7")]
@@ -442,7 +448,7 @@ def test_hints_over_the_wire_raise_the_hit_rate(start_agent, client, tiny_split)
     for hinted in (False, True):
         agent = start_agent("--expert", "5", "--shards", tiny_split, "--bind",
                             "tcp://127.0.0.1:*", "--no-self-benchmark", "--memory-budget",
-                            str(unit))
+                            str(unit), "--pace-load-mb-per-s", "50")
         peer = client.connect(agent.endpoint)
         x = torch.randn(1, 64)
         for step in range(10):
@@ -483,15 +489,24 @@ def test_runtime_hints_budgeted_agents_only_and_shows_their_figures():
                                                                   2: plain, 3: plain})
     runtime = MoeRuntime(dispatcher, num_experts=4, hidden_size=64, ffn_size=128)
     assert runtime.prefetching
+
+    def plan(layer, experts):  # what the dispatcher's run of this layer will carry
+        runtime._send_hints(layer, torch.tensor(experts))
+        sent.extend((agent.peer, fields) for agent, fields in dispatcher.hints.values())
+
     for _ in range(2):  # layer 0 -> 1: experts {0, 2} go to {1, 3}
-        runtime._send_hints(0, torch.tensor([[0, 2]]))
-        runtime._send_hints(1, torch.tensor([[1, 3]]))
+        plan(0, [[0, 2]])
+        plan(1, [[1, 3]])
     # nothing before the first transition is known; 3 and 2 are not on a budgeted agent
-    assert sent == [(b"a", P.PREFETCH, {"layer": 1, "experts": [1], "percent": [100]}),
-                    (b"a", P.PREFETCH, {"layer": 0, "experts": [0], "percent": [100]})]
-    runtime._send_hints(0, torch.tensor([[0, 2]]))
+    assert sent == [(b"a", {"layer": 1, "experts": [1], "percent": [100]}),
+                    (b"a", {"layer": 0, "experts": [0], "percent": [100]})]
+    plan(0, [[0, 2]])
     assert len(sent) == 3 and sent[-1] == sent[0]
     assert runtime.set_prefetch(False) is False and runtime.set_prefetch(True) is True
+    budgeted.info["memory_budget"]["prefetch"] = False  # its loads cost no waiting
+    assert runtime.set_prefetch(True) is False and not runtime.budgeted_agents()
+    budgeted.info["memory_budget"]["prefetch"] = True
+    assert runtime.set_prefetch(True) is True
 
     budgeted.cache = P.cache_figures([5, 1, 2000, 8, 3, 4096, 2])  # as dispatch.run keeps it
     figures = runtime.agent_figures()
@@ -509,3 +524,54 @@ def test_runtime_hints_budgeted_agents_only_and_shows_their_figures():
     assert 'wdmoe_agent_cache_stall_seconds_total{agent="tcp://a:1",experts="0,1"} 0.002' \
         in text
     assert 'agent="tcp://b:1"' in text.split("wdmoe_agent_cache_hits_total")[0]
+
+
+def test_a_store_takes_hints_only_while_loads_wait_on_storage(tiny_split):
+    """Loads from memory are CPU work: hints are ignored (the base station sends none, info's
+    prefetch is false); on slow storage (emulated) they are taken; "on" forces them."""
+    unit = unit_bytes(tiny_split)
+    fast = load_experts(tiny_split, [0], device="cpu", memory_budget_bytes=unit).store
+    slow = load_experts(tiny_split, [0], device="cpu", memory_budget_bytes=unit,
+                        load_bytes_per_s=10e6).store
+    forced = load_experts(tiny_split, [0], device="cpu", memory_budget_bytes=unit,
+                          prefetch_hints="on").store
+    try:
+        assert fast.figures()["prefetch"] is False and slow.figures()["prefetch"] is True
+        assert forced.figures()["prefetch"] is True
+        for store in (fast, slow):
+            store.hint(1, [0])
+        assert fast.counters.hints_ignored == 1 and fast.counters.hints == 0
+        assert slow.counters.hints == 1
+        wait_for(lambda: (0, 1) in slow.resident)
+        with pytest.raises(ValueError):
+            load_experts(tiny_split, [0], device="cpu", memory_budget_bytes=unit,
+                         prefetch_hints="maybe")
+    finally:
+        for store in (fast, slow, forced):
+            store.close()
+
+
+def test_the_dispatcher_carries_hints_in_requests_and_sends_the_rest_after_them():
+    """A hint for an agent this layer calls rides in its EXPERT request (no message of its
+    own); one for an agent not called goes as a PREFETCH, after every request."""
+    from types import SimpleNamespace
+
+    from basestation.dispatch import Dispatcher
+    from basestation.liveness import AgentLink
+
+    a = AgentLink(name="tcp://a:1", peer=b"a", experts=(0, 1))
+    b = AgentLink(name="tcp://b:1", peer=b"b", experts=(2, 3))
+    log = []
+    fake = SimpleNamespace(
+        send_expert=lambda peer, layer, x, counts, **kw: log.append(("expert", peer, kw)) or
+        len(log), send=lambda peer, kind, frames=(), **f: log.append((kind, peer, f)),
+        recv=lambda timeout_s: None)
+    dispatcher = Dispatcher(fake, [a, b], hidden_size=4,
+                            prober=SimpleNamespace(take=lambda *_: False))
+    hint_a, hint_b = P.prefetch_fields(1, [1], [80]), P.prefetch_fields(1, [3], [60])
+    dispatcher.hints = {id(a): (a, hint_a), id(b): (b, hint_b)}
+    x = torch.randn(1, 4)
+    dispatcher.run(0, x, {0: (torch.tensor([0]), torch.tensor([0]))})
+    assert log == [("expert", b"a", {"wire_dtype": None, "prefetch": hint_a}),
+                   (P.PREFETCH, b"b", hint_b)]
+    assert dispatcher.hints == {}  # taken once
