@@ -31,7 +31,7 @@ def run_chat(session, args, read=input, write=print) -> int:
     theta = session.theta  # this conversation's θ; /theta changes it
     temperature = args.temperature  # None: the model's sampling defaults; 0: greedy
     messages: list[dict] = []
-    totals = {"tokens": 0, "seconds": 0.0, "calls": 0, "dropped": 0}
+    totals = {"tokens": 0, "seconds": 0.0, "calls": 0, "dropped": 0, "faults": 0}
     write(f"connected to {len(session.agents)} agents, theta {theta:g}. {HELP}")
     while True:
         try:
@@ -79,7 +79,8 @@ def run_chat(session, args, read=input, write=print) -> int:
                     rate = totals["tokens"] / totals["seconds"] if totals["seconds"] else 0.0
                     drop = 100 * totals["dropped"] / considered if considered else 0.0
                     write(f"session: {totals['tokens']} tokens, {rate:.1f} tokens/s, "
-                          f"drop rate {drop:.1f} %, theta {theta:g}")
+                          f"drop rate {drop:.1f} %, lost to faults {totals['faults']}, "
+                          f"theta {theta:g}")
             else:
                 write(HELP)
             continue
@@ -103,3 +104,4 @@ def run_chat(session, args, read=input, write=print) -> int:
         totals["seconds"] += sum(result.token_latency_ms) / 1e3
         totals["calls"] += result.expert_calls
         totals["dropped"] += result.experts_dropped
+        totals["faults"] += result.fault_drops

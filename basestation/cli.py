@@ -21,6 +21,10 @@ from shard_tool.cli_args import (
 from shard_tool.errors import ShardError
 
 
+class ExpertsLost(Exception):
+    """An exact run lost an expert to a fault: its answer is not the model's."""
+
+
 def add_roster_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--agent", action="append", default=[], metavar="EXPERTS=tcp://HOST:PORT",
                    help="a listening agent, e.g. 3=tcp://10.0.0.3:5600 (repeatable)")
@@ -150,7 +154,11 @@ def cmd_generate(args) -> int:
     try:
         stream = None if args.json else (lambda piece: print(piece, end="", flush=True))
         result = generate(session, input_ids, args.max_new_tokens, args.temperature,
-                          args.ignore_eos, on_text=stream)
+                          args.ignore_eos, on_text=stream, exact=args.exact)
+        if args.exact and result.fault_drops:
+            if stream is not None:
+                print()
+            raise ExpertsLost("--exact: " + _lost(result))
         if args.json:
             print(json.dumps(result.to_json()))
         else:
@@ -159,6 +167,14 @@ def cmd_generate(args) -> int:
     finally:
         session.close()
     return 130 if result.interrupted else 0
+
+
+def _lost(result) -> str:
+    from basestation.ledger import lost_message
+
+    failed = {a["agent"]: a["failures"] for a in result.agents if a["failures"]}
+    return lost_message(result.fault_drops, failed,
+                        [a["agent"] for a in result.agents if not a["alive"]])
 
 
 def cmd_chat(args) -> int:
@@ -232,6 +248,9 @@ def build_parser() -> argparse.ArgumentParser:
     add_model_args(p)
     p.add_argument("--prompt", required=True)
     p.add_argument("--json", action="store_true", help="one JSON object with every figure")
+    p.add_argument("--exact", action="store_true", help="fail (exit 3, no answer) when an "
+                   "expert is lost to a fault rather than print an answer computed without it "
+                   "(θ's drops are not faults)")
     p.set_defaults(func=cmd_generate)
     p = sub.add_parser("chat", help="interactive chat (tokens stream as they come)")
     add_model_args(p, sample_by_default=True)
@@ -276,6 +295,9 @@ def main(argv: list[str] | None = None) -> int:
     except (RosterError, ShardError) as e:
         print(f"basestation: error: {e}", file=sys.stderr)
         return 2
+    except ExpertsLost as e:
+        print(f"basestation: error: {e}", file=sys.stderr)
+        return 3
     except KeyboardInterrupt:
         print("\nbasestation: interrupted", file=sys.stderr)
         return 130

@@ -37,9 +37,49 @@ class MoeStats:
     fault_drops: int = 0
     retries: int = 0
     residual_only: int = 0  # tokens whose every expert failed, retry included
-    failed_requests: int = 0  # requests with no valid reply in time
+    failed_requests: int = 0  # requests with no valid reply: agent gone, over the cap, refused
+    late_replies_waited: int = 0  # requests past their estimate's deadline, waited for (alive)
     invalid_replies: int = 0  # replies refused by the checks (wrong peer, shape, NaN, ...)
     network_s: float = 0.0  # waiting for agents (wall time of the gathers)
+
+
+# how often a late request's agent is looked at (its connection), once past the estimate
+LATE_LOOK_S = 0.02
+
+
+@dataclass(slots=True)
+class _Pending:
+    """One request in flight to one agent."""
+
+    agent: AgentLink
+    counts: list  # [(expert, tokens)] in the request's order
+    sent_s: float
+    nbytes: int
+    tokens: int
+    expected_by_s: float  # the estimate's deadline: past it, the agent is looked at
+    cap_s: float  # the longest a request of this size is waited for, whatever the estimate
+    late: bool = False
+
+
+def give_up_reason(now_s: float, cap_s: float, connected) -> str | None:
+    """Why a late request is given up, or None to keep waiting for it: slow is not dead, only
+    a gone connection or the request's cap ends the wait. `connected` is asked only when
+    needed (it takes the client's lock)."""
+    if now_s >= cap_s:
+        return "no reply within the cap for a request this size"
+    if not connected():
+        return "its connection is gone"
+    return None
+
+
+def _next_look_s(pending) -> float:
+    """When the gather must next look at its pending requests: the earliest estimate's
+    deadline, or soon when one is already late (to notice a connection that went away)."""
+    wake_s = math.inf
+    for entry in pending:
+        wake_s = min(wake_s, entry.cap_s,
+                     entry.expected_by_s if not entry.late else time.perf_counter() + LATE_LOOK_S)
+    return wake_s
 
 
 class Dispatcher:
@@ -86,8 +126,7 @@ class Dispatcher:
             else:
                 failed.add(expert)
         hints, self.hints = self.hints, {}
-        pending: dict[int, tuple[AgentLink, list, float, int, int]] = {}  # id -> agent, counts, ...
-        deadline = 0.0
+        pending: dict[int, _Pending] = {}
         start = time.perf_counter()
         for agent, experts in by_agent.values():
             counts = [(e, groups[e][0].shape[0]) for e in experts]
@@ -108,9 +147,10 @@ class Dispatcher:
                 failed.update(experts)
                 continue
             nbytes = self.request_bytes(n_rows)
-            pending[request_id] = (agent, counts, sent_s, nbytes, n_rows)
-            deadline = max(deadline, sent_s + links.deadline_s(agent.state, nbytes, nbytes,
-                                                               n_rows, 1))
+            pending[request_id] = _Pending(
+                agent, counts, sent_s, nbytes, n_rows,
+                expected_by_s=sent_s + links.deadline_s(agent.state, nbytes, nbytes, n_rows, 1),
+                cap_s=sent_s + links.deadline_cap_s(nbytes, nbytes, n_rows, 1))
         for agent, fields in hints.values():  # hinted agents this layer does not call
             if agent.alive:
                 try:
@@ -125,18 +165,23 @@ class Dispatcher:
             outputs.append((expert, token_idx, slot, y.to(x.dtype)))
             self.stats.expert_calls += int(token_idx.numel())
         while pending:
-            reply = self.client.recv(max(0.0, deadline - time.perf_counter()))
+            look_s = _next_look_s(pending.values())
+            if time.perf_counter() >= look_s:  # also while replies keep coming
+                self._look_at_late(pending, failed)
+                continue
+            reply = self.client.recv(look_s - time.perf_counter())
             if reply is None:
-                break
+                continue
             arrived_s = time.perf_counter()
             if self.prober.take(reply, arrived_s):
                 continue
             entry = pending.get(reply.id) if reply.id is not None else None
-            if entry is None or reply.peer != entry[0].peer:
+            if entry is None or reply.peer != entry.agent.peer:
                 self.client.late_replies += 1  # late, or not from the agent asked: ignored
                 continue
             del pending[reply.id]
-            agent, counts, sent_s, nbytes, tokens = entry
+            agent, counts, sent_s, nbytes, tokens = (entry.agent, entry.counts, entry.sent_s,
+                                                     entry.nbytes, entry.tokens)
             checked = self._check(reply, tokens, arrived_s - sent_s)
             if isinstance(checked, str):
                 self.stats.invalid_replies += 1
@@ -144,7 +189,7 @@ class Dispatcher:
                 failed.update(e for e, _ in counts)
                 continue
             y, compute_s = checked
-            agent.state = links.update(agent.state, links.LinkSample(
+            agent.learn(links.LinkSample(
                 round_trip_s=arrived_s - sent_s, compute_s=compute_s, request_bytes=nbytes,
                 reply_bytes=nbytes, tokens=tokens, experts=1, time_s=arrived_s))
             agent.calls += tokens
@@ -159,11 +204,28 @@ class Dispatcher:
             for (expert, _), part in zip(counts, parts):
                 token_idx, slot = groups[expert]
                 outputs.append((expert, token_idx, slot, part))
-        for agent, counts, _, _, _ in pending.values():  # silent past the deadline
-            self._fail(agent, "no reply before the deadline")
-            failed.update(e for e, _ in counts)
         self.stats.network_s += time.perf_counter() - start
         return outputs, failed
+
+    def _look_at_late(self, pending: dict[int, _Pending], failed: set[int]) -> None:
+        """Past its estimate's deadline a request is late, not lost: it is given up only when
+        its agent's connection is gone (closed, reset, or silent past the heartbeat timeout)
+        or at the cap of a request this size. A live agent is waited for; its reply, when it
+        comes, teaches the estimate, and WLR avoids it by policy from then on."""
+        now_s = time.perf_counter()
+        for request_id, entry in list(pending.items()):
+            if now_s < entry.expected_by_s:
+                continue
+            peer = entry.agent.peer
+            why = give_up_reason(now_s, entry.cap_s, lambda: self.client.connected(peer))
+            if why is None:
+                if not entry.late:
+                    entry.late = True
+                    self.stats.late_replies_waited += 1
+                continue
+            del pending[request_id]
+            self._fail(entry.agent, why)
+            failed.update(e for e, _ in entry.counts)
 
     def _check(self, reply, tokens: int, round_trip_s: float
                ) -> tuple[torch.Tensor, float] | str:

@@ -32,7 +32,7 @@ from transformers import ContinuousBatchingConfig, GenerationConfig
 
 from basestation.generate import Sampling, prompt_logits
 from basestation.jobs import Accepted, Delta, Failed, Finished, Job, Request, emit
-from basestation.ledger import RequestLedger
+from basestation.ledger import RequestLedger, lost_message
 from basestation.metrics import EngineMetrics
 from basestation.openai_api import ApiError, Defaults, completion_budget
 from basestation.sampler import BatchSampler, RowSampler, processor_list
@@ -354,6 +354,9 @@ class Engine:
         if run.request.cancelled.is_set():  # its front end is gone
             self.cancel(run.request)
             return int(logits.argmax())
+        if run.request.job.params.exact and run.ledger.fault_drops:  # before any altered text
+            self._lose(run)
+            return int(logits.argmax())
         token = sequence.sampler.pick(logits)
         now = time.perf_counter()
         run.latencies_ms[sequence.index].append((now - sequence.last_s) * 1e3)
@@ -374,8 +377,29 @@ class Engine:
                 self._lock.notify()
         return token
 
+    def _lose(self, run: _Run) -> None:
+        """An exact request lost an expert to a fault: stop its sequences and fail it with
+        503 expert_lost. The other requests of the batch go on."""
+        with self._lock:
+            if self._runs.pop(run.request.id, None) is None:
+                return  # failed already, from another of its sequences
+            for cb_id in run.live:
+                self._sequences.pop(cb_id, None)
+                self._manager.cancel_request(cb_id)
+            run.live.clear()
+            self._lock.notify()
+        self._expert_lost(run)
+
+    def _expert_lost(self, run: _Run) -> None:
+        self.metrics.expert_lost += 1
+        emit(run.request, Failed(lost_error(run.ledger,
+                                            [a.figures() for a in self.session.agents])))
+
     def _finish(self, run: _Run) -> None:
         """All choices done: the Finished event, with this request's own WDMoE figures."""
+        if run.request.job.params.exact and run.ledger.fault_drops:  # lost at the last step
+            self._expert_lost(run)
+            return
         choices = tuple(decoder.choice() for decoder in run.decoders)
         completion_tokens = sum(c.completion_tokens for c in choices)
         self.metrics.prompt_tokens += run.prompt_tokens
@@ -387,10 +411,23 @@ class Engine:
             "token_latency_ms": [round(t, 3) for per in run.latencies_ms for t in per],
             "expert_calls": ledger.expert_calls,
             "experts_dropped": ledger.experts_dropped,
+            "fault_drops": ledger.fault_drops,  # of experts_dropped: lost to a fault, not θ
+            "retries": ledger.retries,
+            "failed_requests": ledger.failed_requests,
             "agents": ledger_figures(ledger, [a.figures() for a in self.session.agents]),
         }
         emit(run.request, Finished(choices=choices, prompt_tokens=run.prompt_tokens,
                                    completion_tokens=completion_tokens, wdmoe=wdmoe))
+
+
+def lost_error(ledger: RequestLedger, agents: list[dict]) -> ApiError:
+    """503 expert_lost for an exact request that lost experts: how many slots, on which agents
+    (dicts of AgentLink.figures(), in box order)."""
+    failed = {a["address"]: ledger.failures[b] for b, a in enumerate(agents)
+              if ledger.failures[b]}
+    down = [a["address"] for a in agents if not a["alive"]]
+    return ApiError(503, "exact: " + lost_message(ledger.fault_drops, failed, down) +
+                    "; retry, or send without exact to accept it", "server_error", "expert_lost")
 
 
 def ledger_figures(ledger: RequestLedger, agents: list[dict]) -> list[dict]:

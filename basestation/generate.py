@@ -22,8 +22,9 @@ class GenerationResult:
     token_latency_ms: list[float]
     expert_calls: int
     experts_dropped: int
-    fault_drops: int
-    retries: int
+    fault_drops: int  # of experts_dropped: lost to a fault (a failed agent, not θ's choice)
+    retries: int  # slots sent again after a failure
+    failed_requests: int  # agent requests that failed (no valid reply)
     agents: list[dict] = field(default_factory=list)
     interrupted: bool = False
     # raw logits of each generated token's step [V], when asked (output_logits); not in to_json
@@ -47,7 +48,27 @@ class GenerationResult:
         share = 100 * self.experts_dropped / considered if considered else 0.0
         return (f"[{len(self.token_ids)} tokens, {self.tokens_per_s:.1f} tokens/s, mean token "
                 f"latency {mean_ms:.1f} ms, experts dropped {self.experts_dropped} "
-                f"({share:.1f} %)" + (", interrupted" if self.interrupted else "") + "]")
+                f"({share:.1f} %)" + faults_text(self.fault_drops, self.retries)
+                + (", interrupted" if self.interrupted else "") + "]")
+
+
+def faults_text(fault_drops: int, retries: int) -> str:
+    """", fault drops N, retries M" for a summary line; empty when nothing was lost or retried."""
+    if not (fault_drops or retries):
+        return ""
+    return f", fault drops {fault_drops}, retries {retries}"
+
+
+class StopOnFault:
+    """A StoppingCriteria for exact generation: stop at the first slot lost to a fault (the
+    answer is no longer the model's; generating on would only cost time)."""
+
+    def __init__(self, stats, fault_drops_before: int):
+        self.stats, self.before = stats, fault_drops_before
+
+    def __call__(self, input_ids: torch.Tensor, scores, **kwargs) -> torch.Tensor:
+        lost = self.stats.fault_drops > self.before
+        return torch.full((input_ids.shape[0],), lost, dtype=torch.bool, device=input_ids.device)
 
 
 class TimingStreamer:
@@ -138,11 +159,13 @@ def generate(session, input_ids: torch.Tensor, max_new_tokens: int = 32,
              on_text: Callable[[str], None] | None = None,
              theta: float | None = None, *, sampling: Sampling | None = None,
              stopping_criteria: list | None = None,
-             output_logits: bool = False) -> GenerationResult:
+             output_logits: bool = False, exact: bool = False) -> GenerationResult:
     """Run generation at this request's θ (default: the session's); Ctrl-C ends it early
     (the result says so). `temperature` None samples with the model's generation_config;
-    `sampling`, when given, replaces `temperature` (its None fields keep the model's); `stopping_criteria` are transformers StoppingCriteria;
-    `output_logits` keeps each step's raw logits in `step_logits`."""
+    `sampling`, when given, replaces `temperature` (its None fields keep the model's);
+    `stopping_criteria` are transformers StoppingCriteria; `output_logits` keeps each step's
+    raw logits in `step_logits`; `exact` stops at the first expert slot lost to a fault (the
+    caller sees fault_drops > 0)."""
     base = session.base
     runtime = session.runtime
     runtime.theta = session.theta if theta is None else theta
@@ -162,6 +185,9 @@ def generate(session, input_ids: torch.Tensor, max_new_tokens: int = 32,
     else:
         config.do_sample, config.temperature, config.top_p, config.top_k = False, None, None, None
     extra = {}
+    stopping_criteria = list(stopping_criteria or [])
+    if exact:
+        stopping_criteria.append(StopOnFault(runtime.stats, before.fault_drops))
     if stopping_criteria:
         from transformers import StoppingCriteriaList
 
@@ -191,6 +217,7 @@ def generate(session, input_ids: torch.Tensor, max_new_tokens: int = 32,
         experts_dropped=stats.experts_dropped - before.experts_dropped,
         fault_drops=stats.fault_drops - before.fault_drops,
         retries=stats.retries - before.retries,
+        failed_requests=stats.failed_requests - before.failed_requests,
         agents=[a.figures() for a in session.agents],
         interrupted=interrupted,
         step_logits=[step[0].float().cpu() for step in output.logits][: len(token_ids)]

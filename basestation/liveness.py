@@ -76,6 +76,18 @@ class AgentLink:
     # a memory-budgeted agent's cache counters (protocol.cache_figures), from its latest
     # expert reply; None: unbudgeted, or no reply yet (figures() then reads its info)
     cache: dict | None = None
+    # expert replies still to be taken as cold: the first call through a path (the agent's
+    # process, our socket) is many times slower than the next; taken as the estimate, it made
+    # WLR avoid a healthy agent and, when deadlines decided, cost drops at θ = 0
+    cold_replies: int = 1
+
+    def learn(self, sample: links.LinkSample) -> None:
+        """Update the link estimate with one completed request; a cold expert reply teaches
+        nothing."""
+        if sample.tokens and self.cold_replies:
+            self.cold_replies -= 1
+            return
+        self.state = links.update(self.state, sample)
 
     def figures(self) -> dict:
         return {
@@ -176,7 +188,7 @@ class Prober:
             sample = links.LinkSample(round_trip_s, compute_s, nbytes, nbytes, 1, 1, arrived_s)
         else:
             return True
-        agent.state = links.update(agent.state, sample)
+        agent.learn(sample)
         agent.last_used_s = arrived_s
         if not agent.alive:
             agent.alive = True
@@ -195,9 +207,33 @@ class Prober:
             if not self.take(reply, time.perf_counter()):
                 self.client.late_replies += 1
 
+    def warm(self, timeout_s: float = 5.0) -> None:
+        """One token through each agent's first expert, its reply thrown away: the path's cold
+        first call (AgentLink.cold_replies) is paid here, not by the first user's token."""
+        sent = {}
+        for agent in self.agents:
+            try:
+                sent[self.client.send_expert(agent.peer, self.probe_layer, self._token,
+                                             [(agent.experts[0], 1)],
+                                             wire_dtype=self.wire_dtype)] = agent
+            except PeerUnreachable:
+                continue
+        deadline = time.perf_counter() + timeout_s
+        while sent:
+            reply = self.client.recv(max(0.0, deadline - time.perf_counter()))
+            if reply is None:
+                return
+            agent = sent.pop(reply.id, None)
+            if agent is None or reply.peer != agent.peer:
+                self.client.late_replies += 1
+            elif reply.kind == P.EXPERT_REPLY:
+                agent.cold_replies = 0
+
     def calibrate(self, rounds: int = CALIBRATION_ROUNDS, timeout_s: float = 2.0) -> None:
-        """Seed every link's estimate before the first token: a few pings, then one payload
-        the size of a 16-token request each way (else the first selections use priors)."""
+        """Seed every link's estimate before the first token: warm each path (`warm`), a few
+        pings, then one payload the size of a 16-token request each way (else the first
+        selections use priors)."""
+        self.warm(timeout_s)
         payload_bytes = CALIBRATION_TOKENS * self.hidden_size * self.element_bytes
         for round_index in range(rounds + 1):
             nbytes = payload_bytes if round_index == rounds else 0

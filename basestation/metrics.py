@@ -40,6 +40,7 @@ class EngineMetrics:
     completed: int = 0
     cancelled: int = 0
     failed: int = 0
+    expert_lost: int = 0  # exact requests failed: an expert lost to a fault
     rejected: int = 0  # queue full
     prompt_tokens: int = 0
     completion_tokens: int = 0
@@ -56,10 +57,26 @@ def _label(value: str) -> str:
     return str(value).replace("\\", "\\\\").replace('"', '\\"').replace("\n", "\\n")
 
 
+# the MoE layers' run counters (dispatch.MoeStats fields): what every answer together lost
+MOE_COUNTERS = (
+    ("wdmoe_expert_calls_total", "token-expert computations done", "expert_calls"),
+    ("wdmoe_experts_dropped_total", "top-k slots not computed (by theta or a fault)",
+     "experts_dropped"),
+    ("wdmoe_fault_drops_total", "top-k slots lost to a fault (a failed agent request not "
+     "recovered, or an agent down with no fallback)", "fault_drops"),
+    ("wdmoe_retries_total", "top-k slots sent again after a failure", "retries"),
+    ("wdmoe_failed_agent_requests_total", "agent requests that failed (no valid reply)",
+     "failed_requests"),
+    ("wdmoe_late_replies_waited_total", "agent requests past their estimate's deadline, "
+     "waited for because the agent was still connected (slow, not dead)",
+     "late_replies_waited"),
+)
+
+
 def render(engine: EngineMetrics, http_responses: dict[tuple[str, int], int], queue_depth: int,
-           agents: list[dict]) -> str:
-    """The /metrics page: requests, tokens, token latency, queue, and every agent's figures
-    (dicts of AgentLink.figures())."""
+           agents: list[dict], moe: dict | None = None) -> str:
+    """The /metrics page: requests, tokens, token latency, queue, the MoE counters (`moe`: the
+    fields of dispatch.MoeStats) and every agent's figures (dicts of AgentLink.figures())."""
     lines: list[str] = []
 
     def metric(name: str, kind: str, help_: str, samples: list[tuple[str, float]]) -> None:
@@ -71,12 +88,14 @@ def render(engine: EngineMetrics, http_responses: dict[tuple[str, int], int], qu
             for (p, s), n in sorted(http_responses.items())])
     metric("wdmoe_requests_total", "counter", "generation requests by outcome",
            [(f'{{outcome="{k}"}}', getattr(engine, k))
-            for k in ("completed", "cancelled", "failed", "rejected")])
+            for k in ("completed", "cancelled", "failed", "expert_lost", "rejected")])
     metric("wdmoe_prompt_tokens_total", "counter", "prompt tokens processed",
            [("", engine.prompt_tokens)])
     metric("wdmoe_completion_tokens_total", "counter", "tokens generated",
            [("", engine.completion_tokens)])
     metric("wdmoe_queue_depth", "gauge", "requests waiting for the engine", [("", queue_depth)])
+    for name, help_, key in MOE_COUNTERS if moe is not None else ():
+        metric(name, "counter", help_, [("", moe[key])])
     lines.extend([("# HELP wdmoe_token_latency_seconds time per generated token (the first "
                    "includes the prefill)"), "# TYPE wdmoe_token_latency_seconds histogram"])
     lines.extend(engine.token_latency.lines("wdmoe_token_latency_seconds"))

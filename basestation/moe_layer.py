@@ -24,7 +24,7 @@ import torch
 from basestation import link_estimator as links
 from basestation.channel_model import ChannelScenario, scenario_latency_s
 from basestation.dispatch import Dispatcher
-from basestation.ledger import RequestLedger, charge
+from basestation.ledger import LayerFaults, RequestLedger, charge
 from basestation.prefetch import HintPlans, PrefetchConfig, RoutePredictor
 from basestation.routing import after_failures, combine, group_by_expert
 from basestation.selector import SMALL_SELECTION, Selection, select
@@ -184,66 +184,94 @@ class MoeRuntime:
         selection = select(experts, weights, box_of_expert, t, theta if dropping else 0.0,
                            available)
         if dropping or available is not None:  # else nothing is dropped: skip the torch ops
-            self._count_drops(selection)
-        sent = selection.keep
+            self._count_drops(selection, available)
         if self.on_selection is not None:
-            self.on_selection(layer, box_of_expert, experts, sent)
+            self.on_selection(layer, box_of_expert, experts, selection.keep)
         outputs, failed = self.dispatcher.run(layer, x, group_by_expert(experts, selection.keep))
+        faults = None  # stays None on the path with no fault: no accounting beyond the calls
         if failed:
-            selection, outputs = self._after_failures(layer, x, selection, weights, failed,
-                                                      outputs)
+            selection, outputs, faults = self._after_failures(layer, x, selection, weights,
+                                                              failed, outputs, box_of_expert)
         if self.ledgers is not None:
-            self._charge(experts, box_of_expert, sent, selection, failed)
+            if available is not None:
+                faults = with_unheld(faults, experts, available)
+            self._charge(experts, box_of_expert, selection, faults, failed)
         # probes go out after the layer's gather, while the base station computes: sent before
         # its requests, a probe would make an agent this layer needs compute it first
         self.dispatcher.prober.tick(time.perf_counter())
         return combine(x.shape[0], x.shape[1], x.dtype, selection.weights, outputs)
 
-    def _charge(self, experts: torch.Tensor, box_of_expert: torch.Tensor, sent: torch.Tensor,
-                final: Selection, failed: set[int]) -> None:
+    def _charge(self, experts: torch.Tensor, box_of_expert: torch.Tensor, final: Selection,
+                faults: LayerFaults | None, failed: set[int]) -> None:
         owners = self.owners if self.owners is not None else \
             torch.zeros(experts.shape[0], dtype=torch.long)
-        done_box = self.boxes()[0][final.experts] if failed else box_of_expert[final.experts]
-        failed_boxes = sorted({int(box_of_expert[e]) for e in failed})
-        charge(self.ledgers, owners, box_of_expert[experts], sent, done_box, final.keep,
-               failed_boxes)
+        box_now = self.boxes()[0] if failed else box_of_expert
+        # no-ops on the CPU; on a GPU the slots' tensors live there
+        box_of_expert, box_now = box_of_expert.to(experts.device), box_now.to(experts.device)
+        done_box = box_now[final.experts]
+        charge(self.ledgers, owners, box_of_expert[experts], done_box, final.keep, faults)
 
-    def _count_drops(self, selection: Selection) -> None:
+    def _count_drops(self, selection: Selection, available: torch.Tensor | None) -> None:
         if selection.experts.numel() <= SMALL_SELECTION:  # decode: two lists, no indexing
             dropped = [e for e, d in zip(selection.experts.view(-1).tolist(),
                                          selection.dropped.view(-1).tolist()) if d]
         else:
             dropped = selection.experts[selection.dropped].tolist()
         self.stats.experts_dropped += len(dropped)
+        if available is not None:  # no live holder: lost to a fault (earlier), not θ's choice
+            held = available.tolist()
+            self.stats.fault_drops += sum(1 for expert in dropped if not held[expert])
         for expert in dropped:
             agent = self.dispatcher.owner.get(expert)
             if agent is not None:
                 agent.drops += 1
 
     def _after_failures(self, layer: int, x: torch.Tensor, selection: Selection,
-                        router_weights: torch.Tensor, failed: set[int], outputs: list
-                        ) -> tuple[Selection, list]:
-        failed_ids = torch.tensor(sorted(failed), device=selection.experts.device)
+                        router_weights: torch.Tensor, failed: set[int], outputs: list,
+                        box_of_expert: torch.Tensor) -> tuple[Selection, list, LayerFaults]:
+        """Drop the failed slots, retry orphaned tokens once (routing.after_failures), and say
+        what was lost: a slot sent (first, or as a retry) whose request failed."""
+        device = selection.experts.device
+        failed_ids = torch.tensor(sorted(failed), device=device)
         failed_slots = selection.keep & torch.isin(selection.experts, failed_ids)
+        # the box whose request carried each failed slot (boxes() is rebuilt below)
+        failed_box = torch.where(failed_slots, box_of_expert.to(device)[selection.experts], -1)
         n_failed = int(failed_slots.sum())
-        self.stats.experts_dropped += n_failed
-        self.stats.fault_drops += n_failed
-        _, available = self.boxes()  # rebuilt: the failed agents are dead now
+        box_now, available = self.boxes()  # rebuilt: the failed agents are dead now
         usable = ~torch.isin(selection.experts, failed_ids)
         if available is not None:
-            usable &= available.to(selection.experts.device)[selection.experts]
+            usable &= available.to(device)[selection.experts]
         selection, retry = after_failures(selection, router_weights, failed_slots, usable)
-        if bool(retry.any()):
-            self.stats.retries += int(retry.sum())
+        lost, n_retried, n_lost_again = failed_slots, int(retry.sum()), 0
+        if n_retried:
             retried, failed_again = self.dispatcher.run(
                 layer, x, group_by_expert(selection.experts, retry))
             outputs += retried
             if failed_again:
-                lost = retry & torch.isin(selection.experts, torch.tensor(sorted(failed_again)))
-                selection, _ = after_failures(selection, router_weights, lost,
-                                              torch.zeros_like(lost))
+                lost_again = retry & torch.isin(selection.experts, torch.tensor(
+                    sorted(failed_again), device=device))
+                selection, _ = after_failures(selection, router_weights, lost_again,
+                                              torch.zeros_like(lost_again))
+                failed_box = torch.where(lost_again, box_now.to(device)[selection.experts],
+                                         failed_box)
+                lost, n_lost_again = lost | lost_again, int(lost_again.sum())
+        self.stats.retries += n_retried
+        self.stats.fault_drops += n_failed + n_lost_again
+        # a retried slot was counted dropped by the selector; one that now computed is not
+        self.stats.experts_dropped += n_failed - (n_retried - n_lost_again)
         self.stats.residual_only += int((~selection.keep.any(dim=-1)).sum())
-        return selection, outputs
+        return selection, outputs, LayerFaults(lost, retry, failed_box)
+
+
+def with_unheld(faults: LayerFaults | None, experts: torch.Tensor, available: torch.Tensor
+                ) -> LayerFaults:
+    """`faults` plus the slots whose expert had no live holder this call (its agent down with
+    no local fallback): an earlier fault loses them, even though nothing was sent.
+    experts [T, K]; available [E]."""
+    unheld = ~available.to(experts.device)[experts]
+    if faults is None:
+        return LayerFaults(unheld, torch.zeros_like(unheld), torch.full_like(experts, -1))
+    return faults._replace(lost=faults.lost | unheld)
 
 
 def remote_experts_forward(self, hidden_states: torch.Tensor, top_k_index: torch.Tensor,

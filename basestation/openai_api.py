@@ -3,7 +3,9 @@
 Pure functions of their inputs (no HTTP, no model): the server calls them, the tests call them
 directly. Every rejection is one `ApiError` carrying the HTTP status and OpenAI's error shape.
 Unknown fields are ignored, as OpenAI's own clients send many; features that would change the
-answer and are not implemented (n > 1, chat logprobs) are refused rather than ignored.
+answer and are not implemented (n > 1, chat logprobs) are refused rather than ignored. Our own
+fields: `theta`, `ignore_eos`, and `exact` (fail with 503 `expert_lost` when an expert is lost
+to a fault rather than answer without it).
 """
 
 from __future__ import annotations
@@ -51,6 +53,9 @@ class Params:
     stop: tuple[str, ...]
     ignore_eos: bool
     theta: float
+    # fail the request (503 expert_lost) rather than answer without an expert lost to a fault;
+    # θ's drops are the request's own choice and never fail it
+    exact: bool = False
 
 
 @dataclass(frozen=True)
@@ -157,7 +162,7 @@ def _params(body: dict, defaults: Defaults, max_tokens_low: int, *names: str) ->
                   top_p=_number(body, "top_p", 1e-9, 1.0),
                   seed=_integer(body, "seed", -(2 ** 63), 2 ** 64 - 1), stop=_stop(body),
                   ignore_eos=_flag(body, "ignore_eos"),
-                  theta=defaults.theta if theta is None else theta)
+                  theta=defaults.theta if theta is None else theta, exact=_flag(body, "exact"))
 
 
 def _object(body) -> dict:

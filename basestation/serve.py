@@ -95,8 +95,9 @@ class Server:
                             status_code=200 if ok else 503)
 
     async def metrics(self, request: HttpRequest) -> Response:
+        runtime = self.engine.session.runtime
         text = M.render(self.engine.metrics, dict(self.responses), self.engine.queue_depth,
-                        self.engine.session.runtime.agent_figures())
+                        runtime.agent_figures(), dataclasses.asdict(runtime.stats))
         return PlainTextResponse(text, media_type="text/plain; version=0.0.4")
 
     async def stats(self, request: HttpRequest) -> Response:
@@ -210,9 +211,10 @@ class Server:
                     chunk = api.chat_chunk(id_, created, model, {"content": event.text}) if chat \
                         else api.completion_chunk(id_, created, model, event.index, event.text)
                     yield _sse(chunk)
-                elif isinstance(event, Failed):
+                elif isinstance(event, Failed):  # an error event ends the stream, no [DONE]
+                    done = True  # the engine has let the request go
                     yield _sse(event.error.body())
-                    break
+                    return
                 elif isinstance(event, Finished):
                     last = []
                     for choice in event.choices:

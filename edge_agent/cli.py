@@ -127,8 +127,8 @@ def build_parser() -> argparse.ArgumentParser:
     # libzmq keeps the TTL in deciseconds, 16 bits: 0.1 s to 6553 s
     p.add_argument("--heartbeat-timeout-s", type=number(0.1, 6553),
                    default=SocketConfig.heartbeat_timeout_s,
-                   help="drop a silent peer after this long (keep it above the longest "
-                   "transfer on the slowest link)")
+                   help="a peer silent this long is gone (what tells a dead peer from a slow "
+                   "one: keep it above the longest stall a live box has)")
     p.add_argument("--max-message-mb", type=number(0.001, 2.0**20),  # -1 was "no cap"
                    default=SocketConfig.max_message_bytes / 2**20,
                    help="largest message a peer may send (MiB)")

@@ -201,6 +201,10 @@ class AgentClient:
     def __exit__(self, *exc) -> None:
         self.close()
 
+    def connected(self, peer: bytes) -> bool:
+        """Whether that agent's connection is up now (LinkGuard.connected): slow is not gone."""
+        return self.guard.connected(peer)
+
     # -- sending ----------------------------------------------------------------------------
 
     def send(self, peer: bytes, kind: str, frames: Sequence = (), **fields) -> int:

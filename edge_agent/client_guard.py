@@ -261,6 +261,19 @@ class LinkGuard:
             self._drain()
             return peer in self.owner
 
+    def connected(self, peer: bytes) -> bool:
+        """Whether `peer` has an open connection now, by the monitor's events: a dialled alias
+        with a connection up, or a routing id bound by a HELLO. What tells a slow agent (still
+        connected: its ZMTP heartbeats are answered by libzmq's I/O thread while it computes)
+        from a gone one (closed, reset, or silent past the heartbeat timeout)."""
+        with self._lock:
+            self._drain()
+            if peer in self.aliases:
+                return any(link.alias == peer for link in self.links.values()) or any(
+                    alias == peer and endpoint.startswith("inproc://")  # no events: can't tell
+                    for endpoint, (alias, _) in self._dialled.items())
+            return peer in self.owner
+
     def drained(self, now_s: float) -> None:
         """The client found nothing left to read at `now_s` (the HELLO deadline counts from
         what it has read, so a client that is busy elsewhere cuts no one)."""

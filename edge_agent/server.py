@@ -153,6 +153,30 @@ def self_benchmark(loaded: LoadedExperts) -> dict:
             "flop_per_s": tokens_per_s * flops_per_token(loaded.hidden_size, loaded.ffn_size)}
 
 
+WARM_UP_TOKENS = (1, 16)  # a decode step's shape and a prefill's: different kernels
+
+
+def warm_up(loaded: LoadedExperts) -> float:
+    """Run every expert this box serves once, at every layer, at both shapes, before serving:
+    the first call of a cold process (allocator, thread pool, CUDA kernels and their
+    autotuning) is many times slower than the next, and it would be some user's token. A
+    memory-budgeted box warms only what is resident (warming the rest would load it all).
+    Returns the seconds it took."""
+    start = time.perf_counter()
+    if loaded.store is not None:
+        units = [loaded.sample_weights()] if loaded.store.resident else []
+    else:
+        units = [w for layers in loaded.weights.values() for w in layers.values()]
+    with torch.inference_mode():
+        for tokens in WARM_UP_TOKENS:
+            x = torch.zeros(tokens, loaded.hidden_size, device=loaded.device, dtype=loaded.dtype)
+            for weights in units:
+                expert_forward(x, weights)
+    if loaded.device.type == "cuda":
+        torch.cuda.synchronize(loaded.device)
+    return time.perf_counter() - start
+
+
 class Agent:
     def __init__(self, config: AgentConfig, ready: Callable[[str], None] = print):
         self.config = config
@@ -169,6 +193,7 @@ class Agent:
         self._hint_log = LogTally()
         self.faults = FaultInjector(config.faults)
         self.throughput: dict = {}
+        self.warm_up_s: float | None = None  # its experts' first run, before serving
         self.stop_requested = False
         self.ctx: zmq.Context | None = None
         self.router: zmq.Socket | None = None
@@ -201,6 +226,7 @@ class Agent:
                                    memory_budget_bytes=self.config.memory_budget_bytes,
                                    load_bytes_per_s=self.config.pace_load_bytes_per_s,
                                    prefetch_hints=self.config.prefetch_hints)
+        self.warm_up_s = warm_up(self.loaded)
         if self.config.self_benchmark:
             self.throughput = self_benchmark(self.loaded)
 
@@ -514,7 +540,7 @@ class Agent:
             dtype=str(loaded.dtype).removeprefix("torch."),
             fingerprint=loaded.manifest.fingerprint, model=loaded.manifest.model,
             shard_bytes=loaded.shard_bytes, throughput=self.throughput,
-            **device_facts(loaded.device))
+            warm_up_s=self.warm_up_s, **device_facts(loaded.device))
         if loaded.store is not None:  # the base station sends prefetch hints to these only
             info["memory_budget"] = loaded.store.figures()
         return info

@@ -59,7 +59,8 @@ def test_chat_session(chat):
     chat.expect_exact("you> ")
     chat.sendline("/stats")
     chat.expect("agent +experts +alive")
-    chat.expect(r"session: 24 tokens, [\d.]+ tokens/s, drop rate [\d.]+ %, theta 0.45")
+    chat.expect(r"session: 24 tokens, [\d.]+ tokens/s, drop rate [\d.]+ %, lost to faults 0, "
+                r"theta 0.45")
 
     chat.expect_exact("you> ")
     chat.sendline("/devices")

@@ -141,12 +141,12 @@ def test_a_large_transfer_may_take_four_times_its_estimate():
 
 def test_deadline_is_capped_whatever_the_estimate_says():
     """Regression: an agent that answered ever later (compute_s just under its round trip)
-    grew its own deadline without bound. The cap is the request's: 2 s + bytes at 1 Mbit/s +
-    20 ms per token-expert. 100 tokens of 256 bytes each way: 2 + 51200 / 125e3 + 2 = 4.4096 s."""
+    grew its own deadline without bound. The cap is the request's: 6 s + bytes at 1 Mbit/s +
+    20 ms per token-expert. 100 tokens of 256 bytes each way: 6 + 51200 / 125e3 + 2 = 8.4096 s."""
     inflated = initial_state()._replace(srtt_s=30.0, compute_s_per_token_expert=5.0)
-    assert deadline_s(inflated, 25600, 25600, 100, 1) == approx(4.4096)
-    assert deadline_cap_s(25600, 25600, 100, 1) == approx(4.4096)
-    assert deadline_s(inflated, 0, 0, 1, 1) == approx(2.02)  # a ping-sized request
+    assert deadline_s(inflated, 25600, 25600, 100, 1) == approx(8.4096)
+    assert deadline_cap_s(25600, 25600, 100, 1) == approx(8.4096)
+    assert deadline_s(inflated, 0, 0, 1, 1) == approx(6.02)  # a ping-sized request
     assert deadline_s(initial_state(), 1000, 1000, 1, 2) == 0.25  # honest links: unchanged
 
 

@@ -565,7 +565,7 @@ def test_the_dispatcher_carries_hints_in_requests_and_sends_the_rest_after_them(
     fake = SimpleNamespace(
         send_expert=lambda peer, layer, x, counts, **kw: log.append(("expert", peer, kw)) or
         len(log), send=lambda peer, kind, frames=(), **f: log.append((kind, peer, f)),
-        recv=lambda timeout_s: None)
+        recv=lambda timeout_s: None, connected=lambda peer: False)  # never answers: gone
     dispatcher = Dispatcher(fake, [a, b], hidden_size=4,
                             prober=SimpleNamespace(take=lambda *_: False))
     hint_a, hint_b = P.prefetch_fields(1, [1], [80]), P.prefetch_fields(1, [3], [60])

@@ -2,10 +2,13 @@
 
 from __future__ import annotations
 
+import dataclasses
+
 import pytest
 
 from basestation import openai_api as api
-from basestation.engine import ledger_figures
+from basestation.dispatch import MoeStats
+from basestation.engine import ledger_figures, lost_error
 from basestation.ledger import RequestLedger
 from basestation.metrics import EngineMetrics, Histogram, render
 
@@ -34,6 +37,10 @@ def test_chat_defaults_and_fields():
     assert req.params == api.Params(max_tokens=7, temperature=0.0, top_p=0.5, seed=3,
                                     stop=("\n",), ignore_eos=True, theta=0.5)
     assert req.stream and req.include_usage
+    assert not req.params.exact
+    assert api.parse_chat({**CHAT, "exact": True}, DEFAULTS).params.exact
+    assert api.parse_completion({"model": "tiny", "prompt": "a", "exact": True}, DEFAULTS,
+                                100).params.exact
 
     parts = {"role": "user", "content": [{"type": "text", "text": "a"},
                                          {"type": "text", "text": "b"}]}
@@ -43,7 +50,8 @@ def test_chat_defaults_and_fields():
 @pytest.mark.parametrize("field,value", [
     ("temperature", "hot"), ("temperature", 3), ("temperature", True), ("top_p", 0),
     ("max_tokens", 0), ("max_tokens", 1.5), ("seed", "x"), ("stop", [""]), ("stop", 3),
-    ("theta", 1.5), ("ignore_eos", "yes"), ("stream", 1), ("n", 2), ("logprobs", True),
+    ("theta", 1.5), ("ignore_eos", "yes"), ("exact", "yes"), ("exact", 1), ("stream", 1),
+    ("n", 2), ("logprobs", True),
     ("messages", []), ("messages", [{"content": "no role"}]),
     ("messages", [{"role": "user", "content": [{"type": "image_url"}]}]),
     ("stream_options", {"include_usage": True}),  # without stream
@@ -121,6 +129,17 @@ def test_agent_figures_are_the_requests_own():
         "rtt_ms": 1.0, "throughput_mbit_s": 5.0, "compute_us_per_token": 3.0}]
 
 
+def test_an_exact_request_that_lost_experts_gets_503_naming_the_agents():
+    agents = [{"address": "tcp://a:1", "alive": True}, {"address": "tcp://b:2", "alive": False},
+              {"address": "tcp://c:3", "alive": False}]
+    ledger = RequestLedger(boxes=4, fault_drops=5, failures=[0, 2, 0, 0])
+    e = lost_error(ledger, agents)
+    assert (e.status, e.type, e.code) == (503, "server_error", "expert_lost")
+    assert e.message.startswith("exact: 5 expert slots lost to faults on tcp://b:2 (2 failed "
+                                "requests), tcp://c:3 (down): ")
+    assert "tcp://a:1" not in e.message
+
+
 def test_metrics_page():
     h = Histogram(bounds=(0.01, 0.1))
     for value in (0.005, 0.01, 0.05, 3.0):
@@ -131,7 +150,13 @@ def test_metrics_page():
     agent = {"address": 'tcp://h:1"', "experts": [0, 1], "alive": True, "rtt_ms": 1.5,
              "throughput_mbit_s": 10.0, "compute_us_per_token": 2.0, "calls": 7, "drops": 2,
              "failures": 0}
-    text = render(engine, {("/v1/completions", 503): 2}, 1, [agent])
+    moe = dataclasses.asdict(MoeStats(expert_calls=90, experts_dropped=12, fault_drops=5,
+                                      retries=2, failed_requests=3))
+    text = render(engine, {("/v1/completions", 503): 2}, 1, [agent], moe)
+    assert "# TYPE wdmoe_fault_drops_total counter\nwdmoe_fault_drops_total 5\n" in text
+    assert "wdmoe_retries_total 2\n" in text and "wdmoe_failed_agent_requests_total 3\n" in text
+    assert "wdmoe_experts_dropped_total 12\n" in text and "wdmoe_expert_calls_total 90\n" in text
+    assert 'wdmoe_requests_total{outcome="expert_lost"} 0' in text
     assert 'wdmoe_requests_total{outcome="cancelled"} 1' in text
     assert 'wdmoe_http_responses_total{path="/v1/completions",status="503"} 2' in text
     assert 'wdmoe_agent_rtt_ms{agent="tcp://h:1\\"",experts="0,1"} 1.5' in text

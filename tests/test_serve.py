@@ -141,6 +141,8 @@ def check_wdmoe(wdmoe: dict, theta: float, tokens: int) -> None:
         assert {"address", "experts", "calls", "drops", "failures", "rtt_ms",
                 "throughput_mbit_s", "compute_us_per_token"} <= set(a)
     assert sum(a["calls"] for a in wdmoe["agents"]) == wdmoe["expert_calls"]
+    # healthy agents: nothing lost to a fault, nothing retried
+    assert (wdmoe["fault_drops"], wdmoe["retries"], wdmoe["failed_requests"]) == (0, 0, 0)
 
 
 def test_models_and_health(server, client):
@@ -234,6 +236,11 @@ def test_theta_belongs_to_the_request(client):
     dropping = complete(0.5).model_extra["wdmoe"]  # k = 2: theta >= 0.5 always drops
     check_wdmoe(dropping, 0.5, 8)
     assert dropping["experts_dropped"] > 0
+    # θ's drops are the request's choice, not faults: an exact request is served
+    exact = client.completions.create(model=MODEL, prompt=PROMPT, max_tokens=8, temperature=0,
+                                      extra_body={"theta": 0.5, "ignore_eos": True,
+                                                  "exact": True}).model_extra["wdmoe"]
+    assert exact["experts_dropped"] > 0 and exact["fault_drops"] == 0
     keeping = complete(0.0).model_extra["wdmoe"]
     assert keeping["experts_dropped"] == 0 and keeping["theta"] == 0.0
 
@@ -318,7 +325,9 @@ def test_metrics_page(server):
                  "wdmoe_token_latency_seconds_count", "wdmoe_agent_rtt_ms{agent=",
                  "wdmoe_agent_throughput_mbit_s{", "wdmoe_agent_calls_total{",
                  "wdmoe_agent_drops_total{", "wdmoe_agent_failures_total{",
-                 "wdmoe_agent_alive{", "wdmoe_http_responses_total{path=\"/v1/chat/completions\","
+                 "wdmoe_agent_alive{", "wdmoe_fault_drops_total ", "wdmoe_retries_total ",
+                 "wdmoe_failed_agent_requests_total ", "wdmoe_experts_dropped_total ",
+                 "wdmoe_http_responses_total{path=\"/v1/chat/completions\","
                  "status=\"400\"}"):
         assert name in text, name
     assert metric(server, "wdmoe_completion_tokens_total") > 0
