@@ -51,6 +51,8 @@ def cmd_sweep(args) -> int:
     thetas = _numbers("--thetas", args.thetas)
     if any(not 0.0 <= t <= 1.0 for t in thetas):  # NaN fails this too
         raise SystemExit(f"testbed: error: --thetas {args.thetas!r}: each within 0-1")
+    if args.kl_tokens < 0:
+        raise SystemExit("testbed: error: --kl-tokens must be >= 0 (0: no KL / agreement)")
     prompts = None
     if args.prompts:
         with open(args.prompts) as f:
@@ -59,6 +61,7 @@ def cmd_sweep(args) -> int:
                          num_agents=args.agents, max_new_tokens=args.max_new_tokens,
                          eval_text=args.eval_text, eval_tokens=args.eval_tokens,
                          mc_file=args.mc, mc_items=args.mc_items, latency=args.latency,
+                         divergence_tokens=args.kl_tokens,
                          **({"prompts": prompts} if prompts else {}))
     results = run_sweep(config)
     from testbed.report import read_results
@@ -76,8 +79,9 @@ def _numbers(flag: str, value: str) -> tuple[float, ...]:
 
 
 def cmd_eval(args) -> int:
-    from testbed.eval_report import draw, markdown, write_tables
-    from testbed.evaluate import EvalConfig, run_eval
+    from testbed.evaluate import HELDOUT_TEXT, EvalConfig, run_eval
+    from testbed.links import TestbedError
+    from testbed.pass_counts import exact_failure
     from testbed.report import read_results
 
     thetas = _numbers("--thetas", args.thetas)
@@ -87,28 +91,62 @@ def cmd_eval(args) -> int:
             or args.max_new_tokens < 2:
         raise SystemExit("testbed: error: --limit and --batch-size must be >= 1, "
                          "--max-new-tokens >= 2")
+    if args.kl_tokens < 0:
+        raise SystemExit("testbed: error: --kl-tokens must be >= 0 (0: no KL / agreement)")
     tasks = tuple(t for t in args.tasks.split(",") if t)
+    done_before = _rows_in(args.out)
     results = None
     for scenario in [s for s in args.scenario.split(",") if s]:
         results = run_eval(EvalConfig(
             shards=args.shards, out=args.out, scenario=scenario, thetas=thetas, tasks=tasks,
             limit=args.limit, batch_size=args.batch_size, max_new_tokens=args.max_new_tokens,
-            num_agents=args.agents, include_path=args.include_path, dtype=args.dtype))
-    by_scenario: dict[str, list[dict]] = {}
-    for row in read_results(args.out):
-        by_scenario.setdefault(row["scenario"], []).append(row)
-    for rows in by_scenario.values():
-        print(markdown(sorted(rows, key=lambda r: r["theta"])) + "\n")
-    for path in write_tables(args.out) + draw(args.out):
-        print(f"wrote {path}")
+            num_agents=args.agents, include_path=args.include_path, dtype=args.dtype,
+            exact=args.exact, divergence_text=(args.kl_text or HELDOUT_TEXT)
+            if args.kl_tokens else None, divergence_tokens=args.kl_tokens))
+    print_eval(args.out)
     print(f"records: {results}")
+    failed = [f"{r['scenario']} θ={r['theta']:g}" for r in read_results(args.out)[done_before:]
+              if exact_failure(r)]
+    if failed:
+        raise TestbedError(f"--exact: {len(failed)} row(s) lost experts to faults, their "
+                           f"numbers are altered: {', '.join(failed)}")
     return 0
 
 
-def cmd_report(args) -> int:
-    from testbed.report import draw, read_results, table
+def _rows_in(folder: str) -> int:
+    """Records already in FOLDER/results.jsonl (eval appends), 0 when there is none."""
+    try:
+        with open(os.path.join(folder, "results.jsonl")) as f:
+            return sum(1 for line in f if line.strip())
+    except FileNotFoundError:
+        return 0
 
-    print(table(read_results(args.out)))
+
+def print_eval(folder: str) -> None:
+    """`testbed eval`'s tables (printed, and as files) and figures of FOLDER's records."""
+    from testbed.eval_report import draw, markdown, write_tables
+    from testbed.report import read_results
+
+    by_scenario: dict[str, list[dict]] = {}
+    for row in read_results(folder):
+        by_scenario.setdefault(row["scenario"], []).append(row)
+    for rows in by_scenario.values():
+        print(markdown(sorted(rows, key=lambda r: r["theta"])) + "\n")
+    for path in write_tables(folder) + draw(folder):
+        print(f"wrote {path}")
+
+
+def cmd_report(args) -> int:
+    from testbed.report import draw, is_eval, read_results, table
+
+    rows = read_results(args.out)
+    if rows and all(is_eval(r) for r in rows):  # `testbed eval`'s records
+        print_eval(args.out)
+        return 0
+    if any(is_eval(r) for r in rows):
+        raise SystemExit(f"testbed: error: {args.out}/results.jsonl mixes `testbed eval` and "
+                         "`testbed sweep` records: give each its own --out")
+    print(table(rows))
     for path in draw(args.out):
         print(f"wrote {path}")
     return 0
@@ -162,6 +200,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--mc", metavar="FILE.jsonl", help="multiple-choice set")
     p.add_argument("--mc-items", type=int, default=40)
     p.add_argument("--latency", choices=("measured", "model"), default="measured")
+    p.add_argument("--kl-tokens", type=int, default=1024, metavar="N",
+                   help="held-out tokens (--eval-text, else testbed/data/heldout-sample.txt) "
+                   "for KL(θ=0 || θ) and top-1 agreement with θ = 0 (default 1024; 0: off)")
     p.add_argument("--out", required=True, metavar="DIR")
     p.set_defaults(func=cmd_sweep)
 
@@ -182,10 +223,20 @@ def build_parser() -> argparse.ArgumentParser:
                    help="tokens per latency prompt (default 24)")
     p.add_argument("--agents", type=int, default=None, help="default: one per expert")
     p.add_argument("--dtype", default="auto")
+    p.add_argument("--exact", action="store_true",
+                   help="mark a row (θ x scenario) failed when any of its passes lost an "
+                   "expert to a fault, and exit non-zero naming those rows")
+    p.add_argument("--kl-tokens", type=int, default=1024, metavar="N",
+                   help="held-out tokens for KL(θ=0 || θ) and top-1 agreement with θ = 0 "
+                   "(blocks of 64; default 1024; 0: off)")
+    p.add_argument("--kl-text", metavar="FILE",
+                   help="held-out text for KL / agreement (default: testbed/data/"
+                   "heldout-sample.txt)")
     p.add_argument("--out", required=True, metavar="DIR")
     p.set_defaults(func=cmd_eval)
 
-    p = sub.add_parser("report", help="table and figures (PNG) of a sweep")
+    p = sub.add_parser("report", help="table and figures (PNG) of a sweep's or an eval's "
+                       "records")
     p.add_argument("out", metavar="DIR")
     p.set_defaults(func=cmd_report)
 

@@ -6,6 +6,7 @@ from __future__ import annotations
 import csv
 import os
 
+from testbed.pass_counts import drop_rate, exact_failure
 from testbed.report import read_results
 
 
@@ -25,6 +26,37 @@ def _value(figure: dict | None) -> str:
     return f"{figure['value']:.2f}" if figure else "-"
 
 
+def pass_counts(row: dict, name: str) -> dict | None:
+    """The counts of one pass of a row (latency, quality), also from records written before
+    `passes` existed (latency: the row's own figures; quality: lm-eval's `_run`)."""
+    passes = row.get("passes")
+    if passes is not None:
+        return passes.get(name)
+    if name == "latency":
+        return {"expert_calls": row.get("expert_calls", 0),
+                "experts_dropped": row.get("experts_dropped", 0)}
+    run = (row.get("tasks") or {}).get("_run") or {}
+    return run if "expert_calls" in run else None
+
+
+def _both(row: dict, fmt) -> str:
+    """'latency / quality' of FMT(counts) ('-' for a pass without counts)."""
+    return " / ".join(fmt(c) if c is not None else "-"
+                      for c in (pass_counts(row, "latency"), pass_counts(row, "quality")))
+
+
+def _count(key: str):
+    return lambda counts: str(counts[key]) if key in counts else "-"
+
+
+def status(row: dict) -> str:
+    """An --exact row's verdict: ok, or FAILED and why; '-' for a row not run --exact."""
+    if not row.get("exact"):
+        return "-"
+    failure = exact_failure(row)
+    return f"FAILED: {failure}" if failure else "ok"
+
+
 def _by_scenario(rows: list[dict]) -> dict[str, list[dict]]:
     out: dict[str, list[dict]] = {}
     for row in rows:
@@ -33,16 +65,25 @@ def _by_scenario(rows: list[dict]) -> dict[str, list[dict]]:
 
 
 def table_rows(rows: list[dict]) -> tuple[list[str], list[list[str]]]:
-    """Header and cells: θ, each task's primary metric ± stderr, latency with intervals."""
+    """Header and cells: θ, each task's primary metric ± stderr, KL and top-1 agreement with
+    θ = 0 with intervals, latency with intervals, and each pass's drops and faults (latency /
+    quality); with --exact rows, their verdict after θ."""
     tasks = sorted({t for r in rows for t in (r.get("tasks") or {}) if not t.startswith("_")})
-    header = ["θ"] + [f"{t} {(_primary(rows[0]['tasks'][t]) or ('-',))[0].split(',')[0]}"
-                      for t in tasks if rows[0].get("tasks", {}).get(t)]
-    header += ["median token ms [95% CI]", "Δ median vs first θ % [95% CI]",
+    exact = any(r.get("exact") for r in rows)
+    header = ["θ"] + (["exact"] if exact else [])
+    for t in tasks:  # one column per task, named by the first row that has its metric
+        metric = next((p[0] for r in rows if (p := _primary((r.get("tasks") or {}).get(t, {})))),
+                      "-")
+        header.append(f"{t} {metric.split(',')[0]}")
+    header += ["KL vs θ=0 nats [95% CI]", "top-1 agreement vs θ=0 [95% CI]",
+               "median token ms [95% CI]", "Δ median vs first θ % [95% CI]",
                "modeled median ms", "Δ modeled %", "measured / modeled",
-               "waiting for agents ms", "base station ms", "wait / modeled", "drop rate %"]
+               "waiting for agents ms", "base station ms", "wait / modeled",
+               "drop rate % latency / quality", "fault drops latency / quality",
+               "failed requests latency / quality"]
     cells = []
     for r in rows:
-        line = [f"{r['theta']:g}"]
+        line = [f"{r['theta']:g}"] + ([status(r)] if exact else [])
         for t in tasks:
             primary = _primary((r.get("tasks") or {}).get(t, {}))
             if primary is None:
@@ -51,14 +92,17 @@ def table_rows(rows: list[dict]) -> tuple[list[str], list[list[str]]]:
             value, stderr = primary[1]["value"], primary[1]["stderr"]
             line.append(f"{value:.3f} ± {stderr:.3f}" if stderr is not None else f"{value:.3f}")
         change = r.get("change_vs_first_pct") or {}
-        line += [_ci(r["median_token_ms"]), _ci(change.get("measured"), "+.1f"),
+        kl = r.get("divergence") or {}
+        line += [_ci(kl.get("kl_nats"), ".4f"), _ci(kl.get("top1_agreement"), ".3f"),
+                 _ci(r["median_token_ms"]), _ci(change.get("measured"), "+.1f"),
                  _ci(r.get("modeled_median_token_ms")),
                  f"{change['modeled']['value']:+.1f}" if change.get("modeled") else "-",
                  f"{r['measured_over_modeled']:.2f}" if r.get("measured_over_modeled")
                  else "-",
                  _value(r.get("wait_median_token_ms")), _value(r.get("base_median_token_ms")),
                  f"{r['wait_over_modeled']:.2f}" if r.get("wait_over_modeled") else "-",
-                 f"{100 * r['drop_rate']:.1f}"]
+                 _both(r, lambda c: f"{100 * drop_rate(c):.1f}"),
+                 _both(r, _count("fault_drops")), _both(r, _count("failed_requests"))]
         cells.append(line)
     return header, cells
 
@@ -72,6 +116,14 @@ def markdown(rows: list[dict]) -> str:
     lines = [title, "", "| " + " | ".join(header) + " |",
              "|" + "---|" * len(header)]
     lines += ["| " + " | ".join(c) + " |" for c in cells]
+    kl = next((r["divergence"] for r in rows if r.get("divergence")), None)
+    if kl:
+        lines += ["", f"KL and agreement: {kl['positions']} held-out positions, "
+                      f"{kl['interval']} ({kl['blocks']} blocks)."]
+    failed = [f"θ = {r['theta']:g}" for r in rows if exact_failure(r)]
+    if failed:
+        lines += ["", f"**--exact: FAILED rows** ({', '.join(failed)}): their numbers are "
+                      "altered by experts lost to faults."]
     return "\n".join(lines)
 
 
@@ -104,8 +156,12 @@ def draw(folder: str) -> list[str]:
     for name, rows in _by_scenario(read_results(folder)).items():
         tasks = sorted({t for r in rows for t in (r.get("tasks") or {})
                         if not t.startswith("_")}) or [None]
-        fig, axes = plt.subplots(1, len(tasks), figsize=(4.6 * len(tasks), 3.6), squeeze=False)
+        with_kl = all(r.get("divergence") for r in rows)
+        panels = len(tasks) + with_kl
+        fig, axes = plt.subplots(1, panels, figsize=(4.6 * panels, 3.6), squeeze=False)
         labels = [f"{r['theta']:g}" for r in rows]
+        if with_kl:
+            _draw_divergence(axes[0][-1], labels, rows)
         for ax, task in zip(axes[0], tasks):
             if task is not None:
                 primary = [_primary(r["tasks"][task]) for r in rows]
@@ -141,3 +197,26 @@ def draw(folder: str) -> list[str]:
         plt.close(fig)
         paths.append(path)
     return paths
+
+
+def _draw_divergence(ax, labels: list[str], rows: list[dict]) -> None:
+    """KL(θ=0 || θ) bars and top-1 agreement with θ = 0, both with their 95 % intervals."""
+    kl = [r["divergence"]["kl_nats"] for r in rows]
+    ax.bar(labels, [k["value"] for k in kl], color="#a9cba4",
+           yerr=[[max(0.0, k["value"] - k["low"]) for k in kl],
+                 [max(0.0, k["high"] - k["value"]) for k in kl]],
+           capsize=3, label="KL(θ=0 || θ) nats (95 % CI)")
+    ax.set_xlabel("θ")
+    ax.set_ylabel("KL vs θ = 0 (nats / position)")
+    first = rows[0]["divergence"]
+    ax.set_title(f"next token vs θ = 0, {first['positions']} held-out positions", fontsize=9)
+    twin = ax.twinx()
+    agree = [r["divergence"]["top1_agreement"] for r in rows]
+    twin.errorbar(labels, [a["value"] for a in agree],
+                  yerr=[[max(0.0, a["value"] - a["low"]) for a in agree],
+                        [max(0.0, a["high"] - a["value"]) for a in agree]],
+                  fmt="o-", color="#2c3e50", capsize=3, label="top-1 agreement (95 % CI)")
+    twin.set_ylabel("top-1 agreement with θ = 0")
+    twin.set_ylim(0, 1.02)
+    handles = ax.get_legend_handles_labels()[0] + twin.get_legend_handles_labels()[0]
+    ax.legend(handles, [h.get_label() for h in handles], loc="center left", fontsize=7)

@@ -6,7 +6,12 @@ model: links at that model's wire time, agents paced to its compute time). For e
   latency is kept, beside the paper's modeled latency (Eqs. 6-8) of the same step, computed
   from what each token kept on this epoch's channel draw;
 - accuracy: lm-eval tasks run through the same distributed model (`lm_eval_model`), with
-  lm-eval's standard errors.
+  lm-eval's standard errors;
+- divergence: KL(θ=0 || θ) of the next-token distribution and top-1 agreement with θ = 0 over
+  held-out text, with bootstrap intervals (`divergence`): what a few items of accuracy hide.
+Each record keeps what every pass cost in experts (`passes`: calls, drops, fault drops,
+failed requests, retries; `pass_counts`). With `exact`, a row whose passes lost an expert to a
+fault is marked failed (`failed`) instead of passing altered numbers off as fine.
 One JSON record per θ goes to results.jsonl as it is made (Ctrl-C keeps what is done); the
 table and the figure come from `eval_report`.
 """
@@ -23,7 +28,7 @@ import numpy as np
 
 from basestation.generate import generate
 from basestation.session import build_roster, open_session
-from testbed import scenarios
+from testbed import divergence, pass_counts, scenarios
 from testbed.cpu_share import share_with_agents
 from testbed.links import TestbedError
 from testbed.stats import bootstrap, relative_change
@@ -31,6 +36,8 @@ from testbed.step_waits import StepWaits, observers
 from testbed.sweep import DEFAULT_PROMPTS, ScheduleRunner, code_version
 
 TASKS_DIR = os.path.join(os.path.dirname(os.path.abspath(__file__)), "tasks")
+HELDOUT_TEXT = os.path.join(os.path.dirname(os.path.abspath(__file__)), "data",
+                            "heldout-sample.txt")
 LATENCY_PROMPTS = DEFAULT_PROMPTS + (
     "An exception is raised when",
     "The socket module provides",
@@ -54,6 +61,9 @@ class EvalConfig:
     include_path: str | None = None  # more task YAMLs (ours are always included)
     dtype: str = "auto"
     progress: bool = True
+    exact: bool = False  # a row whose passes lost an expert to a fault is marked failed
+    divergence_text: str | None = HELDOUT_TEXT  # held-out text for KL / agreement (None: off)
+    divergence_tokens: int = divergence.MAX_TOKENS
 
 
 def run_eval(config: EvalConfig) -> str:
@@ -87,7 +97,8 @@ def run_eval(config: EvalConfig) -> str:
         tokenizer = session.base.tokenizer
         prompt_ids = [tokenizer(p, return_tensors="pt").input_ids for p in config.prompts]
         generate(session, prompt_ids[0], max_new_tokens=4, ignore_eos=True)  # learn the links
-        base = {"scenario": scenario.name, "description": scenario.description,
+        base = {"kind": "eval", "scenario": scenario.name,
+                "description": scenario.description,
                 "backend": bed.backend, "agents": num_agents, "fingerprint": manifest.fingerprint,
                 "base_station_threads": threads,
                 "code_version": code_version(),
@@ -101,17 +112,17 @@ def run_eval(config: EvalConfig) -> str:
                      f"at θ = {', '.join(f'{t:g}' for t in config.thetas)}, interleaved")
         samples = _latency_interleaved(session, prompt_ids, config, modeled, waits)
         first = samples[config.thetas[0]]
+        reference = reference_counts = None
+        if config.divergence_text:
+            _say(config, f"divergence: θ = 0 reference over {config.divergence_tokens} "
+                         "held-out tokens")
+            reference, reference_counts = reference_pass(session, config)
         with open(results_path, "a") as results:
             for theta in config.thetas:
-                record = dict(base, theta=theta, **_figures(samples[theta]))
-                mine = samples[theta]
-                record["change_vs_first_pct"] = {
-                    "measured": relative_change(first["measured"], mine["measured"]).as_dict(),
-                    "modeled": relative_change(first["modeled"], mine["modeled"]).as_dict()
-                    if mine["modeled"] else None}
-                if config.tasks:
-                    _say(config, f"θ = {theta:g}: lm-eval {', '.join(config.tasks)}")
-                    record["tasks"] = _accuracy(session, config, theta)
+                quality, quality_counts = quality_pass(session, config, theta, reference,
+                                                       reference_counts)
+                record = make_record(dict(base, theta=theta, exact=config.exact),
+                                     samples[theta], first, quality, quality_counts)
                 record["schedule_errors"] = list(schedule.errors) if schedule else []
                 record["time"] = time.strftime("%Y-%m-%dT%H:%M:%S%z")
                 results.write(json.dumps(record) + "\n")
@@ -123,6 +134,48 @@ def run_eval(config: EvalConfig) -> str:
             session.close()
         bed.down()
     return results_path
+
+
+def make_record(base: dict, sample: dict, first: dict, quality: dict,
+                quality_counts: dict) -> dict:
+    """One θ's record: BASE, the latency figures of SAMPLE and their change against FIRST
+    (the first θ's sample), the quality fields, both passes' expert counts, and the --exact
+    verdict. Pure."""
+    record = dict(base, **_figures(sample))
+    record["change_vs_first_pct"] = {
+        "measured": relative_change(first["measured"], sample["measured"]).as_dict(),
+        "modeled": relative_change(first["modeled"], sample["modeled"]).as_dict()
+        if sample["modeled"] else None}
+    record.update(quality)
+    record["passes"] = {"latency": sample["counts"], "quality": quality_counts}
+    record["failed"] = pass_counts.exact_failure(record)
+    return record
+
+
+def quality_pass(session, config: EvalConfig, theta: float, reference=None,
+                 reference_counts: dict | None = None) -> tuple[dict, dict]:
+    """lm-eval's tasks and the divergence against REFERENCE (θ = 0) at THETA: the record's
+    quality fields ("tasks", "divergence") and what the pass cost in experts. Raises
+    TestbedError for an unknown task or a bad task file."""
+    fields: dict = {}
+    with pass_counts.quality_pass(session, theta) as counts:
+        if config.tasks:
+            _say(config, f"θ = {theta:g}: lm-eval {', '.join(config.tasks)}")
+            fields["tasks"] = _accuracy(session, config, theta)
+        if reference is not None:
+            fields["divergence"] = dict(reference.against(session.base.model),
+                                        reference_pass=reference_counts)
+    return fields, counts
+
+
+def reference_pass(session, config: EvalConfig):
+    """The θ = 0 next-token distributions over the held-out blocks, and what the pass cost."""
+    with open(config.divergence_text) as f:
+        blocks = divergence.heldout_blocks(session.base.tokenizer, f.read(),
+                                           max_tokens=config.divergence_tokens)
+    with pass_counts.quality_pass(session, 0.0) as counts:
+        reference = divergence.Divergence.measure_reference(session.base.model, blocks)
+    return reference, counts
 
 
 def _say(config: EvalConfig, line: str) -> None:
@@ -151,15 +204,16 @@ def _latency_interleaved(session, prompt_ids, config: EvalConfig, modeled,
     the part of each measured step spent waiting for agents, and the experts called and
     dropped."""
     thetas = config.thetas
-    out = {t: {"measured": [], "modeled": [], "wait": [], "calls": 0, "dropped": 0}
+    out = {t: {"measured": [], "modeled": [], "wait": [], "counts": pass_counts.zero()}
            for t in thetas}
     for i, ids in enumerate(prompt_ids):
         for theta in thetas[i % len(thetas):] + thetas[:i % len(thetas)]:
             if modeled is not None:
                 modeled.reset()
             waits.reset()
-            result = generate(session, ids, max_new_tokens=config.max_new_tokens,
-                              ignore_eos=True, theta=theta)
+            with pass_counts.counted(session.runtime.stats) as counts:
+                result = generate(session, ids, max_new_tokens=config.max_new_tokens,
+                                  ignore_eos=True, theta=theta)
             waits.close()
             mine = out[theta]
             steps = len(result.token_latency_ms)
@@ -168,22 +222,22 @@ def _latency_interleaved(session, prompt_ids, config: EvalConfig, modeled,
             if modeled is not None:
                 steps = modeled.step_totals_s()
                 mine["modeled"] += [1e3 * s for s in steps[1:len(result.token_latency_ms)]]
-            mine["calls"] += result.expert_calls
-            mine["dropped"] += result.experts_dropped
+            mine["counts"] = pass_counts.add(mine["counts"], counts)
     return out
 
 
 def _figures(sample: dict) -> dict:
-    """Medians and means with their bootstrap intervals, drops, measured against modeled."""
-    measured, modeled = sample["measured"], sample["modeled"]
-    calls, dropped = sample["calls"], sample["dropped"]
+    """Medians and means with their bootstrap intervals, the latency pass's drops, measured
+    against modeled."""
+    measured, modeled, counts = sample["measured"], sample["modeled"], sample["counts"]
     figures = {
         "tokens": len(measured),
         "median_token_ms": bootstrap(measured, np.median).as_dict(),
         "mean_token_ms": bootstrap(measured, np.mean).as_dict(),
         "p95_token_ms": float(np.percentile(measured, 95)),
-        "expert_calls": calls, "experts_dropped": dropped,
-        "drop_rate": dropped / max(1, calls + dropped),
+        # the latency pass's; every pass's counts are in the record's "passes"
+        "expert_calls": counts["expert_calls"], "experts_dropped": counts["experts_dropped"],
+        "drop_rate": pass_counts.drop_rate(counts),
     }
     wait = sample.get("wait") or []
     if len(wait) == len(measured) and wait:
@@ -201,16 +255,13 @@ def _figures(sample: dict) -> dict:
 
 
 def _accuracy(session, config: EvalConfig, theta: float) -> dict:
-    """lm-eval's figures per task: {task: {metric: {"value", "stderr"}}}."""
+    """lm-eval's figures per task: {task: {metric: {"value", "stderr"}}}. Run inside a
+    pass_counts.quality_pass (θ set, the latency observer off)."""
     import lm_eval
     from lm_eval.tasks import TaskManager
 
     from testbed.lm_eval_model import DistributedLM
 
-    session.runtime.on_selection, observer = None, session.runtime.on_selection
-    stats = session.runtime.stats
-    before = (stats.expert_calls, stats.experts_dropped, stats.fault_drops,
-              stats.failed_requests)
     started_s = time.monotonic()
     try:
         paths = [TASKS_DIR] + ([config.include_path] if config.include_path else [])
@@ -221,13 +272,8 @@ def _accuracy(session, config: EvalConfig, theta: float) -> dict:
             numpy_random_seed=0, torch_random_seed=0, fewshot_random_seed=0)
     except (KeyError, ValueError) as e:  # an unknown task name, a bad task file
         raise TestbedError(f"lm-eval: {e}") from None
-    finally:
-        session.runtime.on_selection = observer
-    out = {"_run": {"seconds": round(time.monotonic() - started_s, 1),
-                    **{k: now - then for k, now, then in zip(
-                        ("expert_calls", "experts_dropped", "fault_drops", "failed_requests"),
-                        (stats.expert_calls, stats.experts_dropped, stats.fault_drops,
-                         stats.failed_requests), before)}}}
+    # the pass's expert counts are the record's passes["quality"] (the caller's quality_pass)
+    out = {"_run": {"seconds": round(time.monotonic() - started_s, 1)}}
     for task, figures in result["results"].items():
         metrics = {}
         for key, value in figures.items():

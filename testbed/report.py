@@ -2,7 +2,8 @@
 
 quality.png: quality bars (perplexity, or multiple-choice accuracy when there is one) and the
 median token latency line against θ, one panel per scenario; drops.png: per-agent drop rate
-against θ. Also prints the table.
+against θ. Also prints the table. An eval's records get eval's own tables and figure
+(`eval_report`; the command dispatches on `is_eval`).
 """
 
 from __future__ import annotations
@@ -25,17 +26,47 @@ def read_results(folder: str) -> list[dict]:
         raise TestbedError(f"{path}: not JSON lines: {e}") from None
 
 
+def is_eval(row: dict) -> bool:
+    """A `testbed eval` record (its latency figures are intervals), not a sweep's."""
+    return row.get("kind") == "eval" or isinstance(row.get("median_token_ms"), dict)
+
+
+def _interval(figure: dict | None, spec: str) -> str:
+    if not figure:
+        return "-"
+    return f"{figure['value']:{spec}} [{figure['low']:{spec}}, {figure['high']:{spec}}]"
+
+
+def _per_pass(row: dict, key: str) -> str:
+    """'generation / quality' of a counter of the sweep's passes ('-' before passes)."""
+    passes = row.get("passes") or {}
+    return "/".join(str(passes[name][key]) if name in passes else "-"
+                    for name in ("latency", "quality"))
+
+
 def table(rows: list[dict]) -> str:
-    lines = [f"{'scenario':<13} {'theta':>5} {'ppl':>8} {'top1':>6} {'mc':>6} {'agree':>6} "
-             f"{'median ms':>9} {'p95 ms':>8} {'tok/s':>7} {'drop':>6}"]
+    """A sweep's table: quality, KL and top-1 agreement with θ = 0 over held-out text (95 %
+    intervals over blocks), latency, drops, and the fault drops and failed requests of the
+    generation / quality passes."""
+    lines = [f"{'scenario':<13} {'theta':>5} {'ppl':>8} {'top1':>6} {'mc':>6} "
+             f"{'KL vs θ=0 nats [95% CI]':>26} {'agree θ=0 [95% CI]':>21} {'gen agree':>9} "
+             f"{'median ms':>9} {'p95 ms':>8} {'tok/s':>7} {'drop':>6} "
+             f"{'faults gen/qual':>15} {'failed gen/qual':>15}"]
     for r in rows:
         def fmt(key, spec):
             return format(r[key], spec) if r.get(key) is not None else "-"
+        kl = r.get("divergence") or {}
+        # records before the divergence harness: "agreement" was the generated tokens'
+        generated = r.get("generated_agreement", None if kl else r.get("agreement"))
         lines.append(f"{r['scenario']:<13} {r['theta']:>5.2f} {fmt('perplexity', '8.2f'):>8} "
                      f"{fmt('top1_accuracy', '6.3f'):>6} {fmt('mc_accuracy', '6.3f'):>6} "
-                     f"{fmt('agreement', '6.3f'):>6} {r['median_token_ms']:>9.2f} "
+                     f"{_interval(kl.get('kl_nats'), '.4f'):>26} "
+                     f"{_interval(kl.get('top1_agreement'), '.3f'):>21} "
+                     f"{format(generated, '.3f') if generated is not None else '-':>9} "
+                     f"{r['median_token_ms']:>9.2f} "
                      f"{r['p95_token_ms']:>8.2f} {r['tokens_per_s']:>7.1f} "
-                     f"{100 * r['drop_rate']:>5.1f}%")
+                     f"{100 * r['drop_rate']:>5.1f}% "
+                     f"{_per_pass(r, 'fault_drops'):>15} {_per_pass(r, 'failed_requests'):>15}")
     return "\n".join(lines)
 
 
@@ -49,6 +80,9 @@ def draw(folder: str) -> list[str]:
     rows = read_results(folder)
     if not rows:
         raise TestbedError(f"{folder}/results.jsonl is empty")
+    if any(is_eval(r) for r in rows):
+        raise TestbedError(f"{folder}: `testbed eval` records: draw them with "
+                           "testbed.eval_report.draw")
     by_scenario: dict[str, list[dict]] = {}
     for r in rows:
         by_scenario.setdefault(r["scenario"], []).append(r)

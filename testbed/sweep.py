@@ -2,9 +2,11 @@
 
 For each θ: the prompts are generated through the base station (per-token latency, tokens/s,
 experts called and dropped per agent), then quality is scored through the same distributed
-model (held-out perplexity, top-1 next-token accuracy, multiple-choice accuracy, agreement of
-the generated tokens with θ = 0). Records are appended to results.jsonl as they are made, so
-Ctrl-C keeps what is done; a CSV is written at the end.
+model (held-out perplexity, top-1 next-token accuracy, multiple-choice accuracy, KL(θ=0 || θ)
+and top-1 agreement with θ = 0 over held-out text by `divergence`, the harness `eval` uses,
+and agreement of the generated tokens with θ = 0). Each record keeps what both passes cost in
+experts (`passes`: generation as "latency", and "quality"). Records are appended to
+results.jsonl as they are made, so Ctrl-C keeps what is done; a CSV is written at the end.
 """
 
 from __future__ import annotations
@@ -21,7 +23,7 @@ from dataclasses import dataclass
 
 from basestation.generate import generate
 from basestation.session import build_roster, open_session
-from testbed import quality, scenarios
+from testbed import divergence, pass_counts, quality, scenarios
 from testbed.cpu_share import share_with_agents
 from testbed.links import TestbedError
 
@@ -31,10 +33,13 @@ DEFAULT_PROMPTS = (
     "A dictionary maps keys to",
     "The following example shows how to",
 )
+HELDOUT_TEXT = os.path.join(os.path.dirname(os.path.abspath(__file__)), "data",
+                            "heldout-sample.txt")
 CSV_FIELDS = ("scenario", "backend", "theta", "latency", "tokens", "median_token_ms",
               "p95_token_ms", "mean_token_ms", "tokens_per_s", "expert_calls",
-              "experts_dropped", "drop_rate", "fault_drops", "perplexity", "top1_accuracy",
-              "mc_accuracy", "agreement")
+              "experts_dropped", "drop_rate", "fault_drops", "failed_requests",
+              "quality_fault_drops", "quality_failed_requests", "perplexity", "top1_accuracy",
+              "mc_accuracy", "kl_nats", "agreement", "generated_agreement")
 
 
 @dataclass(frozen=True)
@@ -52,6 +57,9 @@ class SweepConfig:
     mc_items: int = 40
     latency: str = "measured"
     progress: bool = True
+    # KL / top-1 agreement with θ = 0 over held-out text (eval_text, else the bundled
+    # sample); 0: off
+    divergence_tokens: int = divergence.MAX_TOKENS
 
 
 def code_version() -> str:
@@ -137,7 +145,10 @@ def run_sweep(config: SweepConfig) -> str:
         prompt_ids = [tokenizer(p, return_tensors="pt").input_ids for p in config.prompts]
         generate(session, prompt_ids[0], max_new_tokens=4, ignore_eos=True)  # learn the links
         reference: list[list[int]] | None = None
-        base_record = {"scenario": scenario.name, "backend": bed.backend,
+        kl_reference = kl_reference_counts = None
+        if config.divergence_tokens:
+            kl_reference, kl_reference_counts = _divergence_reference(session, config)
+        base_record = {"kind": "sweep", "scenario": scenario.name, "backend": bed.backend,
                        "base_station_threads": threads,
                        "fingerprint": manifest.fingerprint, "code_version": code_version(),
                        "latency": config.latency, "agents": num_agents}
@@ -148,10 +159,20 @@ def run_sweep(config: SweepConfig) -> str:
                               **_generation_figures(session, prompt_ids, config, bed, theta))
                 token_ids = record.pop("_token_ids")
                 reference = reference or token_ids
-                record["agreement"] = statistics.fmean(
+                record["generated_agreement"] = statistics.fmean(
                     quality.sequence_agreement(ref, ids)["position"]
                     for ref, ids in zip(reference, token_ids))
-                record.update(_quality(session.base.model, tokenizer, config))
+                with pass_counts.quality_pass(session, theta) as counts:
+                    record.update(_quality(session.base.model, tokenizer, config))
+                    if kl_reference is not None:
+                        record["divergence"] = dict(kl_reference.against(session.base.model),
+                                                    reference_pass=kl_reference_counts)
+                record["passes"]["quality"] = counts
+                record["quality_fault_drops"] = counts["fault_drops"]
+                record["quality_failed_requests"] = counts["failed_requests"]
+                if "divergence" in record:  # flat, for the CSV and the figure
+                    record["kl_nats"] = record["divergence"]["kl_nats"]["value"]
+                    record["agreement"] = record["divergence"]["top1_agreement"]["value"]
                 record["schedule_errors"] = list(schedule.errors) if schedule else []
                 record["time"] = time.strftime("%Y-%m-%dT%H:%M:%S%z")
                 results.write(json.dumps(record) + "\n")
@@ -171,6 +192,16 @@ def run_sweep(config: SweepConfig) -> str:
     return results_path
 
 
+def _divergence_reference(session, config: SweepConfig):
+    """The θ = 0 next-token distributions over held-out blocks, and what the pass cost."""
+    with open(config.eval_text or HELDOUT_TEXT) as f:
+        blocks = divergence.heldout_blocks(session.base.tokenizer, f.read(),
+                                           max_tokens=config.divergence_tokens)
+    with pass_counts.quality_pass(session, 0.0) as counts:
+        reference = divergence.Divergence.measure_reference(session.base.model, blocks)
+    return reference, counts
+
+
 def _bar(total: int, enabled: bool):
     if not enabled or not sys.stderr.isatty():
         return None
@@ -182,15 +213,12 @@ def _bar(total: int, enabled: bool):
 def _generation_figures(session, prompt_ids, config: SweepConfig, bed, theta: float) -> dict:
     before = {a.name: (a.calls, a.drops, a.failures) for a in session.agents}
     latencies, token_ids = [], []
-    calls = dropped = faults = 0
-    for ids in prompt_ids:
-        result = generate(session, ids, max_new_tokens=config.max_new_tokens, ignore_eos=True,
-                          theta=theta)
-        latencies += result.token_latency_ms[1:]  # decode steps; the first includes prefill
-        token_ids.append(result.token_ids)
-        calls += result.expert_calls
-        dropped += result.experts_dropped
-        faults += result.fault_drops
+    with pass_counts.counted(session.runtime.stats) as counts:
+        for ids in prompt_ids:
+            result = generate(session, ids, max_new_tokens=config.max_new_tokens,
+                              ignore_eos=True, theta=theta)
+            latencies += result.token_latency_ms[1:]  # decode steps; the first: prefill
+            token_ids.append(result.token_ids)
     latencies.sort()
     agents = {}
     for agent in session.agents:
@@ -205,8 +233,10 @@ def _generation_figures(session, prompt_ids, config: SweepConfig, bed, theta: fl
         "p95_token_ms": latencies[int(0.95 * (len(latencies) - 1))],
         "mean_token_ms": statistics.fmean(latencies),
         "tokens_per_s": len(latencies) / total_s if total_s else 0.0,
-        "expert_calls": calls, "experts_dropped": dropped, "fault_drops": faults,
-        "drop_rate": dropped / max(1, calls + dropped),
+        # the generation pass's ("latency"); the quality pass's are in passes["quality"]
+        "expert_calls": counts["expert_calls"], "experts_dropped": counts["experts_dropped"],
+        "fault_drops": counts["fault_drops"], "failed_requests": counts["failed_requests"],
+        "drop_rate": pass_counts.drop_rate(counts), "passes": {"latency": counts},
         "per_agent": agents, "_token_ids": token_ids,
     }
 

@@ -3,6 +3,7 @@ agents over real sockets) against lm-eval on transformers' own model in this pro
 
 from __future__ import annotations
 
+import json
 import os
 
 import pytest
@@ -82,3 +83,34 @@ def test_tasks_through_agents_equal_transformers_at_theta_0(two_agents, tiny_spl
         per_item(local, "wdmoe_heldout_next_word")  # greedy generations, word for word
     mc_dropping = per_item(dropping, "wdmoe_mc_heldout")
     assert mc_dropping != per_item(distributed, "wdmoe_mc_heldout")  # θ reached the layers
+
+
+def test_lm_eval_command_line_runs_wdmoe(two_agents, tiny_split, tmp_path, run_cli):
+    """`--model wdmoe` from lm-eval's own command line: lm-eval knows only its own models, so
+    `python -m testbed.lm_eval_cli` registers ours and runs lm-eval's cli_evaluate unchanged
+    (model_args reach DistributedLM as the dict lm-eval's CLI makes of them)."""
+    roster = tmp_path / "roster.toml"
+    roster.write_text("[agents]\n" + "".join(
+        f'"{flag.split("=", 1)[0]}" = "{flag.split("=", 1)[1]}"\n' for flag in two_agents))
+    result = run_cli("testbed.lm_eval_cli", "--model", "wdmoe", "--model_args",
+                     f"shards={tiny_split},agents={roster},theta=0.5,dtype=float32",
+                     "--tasks", "wdmoe_mc_heldout", "--include_path", TASKS_DIR,
+                     "--limit", "3", "--batch_size", "3", "--output_path", str(tmp_path / "out"),
+                     timeout_s=300, env=dict(os.environ, HF_HUB_OFFLINE="1",
+                                             HF_DATASETS_OFFLINE="1",
+                                             HF_DATASETS_CACHE=str(tmp_path / "datasets")))
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert "wdmoe_mc_heldout" in result.stdout and "acc" in result.stdout
+    assert "wdmoe ({'shards'" in result.stdout  # lm-eval's summary line names our model
+    results = list((tmp_path / "out").rglob("results_*.json"))
+    assert len(results) == 1, results
+    saved = json.loads(results[0].read_text())
+    assert saved["config"]["model"] == "wdmoe"
+    assert saved["n-samples"]["wdmoe_mc_heldout"]["effective"] == 3
+
+
+def test_wdmoe_model_args_are_checked():
+    from testbed.lm_eval_model import DistributedLM
+
+    with pytest.raises(ValueError, match="agents"):
+        DistributedLM.create_from_arg_obj({"shards": "x"}, {"batch_size": 1})

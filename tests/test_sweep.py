@@ -34,6 +34,11 @@ def test_slow_link_theta_routes_around_it(tiny_split, tmp_path):
     others = [a for a in at3["per_agent"].values() if a["experts"] != [0, 1]]
     assert slow["drops"] > sum(a["drops"] for a in others)
     assert at0["experts_dropped"] == 0 and at3["experts_dropped"] > 0
+    # the divergence harness eval uses, on the bundled held-out text; both passes counted
+    assert at0["divergence"]["kl_nats"]["value"] == 0.0 and at0["agreement"] == 1.0
+    assert at3["divergence"]["kl_nats"]["value"] > 0 and at3["divergence"]["blocks"] == 16
+    assert at3["passes"]["quality"]["expert_calls"] > 0
+    assert at3["passes"]["latency"]["experts_dropped"] == at3["experts_dropped"]
     assert os.path.exists(tmp_path / "out" / "results.csv")
 
 
@@ -62,16 +67,31 @@ def test_report_draws_the_figures(tmp_path, run_cli):
             "perplexity": 20.0, "agreement": 1.0,
             "per_agent": {"a": {"experts": [0], "calls": 50, "drops": 0},
                           "b": {"experts": [1], "calls": 50, "drops": 0}}}
+    counts = {"expert_calls": 100, "experts_dropped": 0, "fault_drops": 0,
+              "failed_requests": 0, "retries": 0}
+    kl = {"kl_nats": {"value": 0.0213, "low": 0.0170, "high": 0.0262},
+          "top1_agreement": {"value": 0.912, "low": 0.89, "high": 0.93},
+          "positions": 1008, "blocks": 16, "interval": "bootstrap 95 % over blocks"}
     rows = [dict(base, theta=0.0, median_token_ms=6.0),
             dict(base, theta=0.3, median_token_ms=4.0, perplexity=21.5, drop_rate=0.2,
                  per_agent={"a": {"experts": [0], "calls": 30, "drops": 20},
-                            "b": {"experts": [1], "calls": 50, "drops": 0}})]
+                            "b": {"experts": [1], "calls": 50, "drops": 0}},
+                 divergence=kl, passes={"latency": counts,
+                                        "quality": dict(counts, fault_drops=57,
+                                                        failed_requests=2)})]
     (out / "results.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
     result = run_cli("testbed", "report", str(out))
     assert result.returncode == 0, result.stderr
     assert "21.50" in result.stdout and "20.0%" in result.stdout
+    # KL and agreement with θ = 0 with their intervals; faults of both passes (gen/quality)
+    assert "0.0213 [0.0170, 0.0262]" in result.stdout and "0.912 [0.890, 0.930]" in result.stdout
+    assert "0/57" in result.stdout and "0/2" in result.stdout
     for name in ("quality.png", "drops.png"):
         assert (out / name).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    (out / "results.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows + [
+        dict(rows[0], kind="eval")]))
+    mixed = run_cli("testbed", "report", str(out))
+    assert mixed.returncode != 0 and len(mixed.stderr.strip().splitlines()) == 1
 
 
 def test_link_shape_is_frozen():
