@@ -215,18 +215,11 @@ class Prober:
             try:
                 sent[self.client.send_expert(agent.peer, self.probe_layer, self._token,
                                              [(agent.experts[0], 1)],
-                                             wire_dtype=self.wire_dtype)] = agent
+                                             wire_dtype=self.wire_dtype)] = (agent, 0.0)
             except PeerUnreachable:
                 continue
-        deadline = time.perf_counter() + timeout_s
-        while sent:
-            reply = self.client.recv(max(0.0, deadline - time.perf_counter()))
-            if reply is None:
-                return
-            agent = sent.pop(reply.id, None)
-            if agent is None or reply.peer != agent.peer:
-                self.client.late_replies += 1
-            elif reply.kind == P.EXPERT_REPLY:
+        for agent, _, reply in self._answers(sent, timeout_s):
+            if reply.kind == P.EXPERT_REPLY:
                 agent.cold_replies = 0
 
     def calibrate(self, rounds: int = CALIBRATION_ROUNDS, timeout_s: float = 2.0) -> None:
@@ -246,20 +239,29 @@ class Prober:
                     sent[request_id] = (agent, time.perf_counter())
                 except PeerUnreachable:
                     continue
-            deadline = time.perf_counter() + timeout_s
-            while sent:
-                reply = self.client.recv(max(0.0, deadline - time.perf_counter()))
-                if reply is None:
-                    break
-                entry = sent.pop(reply.id, None)
-                if entry is None or reply.kind != P.PONG or reply.peer != entry[0].peer:
+            for agent, sent_s, reply in self._answers(sent, timeout_s):
+                if reply.kind != P.PONG:
                     continue
-                agent, sent_s = entry
                 arrived_s = time.perf_counter()
                 agent.state = links.update(agent.state, links.LinkSample(
                     round_trip_s=arrived_s - sent_s, compute_s=0.0, request_bytes=nbytes,
                     reply_bytes=nbytes, tokens=0, experts=0, time_s=arrived_s))
                 agent.last_used_s = arrived_s
+
+    def _answers(self, sent: dict[int, tuple[AgentLink, float]], timeout_s: float):
+        """(agent, sent_s, reply) for each reply to a request in `sent` (id -> agent, send
+        time) from the agent it went to, until all came or `timeout_s` passed; anything else
+        read meanwhile is counted late."""
+        deadline = time.perf_counter() + timeout_s
+        while sent:
+            reply = self.client.recv(max(0.0, deadline - time.perf_counter()))
+            if reply is None:
+                return
+            entry = sent.pop(reply.id, None)
+            if entry is None or reply.peer != entry[0].peer:
+                self.client.late_replies += 1
+                continue
+            yield entry[0], entry[1], reply
 
 
 CLOCK_SLACK_S = 1e-4  # timer reads around a send/receive; a lie this small gains nothing

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import logging
 import time
 
 import pytest
@@ -74,7 +75,9 @@ def test_theta_drops_the_slow_agent_first(start_agent, tiny_split):
     assert slow_drops > 3 * max(1, fast_drops), (slow_drops, fast_drops)
 
 
-def test_killed_agent_generation_completes_and_rejoins(start_agent, tiny_split):
+def test_killed_agent_generation_completes_and_rejoins(start_agent, tiny_split, caplog):
+    """A killed agent is gone, not slow: its connection closes and the layer in flight drops
+    its slots at once (noticed by the connection, not a timeout); it rejoins when restarted."""
     port = free_port()
     endpoint = f"tcp://127.0.0.1:{port}"
     keep = start_agent("--expert", "0-3", "--shards", tiny_split, "--bind", "tcp://127.0.0.1:*")
@@ -90,9 +93,13 @@ def test_killed_agent_generation_completes_and_rejoins(start_agent, tiny_split):
             if len(pieces) == 3:
                 victim.kill()
 
-        result = generate(session, ids, max_new_tokens=16, ignore_eos=True,
-                          on_text=kill_after_a_few)
+        with caplog.at_level(logging.WARNING, logger="basestation"):
+            result = generate(session, ids, max_new_tokens=16, ignore_eos=True,
+                              on_text=kill_after_a_few)
         assert len(result.token_ids) == 16 and not result.interrupted
+        failures = [r.getMessage() for r in caplog.records if "failed (" in r.getMessage()]
+        assert failures and all("connection is gone" in m or "unreachable" in m
+                                for m in failures), failures
         figures = {a["agent"]: a for a in result.agents}
         assert figures[endpoint]["failures"] >= 1
         # the pairs in flight when it died were dropped; later tokens route around it

@@ -8,7 +8,6 @@ agent alive, and results changed from run to run."""
 
 from __future__ import annotations
 
-import logging
 import os
 import signal
 import threading
@@ -84,34 +83,3 @@ def test_an_agent_stopped_for_seconds_is_waited_for_and_theta_0_stays_exact(star
     assert stalled.experts_dropped == 0 and stalled.fault_drops == 0
     assert waited >= 1  # the stop did land on a request, which was waited for
     assert all(a["failures"] == 0 and a["alive"] for a in stalled.agents), stalled.agents
-
-
-@pytest.mark.integration
-def test_a_killed_agent_is_noticed_by_its_connection_not_a_timeout(start_agent, tiny_split,
-                                                                   caplog):
-    from basestation.generate import generate
-
-    agents = _two_agents(start_agent, tiny_split)
-    session = _session(tiny_split, agents)
-    try:
-        ids = session.base.tokenizer(PROMPT, return_tensors="pt").input_ids
-        pieces = []
-
-        def kill_after_a_few(piece):
-            pieces.append(piece)
-            if len(pieces) == 3:
-                agents[1].kill()
-
-        with caplog.at_level(logging.WARNING, logger="basestation"):
-            result = generate(session, ids, max_new_tokens=16, ignore_eos=True,
-                              on_text=kill_after_a_few)
-    finally:
-        session.close()
-    assert len(result.token_ids) == 16 and not result.interrupted
-    figures = {a["agent"]: a for a in result.agents}
-    assert figures[agents[1].endpoint]["failures"] >= 1
-    assert not figures[agents[1].endpoint]["alive"]
-    assert result.fault_drops >= 1  # counted, and in the result
-    failures = [r.getMessage() for r in caplog.records if "failed" in r.getMessage()]
-    assert failures and all("connection is gone" in m or "unreachable" in m
-                            for m in failures), failures
