@@ -159,6 +159,7 @@ def quality(args) -> None:
     from shard_tool.search import describe
     from shard_tool.split import bits_request, split
     from shard_tool.verify import bits_table
+    from testbed.pass_counts import counted
     from testbed.quality import score_tokens
 
     with open(HELDOUT) as f:
@@ -185,27 +186,29 @@ def quality(args) -> None:
                 session = open_session(shards, build_roster(flags, None, None),
                                        dtype=args.dtype, device=args.device, wait_s=60,
                                        progress=False)
-                try:
-                    score = score_tokens(session.base.model, session.base.tokenizer, text,
-                                         max_tokens=args.eval_tokens)
+                try:  # what the scoring lost (an altered perplexity says so)
+                    with counted(session.runtime.stats) as counts:
+                        score = score_tokens(session.base.model, session.base.tokenizer, text,
+                                             max_tokens=args.eval_tokens)
                 finally:
                     session.close()
             finally:
                 stop(procs)
             expert_bytes = sum(e.bytes for e in manifest.files if e.role == "expert")
-            rows.append((label, expert_bytes, score, split_s))
+            rows.append((label, expert_bytes, score, counts))
             print(f"{label:>5} bits: experts {expert_bytes:,} bytes, perplexity "
                   f"{score.perplexity:.3f}, top-1 {score.accuracy:.4f} ({score.tokens} tokens), "
-                  f"split {split_s:.1f} s", flush=True)
+                  f"experts dropped {counts['experts_dropped']} (fault drops "
+                  f"{counts['fault_drops']}), split {split_s:.1f} s", flush=True)
     finally:
         shutil.rmtree(scratch, ignore_errors=True)
     base_bytes, base = rows[0][1], rows[0][2]
     print(f"\n{'bits':>5} {'expert shards':>14} {'vs 16':>7} {'perplexity':>11} {'vs 16':>8} "
-          f"{'top-1':>7}")
-    for label, expert_bytes, score, _ in rows:
+          f"{'top-1':>7} {'fault drops':>12}")
+    for label, expert_bytes, score, counts in rows:
         print(f"{label:>5} {expert_bytes:>14,} {expert_bytes / base_bytes:>6.3f}x "
               f"{score.perplexity:>11.3f} {100 * (score.perplexity / base.perplexity - 1):>+7.2f}% "
-              f"{score.accuracy:>7.4f}")
+              f"{score.accuracy:>7.4f} {counts['fault_drops']:>12}")
 
 
 def main() -> None:
