@@ -1,10 +1,11 @@
-"""Scatter one layer's expert groups to their agents, gather the replies until a deadline.
+"""Scatter one layer's expert groups to their agents, gather the replies: a late agent is
+waited for while its connection is up, up to its request's cap (slow is not dead).
 
 One request per agent per layer carries every expert's token group back to back; every send
 goes out before any wait. A reply counts only if it comes from the agent the request went to,
-is an expert reply with the shape asked for, finite values and a believable compute time:
-anything else is that agent failing (its experts are reported failed, it is marked dead and
-probed back). Experts whose agent is down are computed here when a local fallback holds them.
+is an expert reply with the shape asked for, values a layer can produce (finite, each row within
+MAX_EXPERT_GAIN of its input's norm) and a believable compute time: anything else is that agent
+failing (its experts are reported failed, it is marked dead and probed back). Experts whose agent is down are computed here when a local fallback holds them.
 
 Shape legend: T = tokens of the layer call, H = hidden, n = tokens of a request.
 """
@@ -45,6 +46,11 @@ class MoeStats:
 
 # how often a late request's agent is looked at (its connection), once past the estimate
 LATE_LOOK_S = 0.02
+# The largest believable gain of an expert: a reply row's norm over its input row's (floored at
+# 1, since a biased expert answers a zero row). Expert inputs are normalised hidden states; the
+# largest real outputs ("massive activations", ~1e3 in a few dimensions) are ~1e2 times their
+# input's norm. A rogue answering ±1e30 passed the finiteness check and made every token id 0.
+MAX_EXPERT_GAIN = 1e4
 
 
 @dataclass(slots=True)
@@ -58,7 +64,21 @@ class _Pending:
     tokens: int
     expected_by_s: float  # the estimate's deadline: past it, the agent is looked at
     cap_s: float  # the longest a request of this size is waited for, whatever the estimate
+    bound: torch.Tensor  # [n] the largest believable norm of each reply row (reply_bounds)
     late: bool = False
+
+
+def reply_bounds(request: torch.Tensor) -> torch.Tensor:
+    """[n] the largest norm each row of a reply to `request` [n, H] may have (float32, CPU)."""
+    norms = torch.linalg.vector_norm(request, dim=-1, dtype=torch.float32)
+    return (norms.clamp(min=1.0) * MAX_EXPERT_GAIN).cpu()
+
+
+def out_of_bounds(y: torch.Tensor, bound: torch.Tensor) -> bool:
+    """Whether any row of a reply `y` [n, H] is non-finite or over its bound [n]: NaN and inf
+    fail the comparison too, so this is also the finiteness check."""
+    norms = torch.linalg.vector_norm(y, dim=-1, dtype=torch.float32)
+    return not bool((norms <= bound).all())
 
 
 def give_up_reason(now_s: float, cap_s: float, connected) -> str | None:
@@ -150,7 +170,8 @@ class Dispatcher:
             pending[request_id] = _Pending(
                 agent, counts, sent_s, nbytes, n_rows,
                 expected_by_s=sent_s + links.deadline_s(agent.state, nbytes, nbytes, n_rows, 1),
-                cap_s=sent_s + links.deadline_cap_s(nbytes, nbytes, n_rows, 1))
+                cap_s=sent_s + links.deadline_cap_s(nbytes, nbytes, n_rows, 1),
+                bound=reply_bounds(request))
         for agent, fields in hints.values():  # hinted agents this layer does not call
             if agent.alive:
                 try:
@@ -182,7 +203,7 @@ class Dispatcher:
             del pending[reply.id]
             agent, counts, sent_s, nbytes, tokens = (entry.agent, entry.counts, entry.sent_s,
                                                      entry.nbytes, entry.tokens)
-            checked = self._check(reply, tokens, arrived_s - sent_s)
+            checked = self._check(reply, tokens, arrived_s - sent_s, entry.bound)
             if isinstance(checked, str):
                 self.stats.invalid_replies += 1
                 self._fail(agent, checked)
@@ -227,7 +248,7 @@ class Dispatcher:
             self._fail(entry.agent, why)
             failed.update(e for e, _ in entry.counts)
 
-    def _check(self, reply, tokens: int, round_trip_s: float
+    def _check(self, reply, tokens: int, round_trip_s: float, bound: torch.Tensor
                ) -> tuple[torch.Tensor, float] | str:
         """The reply's [n, H] tensor and compute seconds, or why it is not a valid answer to
         this request."""
@@ -242,10 +263,9 @@ class Dispatcher:
             return f"malformed tensor ({e})"
         if tuple(y.shape) != (tokens, self.hidden_size):
             return f"shape {list(y.shape)}, asked for {[tokens, self.hidden_size]}"
-        # NaN and inf survive a sum (finite values of a real model never overflow one), and a
-        # sum is 4x cheaper than isfinite().all() per reply
-        if not math.isfinite(y.sum().item()):
-            return "non-finite values"
+        if out_of_bounds(y, bound):
+            return f"values a layer cannot produce (non-finite, or a row over {MAX_EXPERT_GAIN:g}x " \
+                   "its input's norm)"
         return y, compute_s
 
     def _fail(self, agent: AgentLink, why: str) -> None:

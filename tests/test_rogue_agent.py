@@ -1,8 +1,9 @@
 """Replies are checked where they are gathered: a broken or hostile agent is that agent failing
 (its experts dropped, counted, re-probed), never a crash, a hang or garbage tokens.
 
-Regression: one NaN reply used to turn every later token into id 0 with exit 0; a reply of
-the wrong shape or a compute_s of "abc" crashed the base station with a traceback."""
+Regression: one NaN reply used to turn every later token into id 0 with exit 0, and so did
+replies of ±1e30 (finite, so they passed); a reply of the wrong shape or a compute_s of "abc"
+crashed the base station with a traceback."""
 
 from __future__ import annotations
 
@@ -55,6 +56,8 @@ class RogueAgent:
             y[0, 0] = float("nan")
         elif self.mode == "inf":
             y[-1, -1] = float("inf")
+        elif self.mode == "huge":  # finite, and no layer can produce it
+            y = torch.full((tokens, self.hidden), 1e30) * torch.randn(tokens, self.hidden).sign()
         elif self.mode == "shape":
             y = torch.randn(tokens + 1, self.hidden)
         elif self.mode == "compute_text":
@@ -93,7 +96,7 @@ class RogueAgent:
         self._thread.join(10)
 
 
-@pytest.mark.parametrize("mode", ["nan", "inf", "shape", "compute_text", "compute_huge",
+@pytest.mark.parametrize("mode", ["nan", "inf", "huge", "shape", "compute_text", "compute_huge",
                                   "other_id"])
 def test_a_rogue_agent_is_an_agent_failing(mode, tiny_split, start_agent):
     from shard_tool.manifest import load_manifest

@@ -286,3 +286,19 @@ def test_small_selections_on_python_floats_decide_as_the_tensor_path(seed, monke
         assert torch.equal(quick.keep, slow.keep) and torch.equal(quick.dropped, slow.dropped)
         assert torch.equal(quick.weights, slow.weights)
     assert any(bool(q.dropped.any()) for q in fast) and any(not q.dropped.any() for q in fast)
+
+
+def test_reply_bounds_refuse_what_no_layer_produces():
+    """A reply row may be at most MAX_EXPERT_GAIN x its input row's norm (floored at 1); NaN
+    and inf fail the same comparison. Regression: ±1e30 replies passed a finiteness check."""
+    from basestation.dispatch import MAX_EXPERT_GAIN, out_of_bounds, reply_bounds
+
+    x = torch.tensor([[3.0, 4.0], [0.0, 0.0]])  # norms 5 and 0 (floored at 1)
+    bound = reply_bounds(x)
+    assert bound.tolist() == [5 * MAX_EXPERT_GAIN, MAX_EXPERT_GAIN]
+    assert not out_of_bounds(torch.tensor([[30.0, 40.0], [0.5, 0.0]]), bound)
+    assert out_of_bounds(torch.tensor([[0.0, 0.0], [2 * MAX_EXPERT_GAIN, 0.0]]), bound)
+    assert out_of_bounds(torch.tensor([[1e30, -1e30], [0.0, 0.0]]), bound)
+    assert out_of_bounds(torch.tensor([[float("nan"), 0.0], [0.0, 0.0]]), bound)
+    assert out_of_bounds(torch.tensor([[0.0, 0.0], [float("-inf"), 0.0]]), bound)
+    assert not out_of_bounds(torch.tensor([[1.0, 1.0], [1.0, 1.0]], dtype=torch.bfloat16), bound)
