@@ -11,7 +11,9 @@ two points:
   that request's own sampling and seed, and streams text, stop strings and logprobs.
 
 Threads: the library's generation thread runs the forward passes, hence every ZeroMQ call of
-the MoE layers. The admission thread here (`_loop`) tokenizes requests, hands them to the
+the MoE layers. Nothing a request does ends that thread: an exception in one sequence's
+decoding fails that request, one in a batched step (`step_guard`) the requests of that step,
+and the others go on. The admission thread here (`_loop`) tokenizes requests, hands them to the
 library, and, only inside the library's `pause()` (the generation thread parked between steps),
 scores echo prompts and polls probes while idle: the sockets are never used by two threads at
 once. Front ends `submit` a Request and read its Events through the request's `emit`.
@@ -35,12 +37,17 @@ from basestation.jobs import Accepted, Delta, Failed, Finished, Job, Request, em
 from basestation.ledger import RequestLedger, lost_message
 from basestation.metrics import EngineMetrics
 from basestation.openai_api import ApiError, Defaults, completion_budget
-from basestation.sampler import BatchSampler, RowSampler, processor_list
+from basestation.sampler import BatchSampler, RowSampler, greedy, processor_list
 from basestation.sequence import ChoiceDecoder, token_logprobs
+from basestation.step_guard import guard_steps
 
 IDLE_POLL_S = 0.05  # admission wake-ups, and probe polls while nothing decodes
 STOP_JOIN_S = 10.0  # how long stop() waits for each thread
 KV_PAGE_TOKENS = 64  # tokens per page of the paged KV cache
+# a generation loop that died anyway (step_guard's clean-up raised) is started again this many
+# times; one that keeps dying is a bug to see (/health says 503), not to hide
+MAX_LOOP_RESTARTS = 3
+ERROR_TEXT_CHARS = 300  # of an exception's text in a client's error message
 
 
 @dataclass(eq=False)
@@ -52,6 +59,7 @@ class _Run:
     decoders: list[ChoiceDecoder]
     latencies_ms: list[list[float]]
     live: set[str] = field(default_factory=set)  # continuous-batching ids still decoding
+    done: bool = False  # its last event (Finished or Failed) sent, or it was cancelled
 
 
 @dataclass(eq=False)
@@ -87,6 +95,7 @@ class Engine:
         self._stopping = False
         self._manager = None
         self._hook = None
+        self._restarts = 0
         self._thread = threading.Thread(target=self._loop, name="admission", daemon=True)
 
     # --- called from any thread -----------------------------------------------------------------
@@ -106,6 +115,7 @@ class Engine:
         self._manager = model.init_continuous_batching(generation_config=generation,
                                                        continuous_batching_config=batching)
         self._manager.logit_processor = processor_list(BatchSampler(self._pick))
+        guard_steps(self._manager, self._step_failed)
         self._hook = model.register_forward_pre_hook(self._before_forward, with_kwargs=True)
         with torch.inference_mode():  # the generation thread inherits it
             self._manager.start()
@@ -142,14 +152,11 @@ class Engine:
                 self._pending.remove(request)
                 self.metrics.cancelled += 1
                 return
-            run = self._runs.pop(request.id, None)
-            if run is None:
+            run = self._runs.get(request.id)
+            if run is None or not self._take_run(run):
                 return
+            run.done = True  # its front end is gone: no event to send
             self.metrics.cancelled += 1
-            for cb_id in run.live:
-                self._sequences.pop(cb_id, None)
-                self._manager.cancel_request(cb_id)
-            self._lock.notify()
 
     def stop(self) -> None:
         with self._lock:
@@ -184,15 +191,15 @@ class Engine:
                 try:
                     self._admit(request)
                 except Exception as e:  # a bug must fail one request, not the server
-                    traceback.print_exc(file=sys.stderr)
-                    self._fail(request, ApiError(500, f"generation failed: {e}", "server_error",
-                                                 "internal_error"))
+                    report(e, f"admitting request {request.id}")
+                    run = self._runs.get(request.id)
+                    if run is not None:  # some of its sequences may be decoding already
+                        self._fail_run(run, internal_error(e))
+                    else:
+                        self._fail(request, internal_error(e))
                 continue
             self._collect_failures()
-            if not self._manager.is_running():
-                self._fail_all(ApiError(500, "the generation loop stopped: "
-                                        f"{self._manager.background_thread_status.fatal_error}",
-                                        "server_error", "internal_error"))
+            if not self._manager.is_running() and not self._restart_generation():
                 return
             if idle and time.monotonic() - last_poll_s >= IDLE_POLL_S:
                 with self._manager.pause():  # dead agents come back while idle
@@ -263,7 +270,8 @@ class Engine:
                 run.live.add(cb_id)
                 self._manager.add_request(ids, request_id=cb_id, max_new_tokens=budget,
                                           eos_token_id=eos)
-            if not run.live:
+            if not run.live:  # every choice had a budget of 0
+                self._runs.pop(request.id)
                 self._finish(run)
 
     def _prompt_logprobs(self, run: _Run, ids: list[int], top: int):
@@ -291,22 +299,67 @@ class Engine:
             with self._lock:
                 sequence = self._sequences.get(output.request_id)
             if sequence is not None:
-                self.cancel(sequence.run.request)
-                self._fail(sequence.run.request, ApiError(
-                    500, f"generation failed: {output.error}", "server_error", "internal_error"),
-                    count=False)
+                self._fail_run(sequence.run, ApiError(
+                    500, f"generation failed: {str(output.error)[:ERROR_TEXT_CHARS]}",
+                    "server_error", "internal_error"))
 
-    def _fail(self, request: Request, error: ApiError, count: bool = True) -> None:
-        if count:
-            self.metrics.failed += 1
+    def _fail(self, request: Request, error: ApiError) -> None:
+        self.metrics.failed += 1
         emit(request, Failed(error))
 
     def _fail_all(self, error: ApiError) -> None:
         with self._lock:
             runs = list(self._runs.values())
         for run in runs:
-            self.cancel(run.request)
-            self._fail(run.request, error)
+            self._fail_run(run, error)
+
+    def _restart_generation(self) -> bool:
+        """The library's generation thread ended (an error step_guard could not contain): fail
+        what it held and start it again, up to MAX_LOOP_RESTARTS times. False: give up."""
+        fatal = self._manager.background_thread_status.fatal_error
+        self._fail_all(ApiError(500, "generation failed: the generation loop stopped: "
+                                f"{str(fatal)[:ERROR_TEXT_CHARS]}", "server_error",
+                                "internal_error"))
+        with self._lock:
+            if self._stopping or self._restarts >= MAX_LOOP_RESTARTS:
+                return False
+            self._restarts += 1
+        print(f"basestation: the generation loop stopped ({fatal!r}); starting it again "
+              f"({self._restarts} of {MAX_LOOP_RESTARTS})", file=sys.stderr, flush=True)
+        with torch.inference_mode():  # the generation thread inherits it
+            self._manager.start()
+        return True
+
+    # --- either thread: a run leaves --------------------------------------------------------------
+
+    def _take_run(self, run: _Run) -> bool:
+        """Take a run off the table and stop its sequences still in the library (their KV cache
+        freed before the next step). False when it had left already."""
+        with self._lock:
+            taken = self._runs.pop(run.request.id, None) is not None
+            for cb_id in run.live:
+                self._sequences.pop(cb_id, None)
+                self._manager.cancel_request(cb_id)
+            run.live.clear()
+            self._lock.notify()
+        return taken
+
+    def _fail_run(self, run: _Run, error: ApiError) -> None:
+        """Fail one request, whichever of its steps went wrong; the other runs go on. Its only
+        last event: a run that finished, failed or was cancelled already is left alone."""
+        self._take_run(run)
+        with self._lock:
+            if run.done:
+                return
+            run.done = True
+        self._fail(run.request, error)
+
+    def _conclude(self, run: _Run, event: Finished | Failed) -> None:
+        with self._lock:
+            if run.done:
+                return
+            run.done = True
+        emit(run.request, event)
 
     # --- the generation thread ------------------------------------------------------------------
 
@@ -344,19 +397,41 @@ class Engine:
         runtime.charge_to(ledgers, torch.repeat_interleave(torch.tensor(owners), counts))
         return None
 
+    def _step_failed(self, cb_ids: list[str], error: Exception) -> None:
+        """step_guard's callback: a batched step raised and the library failed its sequences
+        `cb_ids` (which of them caused it is unknown): fail their requests, once each."""
+        try:
+            with self._lock:
+                runs = {id(s.run): s.run for s in map(self._sequences.get, cb_ids) if s}
+            report(error, f"a decoding step of {len(cb_ids)} sequences (requests "
+                          f"{', '.join(r.request.id for r in runs.values()) or 'none'})")
+            for run in runs.values():
+                self._fail_run(run, internal_error(error, "a decoding step it shared raised"))
+        except Exception as e:  # the loop goes on; its admission thread fails what is left
+            report(e, "failing the requests of a failed step")
+
     def _pick(self, cb_id: str, logits: torch.Tensor) -> int:
-        """BatchSampler's callback: this sequence's next token from its raw logits row [V]."""
+        """BatchSampler's callback: this sequence's next token from its raw logits row [V].
+        Whatever goes wrong here fails this sequence's request only."""
         with self._lock:
             sequence = self._sequences.get(cb_id)
         if sequence is None:  # cancelled: the library drops it before the next step
-            return int(logits.argmax())
+            return greedy(logits)
+        try:
+            return self._advance(cb_id, sequence, logits)
+        except Exception as e:
+            report(e, f"decoding request {sequence.run.request.id}")
+            self._fail_run(sequence.run, internal_error(e))
+            return greedy(logits)
+
+    def _advance(self, cb_id: str, sequence: _Sequence, logits: torch.Tensor) -> int:
         run = sequence.run
         if run.request.cancelled.is_set():  # its front end is gone
             self.cancel(run.request)
-            return int(logits.argmax())
+            return greedy(logits)
         if run.request.job.params.exact and run.ledger.fault_drops:  # before any altered text
             self._lose(run)
-            return int(logits.argmax())
+            return greedy(logits)
         token = sequence.sampler.pick(logits)
         now = time.perf_counter()
         run.latencies_ms[sequence.index].append((now - sequence.last_s) * 1e3)
@@ -380,31 +455,35 @@ class Engine:
     def _lose(self, run: _Run) -> None:
         """An exact request lost an expert to a fault: stop its sequences and fail it with
         503 expert_lost. The other requests of the batch go on."""
-        with self._lock:
-            if self._runs.pop(run.request.id, None) is None:
-                return  # failed already, from another of its sequences
-            for cb_id in run.live:
-                self._sequences.pop(cb_id, None)
-                self._manager.cancel_request(cb_id)
-            run.live.clear()
-            self._lock.notify()
-        self._expert_lost(run)
+        if self._take_run(run):  # else failed already, from another of its sequences
+            self._expert_lost(run)
 
     def _expert_lost(self, run: _Run) -> None:
+        error = lost_error(run.ledger, [a.figures() for a in self.session.agents])
         self.metrics.expert_lost += 1
-        emit(run.request, Failed(lost_error(run.ledger,
-                                            [a.figures() for a in self.session.agents])))
+        self._conclude(run, Failed(error))
 
     def _finish(self, run: _Run) -> None:
-        """All choices done: the Finished event, with this request's own WDMoE figures."""
-        if run.request.job.params.exact and run.ledger.fault_drops:  # lost at the last step
-            self._expert_lost(run)
+        """All choices done: the Finished event, with this request's own WDMoE figures. Called
+        once its sequences left the table: should building the event fail, the request fails
+        with it, never left without an answer."""
+        try:
+            if run.request.job.params.exact and run.ledger.fault_drops:  # lost at the last step
+                self._expert_lost(run)
+                return
+            event = self._finished(run)
+        except Exception as e:
+            report(e, f"finishing request {run.request.id}")
+            self._fail_run(run, internal_error(e))
             return
+        self.metrics.prompt_tokens += run.prompt_tokens
+        self.metrics.completion_tokens += event.completion_tokens
+        self.metrics.completed += 1
+        self._conclude(run, event)
+
+    def _finished(self, run: _Run) -> Finished:
         choices = tuple(decoder.choice() for decoder in run.decoders)
         completion_tokens = sum(c.completion_tokens for c in choices)
-        self.metrics.prompt_tokens += run.prompt_tokens
-        self.metrics.completion_tokens += completion_tokens
-        self.metrics.completed += 1
         ledger = run.ledger
         wdmoe = {
             "theta": run.request.job.params.theta,
@@ -416,8 +495,23 @@ class Engine:
             "failed_requests": ledger.failed_requests,
             "agents": ledger_figures(ledger, [a.figures() for a in self.session.agents]),
         }
-        emit(run.request, Finished(choices=choices, prompt_tokens=run.prompt_tokens,
-                                   completion_tokens=completion_tokens, wdmoe=wdmoe))
+        return Finished(choices=choices, prompt_tokens=run.prompt_tokens,
+                        completion_tokens=completion_tokens, wdmoe=wdmoe)
+
+
+def internal_error(error: Exception, where: str = "") -> ApiError:
+    """500 for a request that an error in the server failed: the exception's type and text
+    (bounded), no traceback (that goes to the log, `report`)."""
+    text = f"{type(error).__name__}: {error}"[:ERROR_TEXT_CHARS]
+    return ApiError(500, f"generation failed: {where + ': ' if where else ''}{text}",
+                    "server_error", "internal_error")
+
+
+def report(error: BaseException, during: str) -> None:
+    """One log entry, with its traceback, for an error that failed requests."""
+    print(f"basestation: error while {during}; the server goes on", file=sys.stderr)
+    traceback.print_exception(error, file=sys.stderr)
+    sys.stderr.flush()
 
 
 def lost_error(ledger: RequestLedger, agents: list[dict]) -> ApiError:

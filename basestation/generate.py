@@ -111,6 +111,11 @@ class Sampling:
     seed: int | None = None  # seeds torch's global generator (one request at a time)
 
 
+# Temperatures below this sample greedily. At 1e-5 a logit gap of 1e-3 already gives the runner-up
+# a probability under e^-100, so sampling is argmax in all but name; far below it logits /
+# temperature overflow float32 to inf, and softmax of inf - inf is NaN (1e-300 crashed serve).
+GREEDY_BELOW_TEMPERATURE = 1e-5
+
 # When a request leaves sampling to the model and its generation_config does not sample (Mixtral's
 # and the tiny model's do not): greedy decoding of a small model loops ("====" rows), so chat and
 # serve sample with these instead.
@@ -120,8 +125,9 @@ FALLBACK_TOP_P = 0.9
 
 def apply_sampling(config, sampling: Sampling) -> None:
     """Set `sampling` on a GenerationConfig in place; what it leaves None stays the model's
-    (or the fallback above, when the model's config does not sample). Temperature 0: greedy."""
-    if sampling.temperature == 0:
+    (or the fallback above, when the model's config does not sample). Temperature 0 (or below
+    GREEDY_BELOW_TEMPERATURE): greedy."""
+    if sampling.temperature is not None and not sampling.temperature >= GREEDY_BELOW_TEMPERATURE:
         config.do_sample, config.temperature, config.top_p, config.top_k = False, None, None, None
         return
     if not config.do_sample:
@@ -180,7 +186,7 @@ def generate(session, input_ids: torch.Tensor, max_new_tokens: int = 32,
         apply_sampling(config, sampling)
         if sampling.seed is not None:
             torch.manual_seed(sampling.seed)
-    elif temperature > 0:
+    elif temperature >= GREEDY_BELOW_TEMPERATURE:
         config.do_sample, config.temperature, config.top_p, config.top_k = True, temperature, 1.0, 0
     else:
         config.do_sample, config.temperature, config.top_p, config.top_k = False, None, None, None

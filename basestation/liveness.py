@@ -30,6 +30,7 @@ TICK_S = 0.01  # how often the per-layer hook looks for due probes
 PROBE_LOST_AFTER_S = 2.0  # a probe unanswered this long is forgotten and sent again
 CALIBRATION_ROUNDS = 3  # pings per agent when a session starts
 CALIBRATION_TOKENS = 16  # size of the payload probe, in tokens of hidden activations
+DEVICE_NAME_CHARS = 64  # of an agent's device name in its figures ("cuda:0", "cpu", "mps")
 
 
 @dataclass
@@ -97,12 +98,17 @@ class AgentLink:
             "throughput_mbit_s": round(self.state.throughput_bytes_per_s * 8 / 1e6, 2),
             "compute_us_per_token": round(self.state.compute_s_per_token_expert * 1e6, 2),
             "calls": self.calls, "drops": self.drops, "failures": self.failures,
-            "probes": self.probes, "device": self.info.get("device", "?"),
-        } | self._cache_figures()
+            "probes": self.probes, "device": self._device(),
+        } | cache_summary(self.cache or self._info().get("memory_budget"))
 
-    def _cache_figures(self) -> dict:
-        cache = self.cache or self.info.get("memory_budget")
-        return cache_summary(cache) if isinstance(cache, dict) else {}
+    def _info(self) -> dict:
+        return self.info if isinstance(self.info, dict) else {}
+
+    def _device(self) -> str:
+        """The agent's own word for its device, for humans: any other type is not one, and a
+        long one is cut (it goes into every response's figures)."""
+        device = self._info().get("device", "?")
+        return device[:DEVICE_NAME_CHARS] if isinstance(device, str) else "?"
 
     def mark_failed(self, now_s: float) -> bool:
         """Count a failure; returns True when this turned a live agent dead."""

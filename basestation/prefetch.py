@@ -20,6 +20,7 @@ Shape legend: T = tokens, K = experts per token, E = experts.
 
 from __future__ import annotations
 
+import math
 from collections.abc import Hashable, Mapping
 from dataclasses import dataclass
 
@@ -190,16 +191,37 @@ class HintPlans:
         return hints
 
 
-def cache_summary(figures: Mapping) -> dict:
+def cache_summary(figures) -> dict:
     """A budgeted agent's cache figures (a reply's protocol.cache_figures, or its info's
-    memory_budget) -> the cache_* fields of its per-agent figures; stall in ms."""
-    hits, misses = int(figures.get("hits", 0)), int(figures.get("misses", 0))
-    stall_s = figures["stall_us"] / 1e6 if "stall_us" in figures else \
-        float(figures.get("stall_s", 0.0))
+    memory_budget) -> the cache_* fields of its per-agent figures; stall in ms. The agent
+    sends them: anything malformed (not a mapping, a count that is not a non-negative int, a
+    stall that is not a finite non-negative number) gives {}, ignored as
+    protocol.cache_figures ignores a bad reply field (one in a HELLO used to fail requests)."""
+    if not isinstance(figures, Mapping):
+        return {}
+    counts = {name: figures.get(name, 0) for name in _CACHE_COUNTS}
+    if "stall_us" in figures:  # a reply's, in integer microseconds
+        stall = figures["stall_us"] / 1e6 if _count(figures["stall_us"]) else None
+    else:  # the info's, in seconds
+        stall = figures.get("stall_s", 0.0)
+    if not all(_count(v) for v in counts.values()) or not _seconds(stall):
+        return {}
+    hits, misses = counts["hits"], counts["misses"]
     return {"cache_hits": hits, "cache_misses": misses,
             "cache_hit_rate": round(hits / (hits + misses), 4) if hits + misses else None,
-            "cache_stall_ms": round(stall_s * 1e3, 3),
-            "cache_loads": int(figures.get("loads", 0)),
-            "cache_evictions": int(figures.get("evictions", 0)),
-            "cache_resident_bytes": int(figures.get("resident_bytes", 0)),
-            "cache_hinted_hits": int(figures.get("hinted_hits", 0))}
+            "cache_stall_ms": round(float(stall) * 1e3, 3),
+            "cache_loads": counts["loads"], "cache_evictions": counts["evictions"],
+            "cache_resident_bytes": counts["resident_bytes"],
+            "cache_hinted_hits": counts["hinted_hits"]}
+
+
+_CACHE_COUNTS = ("hits", "misses", "loads", "evictions", "resident_bytes", "hinted_hits")
+
+
+def _count(value) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool) and value >= 0
+
+
+def _seconds(value) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool) \
+        and math.isfinite(value) and value >= 0

@@ -13,6 +13,7 @@ whose only finite entry is that token, so the library's argmax agrees.
 
 from __future__ import annotations
 
+import math
 import secrets
 import types
 from typing import Callable
@@ -57,10 +58,22 @@ class RowSampler:
 
     def pick(self, logits: torch.Tensor) -> int:
         if self.greedy:
-            return int(logits.argmax())
+            return greedy(logits)
         scores = self.warpers(None, logits.unsqueeze(0))
         probs = torch.softmax(scores, dim=-1)
+        # a row the warpers could not make a distribution of (inf or NaN logits): multinomial
+        # would raise, or draw garbage; the likeliest token is the one answer left
+        if not bool(torch.isfinite(probs).all()):
+            return greedy(logits)
         return int(torch.multinomial(probs, 1, generator=self.generator))
+
+
+def greedy(logits: torch.Tensor) -> int:
+    """The likeliest token of a row [V]; NaN entries never win (argmax takes NaN as largest)."""
+    token = int(logits.argmax())
+    if math.isnan(float(logits[token])):  # rare: only then the copy without NaN
+        token = int(torch.nan_to_num(logits, nan=float("-inf")).argmax())
+    return token
 
 
 class BatchSampler(ContinuousBatchingLogitsProcessor):
@@ -82,8 +95,10 @@ class BatchSampler(ContinuousBatchingLogitsProcessor):
         return torch.zeros(len(self._rows), dtype=torch.int32)
 
     def __call__(self, scores: torch.Tensor, tensor_arg: torch.Tensor) -> torch.Tensor:
+        """scores [R, V], one row per sequence that takes a token this step; R is 0 for a step
+        that only prefills part of a long prompt."""
         chosen = torch.tensor([self.pick(request_id, scores[row])
-                               for row, request_id in enumerate(self._rows)])
+                               for row, request_id in enumerate(self._rows)], dtype=torch.long)
         out = torch.full_like(scores, float("-inf"))
         out[torch.arange(len(chosen)), chosen] = 0.0
         return out
