@@ -71,6 +71,18 @@ def add_session_args(p: argparse.ArgumentParser) -> None:
 
 
 MAX_TEMPERATURE = 10.0  # as chat's /temperature
+# Below this, logits / temperature overflow to inf and sampling gives NaN (1e-300 was a
+# traceback); 0 stays greedy.
+MIN_TEMPERATURE = 1e-5
+
+
+def temperature(text: str) -> float:
+    """An argparse `type`: 0 (greedy) or a number within MIN_TEMPERATURE-MAX_TEMPERATURE."""
+    value = number(0, MAX_TEMPERATURE)(text)
+    if 0 < value < MIN_TEMPERATURE:
+        raise argparse.ArgumentTypeError(f"{text!r}: must be 0 (greedy) or at least "
+                                         f"{MIN_TEMPERATURE:g}")
+    return value
 
 
 def add_model_args(p: argparse.ArgumentParser, sample_by_default: bool = False) -> None:
@@ -78,11 +90,11 @@ def add_model_args(p: argparse.ArgumentParser, sample_by_default: bool = False) 
     p.add_argument("--max-new-tokens", type=number(1, integer=True), default=64,
                    help="at most this many tokens (prompt + these within the context)")
     if sample_by_default:
-        p.add_argument("--temperature", type=number(0, MAX_TEMPERATURE), default=None,
+        p.add_argument("--temperature", type=temperature, default=None,
                        help="0: greedy (default: the model's generation_config, or 0.7 with "
                        "top-p 0.9 where it does not sample)")
     else:
-        p.add_argument("--temperature", type=number(0, MAX_TEMPERATURE), default=0.0,
+        p.add_argument("--temperature", type=temperature, default=0.0,
                        help="0: greedy")
     p.add_argument("--ignore-eos", action="store_true")
 
@@ -195,6 +207,7 @@ def cmd_chat(args) -> int:
 def cmd_serve(args) -> int:
     from basestation.engine import Engine
     from basestation.openai_api import Defaults
+    from basestation.http_limits import HttpLimits
     from basestation.serve import is_loopback, run_server
 
     if args.max_queue < 0 or args.max_tokens < 1 or not 0 <= args.port <= 65535 \
@@ -211,7 +224,10 @@ def cmd_serve(args) -> int:
                                           max_tokens=args.max_tokens), max_queue=args.max_queue,
                         max_batch=args.max_batch, prefill_chunk_tokens=args.prefill_chunk_tokens)
         try:
-            run_server(engine, model_id, args.host, args.port, args.api_key)
+            run_server(engine, model_id, args.host, args.port, args.api_key,
+                       HttpLimits(max_body_bytes=int(args.max_body_mb * 2**20),
+                                  header_timeout_s=args.header_timeout_s,
+                                  max_connections=args.max_connections))
         except KeyboardInterrupt:  # uvicorn re-raises SIGINT/SIGTERM after its clean shutdown
             print("basestation serve: stopped", file=sys.stderr)
         except OSError as e:
@@ -275,6 +291,14 @@ def build_parser() -> argparse.ArgumentParser:
                    help="max_tokens of a request that gives none (cut to the context)")
     p.add_argument("--model-name", help="the model id clients name (default: the shards "
                    "folder's name)")
+    p.add_argument("--max-body-mb", type=number(0.001, 1024), default=4.0,
+                   help="larger request bodies get 413 (MiB, default 4: 16 prompts of 32k ids)")
+    p.add_argument("--header-timeout-s", type=number(0.1, 3600), default=10.0,
+                   help="a connection must send its request line and headers this soon after "
+                   "it opens or its last response ends (default 10)")
+    p.add_argument("--max-connections", type=number(1, 1_000_000, integer=True), default=1000,
+                   help="HTTP connections held at once, further ones closed (default 1000, cut "
+                   "to leave descriptors for the agents)")
     p.set_defaults(func=cmd_serve)
     p = sub.add_parser("status", help="table of every agent: reachable, experts, RTT, …")
     add_roster_args(p)

@@ -83,7 +83,8 @@ def render(engine: EngineMetrics, http_responses: dict[tuple[str, int], int], qu
         lines.extend([f"# HELP {name} {help_}", f"# TYPE {name} {kind}"])
         lines.extend(f"{name}{labels} {_num(value)}" for labels, value in samples)
 
-    metric("wdmoe_http_responses_total", "counter", "HTTP responses by path and status",
+    metric("wdmoe_http_responses_total", "counter",
+           "HTTP responses by route (unknown paths: unmatched) and status",
            [(f'{{path="{_label(p)}",status="{s}"}}', n)
             for (p, s), n in sorted(http_responses.items())])
     metric("wdmoe_requests_total", "counter", "generation requests by outcome",

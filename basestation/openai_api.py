@@ -15,6 +15,16 @@ from dataclasses import dataclass
 
 MAX_LOGPROBS = 20  # top alternatives per token a request may ask for
 MAX_STOP_STRINGS = 16
+# every token checks each stop's prefixes against the text's end: 16 stops of 100k characters
+# made another user's stream 6x slower
+MAX_STOP_CHARS = 256
+# below this a temperature is greedy, as its limit is (and vLLM's rule): logits / 1e-300 overflow
+# to inf and sampling gave NaN
+MIN_TEMPERATURE = 1e-5
+# int64, as vLLM: the sampler seeds each choice with seed + its index, which must stay within
+# torch's [-2**63, 2**64) for every choice of a batch
+SEED_RANGE = (-(2 ** 63), 2 ** 63 - 1)
+SHOWN_CHARS = 80  # of a refused value quoted in an error
 
 
 class ApiError(Exception):
@@ -29,6 +39,12 @@ class ApiError(Exception):
     def body(self) -> dict:
         return {"error": {"message": self.message, "type": self.type, "code": self.code,
                           "param": self.param}}
+
+
+def _shown(value) -> str:
+    """A value as a reply may quote it: cut, so a client's megabyte is not echoed back."""
+    text = repr(value)
+    return text if len(text) <= SHOWN_CHARS else text[:SHOWN_CHARS] + "..."
 
 
 def invalid(param: str, message: str) -> ApiError:
@@ -86,7 +102,7 @@ def _number(body: dict, name: str, low: float, high: float) -> float | None:
     if value is None:
         return None
     if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
-        raise invalid(name, f"expected a number, got {value!r}")
+        raise invalid(name, f"expected a number, got {_shown(value)}")
     if not low <= value <= high:
         raise invalid(name, f"{value!r} is outside [{low:g}, {high:g}]")
     return float(value)
@@ -97,7 +113,7 @@ def _integer(body: dict, name: str, low: int, high: int | None = None) -> int | 
     if value is None:
         return None
     if isinstance(value, bool) or not isinstance(value, int):
-        raise invalid(name, f"expected an integer, got {value!r}")
+        raise invalid(name, f"expected an integer, got {_shown(value)}")
     if value < low or (high is not None and value > high):
         raise invalid(name, f"{value} is outside [{low}, {high if high is not None else '∞'}]")
     return value
@@ -108,7 +124,7 @@ def _flag(body: dict, name: str, default: bool = False) -> bool:
     if value is None:
         return default
     if not isinstance(value, bool):
-        raise invalid(name, f"expected true or false, got {value!r}")
+        raise invalid(name, f"expected true or false, got {_shown(value)}")
     return value
 
 
@@ -121,6 +137,8 @@ def _stop(body: dict) -> tuple[str, ...]:
         raise invalid("stop", "expected a non-empty string or a list of them")
     if len(stops) > MAX_STOP_STRINGS:
         raise invalid("stop", f"at most {MAX_STOP_STRINGS} strings")
+    if any(len(s) > MAX_STOP_CHARS for s in stops):
+        raise invalid("stop", f"at most {MAX_STOP_CHARS} characters each")
     return tuple(stops)
 
 
@@ -129,7 +147,7 @@ def _model(body: dict, defaults: Defaults) -> None:
     if not isinstance(model, str) or not model:
         raise invalid("model", "required: the id from GET /v1/models")
     if model != defaults.model_id:
-        raise ApiError(404, f"The model '{model}' does not exist; this server serves "
+        raise ApiError(404, f"The model {_shown(model)} does not exist; this server serves "
                        f"'{defaults.model_id}'", code="model_not_found", param="model")
 
 
@@ -158,9 +176,12 @@ def _params(body: dict, defaults: Defaults, max_tokens_low: int, *names: str) ->
         if value is not None:
             max_tokens = value
     theta = _number(body, "theta", 0.0, 1.0)
-    return Params(max_tokens=max_tokens, temperature=_number(body, "temperature", 0.0, 2.0),
+    temperature = _number(body, "temperature", 0.0, 2.0)
+    if temperature is not None and temperature < MIN_TEMPERATURE:
+        temperature = 0.0
+    return Params(max_tokens=max_tokens, temperature=temperature,
                   top_p=_number(body, "top_p", 1e-9, 1.0),
-                  seed=_integer(body, "seed", -(2 ** 63), 2 ** 64 - 1), stop=_stop(body),
+                  seed=_integer(body, "seed", *SEED_RANGE), stop=_stop(body),
                   ignore_eos=_flag(body, "ignore_eos"),
                   theta=defaults.theta if theta is None else theta, exact=_flag(body, "exact"))
 
@@ -230,11 +251,16 @@ def _prompts(value, vocab_size: int) -> tuple[Prompt, ...]:
                   "list of such lists")
 
 
-def parse_completion(body, defaults: Defaults, vocab_size: int) -> CompletionRequest:
-    """A /v1/completions body. Raises ApiError."""
+def parse_completion(body, defaults: Defaults, vocab_size: int,
+                     max_prompts: int | None = None) -> CompletionRequest:
+    """A /v1/completions body; `max_prompts`: the most sequences the server decodes together
+    (each prompt is one, as each of n choices would be). Raises ApiError."""
     body = _object(body)
     _model(body, defaults)
     prompts = _prompts(body.get("prompt"), vocab_size)
+    if max_prompts is not None and len(prompts) > max_prompts:
+        raise invalid("prompt", f"{len(prompts)} prompts; at most {max_prompts} in one request "
+                      f"(the batch holds {max_prompts} sequences)")
     _single_choice(body)
     if body.get("suffix") is not None:
         raise invalid("suffix", "not supported")

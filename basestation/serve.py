@@ -2,27 +2,33 @@
 /metrics (Prometheus) and /stats (JSON: per-agent figures, memory-budgeted agents' cache hits,
 misses and stalls included, and the MoE layers' counters).
 
-Handlers parse the body (openai_api), submit an engine Request, and read its events from an
-asyncio queue the engine thread fills through `call_soon_threadsafe`; the engine alone touches
-the sockets and the model. A client that goes away cancels its request.
+`http_edge` reads each body whole under its limits; handlers parse it, check it and tokenize it
+on a worker thread (a 4 MiB prompt takes seconds: never on the event loop or the engine's
+admission thread), submit an engine Request, and read its events from an asyncio queue the
+engine thread fills through `call_soon_threadsafe`; the engine alone touches the sockets and the
+model. A client that goes away cancels its request.
 """
 
 from __future__ import annotations
 
 import asyncio
 import dataclasses
-import hmac
 import json
+import sys
 import time
+import traceback
+from concurrent.futures import ThreadPoolExecutor
 
 from starlette.applications import Starlette
 from starlette.requests import Request as HttpRequest
 from starlette.responses import JSONResponse, PlainTextResponse, Response, StreamingResponse
 from starlette.routing import Route
 
+from basestation import http_limits as L
 from basestation import metrics as M
 from basestation import openai_api as api
 from basestation.engine import Engine
+from basestation.http_edge import EdgeApp, protocol_class, raise_fd_limit
 from basestation.jobs import Accepted, Delta, Failed, Finished, Job, Request
 
 DISCONNECT_CHECK_S = 0.25  # how often a non-streamed request checks that its client is there
@@ -33,55 +39,42 @@ def error_response(error: api.ApiError) -> JSONResponse:
     return JSONResponse(error.body(), status_code=error.status)
 
 
-class Server:
-    """The app's state: the engine, what it serves, and the HTTP response counters."""
+def overloaded(what: str) -> api.ApiError:
+    return api.ApiError(503, f"overloaded: {what}; retry later", "server_error", "overloaded")
 
-    def __init__(self, engine: Engine, model_id: str, api_key: str | None = None):
+
+class Server:
+    """The app's state: the engine, what it serves, the HTTP response counters and the prompts
+    in flight."""
+
+    def __init__(self, engine: Engine, model_id: str, api_key: str | None = None,
+                 limits: L.HttpLimits = L.HttpLimits()):
         self.engine = engine
         self.model_id = model_id
         self.api_key = api_key
+        self.limits = limits
         self.created = int(time.time())
         self.responses: dict[tuple[str, int], int] = {}
+        self._workers = ThreadPoolExecutor(limits.prepare_workers, thread_name_prefix="prepare")
+        self._preparing = 0  # bodies given to the workers and not yet back (event loop only)
+        self._in_flight: dict[Request, int] = {}  # submitted request -> its prompts
+        self._ended: set[str] = set()  # ids of requests the engine finished or failed
 
-    def app(self) -> Starlette:
-        app = Starlette(routes=[
+    def app(self) -> EdgeApp:
+        routes = [
             Route("/health", self.health),
             Route("/metrics", self.metrics),
             Route("/stats", self.stats),
             Route("/v1/models", self.models),
             Route("/v1/chat/completions", self.chat, methods=["POST"]),
             Route("/v1/completions", self.completions, methods=["POST"]),
-        ])
-        server = self
+        ]
+        edge = EdgeApp(Starlette(routes=routes), tuple(r.path for r in routes), self.limits,
+                       self.api_key, OPEN_PATHS, self.responses)
+        return edge
 
-        async def asgi(scope, receive, send):  # auth and counting around every route
-            if scope["type"] != "http":
-                return await app(scope, receive, send)
-            status = {}
-
-            async def counting_send(message):
-                if message["type"] == "http.response.start":
-                    status["code"] = message["status"]
-                await send(message)
-
-            if server.api_key and scope["path"] not in OPEN_PATHS \
-                    and not server.authorized(scope):
-                response = error_response(api.ApiError(
-                    401, "Incorrect API key provided (send Authorization: Bearer KEY)",
-                    code="invalid_api_key"))
-                await response(scope, receive, counting_send)
-            else:
-                await app(scope, receive, counting_send)
-            key = (scope["path"], status.get("code", 0))
-            server.responses[key] = server.responses.get(key, 0) + 1
-
-        return asgi
-
-    def authorized(self, scope) -> bool:
-        header = dict(scope["headers"]).get(b"authorization", b"").decode("latin-1")
-        scheme, _, token = header.partition(" ")
-        return scheme.lower() == "bearer" and hmac.compare_digest(token.strip().encode(),
-                                                                  self.api_key.encode())
+    def close(self) -> None:
+        self._workers.shutdown(wait=False, cancel_futures=True)
 
     # --- plain endpoints ------------------------------------------------------------------------
 
@@ -114,43 +107,99 @@ class Server:
 
     # --- generation -----------------------------------------------------------------------------
 
-    async def _body(self, request: HttpRequest):
-        try:
-            return json.loads(await request.body())
-        except (json.JSONDecodeError, UnicodeDecodeError) as e:
-            raise api.ApiError(400, f"the body is not valid JSON: {e}", code="invalid_json")
-
     async def chat(self, request: HttpRequest) -> Response:
-        try:
-            parsed = api.parse_chat(await self._body(request), self._defaults())
-        except api.ApiError as e:
-            return error_response(e)
-        job = Job(prompts=None, messages=parsed.messages, params=parsed.params,
-                  stream=parsed.stream)
-        return await self._serve(request, job, parsed.include_usage, chat=True)
+        return await self._generate(request, chat=True)
 
     async def completions(self, request: HttpRequest) -> Response:
-        try:
-            parsed = api.parse_completion(await self._body(request), self._defaults(),
-                                          self.engine.vocab_size)
-        except api.ApiError as e:
-            return error_response(e)
-        job = Job(prompts=parsed.prompts, messages=None, params=parsed.params,
-                  stream=parsed.stream, echo=parsed.echo, logprobs=parsed.logprobs)
-        return await self._serve(request, job, parsed.include_usage, chat=False)
+        return await self._generate(request, chat=False)
 
     def _defaults(self) -> api.Defaults:
         return self.engine.defaults
+
+    async def _generate(self, http: HttpRequest, chat: bool) -> Response:
+        raw = await http.body()  # read whole already, under the limits, by http_edge
+        if self._preparing >= self.limits.max_preparing:
+            return error_response(overloaded(f"{self._preparing} request bodies wait to be "
+                                             "read"))
+        self._preparing += 1
+        try:
+            job, include_usage = await asyncio.get_running_loop().run_in_executor(
+                self._workers, self._prepare, raw, chat)
+        except api.ApiError as e:
+            return error_response(e)
+        except Exception as e:  # a bug fails this request, with its trace on stderr
+            traceback.print_exc(file=sys.stderr)
+            return error_response(api.ApiError(500, f"the request could not be prepared: "
+                                               f"{type(e).__name__}", "server_error",
+                                               "internal_error"))
+        finally:
+            self._preparing -= 1
+        return await self._serve(http, job, include_usage, chat=chat)
+
+    def _prepare(self, raw: bytes, chat: bool) -> tuple[Job, bool]:
+        """On a worker thread: the body parsed, checked and tokenized into a Job whose prompts
+        are token ids (an echoed text prompt stays text: the engine echoes it as given). Raises
+        ApiError."""
+        body = L.parse_json(raw, self.limits.max_json_depth)
+        context = self.engine.context
+        if chat:
+            parsed = api.parse_chat(body, self._defaults())
+            chars = sum(len(m["content"]) for m in parsed.messages)
+            job = Job(prompts=None, messages=parsed.messages, params=parsed.params,
+                      stream=parsed.stream)
+            texts = [chars]
+        else:
+            parsed = api.parse_completion(body, self._defaults(), self.engine.vocab_size,
+                                          max_prompts=self.engine.max_batch)
+            job = Job(prompts=parsed.prompts, messages=None, params=parsed.params,
+                      stream=parsed.stream, echo=parsed.echo, logprobs=parsed.logprobs)
+            texts = [len(p) for p in parsed.prompts if isinstance(p, str)]
+        for chars in texts:
+            if not L.text_fits(chars, context):
+                raise api.ApiError(400, f"This model's maximum context length is {context} "
+                                   f"tokens; a prompt of {chars} characters cannot fit",
+                                   code="context_length_exceeded")
+        # the engine's own tokenization (one owner of the rule), here rather than on its thread
+        ids = self.engine._encode(job)
+        for prompt_ids in ids:
+            api.completion_budget(len(prompt_ids), parsed.params.max_tokens,
+                                  self._defaults().max_tokens, context)
+        prompts = tuple(p if job.echo and isinstance(p, str) else tuple(i)
+                        for p, i in zip(job.prompts or [None], ids))
+        return dataclasses.replace(job, prompts=prompts, messages=None), parsed.include_usage
+
+    def _room_for(self, prompts: int) -> bool:
+        """Whether `prompts` more sequences fit the batch and the queue beside those in flight
+        (requests leave when the engine ends them or they are cancelled)."""
+        for request in [r for r in self._in_flight
+                        if r.cancelled.is_set() or r.id in self._ended]:
+            del self._in_flight[request]
+        # ids of requests let go already (a cancelled one may still end): never growing
+        self._ended.intersection_update({r.id for r in self._in_flight})
+        return L.fits_in_flight(sum(self._in_flight.values()), prompts,
+                                self.engine.max_batch, self.engine.max_queue)
 
     async def _serve(self, http: HttpRequest, job: Job, include_usage: bool,
                      chat: bool) -> Response:
         loop = asyncio.get_running_loop()
         events: asyncio.Queue = asyncio.Queue()
-        request = Request(job=job, emit=lambda e: loop.call_soon_threadsafe(events.put_nowait, e))
+
+        def emit(event) -> None:  # on an engine thread
+            if isinstance(event, (Finished, Failed)):
+                self._ended.add(request.id)
+            loop.call_soon_threadsafe(events.put_nowait, event)
+
+        request = Request(job=job, emit=emit)
+        if not self._room_for(len(job.prompts)):
+            self.engine.metrics.rejected += 1
+            return error_response(overloaded(
+                f"{sum(self._in_flight.values())} prompts are in flight (up to "
+                f"{self.engine.max_batch} are decoded together, {self.engine.max_queue} wait)"))
         try:
             self.engine.submit(request)
         except api.ApiError as e:
             return error_response(e)
+        self._in_flight[request] = len(job.prompts)
         try:
             first = await self._next(http, request, events)
         except BaseException:
@@ -269,14 +318,14 @@ def is_loopback(host: str) -> bool:
 
 
 def run_server(engine: Engine, model_id: str, host: str, port: int,
-               api_key: str | None) -> None:
+               api_key: str | None, limits: L.HttpLimits = L.HttpLimits()) -> None:
     """Serve until SIGINT/SIGTERM (uvicorn's handlers), then stop the engine. The port is bound
     before the ready line; raises OSError when it cannot be."""
     import socket
 
     import uvicorn
 
-    server = Server(engine, model_id, api_key)
+    server = Server(engine, model_id, api_key, limits)
     family = socket.AF_INET6 if ":" in host else socket.AF_INET
     sock = socket.socket(family, socket.SOCK_STREAM)
     sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
@@ -287,13 +336,15 @@ def run_server(engine: Engine, model_id: str, host: str, port: int,
         sock.close()
         raise
     bound_port = sock.getsockname()[1]
+    max_connections = L.connection_cap(raise_fd_limit(), limits)
     config = uvicorn.Config(server.app(), log_level="warning", timeout_graceful_shutdown=3,
-                            lifespan="off")
+                            lifespan="off", http=protocol_class(limits, max_connections))
     engine.start()
     print(f"basestation serve ready: http://{host}:{bound_port}/v1 model {model_id} "
           f"({len(engine.session.agents)} agents)", flush=True)
     try:
         uvicorn.Server(config).run(sockets=[sock])
     finally:
+        server.close()
         engine.stop()
         sock.close()

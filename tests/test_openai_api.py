@@ -90,6 +90,42 @@ def test_completion_prompts():
         assert e.status == 400, bad
 
 
+def test_issue_20_request_bounds():
+    """Each of these was accepted before and hurt the server or another user (issue 20)."""
+    def completion(**fields):
+        return api.parse_completion({"model": "tiny", "prompt": "a", **fields}, DEFAULTS, 100,
+                                    max_prompts=4)
+
+    # a prompt list takes a place in the batch per prompt, as n would: 200 prompts were served
+    assert len(api.parse_completion({"model": "tiny", "prompt": ["a"] * 4}, DEFAULTS, 100,
+                                    max_prompts=4).prompts) == 4
+    e = error(api.parse_completion, {"model": "tiny", "prompt": ["a"] * 5}, DEFAULTS, 100, 4)
+    assert (e.status, e.param) == (400, "prompt") and "at most 4" in e.message
+    e = error(api.parse_completion, {"model": "tiny", "prompt": [[1]] * 200}, DEFAULTS, 100,
+              4)
+    assert e.status == 400
+    # stop strings bounded in length as in count (16 x 100k characters slowed other streams 6x)
+    assert completion(stop=["x" * api.MAX_STOP_CHARS] * 16).params.stop[0] == \
+        "x" * api.MAX_STOP_CHARS
+    assert completion(stop=[]).params.stop == ()
+    for stop in (["x" * (api.MAX_STOP_CHARS + 1)], "y" * 100_000):
+        e = error(lambda: completion(stop=stop))
+        assert (e.status, e.param) == (400, "stop"), stop
+    # temperatures below 1e-5 are greedy (1e-300 gave NaN in sampling)
+    for tiny in (1e-300, 5e-324, 9.9e-6):
+        assert completion(temperature=tiny).params.temperature == 0.0
+    assert completion(temperature=1e-5).params.temperature == 1e-5
+    # seeds within int64: seed + choice index stays within torch's range
+    assert completion(seed=2 ** 63 - 1).params.seed == 2 ** 63 - 1
+    assert completion(seed=-(2 ** 63)).params.seed == -(2 ** 63)
+    for seed in (2 ** 63, 2 ** 64 - 1, -(2 ** 63) - 1):
+        assert error(lambda: completion(seed=seed)).param == "seed"
+    # a refused value is quoted, not echoed whole
+    for field in ("temperature", "max_tokens", "ignore_eos"):
+        assert len(error(lambda: completion(**{field: "z" * 1_000_000})).message) < 200
+    assert len(error(lambda: completion(model="m" * 1_000_000)).message) < 300
+
+
 def test_completion_budget():
     assert api.completion_budget(10, None, 64, 100) == 64
     assert api.completion_budget(90, None, 64, 100) == 10  # the default is cut to the context
