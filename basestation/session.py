@@ -79,8 +79,8 @@ def parse_agent_flag(value: str) -> tuple[tuple[int, ...], str]:
                           "10.0.0.3:5600)")
     try:
         return parse_expert_ids(spec), endpoint
-    except ValueError:
-        raise RosterError(f"--agent {value!r}: expert ids like 3, 0,3 or 0-3") from None
+    except ValueError as e:  # its message names the ids, cut short, and what is wrong
+        raise RosterError(f"--agent {endpoint[:80]!r}: {e}") from None
 
 
 ROSTER_ENTRY_FIELDS = ("endpoint", "public_key", "certificate")
@@ -95,6 +95,8 @@ def _load_roster(path: str) -> dict:
         raise RosterError(f"{path}: {e.strerror}") from None
     except tomllib.TOMLDecodeError as e:
         raise RosterError(f"{path}: not valid TOML: {e}") from None
+    except UnicodeDecodeError:  # tomllib decodes first: a binary file is not a TOMLDecodeError
+        raise RosterError(f"{path}: not valid TOML: not UTF-8 text") from None
 
 
 def _beside(path: str, relative: str) -> str:
@@ -331,6 +333,8 @@ def read_channel_file(path: str):
         raise RosterError(f"{path}: {e.strerror}") from None
     except tomllib.TOMLDecodeError as e:
         raise RosterError(f"{path}: not valid TOML: {e}") from None
+    except UnicodeDecodeError:
+        raise RosterError(f"{path}: not valid TOML: not UTF-8 text") from None
     except (KeyError, TypeError, ValueError) as e:
         raise RosterError(f"{path}: needs a [paper] table with the channel ({e})") from None
 

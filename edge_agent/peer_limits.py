@@ -247,7 +247,7 @@ def descriptor_limit() -> int:
 
 
 # ---------------------------------------------------------------------------------------------
-# The ledger the agent's loop keeps (single-threaded: the loop calls every method)
+# The ledger the agent keeps: its loop and its watchdog thread call it under one lock
 
 
 class LogTally:

@@ -49,6 +49,7 @@ Kinds and their extra header fields:
 from __future__ import annotations
 
 import math
+import reprlib
 from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -98,6 +99,12 @@ ERR_NOT_READY = "not_ready"  # waiting for a pushed shard
 ERR_PUSH = "push_refused"
 ERR_NOT_ALLOWED = "not_allowed"  # the sender's key may not do this here (--keys roles)
 ERR_INTERNAL = "internal"
+ERR_NOT_FINITE = "not_finite"  # NaN or inf in an expert request's activations
+
+# What an error reply or a log line repeats of a peer's value: its repr, cut to this (a
+# 200,000-int `layer` was echoed whole, a 1.49 MB reply and log line)
+SHOWN_CHARS = 80
+MAX_ERROR_MESSAGE_CHARS = 400  # a whole error message, whatever it quotes
 
 # Wire dtypes (the paper's epsilon: bytes per activation element)
 WIRE_DTYPES: dict[str, torch.dtype] = {
@@ -127,9 +134,26 @@ class ProtocolError(Exception):
     """A message that breaks the protocol. `code` is one of ERR_*; sent back as an ERROR reply."""
 
     def __init__(self, code: str, message: str):
+        if len(message) > MAX_ERROR_MESSAGE_CHARS:
+            message = message[:MAX_ERROR_MESSAGE_CHARS] + "..."
         super().__init__(message)
         self.code = code
         self.message = message
+
+
+# reprlib cuts lists, maps, strings and nesting while it goes (a whole repr of a huge value
+# is itself the slow part)
+_SHOWN = reprlib.Repr()
+_SHOWN.maxlevel = 3
+_SHOWN.maxtuple = _SHOWN.maxlist = _SHOWN.maxdict = _SHOWN.maxset = 8
+_SHOWN.maxstring = _SHOWN.maxother = SHOWN_CHARS
+_SHOWN.maxlong = 40
+
+
+def shown(value: Any) -> str:
+    """A peer's value as an error message or log line quotes it: repr, at most SHOWN_CHARS."""
+    text = _SHOWN.repr(value)
+    return text if len(text) <= SHOWN_CHARS else text[:SHOWN_CHARS - 3] + "..."
 
 
 @dataclass(frozen=True)
@@ -180,8 +204,9 @@ def unpack(frame) -> dict:
         raise ProtocolError(ERR_MALFORMED, "header is not msgpack") from None
     if not isinstance(header, dict):
         raise ProtocolError(ERR_MALFORMED, "header is not a map")
-    if header.get("v") != PROTOCOL_VERSION:
-        raise ProtocolError(ERR_VERSION, f"protocol version {header.get('v')!r} is not "
+    version = header.get("v")
+    if type(version) is not int or version != PROTOCOL_VERSION:  # not True, not 1.0
+        raise ProtocolError(ERR_VERSION, f"protocol version {shown(version)} is not "
                                          f"{PROTOCOL_VERSION}")
     if not isinstance(header.get("kind"), str):
         raise ProtocolError(ERR_MALFORMED, "header has no kind")
@@ -282,7 +307,7 @@ def decode_tensor_view(header: dict, frames: Sequence, hidden: int | None = None
     shape = header.get("shape")
     if (not isinstance(shape, list) or len(shape) != 2
             or not all(isinstance(d, int) and d >= 0 for d in shape)):
-        raise ProtocolError(ERR_SHAPE, f"shape {shape!r} is not [tokens, hidden]")
+        raise ProtocolError(ERR_SHAPE, f"shape {shown(shape)} is not [tokens, hidden]")
     if hidden is not None and shape[1] != hidden:
         raise ProtocolError(ERR_SHAPE, f"hidden size {shape[1]} is not {hidden}")
     expected_frames = 2 if dtype == "int8" else 1
@@ -353,4 +378,6 @@ def _plain_int(value) -> bool:
 
 
 def error_header(request_id: int | None, code: str, message: str) -> bytes:
+    if len(message) > MAX_ERROR_MESSAGE_CHARS:
+        message = message[:MAX_ERROR_MESSAGE_CHARS] + "..."
     return pack(ERROR, request_id, code=code, message=message)

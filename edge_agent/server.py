@@ -3,9 +3,11 @@
 from __future__ import annotations
 
 import logging
+import math
 import os
 import platform
 import socket as pysocket
+import threading
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -188,6 +190,14 @@ class Agent:
             if config.store_dir else None
         self.guard: PeerGuard | None = None  # limits of the bound socket's peers
         self._router_monitor: zmq.Socket | None = None
+        # The guard and the router's monitor are shared with a watchdog thread that drains the
+        # monitor and checks the kernel's counters while this thread computes (a peer pushed
+        # 2.3 GiB during one 3 s computation when only the loop checked): both under this lock.
+        # Connections the watchdog saw close wait here for the loop (the store is its own).
+        self._router_lock = threading.Lock()
+        self._gone_fds: list[int] = []
+        self._watchdog: threading.Thread | None = None
+        self._watchdog_stop = threading.Event()
         # a flood of bad peers must not become a flood of log lines (one per 10 s at most)
         self._handshake_log, self._refused_log, self._send_log = LogTally(), LogTally(), LogTally()
         self._hint_log = LogTally()
@@ -251,6 +261,9 @@ class Agent:
             self._router_monitor = self._watch(self.router)
             self.guard = PeerGuard(self.config.limits or PeerLimits.for_message_cap(
                 self.config.sockets.max_message_bytes), curve=keys is not None)
+            self._watchdog = threading.Thread(target=self._watch_router, daemon=True,
+                                              name="agent-peer-guard")
+            self._watchdog.start()
         if self.config.basestation:
             self.dealer = self.ctx.socket(zmq.DEALER)
             self.dealer.setsockopt(zmq.ROUTING_ID, (self.config.agent_id or default_agent_id(
@@ -270,6 +283,9 @@ class Agent:
         return monitor
 
     def close(self) -> None:
+        if self._watchdog is not None:  # before the sockets it reads are closed
+            self._watchdog_stop.set()
+            self._watchdog.join()
         if self.loaded is not None and self.loaded.store is not None:
             self.loaded.store.close()
         for monitor, sock in self.monitors.items():
@@ -311,7 +327,9 @@ class Agent:
         # between sockets), no per-request autograd state.
         served = [s for s in (self.router, self.dealer) if s is not None]
         # monitors first: a connection's close is known before its successor's first message
-        items = [(m, zmq.POLLIN) for m in self.monitors] + [(s, zmq.POLLIN) for s in served]
+        # (the router's is the watchdog's, drained before each of the router's messages)
+        items = [(m, zmq.POLLIN) for m in self.monitors if m is not self._router_monitor] \
+            + [(s, zmq.POLLIN) for s in served]
         timeout_ms = int(min(POLL_INTERVAL_S, CHECK_INTERVAL_S) * 1000)
         next_check_s = 0.0
         with torch.inference_mode():
@@ -326,10 +344,31 @@ class Agent:
                 now_s = time.monotonic()
                 if now_s >= next_check_s:  # after the reply went out: off the hot path
                     next_check_s = now_s + CHECK_INTERVAL_S
-                    if self.guard is not None:
-                        self.guard.check()
+                    if self._router_monitor is not None:
+                        self._router_events()
                     if self.store is not None:
                         self.store.expire(now_s)
+
+    def _watch_router(self) -> None:
+        """The watchdog thread: the router's connection events and the per-peer limits, every
+        CHECK_INTERVAL_S, whatever the loop is doing."""
+        while not self._watchdog_stop.wait(CHECK_INTERVAL_S):
+            with self._router_lock:
+                try:
+                    self._on_monitor(self._router_monitor)
+                except zmq.ZMQError:  # the context is going away: nothing left to guard
+                    return
+                self.guard.check()
+
+    def _router_events(self) -> None:
+        """Take the router's connection events now (the loop, before a router message)."""
+        with self._router_lock:
+            if self._router_monitor.get(zmq.EVENTS) & zmq.POLLIN:
+                self._on_monitor(self._router_monitor)
+            gone, self._gone_fds = self._gone_fds, []
+        if self.store is not None:
+            for fd in gone:
+                self.store.pusher_gone(fd)
 
     def _serve_one(self, sock: zmq.Socket) -> None:
         try:
@@ -339,14 +378,19 @@ class Agent:
         fd, sender = None, None
         if sock is self.router:  # [routing id, *body]; every frame names its connection
             fd = _source_fd(frames[0])
-            self.guard.received(fd, frames[1:])
+            self._router_events()
+            with self._router_lock:
+                self.guard.received(fd, frames[1:])
             sender = (frames[0], fd)  # a Pusher only if it pushes: not on the hot path
         route = frames[:1] if sock.type == zmq.ROUTER else []
         reply = self.handle(frames[len(route):], self._peer_roles(sock, frames[0]), sender)
         if reply is None:
             return
-        if fd is not None and not self.guard.reply_allowed(fd, reply):
-            return  # this peer does not read what it asked for: dropped, not queued (logged)
+        if fd is not None:
+            with self._router_lock:
+                allowed = self.guard.reply_allowed(fd, reply)
+            if not allowed:  # this peer does not read what it asked for: dropped (logged)
+                return
         try:
             sock.send_multipart(route + reply, flags=zmq.NOBLOCK, copy=False)
         except zmq.Again:
@@ -384,7 +428,8 @@ class Agent:
             return [P.error_header(request_id, e.code, e.message)]
         except Exception as e:  # a bug must not take the box down: report it and go on
             log.exception("internal error on request %s", request_id)
-            return [P.error_header(request_id, P.ERR_INTERNAL, f"{type(e).__name__}: {e}")]
+            return [P.error_header(request_id, P.ERR_INTERNAL,
+                                   f"{type(e).__name__}: {str(e)[:P.MAX_ERROR_MESSAGE_CHARS]}")]
 
     def dispatch(self, header: dict, payload: list, roles: frozenset[str] = ALL_ROLES,
                  sender: tuple | None = None) -> list | None:
@@ -409,7 +454,7 @@ class Agent:
                 raise P.ProtocolError(P.ERR_NOT_ALLOWED, "this key may not push shards here "
                                       "(it is not in the agent's pushers/ folder)")
             return self.push(kind, header, payload, sender)
-        raise P.ProtocolError(P.ERR_UNKNOWN_KIND, f"unknown message kind {kind!r}")
+        raise P.ProtocolError(P.ERR_UNKNOWN_KIND, f"unknown message kind {P.shown(kind)}")
 
     def expert(self, header: dict, payload: list) -> list:
         loaded = self.loaded
@@ -417,8 +462,9 @@ class Agent:
             raise P.ProtocolError(P.ERR_NOT_READY, "no shard loaded yet (waiting for a push)")
         layer, experts = header.get("layer"), header.get("experts")
         if not _is_int(layer) or layer not in loaded.moe_layers:
-            raise P.ProtocolError(P.ERR_UNKNOWN_LAYER, f"layer {layer!r} has no routed experts "
-                                                       f"(MoE layers: {list(loaded.moe_layers)})")
+            raise P.ProtocolError(P.ERR_UNKNOWN_LAYER,
+                                  f"layer {P.shown(layer)} has no routed experts "
+                                  f"(MoE layers: {list(loaded.moe_layers)})")
         if not isinstance(experts, list) or not experts:
             raise P.ProtocolError(P.ERR_MALFORMED, "experts must be [[expert_id, tokens], ...]")
         total_tokens = 0
@@ -428,15 +474,21 @@ class Agent:
                                       "experts must be [[expert_id, tokens], ...]")
             expert, tokens = entry
             if not _is_int(expert) or expert not in loaded.weights:
-                raise P.ProtocolError(P.ERR_UNKNOWN_EXPERT, f"expert {expert!r} is not hosted "
-                                                            f"here (hosted: {loaded.experts})")
+                raise P.ProtocolError(P.ERR_UNKNOWN_EXPERT,
+                                      f"expert {P.shown(expert)} is not hosted here "
+                                      f"(hosted: {loaded.experts})")
             if not _is_int(tokens) or tokens < 0:
-                raise P.ProtocolError(P.ERR_SHAPE, f"token count {tokens!r} of expert {expert}")
+                raise P.ProtocolError(P.ERR_SHAPE,
+                                      f"token count {P.shown(tokens)} of expert {expert}")
             total_tokens += tokens
         x, is_view = P.decode_tensor_view(header, payload, hidden=loaded.hidden_size)  # [T, D]
         if total_tokens != x.shape[0]:
             raise P.ProtocolError(P.ERR_SHAPE, f"token counts sum to {total_tokens}, shape has "
                                                f"{x.shape[0]} tokens")
+        # NaN or inf anywhere makes the sum so (one reduction, not a mask): a peer's NaN was
+        # computed and returned. A finite sum past float range is no activation either.
+        if not math.isfinite(float(x.sum(dtype=torch.float32))):
+            raise P.ProtocolError(P.ERR_NOT_FINITE, "the activations hold NaN or inf; refused")
         wire_dtype = P.wire_dtype_name(header["dtype"])
         reply_dtype = P.wire_dtype_name(header.get("reply_dtype") or wire_dtype)
         # Answer in the request's own frame when the reply has its dtype and shape: no
@@ -445,13 +497,6 @@ class Agent:
         in_place = is_view and reply_dtype == wire_dtype and self._answer_in_place
         start = time.perf_counter()
         store = loaded.store  # a budgeted box: loading what is not resident is part of the call
-        weights = loaded.weights if store is None else \
-            store.acquire(layer, [expert for expert, _ in experts])
-        carried = header.get("prefetch") if store is not None else None
-        if carried is not None and store.takes_hints:
-            # the next layer's hint, carried by this request: taken once this request's units
-            # are in hand, so its load waits on storage while this request computes
-            self.prefetch(carried, (), DIALLED_ROLES)  # the sender may compute here
         compute_x = x  # a decoded tensor is on the CPU
         if x.dtype is not loaded.dtype or loaded.device.type != "cpu":
             compute_x = x.to(device=loaded.device, dtype=loaded.dtype)
@@ -460,13 +505,15 @@ class Agent:
             # rows (measured): compute on an aligned copy so the bits are transformers' own
             compute_x = x.clone()
         out = x if in_place and compute_x is x else None  # CPU, same dtype: write straight in
-        if len(experts) == 1:
-            y = expert_forward(compute_x, weights[experts[0][0]][layer], out=out)
+        if store is not None:
+            y = self._compute_budgeted(store, header, layer, experts, compute_x, out)
+        elif len(experts) == 1:
+            y = expert_forward(compute_x, loaded.weights[experts[0][0]][layer], out=out)
         else:
             parts, offset = [], 0
             for expert, tokens in experts:
                 rows = slice(offset, offset + tokens)
-                parts.append(expert_forward(compute_x[rows], weights[expert][layer],
+                parts.append(expert_forward(compute_x[rows], loaded.weights[expert][layer],
                                             out=None if out is None else out[rows]))
                 offset += tokens
             y = out if out is not None else torch.cat(parts)
@@ -489,6 +536,30 @@ class Agent:
             fields["cache"] = store.reply_fields()
         return [P.pack(P.EXPERT_REPLY, header["id"], layer=layer, experts=experts,
                        compute_s=compute_s, **fields)] + frames
+
+    def _compute_budgeted(self, store, header: dict, layer: int, experts: list,
+                          x: torch.Tensor, out: torch.Tensor | None) -> torch.Tensor:
+        """A budgeted box computes one expert at a time, each loaded just before (within the
+        budget and one unit: shards.ExpertStore.acquire_each)."""
+        carried = header.get("prefetch")
+        parts, offset = [], 0
+        units = store.acquire_each(layer, [expert for expert, _ in experts])
+        try:
+            for i, ((_, weights), (_, tokens)) in enumerate(zip(units, experts)):
+                if i == len(experts) - 1 and carried is not None and store.takes_hints:
+                    # the next layer's hint, carried by this request: taken once its units
+                    # are in hand, so its load waits on storage while this request computes
+                    self.prefetch(carried, (), DIALLED_ROLES)  # the sender may compute here
+                rows = slice(offset, offset + tokens)
+                parts.append(expert_forward(x[rows], weights,
+                                            out=None if out is None else out[rows]))
+                offset += tokens
+                del weights  # evictable before the next one loads
+        finally:
+            units.close()
+        if out is not None:
+            return out
+        return parts[0] if len(parts) == 1 else torch.cat(parts)
 
     def prefetch(self, header: dict, payload: list, roles: frozenset[str]) -> None:
         """A hint (protocol.PREFETCH): load these layer-experts in the background. Never
@@ -513,7 +584,8 @@ class Agent:
                 + list(payload)
         if not isinstance(reply_bytes, int) or not 0 <= reply_bytes <= \
                 self.config.sockets.max_message_bytes:
-            raise P.ProtocolError(P.ERR_TOO_LARGE, f"reply_bytes {reply_bytes!r} is out of range")
+            raise P.ProtocolError(P.ERR_TOO_LARGE, f"reply_bytes {P.shown(reply_bytes)} is out "
+                                                      "of range")
         if len(self._zeros) < reply_bytes:
             self._zeros = bytes(reply_bytes)
         data = memoryview(self._zeros)[:reply_bytes]
@@ -553,7 +625,7 @@ class Agent:
         now_s = time.monotonic()
         if kind == P.PUSH_BEGIN:
             if self._router_monitor is not None:
-                self._on_monitor(self._router_monitor)  # a pusher that just left frees the store
+                self._router_events()  # a pusher that just left frees the store
             ack = self.store.begin(header, payload, pusher, now_s)
         elif kind == P.PUSH_CHUNK:
             ack = self.store.chunk(header, payload, pusher, now_s)
@@ -592,8 +664,7 @@ class Agent:
             if kind == zmq.EVENT_ACCEPTED and watched is self.router:
                 self.guard.accepted(fd)  # may cut the connection idle longest (the cap)
             elif kind in (zmq.EVENT_DISCONNECTED, zmq.EVENT_CLOSED) and watched is self.router:
-                if self.store is not None:
-                    self.store.pusher_gone(fd)
+                self._gone_fds.append(fd)  # the store learns it in the loop (_router_events)
                 if self.guard.closed(fd) and kind == zmq.EVENT_DISCONNECTED:  # not cut by us
                     log.info("peer disconnected on %s (closed, heartbeat timeout, or a frame "
                              "over the %d-byte cap)", endpoint,

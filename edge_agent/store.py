@@ -12,11 +12,15 @@ the free disk. The model accepted: the store's own manifest.json when it holds o
 `--accept-fingerprint`, else (loopback only, `trust_first_push`) the first model whose push
 completes. manifest.json is written only then, after a shard was checked.
 One push session at a time per store: it belongs to the pusher's connection and ends when that
-closes, at PUSH_END, or after PUSH_IDLE_S of silence; chunks from anyone else are refused, so a
-second connection cannot mix its bytes into a push. The partial file
-`experts/expert-00q.safetensors.partial` and its `.partial.json` (which file it is becoming)
-survive pusher and agent restarts, so an interrupted push resumes; the pusher compares
-prefix_sha256 with its own file first, so bytes someone else staged are replaced, not resumed.
+closes, at PUSH_END, after PUSH_IDLE_S of silence, or once it has lasted PUSH_IDLE_S and moved
+less than MIN_PUSH_BYTES_PER_S on average (a pusher that trickles cannot hold the store); chunks
+from anyone else are refused, so a second connection cannot mix its bytes into a push.
+A store that holds a model judges its files by its own manifest only, and never deletes a
+shard at PUSH_BEGIN: a replacement takes its place by rename once it was checked. Declared
+sizes are bounded by the tensors the model's config implies (shard_tool/shard_bounds.py).
+The partial file `experts/expert-00q.safetensors.partial` and its `.partial.json` (which file
+it is becoming) survive pusher and agent restarts, so an interrupted push resumes; the pusher
+compares prefix_sha256 with its own file first, so bytes someone else staged are replaced, not resumed.
 A push that fails its checks leaves nothing behind.
 """
 
@@ -29,6 +33,7 @@ import os
 import shutil
 from dataclasses import dataclass, replace
 
+from edge_agent import protocol as P
 from edge_agent.protocol import ERR_PUSH, ProtocolError
 from shard_tool.errors import ShardError
 from shard_tool.manifest import (
@@ -40,6 +45,7 @@ from shard_tool.manifest import (
     load_manifest,
     sha256_prefix,
 )
+from shard_tool.shard_bounds import check_declared_size
 
 log = logging.getLogger("edge_agent")
 
@@ -48,6 +54,10 @@ SIDECAR_SUFFIX = ".partial.json"
 # A push silent this long is over and another pusher may start: a chunk of a few MiB crosses
 # even a slow link faster, and the pusher waits 15 s per step by default.
 PUSH_IDLE_S = 60.0
+# ... and one that has lasted PUSH_IDLE_S must have moved this much per second on average
+# (128 kbit/s: below any link a shard is pushed over; a trickle of 1 KiB per 5 s is 0.2 KiB/s).
+# Its pusher then waits PUSH_IDLE_S before it may begin again, so others get the store.
+MIN_PUSH_BYTES_PER_S = 16 * 1024
 DISK_RESERVE_BYTES = 256 * 2**20  # a push never leaves less free space than this
 
 
@@ -68,6 +78,21 @@ class _Session:
     file: object | None  # the partial file, appending; None: the shard was already in place
     offset: int
     last_s: float  # time.monotonic() of its last step
+    started_s: float = 0.0
+    start_offset: int = 0  # bytes held when it began (a resume): not moved by this session
+
+
+def session_over(session: _Session, now_s: float) -> str | None:
+    """Why a push session is over at `now_s` (None: it goes on). Pure."""
+    if now_s - session.last_s > PUSH_IDLE_S:
+        return f"silent for {now_s - session.last_s:.0f} s"
+    lasted_s = now_s - session.started_s
+    moved = session.offset - session.start_offset
+    if session.file is not None and lasted_s > PUSH_IDLE_S \
+            and moved < MIN_PUSH_BYTES_PER_S * lasted_s:
+        return (f"too slow: {moved} bytes in {lasted_s:.0f} s, under "
+                f"{MIN_PUSH_BYTES_PER_S} bytes/s")
+    return None
 
 
 def _write_atomic(path: str, data: bytes) -> None:
@@ -105,6 +130,7 @@ class ShardStore:
         # loopback only (the server decides): with no model yet, the first one pushed whole
         self.trust_first_push = trust_first_push
         self.session: _Session | None = None
+        self._slow: tuple[Pusher, float] | None = None  # a pusher cut for slowness, until when
         os.makedirs(os.path.join(folder, "experts"), exist_ok=True)
 
     def check_start(self) -> None:
@@ -137,12 +163,11 @@ class ShardStore:
     def _expert(self, header: dict) -> int:
         expert = header.get("expert")
         if not isinstance(expert, int) or expert not in self.experts:
-            raise _refuse(f"this agent hosts experts {self.experts}, not {expert!r}")
+            raise _refuse(f"this agent hosts experts {self.experts}, not {P.shown(expert)}")
         return expert
 
-    def _check_model(self, manifest: Manifest) -> None:
-        """Raises ProtocolError unless this store takes `manifest`'s model."""
-        held = self.held_manifest()
+    def _check_model(self, manifest: Manifest, held: Manifest | None) -> None:
+        """Raises ProtocolError unless this store (holding `held`) takes `manifest`'s model."""
         if held is not None:
             if held.fingerprint != manifest.fingerprint:
                 raise _refuse(
@@ -183,12 +208,16 @@ class ShardStore:
             self._end_session()
 
     def expire(self, now: float) -> None:
-        """End a push silent for PUSH_IDLE_S (its bytes stay for a resume)."""
-        if self.session is not None and now - self.session.last_s > PUSH_IDLE_S:
-            log.info("store: the push of expert %d stopped at %d of %d bytes %.0f s ago",
-                     self.session.expert, self.session.offset, self.session.entry.bytes,
-                     now - self.session.last_s)
-            self._end_session()
+        """End a push that is over (session_over); its bytes stay for a resume."""
+        session = self.session
+        why = session_over(session, now) if session is not None else None
+        if why is None:
+            return
+        log.info("store: the push of expert %d ended at %d of %d bytes: %s", session.expert,
+                 session.offset, session.entry.bytes, why)
+        if session.file is not None and now - session.last_s <= PUSH_IDLE_S:
+            self._slow = (session.pusher, now + PUSH_IDLE_S)  # others get a turn first
+        self._end_session()
 
     # -- the three steps --------------------------------------------------------------------
 
@@ -198,6 +227,9 @@ class ShardStore:
         ProtocolError(ERR_PUSH) with a user-facing reason."""
         expert = self._expert(header)
         self.expire(now)
+        if self._slow is not None and self._slow[0] == pusher and now < self._slow[1]:
+            raise _refuse(f"this pusher's last push was too slow (under {MIN_PUSH_BYTES_PER_S} "
+                          f"bytes/s); it may begin again in {self._slow[1] - now:.0f} s")
         if self.session is not None and self.session.pusher != pusher:
             session = self.session
             raise _refuse(f"another push (expert {session.expert}, {session.offset} of "
@@ -207,18 +239,27 @@ class ShardStore:
             raise _refuse("push_begin carries the manifest as one frame")
         try:
             manifest = Manifest.from_json(json.loads(bytes(payload[0].buffer)))
-            entry = manifest.expert_file(expert)
+            manifest.expert_file(expert)
         except (ValueError, UnicodeDecodeError, RecursionError):
             raise _refuse("the pushed manifest is not JSON") from None
         except (ShardError, AttributeError, TypeError, KeyError, OverflowError) as e:
             # from_json lets a few through on odd values ("bytes": Infinity, a list of paths)
             raise _refuse(f"the pushed manifest is invalid: {str(e)[:200]}") from None
-        self._check_model(manifest)
+        held = self.held_manifest()
+        self._check_model(manifest, held)
+        # a store that holds a model acts on its own manifest (the same fingerprint: the same
+        # fields), never on what a pusher sent
+        manifest = held or manifest
+        entry = manifest.expert_file(expert)
         if entry.path != expert_file_path(expert):  # nowhere else: not over another file
-            raise _refuse(f"the manifest puts expert {expert} at {entry.path!r}, not "
+            raise _refuse(f"the manifest puts expert {expert} at {P.shown(entry.path)}, not "
                           f"{expert_file_path(expert)}")
         if entry.bytes < 0 or not isinstance(entry.sha256, str):
             raise _refuse(f"the manifest's entry for expert {expert} is malformed")
+        try:
+            check_declared_size(manifest, entry)
+        except (ShardError, AttributeError, TypeError, ValueError, KeyError) as e:
+            raise _refuse(f"the pushed manifest is invalid: {str(e)[:200]}") from None
         final = os.path.join(self.folder, entry.path)
         partial, sidecar = final + PARTIAL_SUFFIX, final + SIDECAR_SUFFIX
         target = {"sha256": entry.sha256, "bytes": entry.bytes}
@@ -227,8 +268,8 @@ class ShardStore:
             try:
                 check_file(self.folder, entry)
                 in_place = True
-            except ShardError as e:  # a corrupt copy in place: replaced below
-                log.warning("store: replacing expert %d's shard: %s", expert, e)
+            except ShardError as e:  # a corrupt copy: replaced by rename once the push checks
+                log.warning("store: expert %d's shard will be replaced: %s", expert, e)
         offset = 0 if in_place or header.get("restart") is True else \
             self._held_offset(partial, sidecar, target)
         if not in_place:
@@ -238,16 +279,15 @@ class ShardStore:
                               f"free in {self.folder} and {DISK_RESERVE_BYTES} stay free")
         self._end_session()  # this pusher starting again
         if in_place:
-            self.session = _Session(pusher, expert, manifest, entry, None, entry.bytes, now)
+            self.session = _Session(pusher, expert, manifest, entry, None, entry.bytes, now, now,
+                                    entry.bytes)
             return {"offset": entry.bytes, "bytes": entry.bytes, "complete": True}
-        if os.path.exists(final):
-            os.remove(final)
         if offset == 0:
             _write_atomic(sidecar, json.dumps(target).encode())
         file = open(partial, "r+b" if offset else "wb")
         file.truncate(offset)
         file.seek(offset)
-        self.session = _Session(pusher, expert, manifest, entry, file, offset, now)
+        self.session = _Session(pusher, expert, manifest, entry, file, offset, now, now, offset)
         ack = {"offset": offset, "bytes": entry.bytes, "complete": False}
         if offset:
             log.info("store: resuming expert %d at %d of %d bytes", expert, offset, entry.bytes)

@@ -83,6 +83,8 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 MAX_CHUNK_MB = 1024.0  # one chunk is one message held in memory at both ends
+# A wait per step; libzmq takes milliseconds as a C int, so 1e17 s overflowed (a traceback)
+MAX_TIMEOUT_S = 86400.0
 
 
 def check_push_args(args) -> None:
@@ -95,8 +97,9 @@ def check_push_args(args) -> None:
     if not 0.001 <= args.chunk_mb <= MAX_CHUNK_MB:  # also refuses NaN
         raise ShardError(f"--chunk-mb {args.chunk_mb:g}: must be within 0.001-{MAX_CHUNK_MB:g} "
                          "(MiB per chunk)")
-    if not 0 < args.timeout_s < float("inf"):
-        raise ShardError(f"--timeout-s {args.timeout_s:g}: must be a number of seconds > 0")
+    if not 0 < args.timeout_s <= MAX_TIMEOUT_S:  # also refuses NaN
+        raise ShardError(f"--timeout-s {args.timeout_s:g}: must be a number of seconds > 0 "
+                         f"and <= {MAX_TIMEOUT_S:g}")
 
 
 def _raise_interrupt(signum, frame):

@@ -24,9 +24,14 @@ from dataclasses import dataclass, field
 from shard_tool.errors import ShardError
 from shard_tool.families import DOWN, GATE, GATE_UP, GPT_OSS, UP
 
-FORMAT_VERSION = 1  # a split with every expert at 16 bits (readable by every version)
-QUANTISED_FORMAT_VERSION = 2  # some expert layer at 8 or 4 bits: older readers refuse it
-READABLE_VERSIONS = (FORMAT_VERSION, QUANTISED_FORMAT_VERSION)
+# 1: every expert at 16 bits; 2: some expert layer at 8 or 4 bits. Both fingerprinted only
+# `path:sha256` (+ bits), so a forged `bytes` or `tensors` kept the real fingerprint (issue 20).
+LEGACY_FORMAT_VERSIONS = (1, 2)
+# 3: the fingerprint covers every field of every file entry. Written by this version; 1 and 2
+# still load (their stored fingerprint checked the old way), and their in-memory fingerprint
+# is the new one, so agents and base station agree whichever version each folder holds.
+FORMAT_VERSION = 3
+READABLE_VERSIONS = (*LEGACY_FORMAT_VERSIONS, FORMAT_VERSION)
 FULL_BITS = 16
 # Parts (shard_tool/families.py) whose matrices `--bits` quantises: the routed experts' weights.
 # Biases and MXFP4 blocks/scales stay as they are.
@@ -95,18 +100,25 @@ class Manifest:
 
     @property
     def format_version(self) -> int:
-        """1 while every expert is 16 bits (so such splits stay readable by older tools)."""
-        quantised = any(entry.bits for entry in self.files)
-        return QUANTISED_FORMAT_VERSION if quantised else FORMAT_VERSION
+        return FORMAT_VERSION
 
     @property
     def fingerprint(self) -> str:
-        """Identifies the model and its bytes: agents and base station must agree on it."""
+        """Identifies the model and its bytes: agents and base station must agree on it. It
+        covers every field a reader acts on (sizes and tensor lists included), so a manifest
+        that carries it cannot describe other files than the real one."""
+        files = [e.to_json() for e in sorted(self.files, key=lambda e: e.path)]
+        return hashlib.sha256(json.dumps([self.family, self.model, files], sort_keys=True)
+                              .encode()).hexdigest()
+
+    @property
+    def legacy_fingerprint(self) -> str:
+        """The fingerprint format versions 1 and 2 stored: path and sha256 (and bits) only."""
         digest = hashlib.sha256()
         digest.update(json.dumps([self.family, self.model], sort_keys=True).encode())
         for entry in sorted(self.files, key=lambda e: e.path):
             digest.update(f"{entry.path}:{entry.sha256}\n".encode())
-            if entry.bits:  # only quantised entries add a line: 16-bit fingerprints unchanged
+            if entry.bits:
                 digest.update(f"bits:{json.dumps(entry.to_json()['bits'])}\n".encode())
         return digest.hexdigest()
 
@@ -146,7 +158,8 @@ class Manifest:
 
     @classmethod
     def from_json(cls, data: dict) -> "Manifest":
-        if data.get("format_version") not in READABLE_VERSIONS:
+        version = data.get("format_version")
+        if isinstance(version, bool) or version not in READABLE_VERSIONS:
             raise ShardError(f"manifest format {data.get('format_version')!r} is not one of "
                              f"{', '.join(map(str, READABLE_VERSIONS))}; re-split with this "
                              f"version of shard_tool")
@@ -159,7 +172,9 @@ class Manifest:
                            tool_version=data.get("tool_version", "0"))
         except (KeyError, TypeError, ValueError) as e:
             raise ShardError(f"manifest is malformed: {e}") from None
-        if data.get("fingerprint") != manifest.fingerprint:
+        stored = manifest.legacy_fingerprint if version in LEGACY_FORMAT_VERSIONS \
+            else manifest.fingerprint
+        if data.get("fingerprint") != stored:
             raise ShardError("manifest fingerprint does not match its contents (edited or corrupt)")
         for entry in files:  # a manifest must not point outside its folder
             if entry.path.startswith("/") or ".." in entry.path.split("/"):

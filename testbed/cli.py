@@ -7,7 +7,7 @@ import os
 import signal
 import sys
 
-from testbed.make_model import DTYPES, ModelSpec, make_model
+from testbed.make_model import DTYPES, MAX_PARAMETERS, ModelSpec, make_model, parameter_count
 
 
 def cmd_make_model(args) -> int:
@@ -33,6 +33,10 @@ def cmd_make_model(args) -> int:
             or spec.heads % spec.kv_heads:
         raise SystemExit("testbed: error: sizes must be >= 1, with top-k <= experts, "
                          "heads | hidden, kv-heads | heads")
+    if parameter_count(spec) > MAX_PARAMETERS:  # refused before torch builds any of it
+        print(f"testbed: error: {parameter_count(spec):,} parameters; make-model writes test "
+              f"models of at most {MAX_PARAMETERS:,}", file=sys.stderr)
+        return 2
     try:
         make_model(args.out, spec)
     except ValueError as e:

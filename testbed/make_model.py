@@ -40,6 +40,20 @@ class ModelSpec:
     seed: int = 0
 
 
+# make-model builds the whole model in float32 in memory before it writes it: 2**31 parameters
+# is 8 GiB there; above it a typo (`--experts 100000`) ran out of memory after minutes.
+MAX_PARAMETERS = 2**31
+
+
+def parameter_count(spec: ModelSpec) -> int:
+    """Parameters of the Mixtral that `spec` describes (embeddings and head untied)."""
+    head_dim = spec.hidden // spec.heads
+    attention = 2 * spec.hidden * spec.hidden + 2 * spec.hidden * spec.kv_heads * head_dim
+    experts = spec.experts * 3 * spec.hidden * spec.intermediate
+    per_layer = attention + spec.experts * spec.hidden + experts + 2 * spec.hidden
+    return 2 * spec.vocab * spec.hidden + spec.layers * per_layer + spec.hidden
+
+
 def train_tokenizer(vocab_size: int, texts: list[str]):
     """A byte-level BPE (the family of Mixtral's own) wrapped as a transformers tokenizer."""
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers

@@ -4,7 +4,8 @@ cases on every run; each case is a list of frames a DEALER sends (or raw bytes f
 A case starts as a valid message of some kind and then, most of the time, is broken in one to
 three ways: a header field dropped, retyped or added; the version, kind or id changed; payload
 frames dropped, added, cut short, grown or flipped; the packed header itself damaged; too many
-frames; a message over the whole-message cap.
+frames; a message over the whole-message cap. Issue 20 added: `v` as true or 1.0, NaN and inf
+in an expert request's activations, and fields so long that echoing them whole is the bug.
 """
 
 from __future__ import annotations
@@ -87,7 +88,11 @@ class MessageFuzzer:
         if kind in (P.EXPERT, P.EXPERT_REPLY):
             tokens = r.randrange(0, 9)
             dtype = r.choice(list(P.WIRE_DTYPES))
-            frames, fields = P.encode_tensor(torch.randn(tokens, self.hidden), dtype)
+            x = torch.randn(tokens, self.hidden)
+            if kind == P.EXPERT and tokens and r.random() < 0.1:  # int8: its scale turns NaN
+                x[r.randrange(tokens), r.randrange(self.hidden)] = r.choice(
+                    [math.nan, math.inf, -math.inf])
+            frames, fields = P.encode_tensor(x, dtype)
             if len(self.experts) > 1 and r.random() < 0.5:  # two experts' tokens back to back
                 first, second = r.sample(self.experts, 2)
                 split = r.randrange(0, tokens + 1)
@@ -181,7 +186,11 @@ class MessageFuzzer:
             elif pick == 3:
                 header[str(self.junk())[:20]] = self.junk()
             elif pick == 4:
-                header[r.choice(["v", "kind", "id"])] = self.junk()
+                key = r.choice(["v", "kind", "id"])
+                header[key] = r.choice([True, 1.0]) if key == "v" and r.random() < 0.3 \
+                    else self.junk()
+                if r.random() < 0.02:  # a value whose whole repr is ~1 MB
+                    header[r.choice(["layer", "kind", "experts", "v"])] = list(range(100_000))
             elif pick == 5 and payload:
                 payload.pop(r.randrange(len(payload)))
             elif pick == 6:

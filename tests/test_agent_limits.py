@@ -225,3 +225,45 @@ def test_connections_beyond_the_cap_are_cut_idle_first(start_agent, tiny_split):
                 sock.close(linger=0)
             ctx.term()
     assert "connections" in agent_log(agent)
+
+
+def in_the_faults_sleep(pid: int) -> bool:
+    """Whether the agent's main thread sleeps in `--fault delay` (a computation stand-in)."""
+    with open(f"/proc/{pid}/task/{pid}/wchan") as f:
+        return f.read() == "hrtimer_nanosleep"
+
+
+def test_the_limits_hold_while_the_agent_computes(start_agent, tiny_split):
+    """Regression (issue 20): the per-peer guard ran only between requests, so during one 3 s
+    computation a peer pushed 2.3 GiB into the agent. A watchdog thread now checks the kernel's
+    counters (and takes new connections' events) while the main thread is busy."""
+    agent = small_agent(start_agent, tiny_split, "--max-message-mb", "1",
+                        "--fault", "delay=120")  # an expert request the agent is long at
+    x = torch.randn(2, 64)
+    frames, fields = P.encode_tensor(x, "float32")
+    ctx = zmq.Context()
+    slow = ctx.socket(zmq.DEALER)
+    slow.setsockopt(zmq.LINGER, 0)
+    slow.connect(agent.endpoint)
+    try:
+        slow.send_multipart([P.pack(P.EXPERT, 1, layer=1, experts=[[0, 2]], **fields),
+                             *[f.tobytes() for f in frames]])
+        wait_for(lambda: in_the_faults_sleep(agent.proc.pid), REPLY_TIMEOUT_S,
+                 "the agent did not start the slow request")
+        before = rss_mib(agent.proc.pid)
+        sent = 0
+        more = zmtp_raw.frame(bytes(64 * 1024), more=True)
+        with zmtp_raw.connect(agent.endpoint) as attack:  # connected while the agent computes
+            try:
+                while sent < 512 * MIB:
+                    attack.sendall(more)
+                    sent += len(more)
+            except OSError:  # the agent hung up
+                pass
+        assert sent < 512 * MIB, f"the agent took {sent / MIB:.0f} MiB while it computed"
+        assert in_the_faults_sleep(agent.proc.pid), "cut only after the computation"
+        assert rss_mib(agent.proc.pid) - before < 96
+        assert "in flight" in agent_log(agent)
+    finally:
+        slow.close()
+        ctx.term()

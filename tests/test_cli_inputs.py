@@ -62,6 +62,12 @@ CASES = {
                              "'no answer within nan s'"),
     "push --expert x": (("shard_tool", "push", "{split}", "--expert", "x", "--to", NOBODY),
                         "--expert 'x'", "ok already"),
+    "push --timeout-s 1e17": (("shard_tool", "push", "{split}", "--expert", "0", "--to", NOBODY,
+                               "--timeout-s", "1e17"), "--timeout-s 1e+17",
+                              "traceback (OverflowError in the socket's timeout)"),
+    "push --expert 0-50000000": (("shard_tool", "push", "{split}", "--expert", "0-50000000",
+                                  "--to", NOBODY), "expert ids go up to 4095",
+                                 "a set of 50 million ids first"),
     "verify a file": (("shard_tool", "verify", "{file}"), "manifest.json", "ok already"),
     # edge_agent
     "agent --bind port 99999": (agent("--bind", "tcp://127.0.0.1:99999"), "port '99999'",
@@ -92,6 +98,9 @@ CASES = {
                                 "--fault 'delay=nan'", "served; sleep(NaN) at its first request"),
     "agent --expert 0-x": (("edge_agent", "--expert", "0-x", "--shards", "{split}", "--bind",
                             "tcp://127.0.0.1:0"), "--expert '0-x'", "ok already"),
+    "agent --expert 0-50000000": (("edge_agent", "--expert", "0-50000000", "--shards",
+                                   "{split}", "--bind", "tcp://127.0.0.1:0"),
+                                  "expert ids go up to 4095", "17-26 s, then its error"),
     "agent --store on a file": (("edge_agent", "--expert", "0", "--store", "{file}", "--bind",
                                  "tcp://127.0.0.1:0"), "not a folder",
                                 "traceback (NotADirectoryError)"),
@@ -111,6 +120,18 @@ CASES = {
     "generate roster port 0": (("basestation", "generate", "--shards", "{split}", "--agents",
                                 "{dir}/port0.toml", "--prompt", "hi"), "port '0'",
                                "dialled port 0, waited --wait-s"),
+    "generate --agent 0-50000000": (("basestation", "generate", "--shards", "{split}",
+                                     "--agent", f"0-50000000={NOBODY}", "--prompt", "hi"),
+                                    "expert ids go up to 4095", "51 s, then MemoryError"),
+    "generate a binary roster": (("basestation", "generate", "--shards", "{split}", "--agents",
+                                  "{dir}/binary.toml", "--prompt", "hi"),
+                                 "binary.toml: not valid TOML", "traceback (UnicodeDecodeError)"),
+    "generate --temperature 1e-300": (bs_generate("--temperature", "1e-300"),
+                                      "argument --temperature", "traceback (NaN in sampling)"),
+    # testbed
+    "make-model far too large": (("testbed", "make-model", "{dir}/model", "--experts", "100000",
+                                  "--hidden", "4096"), "parameters",
+                                 "built in memory until it ran out"),
     "generate --shards a file": (("basestation", "generate", "--shards", "{file}", "--agent",
                                   f"0-7={NOBODY}", "--prompt", "hi"), "manifest.json",
                                  "ok already"),
@@ -162,6 +183,12 @@ CASES = {
     "serve --port 99999": (("basestation", "serve", "--shards", "{split}", "--agent",
                             f"0-7={NOBODY}", "--port", "99999"), "argument --port",
                            "ok already"),
+    "serve --max-body-mb 0": (("basestation", "serve", "--shards", "{split}", "--agent",
+                               f"0-7={NOBODY}", "--max-body-mb", "0"), "argument --max-body-mb",
+                              "new flag"),
+    "serve --header-timeout-s inf": (("basestation", "serve", "--shards", "{split}", "--agent",
+                                      f"0-7={NOBODY}", "--header-timeout-s", "inf"),
+                                     "argument --header-timeout-s", "new flag"),
 }
 
 
@@ -171,6 +198,7 @@ def places(tmp_path, tiny_split, tiny_checkpoint):
     (tmp_path / "a-file").write_text("not a folder\n")
     (tmp_path / "types.toml").write_text('[agents]\n"0-7" = 5\n')
     (tmp_path / "port0.toml").write_text('[agents]\n"0-7" = "tcp://127.0.0.1:0"\n')
+    (tmp_path / "binary.toml").write_bytes(bytes(range(256)) * 4)
     busy = socket.socket()
     busy.bind(("127.0.0.1", 0))
     busy.listen()
@@ -191,7 +219,7 @@ def assert_one_line(result, fragment: str, elapsed_s: float) -> str:
 
 
 @pytest.mark.parametrize("case", [
-    pytest.param(name, marks=() if CASES[name][0][0] == "shard_tool"
+    pytest.param(name, marks=() if CASES[name][0][0] in ("shard_tool", "testbed")
                  else pytest.mark.integration)  # a second or two each: torch is imported
     for name in CASES])
 def test_bad_input_is_one_line(case, places, run_cli):

@@ -20,6 +20,7 @@ protocol"). About 10,400 cases in all; well under two minutes on a 2-core machin
 from __future__ import annotations
 
 import collections
+import math
 import os
 import random
 import threading
@@ -60,6 +61,9 @@ IN_FLIGHT_MESSAGES = 8  # per connection, under the agent's 16-message HWM
 IN_FLIGHT_BYTES = 4 * MIB  # per connection, well under the agent's in-flight budget
 REPLIES = (P.ERROR, P.PONG, P.INFO_REPLY, P.EXPERT_REPLY, P.PUSH_ACK)
 PROMPT = "Return the list of items in the queue."
+# An ERROR reply quotes a peer's values cut short (protocol.shown): a 200,000-int `layer` was
+# echoed whole, a 1.49 MB reply and log line (issue 20)
+MAX_ERROR_REPLY_BYTES = 1024
 
 
 @pytest.fixture(scope="module")
@@ -132,6 +136,7 @@ class Driver:
         assert header["kind"] in REPLIES, header
         if header["kind"] == P.ERROR:
             assert header.get("code") != P.ERR_INTERNAL, f"a bug the fuzzer found: {header}"
+            assert len(frames[0]) <= MAX_ERROR_REPLY_BYTES, header
             self.replies[header.get("code")] += 1
         else:
             self.replies[header["kind"]] += 1
@@ -215,9 +220,55 @@ def test_fuzz_an_agent(agents, tiny_split):
     # the cases reached every kind of answer, not one error path
     assert replies[P.EXPERT_REPLY] > 50 and replies[P.PONG] > 50 and replies[P.INFO_REPLY] > 50
     for code in (P.ERR_MALFORMED, P.ERR_VERSION, P.ERR_UNKNOWN_KIND, P.ERR_UNKNOWN_LAYER,
-                 P.ERR_UNKNOWN_EXPERT, P.ERR_SHAPE, P.ERR_DTYPE, P.ERR_TOO_LARGE, P.ERR_PUSH):
+                 P.ERR_UNKNOWN_EXPERT, P.ERR_SHAPE, P.ERR_DTYPE, P.ERR_TOO_LARGE, P.ERR_PUSH,
+                 P.ERR_NOT_FINITE):
         assert replies[code] > 0, (code, replies)
     assert sum(replies.values()) == AGENT_CASES and len(seen) == 9, seen
+
+
+def test_the_message_cases_of_issue_20(agents, tiny_split):
+    """Regressions: `v: true` and `v: 1.0` were taken for version 1; NaN and inf activations
+    were computed and returned; a 200,000-int `layer` was echoed whole into the ERROR reply
+    (1.49 MB) and the agent's log line."""
+    agent = agents["serve"]
+    ctx = zmq.Context()
+    sock = ctx.socket(zmq.DEALER)
+    sock.setsockopt(zmq.LINGER, 0)
+    sock.connect(agent.endpoint)
+
+    def ask(header: dict, payload=()) -> tuple[dict, int]:
+        sock.send_multipart([msgpack.packb(header), *payload])
+        assert sock.poll(int(REPLY_TIMEOUT_S * 1000)), header.get("kind")
+        frames = sock.recv_multipart()
+        return P.unpack(frames[0]), len(frames[0])
+
+    try:
+        for version in (True, 1.0):
+            reply, _ = ask({"v": version, "kind": P.PING, "id": 1})
+            assert (reply["kind"], reply["code"]) == (P.ERROR, P.ERR_VERSION), reply
+        for dtype in ("float32", "bfloat16", "int8"):
+            for bad in (math.nan, math.inf, -math.inf):
+                x = torch.randn(3, 64)
+                x[1, 7] = bad
+                frames, fields = P.encode_tensor(x, dtype)
+                reply, _ = ask({"v": 1, "kind": P.EXPERT, "id": 2, "layer": 1,
+                                "experts": [[0, 3]], **fields}, [f.tobytes() for f in frames])
+                assert (reply["kind"], reply["code"]) == (P.ERROR, P.ERR_NOT_FINITE), reply
+        frames, fields = P.encode_tensor(torch.randn(3, 64), "float32")
+        for key in ("layer", "experts", "kind", "v"):
+            reply, size = ask({"v": 1, "kind": P.EXPERT, "id": 3, "layer": 1,
+                               "experts": [[0, 3]], **fields, key: list(range(200_000))},
+                              [f.tobytes() for f in frames])
+            assert reply["kind"] == P.ERROR and size <= MAX_ERROR_REPLY_BYTES, (key, size)
+        reply, _ = ask({"v": 1, "kind": P.EXPERT, "id": 4, "layer": 1, "experts": [[0, 3]],
+                        **fields}, [f.tobytes() for f in frames])
+        assert reply["kind"] == P.EXPERT_REPLY  # a good request after them is served
+    finally:
+        sock.close()
+        ctx.term()
+    longest = max(map(len, agent_log(agent).splitlines()), default=0)
+    assert longest <= 2 * MAX_ERROR_REPLY_BYTES, f"a log line of {longest} characters"
+    assert_healthy(agent)
 
 
 def test_fuzz_a_pushing_store(agents, tiny_split):

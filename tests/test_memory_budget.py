@@ -366,6 +366,76 @@ def test_prefetch_garbage_never_answers_nor_breaks_the_agent(tiny_split):
         agent.close()
 
 
+def test_hint_in_time_by_hand():
+    from edge_agent.expert_cache import hint_in_time
+
+    assert hint_in_time(1, 0.0, 5, 1.0)  # no step measured yet: taken
+    assert hint_in_time(1, 1.0, 0, 1.0) and hint_in_time(1, 0.5, 0, 1.0)  # up to 2x late
+    assert not hint_in_time(1, 0.4, 0, 1.0)
+    assert hint_in_time(4, 0.1, 3, 0.1) and not hint_in_time(1, 0.1, 3, 0.1)  # a queue ahead
+
+
+def test_hints_that_cannot_come_in_time_are_dropped(tiny_split):
+    """Regression (issue 20): a flood of hints made 919 loads of which 158 were used; a hint
+    whose load would end long after its layer's turn is now dropped, not loaded."""
+    unit = unit_bytes(tiny_split)
+    store = load_experts(tiny_split, [0], device="cpu", memory_budget_bytes=unit,
+                         prefetch_hints="on").store
+    try:
+        store.acquire(0, [0])  # the clock at layer 0: layer 1 comes round in one step
+        store.load_wall_s, store.step_s = 1.0, 0.01  # measured: a load takes 100 steps
+        store.hint(1, [0])
+        assert store.counters.hints_late == 1 and store.counters.hinted_loads == 0
+        assert (0, 1) not in store.cache.hinted and not store._pending
+        store.step_s = 1.0  # now a load takes one step: in time
+        store.hint(1, [0])
+        wait_for(lambda: (0, 1) in store.resident)
+        assert store.counters.hinted_loads == 1 and store.counters.hints_late == 1
+        assert store.figures()["hints_late"] == 1
+    finally:
+        store.close()
+
+
+def test_a_request_naming_every_expert_stays_within_the_budget_and_one_unit(tiny_split):
+    """Regression (issue 20): a request naming 8 experts loaded all 8 before computing any,
+    each protected from eviction, and left 7.9x the --memory-budget resident. Now each is
+    loaded just before it is computed (shards.ExpertStore.acquire_each)."""
+    from edge_agent.server import Agent, AgentConfig
+
+    unit = unit_bytes(tiny_split)
+    experts = tuple(range(8))
+    agent = Agent(AgentConfig(experts=experts, shards_dir=tiny_split, self_benchmark=False,
+                              memory_budget_bytes=unit, prefetch_hints="off"))
+    agent.load(tiny_split)
+    store = agent.loaded.store
+    held = []  # the store's bytes, resident and being loaded, at every load
+    load = store.reader.load
+
+    def watched_load(expert, layer):
+        held.append(store.cache.used_bytes)
+        return load(expert, layer)
+
+    store.reader.load = watched_load
+    reference = load_experts(tiny_split, list(experts), device="cpu")
+    x = torch.randn(16, 64)
+    frames, fields = P.encode_tensor(x, "float32")
+    counts = [[q, 2] for q in experts]
+    try:
+        with torch.inference_mode():
+            for layer in (1, 0, 1):
+                out = agent.handle([zmq.Frame(P.pack(P.EXPERT, 1, layer=layer, experts=counts,
+                                                     **fields)),
+                                    *map(zmq.Frame, [f.copy() for f in frames])])
+                got = P.decode_tensor(P.unpack(out[0]), out[1:])
+                want = torch.cat([expert_forward(x[2 * q:2 * q + 2],
+                                                 reference.weights[q][layer]) for q in experts])
+                assert_close_rel(got, want, rel=1e-6)
+                assert store.resident_bytes <= unit
+    finally:
+        agent.close()
+    assert len(held) >= 8 * 3 - 1 and max(held) <= 2 * unit, (max(held) / unit, len(held))
+
+
 # -- real agents over ZeroMQ ---------------------------------------------------------------
 
 

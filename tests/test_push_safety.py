@@ -163,16 +163,19 @@ def test_declared_sizes_must_fit_the_disk_and_a_failed_push_leaves_nothing(start
     huge = shutil.disk_usage(tmp_path).free + (1 << 40)
     with AgentClient() as client:
         peer = client.connect(agent.endpoint)
-        with pytest.raises(AgentError, match="free"):
-            client.call(peer, P.PUSH_BEGIN, [forged(tiny_split, 3, bytes=huge)],
-                        timeout_s=TIMEOUT_S, expert=3)
+        # more than the disk holds, or than the model's tensors take (issue 20: 40 GiB was
+        # accepted): refused before anything is written
+        for size in (huge, 40 * 2**30):
+            with pytest.raises(AgentError, match="this model's shard takes"):
+                client.call(peer, P.PUSH_BEGIN, [forged(tiny_split, 3, bytes=size)],
+                            timeout_s=TIMEOUT_S, expert=3)
         assert files_in(store) == []
-        # a size that fits, filled with junk whose chunk hashes match: refused at the end
-        size = 3 * CHUNK_BYTES
-        client.call(peer, P.PUSH_BEGIN, [forged(tiny_split, 3, bytes=size)],
+        # the real size, filled with junk whose chunk hashes match: refused at the end
+        size = load_manifest(tiny_split).expert_file(3).bytes
+        client.call(peer, P.PUSH_BEGIN, [manifest_bytes(tiny_split)],
                     timeout_s=TIMEOUT_S, expert=3)
         for offset in range(0, size, CHUNK_BYTES):
-            send_chunk(client, peer, os.urandom(CHUNK_BYTES), offset)
+            send_chunk(client, peer, os.urandom(min(CHUNK_BYTES, size - offset)), offset)
         with pytest.raises(AgentError, match="failed its check"):
             client.call(peer, P.PUSH_END, timeout_s=TIMEOUT_S, expert=3)
     assert files_in(store) == []

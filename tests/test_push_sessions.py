@@ -8,6 +8,7 @@ import dataclasses
 import hashlib
 import json
 import os
+import shutil
 
 import pytest
 import zmq
@@ -44,7 +45,7 @@ def test_one_push_at_a_time_until_its_pusher_leaves_or_goes_quiet(tiny_split, tm
     with pytest.raises(ProtocolError, match="no push of expert 3 in progress from this pusher"):
         store.chunk(*chunk(b"y" * 10, 10), B, now=2.0)
     with pytest.raises(ProtocolError, match="another push"):  # A's chunk at 1 s kept it
-        store.begin(begin, [manifest_frame(tiny_split)], B, now=1.0 + PUSH_IDLE_S)
+        store.begin(begin, [manifest_frame(tiny_split)], B, now=1.0 + PUSH_IDLE_S / 2)
     ack = store.begin(begin, [manifest_frame(tiny_split)], B, now=1.1 + PUSH_IDLE_S)
     # B resumes what A staged, and learns the hash of it, to compare with its own file
     assert ack["offset"] == 10 and ack["prefix_sha256"] == hashlib.sha256(b"x" * 10).hexdigest()
@@ -83,11 +84,16 @@ def test_which_model_a_store_takes(tiny_split, tmp_path):
     assert os.listdir(held / "experts") == []
 
 
-def test_a_shard_goes_to_its_own_path_and_fits_the_disk(tiny_split, tmp_path):
+def test_a_shard_goes_to_its_own_path_and_fits_the_disk(tiny_split, tmp_path, monkeypatch):
     store = ShardStore(str(tmp_path), [3], trust_first_push=True)
     with pytest.raises(ProtocolError, match="puts expert 3 at"):
         store.begin({"expert": 3}, [manifest_frame(tiny_split, path=MANIFEST_NAME)], A, 0.0)
-    with pytest.raises(ProtocolError, match="free"):
+    with pytest.raises(ProtocolError, match="this model's shard takes"):
         store.begin({"expert": 3}, [manifest_frame(tiny_split, bytes=2**62)], A, 0.0)
+    real = load_manifest(tiny_split).expert_file(3).bytes
+    monkeypatch.setattr("edge_agent.store.shutil.disk_usage",
+                        lambda _: shutil._ntuple_diskusage(1 << 40, 1 << 40, real))
+    with pytest.raises(ProtocolError, match="free"):  # a real size, a full disk
+        store.begin({"expert": 3}, [manifest_frame(tiny_split)], A, 0.0)
     assert os.listdir(tmp_path / "experts") == [] and not os.path.exists(
         tmp_path / MANIFEST_NAME)

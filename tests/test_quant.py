@@ -216,12 +216,13 @@ def old_fingerprint(data: dict) -> str:
 
 
 def test_sixteen_bit_manifests_are_unchanged(tiny_split):
-    """--bits 16 (the default) writes what shard_tool wrote before quantisation existed, and a
-    manifest without bits loads as 16 bits everywhere."""
+    """--bits 16 (the default) writes no bits, and a manifest without bits loads as 16 bits
+    everywhere; one written before quantisation existed (format 1, the old fingerprint) still
+    loads (format 3's fingerprint covers every field: issue 20)."""
     with open(os.path.join(tiny_split, "manifest.json")) as f:
         data = json.load(f)
-    assert data["format_version"] == 1 and all("bits" not in f for f in data["files"])
-    assert data["fingerprint"] == old_fingerprint(data)
+    assert data["format_version"] == 3 and all("bits" not in f for f in data["files"])
+    data.update(format_version=1, fingerprint=old_fingerprint(data))
     manifest = Manifest.from_json(data)
     assert {b for layers in manifest.expert_bits().values() for b in layers.values()} == {16}
 
@@ -241,7 +242,7 @@ def test_quantised_manifest_records_bits_per_file_and_layer(quantised_splits, ti
     out = quantised_splits[bits]
     with open(os.path.join(out, "manifest.json")) as f:
         data = json.load(f)
-    assert data["format_version"] == 2
+    assert data["format_version"] == 3
     manifest = load_manifest(out)
     for entry in manifest.files:
         if entry.role == "expert":
