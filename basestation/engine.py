@@ -212,7 +212,10 @@ class Engine:
     def _room(self) -> bool:
         return not self._sequences or len(self._sequences) < self.max_batch
 
-    def _encode(self, job: Job) -> list[list[int]]:
+    def encode(self, job: Job) -> list[list[int]]:
+        """The token ids of a job's prompts (or its chat, through the template); the one owner
+        of tokenization: serve calls it on its worker threads, off the admission path. Raises
+        ApiError."""
         if job.messages is not None:
             try:
                 ids = self.tokenizer.apply_chat_template(list(job.messages),
@@ -232,7 +235,7 @@ class Engine:
     def _admit(self, request: Request) -> None:
         job, params = request.job, request.job.params
         try:
-            prompts = self._encode(job)
+            prompts = self.encode(job)
             budgets = [completion_budget(len(ids), params.max_tokens, self.defaults.max_tokens,
                                          self.context) for ids in prompts]
         except ApiError as e:

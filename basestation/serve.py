@@ -160,7 +160,7 @@ class Server:
                                    f"tokens; a prompt of {chars} characters cannot fit",
                                    code="context_length_exceeded")
         # the engine's own tokenization (one owner of the rule), here rather than on its thread
-        ids = self.engine._encode(job)
+        ids = self.engine.encode(job)
         for prompt_ids in ids:
             api.completion_budget(len(prompt_ids), parsed.params.max_tokens,
                                   self._defaults().max_tokens, context)
