@@ -302,3 +302,9 @@ def test_reply_bounds_refuse_what_no_layer_produces():
     assert out_of_bounds(torch.tensor([[float("nan"), 0.0], [0.0, 0.0]]), bound)
     assert out_of_bounds(torch.tensor([[0.0, 0.0], [float("-inf"), 0.0]]), bound)
     assert not out_of_bounds(torch.tensor([[1.0, 1.0], [1.0, 1.0]], dtype=torch.bfloat16), bound)
+    one = reply_bounds(torch.tensor([[0.6, 0.8]]))  # decode's one row: a float
+    assert one == MAX_EXPERT_GAIN
+    assert not out_of_bounds(torch.tensor([[MAX_EXPERT_GAIN, 0.0]]), one)
+    assert out_of_bounds(torch.tensor([[MAX_EXPERT_GAIN, 200.0]]), one)
+    assert out_of_bounds(torch.tensor([[float("nan"), 0.0]]), one)
+    assert out_of_bounds(torch.tensor([[1e30, 1e30]], dtype=torch.bfloat16), one)
