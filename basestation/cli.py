@@ -10,7 +10,7 @@ import socket
 import sys
 
 from basestation.session import RosterError, build_roster
-from shard_tool.cli_args import (
+from common.cli_args import (
     ArgumentParser,
     check_endpoint,
     device,
@@ -18,7 +18,7 @@ from shard_tool.cli_args import (
     number,
     user_error,
 )
-from shard_tool.errors import ShardError
+from common.errors import ShardError
 
 
 class ExpertsLost(Exception):
@@ -245,7 +245,7 @@ def cmd_status(args) -> int:
 
 
 def cmd_keygen(args) -> int:
-    from edge_agent.keys import TRUSTED_DIR, KeysError, keygen
+    from wire.keys import TRUSTED_DIR, KeysError, keygen
 
     try:
         public, secret = keygen(args.dir, args.name, (TRUSTED_DIR,))

@@ -22,8 +22,8 @@ import torch
 from basestation import link_estimator as links
 from basestation.liveness import AgentLink, Prober, sane_compute_s
 from basestation.routing import ExpertOutput, Groups
-from edge_agent import protocol as P
-from edge_agent.client import AgentClient, PeerUnreachable
+from wire import protocol as P
+from wire.client import AgentClient, PeerUnreachable
 from edge_agent.expert_math import expert_forward
 
 log = logging.getLogger("basestation")

@@ -53,7 +53,7 @@ class LinkEstimatorConfig:
     deadline_transfer_ratio: float = 4.0
     # Past that deadline a request is late, not lost (dispatch.py): it is given up only when
     # its agent's connection is gone, or at the cap below, whatever the estimate says. The cap
-    # sits above the heartbeat timeout (edge_agent/protocol.py, 5 s), so a live box that
+    # sits above the heartbeat timeout (wire/protocol.py, 5 s), so a live box that
     # stalls for a few seconds (a process stopped 3 s, measured) is waited for. An agent that
     # answers ever later (reporting a compute time just under its round trip, which the checks
     # believe) inflates its estimate, then one silence cost a wait the agent chose (measured:

@@ -16,8 +16,8 @@ import torch
 
 from basestation import link_estimator as links
 from basestation.prefetch import cache_summary
-from edge_agent import protocol as P
-from edge_agent.client import AgentClient, PeerUnreachable
+from wire import protocol as P
+from wire.client import AgentClient, PeerUnreachable
 
 # an agent unused this long gets a work probe (bounded rate: 1 per s). A probe is real work on
 # the box: a request arriving meanwhile waits behind it (measured under the paper emulation,

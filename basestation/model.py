@@ -18,7 +18,7 @@ from torch import nn
 
 from basestation.moe_layer import remote_experts_forward
 from edge_agent.shards import resolve_device, resolve_dtype
-from shard_tool.errors import ShardError
+from common.errors import ShardError
 from shard_tool.manifest import BASESTATION_DIR, Manifest, check_file, load_manifest
 
 EXPERTS_IMPLEMENTATION = "wdmoe_remote"

@@ -26,7 +26,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from edge_agent.protocol import prefetch_fields
+from wire.protocol import prefetch_fields
 
 # above the uniform guess K/E of the usual MoE (2/8 Mixtral, 8/64 OLMoE): a hint that evicts
 # something for a coin flip is worse than none

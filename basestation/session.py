@@ -5,7 +5,7 @@ that dial in are listened for (`--listen tcp://0.0.0.0:PORT`). Every expert id m
 a live agent serving this model's fingerprint (or a local fallback), else a one-line error,
 unless `--allow-missing`.
 
-With `--keys DIR` every link can be CurveZMQ (edge_agent/keys.py): a roster entry carries its
+With `--keys DIR` every link can be CurveZMQ (wire/keys.py): a roster entry carries its
 agent's public key, and DIR/trusted/ holds the agents allowed to dial in. Roster file (TOML):
     [basestation]
     keys = "keys/basestation"      (optional: --keys when the command gives none)
@@ -31,9 +31,9 @@ import zmq
 from basestation.dispatch import Dispatcher
 from basestation.liveness import AgentLink, Prober
 from basestation.moe_layer import MoeRuntime
-from edge_agent import protocol as P
-from edge_agent.client import AgentClient, PeerUnreachable
-from edge_agent.keys import (
+from wire import protocol as P
+from wire.client import AgentClient, PeerUnreachable
+from wire.keys import (
     KeyFolder,
     KeysError,
     is_loopback_endpoint,
@@ -42,9 +42,9 @@ from edge_agent.keys import (
     read_certificate,
     refuse_unprotected_bind,
 )
-from shard_tool.errors import ShardError
-from shard_tool.expert_ids import format_expert_ids as _ids
-from shard_tool.expert_ids import parse_expert_ids
+from common.errors import ShardError
+from common.expert_ids import format_expert_ids as _ids
+from common.expert_ids import parse_expert_ids
 from shard_tool.manifest import load_manifest
 
 INFO_RETRY_S = 0.5  # re-ask an agent that has not answered INFO yet

@@ -7,8 +7,8 @@ import sys
 import time
 
 from basestation.session import Roster, open_links
-from edge_agent import protocol as P
-from edge_agent.client import AgentClient, AgentError, PeerUnreachable
+from wire import protocol as P
+from wire.client import AgentClient, AgentError, PeerUnreachable
 
 PINGS = 5
 PROBE_BYTES = 64 * 1024  # one throughput probe per agent

@@ -73,7 +73,7 @@ def in_process(shards: str, hidden: int, rounds: int) -> None:
     import torch
     import zmq
 
-    from edge_agent import protocol as P
+    from wire import protocol as P
     from edge_agent.server import Agent, AgentConfig
 
     agent = Agent(AgentConfig(experts=(0,), shards_dir=shards, self_benchmark=False))
@@ -109,7 +109,7 @@ def in_process(shards: str, hidden: int, rounds: int) -> None:
 def make_keys(tmp: str):
     """An agent key folder that trusts a client keypair: (agent's --keys DIR, client Keypair,
     agent's public key)."""
-    from edge_agent.keys import (
+    from wire.keys import (
         PUSHERS_DIR,
         TRUSTED_DIR,
         keygen,
@@ -130,7 +130,7 @@ def curve_main(args, cpus, shards: str, tmp: str) -> None:
     import torch
     import zmq
 
-    from edge_agent.client import AgentClient
+    from wire.client import AgentClient
 
     tokens_list = tuple(int(t) for t in args.tokens.split(","))
     agent_dir, keypair, agent_key = make_keys(tmp)
@@ -208,9 +208,9 @@ def main() -> None:
     import torch
     import zmq
 
-    from edge_agent.client import AgentClient
+    from wire.client import AgentClient
     from shard_tool.split import split
-    from testbed.make_model import ModelSpec, make_model
+    from testbed.models.make_model import ModelSpec, make_model
 
     tmp = tempfile.mkdtemp(prefix="agent-rtt-")
     spec = ModelSpec(layers=1, hidden=args.hidden, intermediate=args.ffn, experts=2, heads=32,

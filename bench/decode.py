@@ -112,7 +112,7 @@ class DecodeTraffic:
                    ) -> "DecodeTraffic":
         """From a manifest's `model` (shard_tool/manifest.py), in the wire dtype the distributed
         run uses (float32: it computes in float32 on a CPU, whatever the checkpoint's dtype)."""
-        from edge_agent import protocol as P
+        from wire import protocol as P
 
         dtype = P.wire_dtype_name(wire_dtype)
         return cls(rounds=len(model["moe_layers"]) if "moe_layers" in model
@@ -190,7 +190,7 @@ def main() -> None:
     try:
         checkpoint = args.model
         if checkpoint is None:
-            from testbed.make_model import ModelSpec, make_model
+            from testbed.models.make_model import ModelSpec, make_model
 
             checkpoint = os.path.join(scratch, "model")
             make_model(checkpoint, ModelSpec(layers=args.layers, hidden=args.hidden,

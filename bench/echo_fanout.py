@@ -5,7 +5,7 @@
 As a process: one ROUTER bound on a random loopback port, announced on stdout as
 "echo ready: serving tcp://127.0.0.1:PORT", answering every message with its own frames. No
 protocol, no torch: only pyzmq. Its socket options come on the command line;
-`agent_socket_options()` records them from edge_agent.protocol.configure_socket in the parent
+`agent_socket_options()` records them from wire.protocol.configure_socket in the parent
 (recorded, not copied, so the echo follows the agent's options when they change).
 As a module: `start_echoes` starts N of them; `floor_step_ms` times steps of sequential rounds,
 each round one request to k echoes at once and a wait for all k replies, through one ROUTER
@@ -46,8 +46,8 @@ class _OptionRecorder:
 
 def agent_socket_options(immediate: bool = True) -> list[str]:
     """configure_socket's options for a ROUTER as NAME=VALUE flags (immediate=False: the base
-    station's client side). Imports edge_agent.protocol, hence torch: call it in the parent."""
-    from edge_agent.protocol import configure_socket
+    station's client side). Imports wire.protocol, hence torch: call it in the parent."""
+    from wire.protocol import configure_socket
 
     recorder = _OptionRecorder()
     configure_socket(recorder, immediate=immediate)

@@ -159,8 +159,8 @@ def quality(args) -> None:
     from shard_tool.search import describe
     from shard_tool.split import bits_request, split
     from shard_tool.verify import bits_table
-    from testbed.pass_counts import counted
-    from testbed.quality import score_tokens
+    from testbed.experiments.pass_counts import counted
+    from testbed.models.quality import score_tokens
 
     with open(HELDOUT) as f:
         text = f.read()

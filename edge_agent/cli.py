@@ -13,7 +13,7 @@ import socket
 import sys
 
 from edge_agent.faults import parse_faults
-from edge_agent.keys import (
+from wire.keys import (
     PUSHERS_DIR,
     TRUSTED_DIR,
     KeysError,
@@ -22,10 +22,10 @@ from edge_agent.keys import (
     public_key_arg,
     refuse_unprotected_bind,
 )
-from edge_agent.peer_limits import MAX_PEERS, PeerLimits
-from edge_agent.protocol import SocketConfig
-from shard_tool.cli_args import ArgumentParser, device, endpoint, number, user_error
-from shard_tool.expert_ids import parse_expert_ids
+from wire.peer_limits import MAX_PEERS, PeerLimits
+from wire.protocol import SocketConfig
+from common.cli_args import ArgumentParser, device, endpoint, number, user_error
+from common.expert_ids import parse_expert_ids
 
 DEFAULT_BIND = "tcp://0.0.0.0:5600"
 EXIT_USAGE = 2
@@ -42,7 +42,7 @@ class UsageError(Exception):
 
 
 def parse_experts(spec: str) -> tuple[int, ...]:
-    """--expert value -> sorted unique ids (syntax owned by shard_tool.expert_ids). Raises
+    """--expert value -> sorted unique ids (syntax owned by common.expert_ids). Raises
     UsageError."""
     try:
         return parse_expert_ids(spec)
@@ -198,7 +198,7 @@ def main(argv: list[str] | None = None) -> int:
 
     from edge_agent.server import Agent, AgentConfig
     from edge_agent.shards import missing_experts
-    from shard_tool.errors import ShardError
+    from common.errors import ShardError
 
     try:
         experts = parse_experts(args.expert)

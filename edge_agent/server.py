@@ -17,10 +17,10 @@ import zmq
 from zmq.backend import zmq_poll
 from zmq.utils.monitor import recv_monitor_message
 
-from edge_agent import protocol as P
+from wire import protocol as P
 from edge_agent.expert_math import expert_forward, flops_per_token
 from edge_agent.faults import FaultConfig, FaultInjector
-from edge_agent.keys import (
+from wire.keys import (
     ALL_ROLES,
     ROLE_COMPUTE,
     ROLE_PUSH,
@@ -31,10 +31,10 @@ from edge_agent.keys import (
     set_curve_server,
     start_authenticator,
 )
-from edge_agent.peer_limits import CHECK_INTERVAL_S, LogTally, PeerGuard, PeerLimits
+from wire.peer_limits import CHECK_INTERVAL_S, LogTally, PeerGuard, PeerLimits
 from edge_agent.shards import LoadedExperts, load_experts, missing_experts
 from edge_agent.store import Pusher, ShardStore
-from shard_tool.errors import ShardError
+from common.errors import ShardError
 
 log = logging.getLogger("edge_agent")
 

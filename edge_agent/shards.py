@@ -23,8 +23,8 @@ from edge_agent import mxfp4
 from edge_agent.expert_cache import CacheConfig, CacheCounters, ExpertCache, Unit, hint_in_time
 from edge_agent.expert_math import ExpertWeights, KernelChoice, QuantLinear, Scratch, choose_kernel
 from shard_tool import quant
-from shard_tool.dtypes import canonical_dtype
-from shard_tool.errors import ShardError
+from common.dtypes import canonical_dtype
+from common.errors import ShardError
 from shard_tool.families import (
     DOWN,
     DOWN_BIAS,

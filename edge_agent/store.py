@@ -33,9 +33,9 @@ import os
 import shutil
 from dataclasses import dataclass, replace
 
-from edge_agent import protocol as P
-from edge_agent.protocol import ERR_PUSH, ProtocolError
-from shard_tool.errors import ShardError
+from wire import protocol as P
+from wire.protocol import ERR_PUSH, ProtocolError
+from common.errors import ShardError
 from shard_tool.manifest import (
     MANIFEST_NAME,
     FileEntry,

@@ -7,8 +7,8 @@ import signal
 import sys
 
 from shard_tool import push
-from shard_tool.cli_args import ArgumentParser, check_endpoint, user_error
-from shard_tool.errors import ShardError
+from common.cli_args import ArgumentParser, check_endpoint, user_error
+from common.errors import ShardError
 from shard_tool.split import DTYPE_CHOICES
 
 

@@ -21,7 +21,7 @@ import json
 import os
 from dataclasses import dataclass, field
 
-from shard_tool.errors import ShardError
+from common.errors import ShardError
 from shard_tool.families import DOWN, GATE, GATE_UP, GPT_OSS, UP
 
 # 1: every expert at 16 bits; 2: some expert layer at 8 or 4 bits. Both fingerprinted only

@@ -5,7 +5,7 @@ model). The shard goes in chunks, each with its sha256; the agent keeps what it 
 push that was interrupted resumes where it stopped, once the sha256 of what the agent holds
 matches this file's start (else it starts over). The agent checks the whole file against the
 manifest, renames it into place and starts serving.
-The wire protocol is the agent's (edge_agent/protocol.py, edge_agent/store.py).
+The wire protocol is the agent's (wire/protocol.py, edge_agent/store.py).
 To an agent with `--keys`: `--keys DIR` (the pusher's keypair, from `basestation keygen` or
 `edge_agent keygen`; its .key must be in the agent's pushers/ folder) and `--agent-key` (the
 agent's public key or .key file).
@@ -18,7 +18,7 @@ import os
 import sys
 from dataclasses import dataclass
 
-from shard_tool.errors import ShardError
+from common.errors import ShardError
 from shard_tool.manifest import MANIFEST_NAME, check_size, load_manifest, sha256_prefix
 
 DEFAULT_CHUNK_BYTES = 4 * 1024 * 1024  # a few MiB: small enough for HWM/size caps, big enough
@@ -48,12 +48,12 @@ def push(src: str, expert: int, to: str, chunk_bytes: int = DEFAULT_CHUNK_BYTES,
          faults: PushFaults = PushFaults(), keypair=None, agent_key: bytes | None = None
          ) -> PushResult:
     """Push expert `expert`'s shard of split folder `src` to the agent at `to`; over CurveZMQ
-    when given this pusher's `keypair` (edge_agent.keys.Keypair) and the agent's public key.
+    when given this pusher's `keypair` (wire.keys.Keypair) and the agent's public key.
 
     Raises ShardError: bad split folder, agent unreachable or silent, push refused.
     """
-    from edge_agent import protocol as P
-    from edge_agent.client import AgentClient, AgentError, PeerUnreachable
+    from wire import protocol as P
+    from wire.client import AgentClient, AgentError, PeerUnreachable
 
     manifest = load_manifest(src)
     entry = manifest.expert_file(expert)
@@ -121,7 +121,7 @@ def push(src: str, expert: int, to: str, chunk_bytes: int = DEFAULT_CHUNK_BYTES,
 
 
 def cmd_push(args) -> int:
-    from shard_tool.expert_ids import parse_expert_ids
+    from common.expert_ids import parse_expert_ids
 
     try:
         experts = parse_expert_ids(args.expert)
@@ -143,7 +143,7 @@ def cmd_push(args) -> int:
 def _push_keys(keys_dir: str | None, agent_key: str | None):
     """--keys and --agent-key -> (Keypair, agent's public key), or (None, None) for a plain
     push. Raises ShardError."""
-    from edge_agent.keys import KeysError, load_keypair, public_key_arg
+    from wire.keys import KeysError, load_keypair, public_key_arg
 
     if keys_dir is None and agent_key is None:
         return None, None

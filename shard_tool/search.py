@@ -24,7 +24,7 @@ from collections.abc import Callable, Iterable
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 
-from shard_tool.errors import ShardError
+from common.errors import ShardError
 from shard_tool.families import ModelShape
 from shard_tool.manifest import FULL_BITS, stored_transposed
 

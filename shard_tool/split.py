@@ -21,8 +21,8 @@ from contextlib import nullcontext
 from dataclasses import dataclass
 
 from shard_tool import __version__
-from shard_tool.dtypes import CODE_NAMES, DTYPE_ALIASES, SAFETENSORS_CODES
-from shard_tool.errors import ShardError
+from common.dtypes import CODE_NAMES, DTYPE_ALIASES, SAFETENSORS_CODES
+from common.errors import ShardError
 from shard_tool.families import (ExpertTensor, Family, ModelShape, family_for_config,
                                  supported_model_types)
 from shard_tool.manifest import (BASESTATION_DIR, EXPERTS_DIR, FULL_BITS, QUANTISED_PARTS,

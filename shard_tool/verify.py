@@ -6,7 +6,7 @@ import os
 import sys
 from contextlib import nullcontext
 
-from shard_tool.errors import ShardError
+from common.errors import ShardError
 from shard_tool.families import FAMILIES, ModelShape
 from shard_tool.manifest import (FULL_BITS, QUANTISED_PARTS, FileEntry, Manifest, check_file,
                                  load_manifest, stored_transposed)

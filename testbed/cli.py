@@ -7,21 +7,21 @@ import os
 import signal
 import sys
 
-from testbed.make_model import DTYPES, MAX_PARAMETERS, ModelSpec, make_model, parameter_count
+from testbed.models.make_model import DTYPES, MAX_PARAMETERS, ModelSpec, make_model, parameter_count
 
 
 def cmd_make_model(args) -> int:
     if os.path.exists(args.out):
         raise SystemExit(f"testbed: error: {args.out} already exists")
-    if args.family != "mixtral":  # the small per-family configs of testbed/family_models.py
-        from testbed.corpus import stdlib_docstrings
-        from testbed.family_models import write_family_checkpoint
-        from testbed.make_model import train_tokenizer
+    if args.family != "mixtral":  # the small per-family configs of testbed/models/family_models.py
+        from testbed.models.corpus import stdlib_docstrings
+        from testbed.models.family_models import write_family_checkpoint
+        from testbed.models.make_model import train_tokenizer
 
         write_family_checkpoint(args.family, args.out,
                                 train_tokenizer(args.vocab, stdlib_docstrings()),
                                 seed=args.seed, max_shard_size=args.max_shard_size)
-        print(f"wrote {args.out}: a small random {args.family} (testbed/family_models.py)")
+        print(f"wrote {args.out}: a small random {args.family} (testbed/models/family_models.py)")
         return 0
     spec = ModelSpec(layers=args.layers, hidden=args.hidden, intermediate=args.intermediate,
                      experts=args.experts, top_k=args.top_k, vocab=args.vocab, heads=args.heads,
@@ -49,8 +49,8 @@ def cmd_make_model(args) -> int:
 
 
 def cmd_sweep(args) -> int:
-    from testbed.report import table
-    from testbed.sweep import SweepConfig, run_sweep
+    from testbed.experiments.report import table
+    from testbed.experiments.sweep import SweepConfig, run_sweep
 
     thetas = _numbers("--thetas", args.thetas)
     if any(not 0.0 <= t <= 1.0 for t in thetas):  # NaN fails this too
@@ -68,7 +68,7 @@ def cmd_sweep(args) -> int:
                          divergence_tokens=args.kl_tokens,
                          **({"prompts": prompts} if prompts else {}))
     results = run_sweep(config)
-    from testbed.report import read_results
+    from testbed.experiments.report import read_results
 
     print(table(read_results(args.out)))
     print(f"records: {results} (and .csv); figures: testbed report {args.out}")
@@ -83,10 +83,10 @@ def _numbers(flag: str, value: str) -> tuple[float, ...]:
 
 
 def cmd_eval(args) -> int:
-    from testbed.evaluate import HELDOUT_TEXT, EvalConfig, run_eval
-    from testbed.links import TestbedError
-    from testbed.pass_counts import exact_failure
-    from testbed.report import read_results
+    from testbed.experiments.evaluate import HELDOUT_TEXT, EvalConfig, run_eval
+    from testbed.links.control import TestbedError
+    from testbed.experiments.pass_counts import exact_failure
+    from testbed.experiments.report import read_results
 
     thetas = _numbers("--thetas", args.thetas)
     if any(not 0.0 <= t <= 1.0 for t in thetas):
@@ -128,8 +128,8 @@ def _rows_in(folder: str) -> int:
 
 def print_eval(folder: str) -> None:
     """`testbed eval`'s tables (printed, and as files) and figures of FOLDER's records."""
-    from testbed.eval_report import draw, markdown, write_tables
-    from testbed.report import read_results
+    from testbed.experiments.eval_report import draw, markdown, write_tables
+    from testbed.experiments.report import read_results
 
     by_scenario: dict[str, list[dict]] = {}
     for row in read_results(folder):
@@ -141,7 +141,7 @@ def print_eval(folder: str) -> None:
 
 
 def cmd_report(args) -> int:
-    from testbed.report import draw, is_eval, read_results, table
+    from testbed.experiments.report import draw, is_eval, read_results, table
 
     rows = read_results(args.out)
     if rows and all(is_eval(r) for r in rows):  # `testbed eval`'s records
@@ -157,19 +157,20 @@ def cmd_report(args) -> int:
 
 
 def cmd_demo(args) -> int:
-    from testbed.demo import run_demo
+    from testbed.experiments.demo import run_demo
 
     return run_demo(args.out)
 
 
 def build_parser() -> argparse.ArgumentParser:
-    from testbed import links_cli, train_tiny
+    from testbed.links import cli as links_cli
+    from testbed.models import tiny_cli
 
     parser = argparse.ArgumentParser(prog="testbed", description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True)
     p = sub.add_parser("make-model", help="write a small random MoE checkpoint + tokenizer")
     p.add_argument("out")
-    from testbed.family_models import FAMILY_CONFIGS
+    from testbed.models.family_models import FAMILY_CONFIGS
 
     p.add_argument("--family", choices=sorted(FAMILY_CONFIGS), default="mixtral",
                    help="model_type; other than mixtral, the size options below are ignored "
@@ -188,7 +189,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--seed", type=int, default=0)
     p.set_defaults(func=cmd_make_model)
 
-    train_tiny.add_parser(sub)
+    tiny_cli.add_parser(sub)
     links_cli.add_parsers(sub)
 
     p = sub.add_parser("sweep", help="θ sweep through agents behind shaped links")
@@ -252,8 +253,8 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     from basestation.session import RosterError
-    from shard_tool.errors import ShardError
-    from testbed.links import TestbedError
+    from common.errors import ShardError
+    from testbed.links.control import TestbedError
 
     args = build_parser().parse_args(argv)
     # SIGTERM cleans up like Ctrl-C (namespaces, agents)

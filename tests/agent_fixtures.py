@@ -132,7 +132,7 @@ def two_agents(start_module_agent, tiny_split):
 
 @pytest.fixture
 def client():
-    from edge_agent.client import AgentClient
+    from wire.client import AgentClient
 
     with AgentClient() as c:
         yield c
@@ -167,7 +167,7 @@ class ScriptedDialIn:
     def _serve(self) -> None:
         import zmq
 
-        from edge_agent import protocol as P
+        from wire import protocol as P
 
         ctx = zmq.Context()
         sock = ctx.socket(zmq.DEALER)

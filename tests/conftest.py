@@ -7,7 +7,7 @@ import sys
 
 import pytest
 
-from testbed.make_model import ModelSpec, make_model
+from testbed.models.make_model import ModelSpec, make_model
 
 REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 

@@ -22,8 +22,8 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 import torch
 import zmq
 
-from edge_agent import protocol as P
-from edge_agent.client import AgentClient
+from wire import protocol as P
+from wire.client import AgentClient
 from edge_agent.expert_math import expert_forward
 from edge_agent.shards import load_experts
 

@@ -21,7 +21,7 @@ import msgpack
 import torch
 import zmtp_raw
 
-from edge_agent import protocol as P
+from wire import protocol as P
 from shard_tool.manifest import Manifest
 
 REQUEST_KINDS = (P.EXPERT, P.PING, P.INFO, P.PUSH_BEGIN, P.PUSH_CHUNK, P.PUSH_END)

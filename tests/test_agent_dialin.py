@@ -28,8 +28,8 @@ from agent_fixtures import (  # noqa: F401
 from test_agent_limits import rss_mib
 from test_agent_math import assert_close_rel
 
-from edge_agent import protocol as P
-from edge_agent.client import AgentClient, PeerUnreachable
+from wire import protocol as P
+from wire.client import AgentClient, PeerUnreachable
 from edge_agent.expert_math import expert_forward
 from edge_agent.shards import load_experts
 from shard_tool.manifest import load_manifest
@@ -307,7 +307,7 @@ def test_a_trusted_key_cannot_take_another_agents_name(start_agent, tiny_split, 
     """Over CurveZMQ a routing id is bound to the key it first announced with: another
     trusted key that takes the name while its agent is away has its HELLO refused and its
     connection cut, gets no request, and the agent gets its name back when it returns."""
-    from edge_agent.keys import TRUSTED_DIR, keygen, load_key_folder, load_keypair, trust
+    from wire.keys import TRUSTED_DIR, keygen, load_key_folder, load_keypair, trust
 
     folders = {}
     for name in ("bs", "edge-x", "other"):

@@ -18,8 +18,8 @@ import torch
 import zmq
 
 from agent_fixtures import start_agent, start_module_agent, client, free_port  # noqa: F401
-from edge_agent import protocol as P
-from edge_agent.client import AgentClient
+from wire import protocol as P
+from wire.client import AgentClient
 from edge_agent.expert_math import expert_forward
 from edge_agent.shards import load_experts
 from test_agent_math import assert_close_rel

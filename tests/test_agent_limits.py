@@ -20,8 +20,8 @@ import zmq
 import zmtp_raw
 from agent_fixtures import start_agent  # noqa: F401
 
-from edge_agent import protocol as P
-from edge_agent.client import AgentClient
+from wire import protocol as P
+from wire.client import AgentClient
 
 pytestmark = pytest.mark.integration
 REPLY_TIMEOUT_S = 10.0

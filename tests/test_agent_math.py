@@ -6,7 +6,7 @@ import pytest
 import torch
 import zmq
 
-from edge_agent import protocol as P
+from wire import protocol as P
 from edge_agent.expert_math import ExpertWeights, expert_forward, swiglu
 from edge_agent.shards import load_experts
 

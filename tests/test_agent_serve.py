@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from agent_fixtures import start_agent, start_module_agent, client  # noqa: F401
-from edge_agent import protocol as P
+from wire import protocol as P
 from shard_tool.manifest import load_manifest
 from test_agent_math import assert_close_rel, hf_model, transformers_expert  # noqa: F401
 

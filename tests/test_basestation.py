@@ -12,7 +12,7 @@ import torch
 from agent_fixtures import free_port, start_agent, start_module_agent, two_agents  # noqa: F401
 from basestation.generate import generate
 from basestation.session import RosterError, build_roster, open_session
-from testbed.make_model import ModelSpec
+from testbed.models.make_model import ModelSpec
 
 pytestmark = pytest.mark.integration
 PROMPT = "Return the list of items in the queue."

@@ -20,7 +20,7 @@ import zmq
 
 from agent_fixtures import free_port, start_agent  # noqa: F401
 
-from edge_agent import protocol as P
+from wire import protocol as P
 
 DEADLINE_S = 60  # a case that takes longer is a hang
 NOBODY = "tcp://127.0.0.1:9"  # discard port: nothing answers ZeroMQ there

@@ -1,10 +1,10 @@
-"""The AgentClient's connection book (edge_agent/client_guard.py), pure parts with hand-made
+"""The AgentClient's connection book (wire/client_guard.py), pure parts with hand-made
 connections: who may speak for which routing id, and which connections are over a bound."""
 
 from __future__ import annotations
 
-from edge_agent.client_guard import ACCEPT, CUT, DROP, ClientLimits, Link, judge, over_limits
-from edge_agent.peer_limits import Peer
+from wire.client_guard import ACCEPT, CUT, DROP, ClientLimits, Link, judge, over_limits
+from wire.peer_limits import Peer
 
 KEY_A, KEY_B = "A" * 40, "B" * 40
 

@@ -1,4 +1,4 @@
-"""CurveZMQ on every link (edge_agent/keys.py): keygen, who may talk to whom, and the refusal to
+"""CurveZMQ on every link (wire/keys.py): keygen, who may talk to whom, and the refusal to
 bind beyond loopback without keys. Real agent processes and sockets for the links."""
 
 from __future__ import annotations
@@ -24,10 +24,10 @@ from basestation.session import (
     read_roster_file,
     read_roster_keys,
 )
-from edge_agent import protocol as P
-from edge_agent.client import AgentClient, AgentError, PeerUnreachable
+from wire import protocol as P
+from wire.client import AgentClient, AgentError, PeerUnreachable
 from edge_agent.expert_math import expert_forward
-from edge_agent.keys import (
+from wire.keys import (
     PUSHERS_DIR,
     TRUSTED_DIR,
     KeysError,
@@ -38,7 +38,7 @@ from edge_agent.keys import (
     trust,
 )
 from edge_agent.shards import load_experts
-from shard_tool.errors import ShardError
+from common.errors import ShardError
 from shard_tool.push import push
 
 SILENCE_S = 1.5  # how long a refused client waits before calling it "no answer"

@@ -1,5 +1,5 @@
-"""testbed.divergence (KL(θ=0 || θ) and top-1 agreement over held-out blocks) and
-testbed.pass_counts, on hand-checkable distributions and a fake model."""
+"""testbed.experiments.divergence (KL(θ=0 || θ) and top-1 agreement over held-out blocks) and
+testbed.experiments.pass_counts, on hand-checkable distributions and a fake model."""
 
 from __future__ import annotations
 
@@ -9,7 +9,9 @@ from types import SimpleNamespace
 import pytest
 import torch
 
-from testbed import divergence, pass_counts
+from testbed.experiments import divergence
+
+from testbed.experiments import pass_counts
 
 
 class CharTokenizer:

@@ -29,7 +29,7 @@ from basestation.liveness import AgentLink
 from basestation.openai_api import Defaults, Params
 from basestation.prefetch import cache_summary
 from basestation.sampler import BatchSampler, RowSampler
-from edge_agent import protocol as P
+from wire import protocol as P
 
 WAIT_S = 120.0  # for one request on a busy 2-core machine
 CHUNK_TOKENS = 256  # serve's default --prefill-chunk-tokens

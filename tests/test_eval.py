@@ -9,7 +9,7 @@ import os
 import pytest
 
 from agent_fixtures import start_agent  # noqa: F401
-from testbed import evaluate
+from testbed.experiments import evaluate
 
 pytestmark = pytest.mark.integration
 
@@ -84,7 +84,7 @@ def test_quality_pass_counts_real_faults_and_exact_fails_the_row(start_agent, ti
     pass, left out to keep this short): the counts land in passes["quality"] and
     divergence["reference_pass"], the table shows them, and --exact marks the row failed."""
     from basestation.session import build_roster, open_session
-    from testbed import eval_report
+    from testbed.experiments import eval_report
 
     good = start_agent("--expert", "0-3", "--shards", tiny_split, "--bind", "tcp://127.0.0.1:*")
     flaky = start_agent("--expert", "4-7", "--shards", tiny_split, "--bind", "tcp://127.0.0.1:*",

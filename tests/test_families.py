@@ -12,16 +12,16 @@ import torch
 import zmq
 from safetensors.torch import load_file, save_file
 
-from edge_agent import protocol as P
+from wire import protocol as P
 from edge_agent.expert_math import expert_forward
 from edge_agent.shards import load_experts
-from shard_tool.errors import ShardError
+from common.errors import ShardError
 from shard_tool.families import (FAMILIES, MXFP4, ModelShape, family_for_config,
                                  supported_model_types)
 from shard_tool.manifest import load_manifest
 from shard_tool.safetensors_io import TensorInfo, read_tensor
 from shard_tool.split import plan_split, read_source_tensors, split
-from testbed.family_models import FAMILY_CONFIGS, family_config, write_family_checkpoint
+from testbed.models.family_models import FAMILY_CONFIGS, family_config, write_family_checkpoint
 
 MODEL_TYPES = sorted(FAMILY_CONFIGS)
 # base-station tensors each family must keep: shared experts, dense MLPs, routers, V3's bias
@@ -44,8 +44,8 @@ KEPT_AT_BASE = {
 
 @pytest.fixture(scope="module")
 def tokenizer():
-    from testbed.corpus import stdlib_docstrings
-    from testbed.make_model import train_tokenizer
+    from testbed.models.corpus import stdlib_docstrings
+    from testbed.models.make_model import train_tokenizer
 
     return train_tokenizer(300, stdlib_docstrings()[:200])
 

@@ -10,7 +10,7 @@ import torch
 from agent_fixtures import start_agent  # noqa: F401
 from basestation.generate import generate
 from basestation.session import build_roster, open_session
-from testbed.family_models import FAMILY_CONFIGS, write_family_checkpoint
+from testbed.models.family_models import FAMILY_CONFIGS, write_family_checkpoint
 
 pytestmark = pytest.mark.integration
 PROMPT = "Return the list of items in the queue."
@@ -19,8 +19,8 @@ NEW_TOKENS = 10
 
 @pytest.fixture(scope="module")
 def tokenizer():
-    from testbed.corpus import stdlib_docstrings
-    from testbed.make_model import train_tokenizer
+    from testbed.models.corpus import stdlib_docstrings
+    from testbed.models.make_model import train_tokenizer
 
     return train_tokenizer(300, stdlib_docstrings()[:200])
 

@@ -36,8 +36,8 @@ from fuzz_messages import REPLY_KINDS, MessageFuzzer, raw_zmtp_case
 from test_agent_limits import agent_log, rss_mib
 from test_agent_math import assert_close_rel
 
-from edge_agent import protocol as P
-from edge_agent.client import AgentClient
+from wire import protocol as P
+from wire.client import AgentClient
 from edge_agent.expert_math import expert_forward
 from edge_agent.shards import load_experts
 from shard_tool.manifest import MANIFEST_NAME, load_manifest

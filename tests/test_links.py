@@ -1,7 +1,7 @@
 """testbed links: agents in network namespaces behind shaped veth links, measured from outside.
 
 Shaped tests run as root (namespaces on this machine) and, without root, inside an
-unprivileged user namespace (testbed/userns.py); they skip only where neither is possible.
+unprivileged user namespace (testbed/links/userns.py); they skip only where neither is possible.
 They make namespaces named wdm-*, addresses in 10.213.0.0/16 and nothing else; every process
 they start lives in those namespaces and every wait has a deadline.
 """
@@ -21,11 +21,15 @@ import time
 import pytest
 import torch
 
-from testbed import links, links_cli, userns
-from testbed.links import LinkShape, TestbedError
-from testbed.links_cli import parse_ms, parse_pct, parse_rate_mbit
-from testbed.links_plan import agent_args_by_index, backend_name, choose_mode, plan_namespaced_agent
-from testbed.links_procs import alive
+from testbed.links import control as links
+
+from testbed.links import cli as links_cli
+
+from testbed.links import userns
+from testbed.links.control import LinkShape, TestbedError
+from testbed.links.cli import parse_ms, parse_pct, parse_rate_mbit
+from testbed.links.plan import agent_args_by_index, backend_name, choose_mode, plan_namespaced_agent
+from testbed.links.procs import alive
 
 UNSHAPED_WHY = links.link_mode()[1]  # None where root or user namespaces work
 shaped = [pytest.mark.root,
@@ -266,7 +270,7 @@ def test_loopback_fallback_without_root_or_user_namespaces(tiny_split, tmp_path,
 
 def expert_compute_s(endpoint: str, expert: int) -> float:
     """The compute time an agent reports for 5 tokens of one expert."""
-    from edge_agent.client import AgentClient
+    from wire.client import AgentClient
 
     with AgentClient() as client:
         peer = client.connect(endpoint)
@@ -376,7 +380,7 @@ def _readline_with_deadline(proc: subprocess.Popen, timeout_s: float) -> str:
 
 def zmq_rtt_ms(endpoint: str, rounds: int = 25) -> list[float]:
     """Round trips of PING through the link (and the relay), as the base station sees them."""
-    from edge_agent.client import AgentClient
+    from wire.client import AgentClient
 
     with AgentClient() as client:
         peer = client.connect(endpoint)
@@ -561,7 +565,7 @@ def test_loss_gives_the_loss_asked(bed):
 
 @shaped_test
 def test_down_makes_the_agent_unreachable_and_up_restores_it(bed):
-    from edge_agent.client import AgentClient
+    from wire.client import AgentClient
 
     tb, _ = bed
     state_dir = tb.state_dir
@@ -582,7 +586,7 @@ def test_down_makes_the_agent_unreachable_and_up_restores_it(bed):
 
 @shaped_test
 def test_degrade_while_serving_keeps_the_agent_serving(bed):
-    from edge_agent.client import AgentClient
+    from wire.client import AgentClient
 
     tb, _ = bed
     x = torch.randn(4, 64)

@@ -7,8 +7,8 @@ import itertools
 
 from basestation.liveness import (IDLE_REFRESH_AFTER_S, REFRESH_AFTER_S, TICK_S, AgentLink,
                                   Backoff, Prober, sane_compute_s)
-from edge_agent import protocol as P
-from edge_agent.client import Reply
+from wire import protocol as P
+from wire.client import Reply
 
 
 class FakeClient:

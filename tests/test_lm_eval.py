@@ -1,4 +1,4 @@
-"""lm-eval tasks through the distributed model (`testbed.lm_eval_model.DistributedLM`, real
+"""lm-eval tasks through the distributed model (`testbed.experiments.lm_eval_model.DistributedLM`, real
 agents over real sockets) against lm-eval on transformers' own model in this process."""
 
 from __future__ import annotations
@@ -46,7 +46,7 @@ def test_tasks_through_agents_equal_transformers_at_theta_0(two_agents, tiny_spl
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     from basestation.session import build_roster, open_session
-    from testbed.lm_eval_model import DistributedLM
+    from testbed.experiments.lm_eval_model import DistributedLM
 
     model = AutoModelForCausalLM.from_pretrained(tiny_checkpoint, dtype=torch.float32,
                                                  experts_implementation="eager").eval()
@@ -87,12 +87,12 @@ def test_tasks_through_agents_equal_transformers_at_theta_0(two_agents, tiny_spl
 
 def test_lm_eval_command_line_runs_wdmoe(two_agents, tiny_split, tmp_path, run_cli):
     """`--model wdmoe` from lm-eval's own command line: lm-eval knows only its own models, so
-    `python -m testbed.lm_eval_cli` registers ours and runs lm-eval's cli_evaluate unchanged
+    `python -m testbed.experiments.lm_eval_cli` registers ours and runs lm-eval's cli_evaluate unchanged
     (model_args reach DistributedLM as the dict lm-eval's CLI makes of them)."""
     roster = tmp_path / "roster.toml"
     roster.write_text("[agents]\n" + "".join(
         f'"{flag.split("=", 1)[0]}" = "{flag.split("=", 1)[1]}"\n' for flag in two_agents))
-    result = run_cli("testbed.lm_eval_cli", "--model", "wdmoe", "--model_args",
+    result = run_cli("testbed.experiments.lm_eval_cli", "--model", "wdmoe", "--model_args",
                      f"shards={tiny_split},agents={roster},theta=0.5,dtype=float32",
                      "--tasks", "wdmoe_mc_heldout", "--include_path", TASKS_DIR,
                      "--limit", "3", "--batch_size", "3", "--output_path", str(tmp_path / "out"),
@@ -110,7 +110,7 @@ def test_lm_eval_command_line_runs_wdmoe(two_agents, tiny_split, tmp_path, run_c
 
 
 def test_wdmoe_model_args_are_checked():
-    from testbed.lm_eval_model import DistributedLM
+    from testbed.experiments.lm_eval_model import DistributedLM
 
     with pytest.raises(ValueError, match="agents"):
         DistributedLM.create_from_arg_obj({"shards": "x"}, {"batch_size": 1})

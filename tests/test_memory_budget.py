@@ -1,6 +1,6 @@
 """Memory-budgeted agents (issue 14, part 2): `--memory-budget`, the cache policy
 (edge_agent/expert_cache.py), the store that loads on demand and on hints (edge_agent/shards.py),
-PREFETCH hints (edge_agent/protocol.py), and the base station's predictor
+PREFETCH hints (wire/protocol.py), and the base station's predictor
 (basestation/prefetch.py). Pure parts with hand numbers; then agents in process; then real agent
 processes over ZeroMQ (integration)."""
 
@@ -20,7 +20,7 @@ from fuzz_messages import MessageFuzzer
 from test_agent_math import assert_close_rel
 
 from basestation.prefetch import PrefetchConfig, RoutePredictor, cache_summary, plan_hints
-from edge_agent import protocol as P
+from wire import protocol as P
 from edge_agent.cli import memory_size
 from edge_agent.expert_cache import CacheConfig, ExpertCache
 from edge_agent.expert_math import expert_forward

@@ -1,4 +1,4 @@
-"""edge_agent/peer_limits.py: the pure rules with hand-checked numbers, and the ledger on a real
+"""wire/peer_limits.py: the pure rules with hand-checked numbers, and the ledger on a real
 loopback TCP connection (no ZeroMQ): the kernel's counters, a cut, a dropped reply."""
 
 from __future__ import annotations
@@ -9,7 +9,7 @@ import time
 
 import pytest
 
-from edge_agent.peer_limits import (
+from wire.peer_limits import (
     DESCRIPTOR_RESERVE,
     IN_FLIGHT_SLACK_BYTES,
     Peer,
@@ -135,7 +135,7 @@ def test_heartbeats_never_get_a_long_lived_connection_cut():
     """Regression: ZMTP heartbeats reach the kernel's byte count but never the reader's, so a
     healthy keyed connection (410 B/s of heartbeats) crossed the 16 MiB slack after ~11 h and
     was cut. Its budget now grows with its age; a flood still goes at once."""
-    from edge_agent.peer_limits import HEARTBEAT_ALLOWANCE_BYTES_PER_S, Peer
+    from wire.peer_limits import HEARTBEAT_ALLOWANCE_BYTES_PER_S, Peer
 
     limits = PeerLimits(in_flight_bytes=1000)
     day_s = 86_400.0
@@ -153,7 +153,7 @@ def test_counters_read_from_many_threads_are_each_threads_own():
     live connection (a bench with three sessions in one process lost an agent's replies)."""
     import threading
 
-    from edge_agent.peer_limits import tcp_counters
+    from wire.peer_limits import tcp_counters
 
     pairs, expected = [], []
     for nbytes in (10, 100_000):

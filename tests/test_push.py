@@ -9,15 +9,15 @@ import pytest
 import torch
 
 from agent_fixtures import start_agent, client, REPO_ROOT  # noqa: F401
-from edge_agent import protocol as P
-from edge_agent.client import AgentError
+from wire import protocol as P
+from wire.client import AgentError
 from edge_agent.expert_math import expert_forward
 from edge_agent.shards import load_experts
-from shard_tool.errors import ShardError
+from common.errors import ShardError
 from shard_tool.manifest import load_manifest
 from shard_tool.push import PushFaults, push
 from test_agent_faults import corrupt_copy
-from testbed.make_model import ModelSpec
+from testbed.models.make_model import ModelSpec
 
 pytestmark = pytest.mark.integration
 CHUNK_BYTES = 64 * 1024  # an expert shard of the tiny model is ~200 KiB: several chunks

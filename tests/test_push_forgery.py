@@ -17,9 +17,9 @@ import shutil
 import pytest
 import zmq
 
-from edge_agent.protocol import ProtocolError
+from wire.protocol import ProtocolError
 from edge_agent.store import MIN_PUSH_BYTES_PER_S, PUSH_IDLE_S, Pusher, ShardStore, session_over
-from shard_tool.errors import ShardError
+from common.errors import ShardError
 from shard_tool.manifest import MANIFEST_NAME, Manifest, expert_file_path, load_manifest
 
 A, B = Pusher(b"pusher-a", 10), Pusher(b"pusher-b", 11)

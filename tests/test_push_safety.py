@@ -21,14 +21,14 @@ import pytest
 import torch
 from agent_fixtures import start_agent  # noqa: F401
 
-from edge_agent import protocol as P
-from edge_agent.client import AgentClient, AgentError
+from wire import protocol as P
+from wire.client import AgentClient, AgentError
 from edge_agent.expert_math import expert_forward
 from edge_agent.shards import load_experts
-from shard_tool.errors import ShardError
+from common.errors import ShardError
 from shard_tool.manifest import MANIFEST_NAME, Manifest, load_manifest
 from shard_tool.push import push
-from testbed.make_model import ModelSpec
+from testbed.models.make_model import ModelSpec
 
 pytestmark = pytest.mark.integration
 CHUNK_BYTES = 64 * 1024

@@ -13,9 +13,9 @@ import shutil
 import pytest
 import zmq
 
-from edge_agent.protocol import ProtocolError
+from wire.protocol import ProtocolError
 from edge_agent.store import PUSH_IDLE_S, Pusher, ShardStore
-from shard_tool.errors import ShardError
+from common.errors import ShardError
 from shard_tool.manifest import MANIFEST_NAME, Manifest, load_manifest
 
 A, B = Pusher(b"pusher-a", 10), Pusher(b"pusher-b", 11)

@@ -1,4 +1,4 @@
-"""testbed.quality on hand-checkable cases: a fake bigram model with known probabilities."""
+"""testbed.models.quality on hand-checkable cases: a fake bigram model with known probabilities."""
 
 from __future__ import annotations
 
@@ -9,7 +9,7 @@ from types import SimpleNamespace
 import pytest
 import torch
 
-from testbed import quality
+from testbed.models import quality
 
 ALPHABET = "abcd "  # token id = index; the model cycles a -> b -> c -> d -> a
 P_NEXT = 0.7  # probability the fake model gives the next letter of the cycle; 0.075 to each other

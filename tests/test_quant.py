@@ -17,7 +17,7 @@ from edge_agent.expert_math import (UNLIMITED_TOKENS, ExpertWeights, QuantLinear
                                     choose_kernel, expert_forward)
 from edge_agent.shards import load_experts
 from shard_tool import quant
-from shard_tool.errors import ShardError
+from common.errors import ShardError
 from shard_tool.manifest import Manifest, load_manifest
 from shard_tool.search import BASE_BITS, LOW_BITS, choose_widths
 from shard_tool.split import split
@@ -314,9 +314,9 @@ def test_bad_bits_options_are_one_line(args, message, tiny_checkpoint, tmp_path,
 
 
 def test_mxfp4_checkpoints_refuse_bits(tmp_path, run_cli):
-    from testbed.corpus import stdlib_docstrings
-    from testbed.family_models import write_family_checkpoint
-    from testbed.make_model import train_tokenizer
+    from testbed.models.corpus import stdlib_docstrings
+    from testbed.models.family_models import write_family_checkpoint
+    from testbed.models.make_model import train_tokenizer
 
     ckpt = write_family_checkpoint("gpt_oss", str(tmp_path / "ckpt"),
                                    train_tokenizer(300, stdlib_docstrings()[:100]))

@@ -15,7 +15,7 @@ from shard_tool.families import ModelShape
 from shard_tool.manifest import load_manifest
 from shard_tool.split import bits_request, split
 from test_quant_search import SENSITIVE, TOLERANCE_PCT, sensitive_checkpoint  # noqa: F401
-from testbed import quality
+from testbed.models import quality
 
 pytestmark = pytest.mark.integration
 PROMPT = "Return the list of items in the queue."

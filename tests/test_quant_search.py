@@ -16,8 +16,8 @@ from shard_tool.families import FAMILIES, ModelShape
 from shard_tool.manifest import load_manifest
 from shard_tool.search import BASE_BITS, LOW_BITS, ExpertSlots
 from shard_tool.split import bits_request, split
-from testbed.family_models import FAMILY_CONFIGS, write_family_checkpoint
-from testbed.make_model import ModelSpec
+from testbed.models.family_models import FAMILY_CONFIGS, write_family_checkpoint
+from testbed.models.make_model import ModelSpec
 
 SENSITIVE = (1, 2)  # (layer, expert)
 TOLERANCE_PCT = 0.5
@@ -127,8 +127,8 @@ def test_ctrl_c_during_the_search_leaves_nothing(sensitive_checkpoint, tmp_path,
 
 @pytest.fixture(scope="module")
 def tokenizer():
-    from testbed.corpus import stdlib_docstrings
-    from testbed.make_model import train_tokenizer
+    from testbed.models.corpus import stdlib_docstrings
+    from testbed.models.make_model import train_tokenizer
 
     return train_tokenizer(300, stdlib_docstrings()[:200])
 

@@ -10,7 +10,7 @@ import time
 
 import pytest
 
-from testbed.links import LinkShape, link_mode
+from testbed.links.control import LinkShape, link_mode
 
 UNSHAPED_WHY = link_mode()[1]  # None where root or user namespaces work
 pytestmark = [pytest.mark.integration, pytest.mark.root,
@@ -34,7 +34,7 @@ def drop_shares(session, generate, ids, tokens: int) -> dict[str, float]:
 def test_slowed_then_restored_link_gets_its_experts_back(tiny_split, tmp_path):
     from basestation.generate import generate
     from basestation.session import build_roster, open_session
-    from testbed import links
+    from testbed.links import control as links
 
     bed = links.up(tiny_split, 4, state_dir=str(tmp_path / "state"),
                    agent_args=["--no-self-benchmark"])

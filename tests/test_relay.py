@@ -1,4 +1,4 @@
-"""testbed.relay on loopback: forwarding from an inherited listening socket (how the user
+"""testbed.links.relay on loopback: forwarding from an inherited listening socket (how the user
 namespace's relays are reached), delay taken from the settings file, one-line errors."""
 
 from __future__ import annotations
@@ -12,7 +12,7 @@ import time
 
 import pytest
 
-from testbed.relay import write_settings
+from testbed.links.relay import write_settings
 
 pytestmark = pytest.mark.integration
 DEADLINE_S = 10.0
@@ -47,7 +47,7 @@ class EchoServer:
 
 def start_relay(args: list[str], pass_fds: tuple[int, ...] = ()) -> subprocess.Popen:
     """The relay as a real process; returns once it says it is ready."""
-    proc = subprocess.Popen([sys.executable, "-m", "testbed.relay", *args], pass_fds=pass_fds,
+    proc = subprocess.Popen([sys.executable, "-m", "testbed.links.relay", *args], pass_fds=pass_fds,
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     line: list[str] = []
     reader = threading.Thread(target=lambda: line.append(proc.stdout.readline()), daemon=True)
@@ -116,7 +116,7 @@ def test_relay_without_settings_only_forwards():
     ["--listen-fd", "987", "--target", "127.0.0.1:1"],  # no such descriptor
 ])
 def test_relay_bad_arguments_are_one_line(args):
-    out = subprocess.run([sys.executable, "-m", "testbed.relay", *args], check=False,
+    out = subprocess.run([sys.executable, "-m", "testbed.links.relay", *args], check=False,
                          capture_output=True, text=True, timeout=DEADLINE_S)
     assert out.returncode == 2 and "Traceback" not in out.stderr
     assert len(out.stderr.strip().splitlines()) == 1, out.stderr

@@ -10,8 +10,8 @@ import time
 
 import zmq
 
-from edge_agent import protocol as P
-from edge_agent.client import RECENT_IDS, AgentClient, PeerUnreachable, RequestIds
+from wire import protocol as P
+from wire.client import RECENT_IDS, AgentClient, PeerUnreachable, RequestIds
 
 
 def test_ids_are_random_64_bit_and_never_repeat():

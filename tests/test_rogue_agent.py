@@ -17,7 +17,7 @@ import zmq
 from agent_fixtures import free_port, start_agent  # noqa: F401
 from basestation.generate import generate
 from basestation.session import build_roster, open_session
-from edge_agent import protocol as P
+from wire import protocol as P
 
 pytestmark = pytest.mark.integration
 PROMPT = "Return the list of items in the queue."

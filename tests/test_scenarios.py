@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 
 from testbed import scenarios
-from testbed.links import LinkShape, TestbedError
+from testbed.links.control import LinkShape, TestbedError
 
 
 def test_packaged_scenarios_load():
@@ -96,7 +96,7 @@ def test_modeled_latency_is_eqs_6_to_8():
     import torch
 
     from basestation.channel_model import modeled_token_latency_s
-    from testbed.modeled_latency import ModeledLatency
+    from testbed.experiments.modeled_latency import ModeledLatency
 
     assert modeled_token_latency_s([1.0, 2.0, 5.0], [{0, 1}, {2}, set()]) == 7.0
     scenario = scenarios.load("paper")

@@ -10,7 +10,7 @@ import struct
 import pytest
 from safetensors.torch import load_file, save_file
 
-from testbed.make_model import ModelSpec
+from testbed.models.make_model import ModelSpec
 
 
 def copy_checkpoint(src: str, dst) -> str:

@@ -13,7 +13,7 @@ from safetensors.torch import load_file
 
 from shard_tool.manifest import load_manifest
 from shard_tool.split import split
-from testbed.make_model import ModelSpec
+from testbed.models.make_model import ModelSpec
 
 EXPERT_NAME = re.compile(r"\.experts\.(\d+)\.w[123]\.weight$")
 

@@ -1,11 +1,11 @@
-"""Bootstrap intervals (testbed/stats.py)."""
+"""Bootstrap intervals (testbed/experiments/stats.py)."""
 
 from __future__ import annotations
 
 import numpy as np
 import pytest
 
-from testbed.stats import bootstrap, relative_change
+from testbed.experiments.stats import bootstrap, relative_change
 
 
 def test_interval_holds_the_value_and_narrows_with_more_samples():
@@ -33,7 +33,7 @@ def test_relative_change_sees_a_real_cut_and_not_a_fake_one():
 def test_step_waits_split_each_forward_pass_at_its_first_moe_layer():
     from types import SimpleNamespace
 
-    from testbed.step_waits import StepWaits, observers
+    from testbed.experiments.step_waits import StepWaits, observers
 
     stats = SimpleNamespace(network_s=0.0)
     waits = StepWaits(stats, moe_layers=2)

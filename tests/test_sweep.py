@@ -9,7 +9,7 @@ import sys
 
 import pytest
 
-from testbed.links import LinkShape, is_root
+from testbed.links.control import LinkShape, is_root
 
 pytestmark = [pytest.mark.integration, pytest.mark.root,
               pytest.mark.skipif(not is_root(), reason="needs root: namespaces, veth and tc")]
@@ -21,7 +21,7 @@ def test_slow_link_theta_routes_around_it(tiny_split, tmp_path):
     drops it and is faster; the drops land on that agent."""
     scenario = tmp_path / "slow0.toml"
     scenario.write_text("[links.0]\ndelay_ms = 40\n")
-    from testbed.sweep import SweepConfig, run_sweep
+    from testbed.experiments.sweep import SweepConfig, run_sweep
 
     run_sweep(SweepConfig(shards=tiny_split, out=str(tmp_path / "out"), scenario=str(scenario),
                           thetas=(0.0, 0.3), num_agents=4, max_new_tokens=12, progress=False))

@@ -14,10 +14,11 @@ from test_basestation import reference_tokens
 from test_links import SHAPED_MODES, run_links_cli, shaped_test
 
 from basestation.session import read_roster_agents, read_roster_keys
-from edge_agent.client import AgentClient, PeerUnreachable
-from edge_agent.keys import load_keypair
-from testbed import links, userns
-from testbed.links_procs import alive
+from wire.client import AgentClient, PeerUnreachable
+from wire.keys import load_keypair
+from testbed.links import control as links
+from testbed.links import userns
+from testbed.links.procs import alive
 
 PROMPT = "Return the list of items in the queue."
 TOKENS = 8

@@ -12,11 +12,11 @@ import os
 import pytest
 import torch
 
-from testbed import quality
-from testbed.corpus_docs import clean_rst, is_heldout
-from testbed.eval_sets import make_choice_items
-from testbed.local_routing import routing
-from testbed.train_tiny import TrainSpec, build_model, lr_at
+from testbed.models import quality
+from testbed.models.corpus_docs import clean_rst, is_heldout
+from testbed.models.eval_sets import make_choice_items
+from testbed.models.local_routing import routing
+from testbed.models.train_tiny import TrainSpec, build_model, lr_at
 
 DATA = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "testbed", "data")
 CKPT = os.path.join(DATA, "tiny-mixtral")
@@ -135,7 +135,7 @@ def test_multiple_choice_above_chance(tiny, recorded):
 
 def test_grouped_experts_match_the_eager_loop():
     """Training uses transformers' grouped_mm experts; it must compute the stock function."""
-    from testbed.make_model import train_tokenizer
+    from testbed.models.make_model import train_tokenizer
 
     spec = TrainSpec(vocab=300, layers=2, hidden=64, intermediate=96, heads=4)
     tokenizer = train_tokenizer(300, ["some text to train a byte-level tokenizer on"] * 3)
@@ -158,7 +158,7 @@ def test_grouped_experts_match_the_eager_loop():
 def test_card_renders_the_committed_readme():
     """The card's text moved out of train_tiny.py into tiny_card.py: the committed records must
     still render the committed README byte for byte."""
-    from testbed.tiny_card import render_card
+    from testbed.models.tiny_card import render_card
 
     with open(os.path.join(CKPT, "training.json")) as f:
         record = json.load(f)
@@ -169,11 +169,11 @@ def test_card_renders_the_committed_readme():
 
 
 def test_train_tiny_cli_help():
-    """`python -m testbed.train_tiny --help` and `testbed train-tiny --help` still answer."""
+    """`python -m testbed.models.tiny_cli --help` and `testbed train-tiny --help` still answer."""
     import subprocess
     import sys
 
-    for cmd in ([sys.executable, "-m", "testbed.train_tiny", "--help"],
+    for cmd in ([sys.executable, "-m", "testbed.models.tiny_cli", "--help"],
                 [sys.executable, "-m", "testbed", "train-tiny", "--help"]):
         proc = subprocess.run(cmd, check=False, capture_output=True, text=True, timeout=60)
         assert proc.returncode == 0 and "--no-card" in proc.stdout, proc.stderr

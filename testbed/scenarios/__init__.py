@@ -26,7 +26,7 @@ import numpy as np
 from basestation.channel_model import (EMULATED_MODELS, ChannelScenario, EmulatedModel,
                                        emulated_compute_s_per_token, scenario_rates_bits_per_s,
                                        wire_slowdown)
-from testbed.links import LinkShape, TestbedError
+from testbed.links.control import LinkShape, TestbedError
 
 SCENARIO_DIR = os.path.dirname(os.path.abspath(__file__))
 SHAPE_KEYS = {f.name for f in dataclasses.fields(LinkShape)}

@@ -1,0 +1,1 @@
+"""Small rules every program shares: errors, dtype names, expert-id syntax, argument checks."""

@@ -1,0 +1,1 @@
+"""Experiments: sweeps, evaluations, their statistics and reports."""

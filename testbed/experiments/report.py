@@ -1,0 +1,145 @@
+"""`testbed report DIR`: the paper's Fig. 3 in small, from a sweep's results.jsonl.
+
+quality.png: quality bars (perplexity, or multiple-choice accuracy when there is one) and the
+median token latency line against θ, one panel per scenario; drops.png: per-agent drop rate
+against θ. Also prints the table. An eval's records get eval's own tables and figure
+(`eval_report`; the command dispatches on `is_eval`).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+
+from testbed.links.control import TestbedError
+
+
+def read_results(folder: str) -> list[dict]:
+    path = os.path.join(folder, "results.jsonl")
+    try:
+        with open(path) as f:
+            return [json.loads(line) for line in f if line.strip()]
+    except FileNotFoundError:
+        raise TestbedError(f"{folder}: no results.jsonl (run `testbed sweep --out {folder}`)") \
+            from None
+    except ValueError as e:
+        raise TestbedError(f"{path}: not JSON lines: {e}") from None
+
+
+def is_eval(row: dict) -> bool:
+    """A `testbed eval` record (its latency figures are intervals), not a sweep's."""
+    return row.get("kind") == "eval" or isinstance(row.get("median_token_ms"), dict)
+
+
+def _interval(figure: dict | None, spec: str) -> str:
+    if not figure:
+        return "-"
+    return f"{figure['value']:{spec}} [{figure['low']:{spec}}, {figure['high']:{spec}}]"
+
+
+def _per_pass(row: dict, key: str) -> str:
+    """'generation / quality' of a counter of the sweep's passes ('-' before passes)."""
+    passes = row.get("passes") or {}
+    return "/".join(str(passes[name][key]) if name in passes else "-"
+                    for name in ("latency", "quality"))
+
+
+def table(rows: list[dict]) -> str:
+    """A sweep's table: quality, KL and top-1 agreement with θ = 0 over held-out text (95 %
+    intervals over blocks), latency, drops, and the fault drops and failed requests of the
+    generation / quality passes."""
+    lines = [f"{'scenario':<13} {'theta':>5} {'ppl':>8} {'top1':>6} {'mc':>6} "
+             f"{'KL vs θ=0 nats [95% CI]':>26} {'agree θ=0 [95% CI]':>21} {'gen agree':>9} "
+             f"{'median ms':>9} {'p95 ms':>8} {'tok/s':>7} {'drop':>6} "
+             f"{'faults gen/qual':>15} {'failed gen/qual':>15}"]
+    for r in rows:
+        def fmt(key, spec):
+            return format(r[key], spec) if r.get(key) is not None else "-"
+        kl = r.get("divergence") or {}
+        # records before the divergence harness: "agreement" was the generated tokens'
+        generated = r.get("generated_agreement", None if kl else r.get("agreement"))
+        lines.append(f"{r['scenario']:<13} {r['theta']:>5.2f} {fmt('perplexity', '8.2f'):>8} "
+                     f"{fmt('top1_accuracy', '6.3f'):>6} {fmt('mc_accuracy', '6.3f'):>6} "
+                     f"{_interval(kl.get('kl_nats'), '.4f'):>26} "
+                     f"{_interval(kl.get('top1_agreement'), '.3f'):>21} "
+                     f"{format(generated, '.3f') if generated is not None else '-':>9} "
+                     f"{r['median_token_ms']:>9.2f} "
+                     f"{r['p95_token_ms']:>8.2f} {r['tokens_per_s']:>7.1f} "
+                     f"{100 * r['drop_rate']:>5.1f}% "
+                     f"{_per_pass(r, 'fault_drops'):>15} {_per_pass(r, 'failed_requests'):>15}")
+    return "\n".join(lines)
+
+
+def draw(folder: str) -> list[str]:
+    """Writes quality.png and drops.png into `folder`; returns their paths."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    rows = read_results(folder)
+    if not rows:
+        raise TestbedError(f"{folder}/results.jsonl is empty")
+    if any(is_eval(r) for r in rows):
+        raise TestbedError(f"{folder}: `testbed eval` records: draw them with "
+                           "testbed.experiments.eval_report.draw")
+    by_scenario: dict[str, list[dict]] = {}
+    for r in rows:
+        by_scenario.setdefault(r["scenario"], []).append(r)
+    # perplexity first: over a few hundred tokens it moves less by chance than a small
+    # multiple-choice set does
+    quality_key = next((k for k in ("perplexity", "mc_accuracy")
+                        if any(r.get(k) is not None for r in rows)), "agreement")
+    quality_label = {"mc_accuracy": "multiple-choice accuracy",
+                     "perplexity": "held-out perplexity (lower is better)",
+                     "agreement": "agreement with θ = 0"}[quality_key]
+
+    fig, axes = plt.subplots(1, len(by_scenario), figsize=(5 * len(by_scenario), 3.8),
+                             squeeze=False)
+    for ax, (scenario, srows) in zip(axes[0], by_scenario.items()):
+        srows = sorted(srows, key=lambda r: r["theta"])
+        labels = [f"{r['theta']:g}" for r in srows]
+        ax.bar(labels, [r.get(quality_key) or 0 for r in srows], color="#8fb3d9",
+               label=quality_label)
+        ax.set_xlabel("θ")
+        ax.set_ylabel(quality_label)
+        twin = ax.twinx()
+        twin.plot(labels, [r["median_token_ms"] for r in srows], "o-", color="#c0392b",
+                  label="median token latency")
+        twin.set_ylabel("median token latency (ms)")
+        twin.set_ylim(bottom=0)
+        ax.set_title(f"{scenario} ({srows[0]['backend']})", fontsize=9)
+        handles = ax.get_legend_handles_labels()[0] + twin.get_legend_handles_labels()[0]
+        ax.legend(handles, [h.get_label() for h in handles], loc="lower left", fontsize=8)
+    fig.tight_layout()
+    quality_png = os.path.join(folder, "quality.png")
+    fig.savefig(quality_png, dpi=120)
+    plt.close(fig)
+
+    fig, axes = plt.subplots(1, len(by_scenario), figsize=(5 * len(by_scenario), 3.5),
+                             squeeze=False)
+    for ax, (scenario, srows) in zip(axes[0], by_scenario.items()):
+        srows = sorted(srows, key=lambda r: r["theta"])
+        agents = sorted(srows[0]["per_agent"],
+                        key=lambda name: min(srows[0]["per_agent"][name]["experts"]))
+        width = 0.8 / max(1, len(srows))
+        for i, r in enumerate(srows):
+            rates = []
+            for name in agents:
+                a = r["per_agent"].get(name, {})
+                considered = a.get("calls", 0) + a.get("drops", 0)
+                rates.append(100 * a.get("drops", 0) / considered if considered else 0.0)
+            ax.bar([j + i * width for j in range(len(agents))], rates, width,
+                   label=f"θ = {r['theta']:g}")
+        ax.set_xticks([j + 0.4 - width / 2 for j in range(len(agents))])
+        ax.set_xticklabels([",".join(map(str, srows[0]["per_agent"][n]["experts"]))
+                            for n in agents], fontsize=8)
+        ax.set_xlabel("agent (experts)")
+        ax.set_ylabel("drop rate (%)")
+        ax.set_title(scenario, fontsize=9)
+        ax.legend(fontsize=8)
+    fig.tight_layout()
+    drops_png = os.path.join(folder, "drops.png")
+    fig.savefig(drops_png, dpi=120)
+    plt.close(fig)
+    return [quality_png, drops_png]

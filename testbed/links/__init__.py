@@ -1,0 +1,1 @@
+"""Agents behind real, shaped links: namespaces, shaping, relays, the plan and its state."""

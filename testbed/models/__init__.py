@@ -1,0 +1,1 @@
+"""Test models: tiny checkpoints, family checkpoints, the trained tiny model, corpus."""
