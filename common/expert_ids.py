@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 # Far above any MoE's routed experts per layer (DeepSeek-V3: 256); checked before a range is
-# expanded (`0-50000000` took 51 s, then MemoryError, in the base station's roster).
+# expanded (`0-50000000` would take 51 s, then MemoryError, in the base station's roster).
 MAX_EXPERT_ID = 4095
 
 

@@ -12,6 +12,8 @@ import signal
 import socket
 import sys
 
+from common.cli_args import ArgumentParser, device, endpoint, number, user_error
+from common.expert_ids import parse_expert_ids
 from edge_agent.faults import parse_faults
 from wire.keys import (
     PUSHERS_DIR,
@@ -24,8 +26,6 @@ from wire.keys import (
 )
 from wire.peer_limits import MAX_PEERS, PeerLimits
 from wire.protocol import SocketConfig
-from common.cli_args import ArgumentParser, device, endpoint, number, user_error
-from common.expert_ids import parse_expert_ids
 
 DEFAULT_BIND = "tcp://0.0.0.0:5600"
 EXIT_USAGE = 2
@@ -196,9 +196,10 @@ def main(argv: list[str] | None = None) -> int:
     # Imported after parsing so `--help` is instant (torch takes seconds to import).
     import zmq
 
-    from edge_agent.server import Agent, AgentConfig
-    from edge_agent.shards import missing_experts
     from common.errors import ShardError
+    from edge_agent.config import AgentConfig, EmulationConfig, NetworkConfig
+    from edge_agent.server import Agent
+    from edge_agent.shard_reader import missing_experts
 
     try:
         experts = parse_experts(args.expert)
@@ -220,17 +221,19 @@ def main(argv: list[str] | None = None) -> int:
         return EXIT_USAGE
     sockets = SocketConfig(heartbeat_timeout_s=args.heartbeat_timeout_s,
                            max_message_bytes=int(args.max_message_mb * 2**20))
-    config = AgentConfig(
-        experts=experts, shards_dir=args.shards, store_dir=args.store, bind=bind,
-        basestation=args.basestation, advertise=args.advertise, agent_id=args.agent_id,
-        device=args.device, dtype=args.dtype, self_benchmark=not args.no_self_benchmark,
-        sockets=sockets, faults=faults,
+    network = NetworkConfig(
+        bind=bind, basestation=args.basestation, advertise=args.advertise,
+        agent_id=args.agent_id, sockets=sockets, keys=keys, basestation_key=basestation_key,
+        limits=PeerLimits.for_message_cap(sockets.max_message_bytes, args.max_peers))
+    emulation = EmulationConfig(
         pace_s_per_token=args.pace_compute_us_per_token / 1e6,
-        pace_s_per_call=args.pace_compute_us_per_call / 1e6, keys=keys,
-        basestation_key=basestation_key, accept_fingerprint=args.accept_fingerprint,
-        limits=PeerLimits.for_message_cap(sockets.max_message_bytes, args.max_peers),
-        memory_budget_bytes=args.memory_budget,
-        pace_load_bytes_per_s=args.pace_load_mb_per_s * 1e6)
+        pace_s_per_call=args.pace_compute_us_per_call / 1e6,
+        pace_load_bytes_per_s=args.pace_load_mb_per_s * 1e6, faults=faults)
+    config = AgentConfig(
+        experts=experts, shards_dir=args.shards, store_dir=args.store,
+        accept_fingerprint=args.accept_fingerprint, device=args.device, dtype=args.dtype,
+        self_benchmark=not args.no_self_benchmark, memory_budget_bytes=args.memory_budget,
+        network=network, emulation=emulation)
     try:  # with --store, makes the store's folders
         agent = Agent(config, ready=lambda line: print(line, flush=True))
     except OSError as e:

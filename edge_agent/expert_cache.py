@@ -57,7 +57,7 @@ class CacheCounters:
     hinted_hits: int = 0  # hits on units a hint loaded
     hints: int = 0  # hint messages taken
     hinted_loads: int = 0  # loads a hint started
-    hints_ignored: int = 0  # hint messages dropped: loads cost no waiting (shards.ExpertStore)
+    hints_ignored: int = 0  # hint messages dropped: loads cost no waiting (residency.ExpertStore)
     hints_late: int = 0  # hinted units dropped: their load would end after their layer's turn
 
     def reply_fields(self) -> list[int]:

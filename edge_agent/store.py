@@ -6,6 +6,8 @@ Protocol (every step is answered with PUSH_ACK or ERROR):
                 -> ack offset (bytes already held), prefix_sha256 (of those bytes, when > 0)
     PUSH_CHUNK  expert, offset, sha256 (of this chunk), payload = chunk bytes -> ack offset
     PUSH_END    expert -> ack complete (the file was checked and renamed into place)
+The steps arrive decoded (wire/messages.py: the expert is one this store hosts, the frames
+are there); what they say is checked here.
 Nothing is written until the pusher may push (keys.ROLE_PUSH, checked by the server), the
 expert is hosted here, the manifest is the model this store accepts and the declared size fits
 the free disk. The model accepted: the store's own manifest.json when it holds one, else
@@ -20,7 +22,8 @@ shard at PUSH_BEGIN: a replacement takes its place by rename once it was checked
 sizes are bounded by the tensors the model's config implies (shard_tool/shard_bounds.py).
 The partial file `experts/expert-00q.safetensors.partial` and its `.partial.json` (which file
 it is becoming) survive pusher and agent restarts, so an interrupted push resumes; the pusher
-compares prefix_sha256 with its own file first, so bytes someone else staged are replaced, not resumed.
+compares prefix_sha256 with its own file first, so bytes someone else staged are replaced, not
+resumed.
 A push that fails its checks leaves nothing behind.
 """
 
@@ -33,8 +36,6 @@ import os
 import shutil
 from dataclasses import dataclass, replace
 
-from wire import protocol as P
-from wire.protocol import ERR_PUSH, ProtocolError
 from common.errors import ShardError
 from shard_tool.manifest import (
     MANIFEST_NAME,
@@ -46,6 +47,9 @@ from shard_tool.manifest import (
     sha256_prefix,
 )
 from shard_tool.shard_bounds import check_declared_size
+from wire import protocol as P
+from wire.messages import PushBegin, PushChunk, PushEnd
+from wire.protocol import ERR_PUSH, ProtocolError
 
 log = logging.getLogger("edge_agent")
 
@@ -160,12 +164,6 @@ class ShardStore:
             log.warning("store: ignoring unreadable manifest: %s", e)
             return None
 
-    def _expert(self, header: dict) -> int:
-        expert = header.get("expert")
-        if not isinstance(expert, int) or expert not in self.experts:
-            raise _refuse(f"this agent hosts experts {self.experts}, not {P.shown(expert)}")
-        return expert
-
     def _check_model(self, manifest: Manifest, held: Manifest | None) -> None:
         """Raises ProtocolError unless this store (holding `held`) takes `manifest`'s model."""
         if held is not None:
@@ -221,11 +219,12 @@ class ShardStore:
 
     # -- the three steps --------------------------------------------------------------------
 
-    def begin(self, header: dict, payload: list, pusher: Pusher = Pusher(b""),
-              now: float = 0.0) -> dict:
-        """Start or resume a push. Writes nothing unless every check passes. Raises
-        ProtocolError(ERR_PUSH) with a user-facing reason."""
-        expert = self._expert(header)
+    def begin(self, message: PushBegin, pusher: Pusher = Pusher(b""), now: float = 0.0
+              ) -> dict:
+        """Start or resume a push (a decoded PUSH_BEGIN: its expert is one of this store's).
+        Writes nothing unless every check passes. Raises ProtocolError(ERR_PUSH) with a
+        user-facing reason."""
+        expert = message.expert
         self.expire(now)
         if self._slow is not None and self._slow[0] == pusher and now < self._slow[1]:
             raise _refuse(f"this pusher's last push was too slow (under {MIN_PUSH_BYTES_PER_S} "
@@ -235,10 +234,8 @@ class ShardStore:
             raise _refuse(f"another push (expert {session.expert}, {session.offset} of "
                           f"{session.entry.bytes} bytes) is in progress here; try again when "
                           f"it ends (at most {PUSH_IDLE_S:.0f} s after its last chunk)")
-        if len(payload) != 1:
-            raise _refuse("push_begin carries the manifest as one frame")
         try:
-            manifest = Manifest.from_json(json.loads(bytes(payload[0].buffer)))
+            manifest = Manifest.from_json(json.loads(message.manifest))
             manifest.expert_file(expert)
         except (ValueError, UnicodeDecodeError, RecursionError):
             raise _refuse("the pushed manifest is not JSON") from None
@@ -270,7 +267,7 @@ class ShardStore:
                 in_place = True
             except ShardError as e:  # a corrupt copy: replaced by rename once the push checks
                 log.warning("store: expert %d's shard will be replaced: %s", expert, e)
-        offset = 0 if in_place or header.get("restart") is True else \
+        offset = 0 if in_place or message.restart else \
             self._held_offset(partial, sidecar, target)
         if not in_place:
             need, free = entry.bytes - offset, shutil.disk_usage(self.folder).free
@@ -306,17 +303,14 @@ class ShardStore:
             pass
         return 0
 
-    def chunk(self, header: dict, payload: list, pusher: Pusher = Pusher(b""),
-              now: float = 0.0) -> dict:
-        """Append one verified chunk. Raises ProtocolError(ERR_PUSH)."""
-        expert = self._expert(header)
+    def chunk(self, message: PushChunk, pusher: Pusher = Pusher(b""), now: float = 0.0
+              ) -> dict:
+        """Append one verified chunk (a decoded PUSH_CHUNK). Raises ProtocolError(ERR_PUSH)."""
+        expert, offset, digest, data = message.expert, message.offset, message.sha256, \
+            message.data
         session = self._own_session(pusher, expert, now)
-        offset, digest = header.get("offset"), header.get("sha256")
-        if len(payload) != 1 or not isinstance(offset, int) or not isinstance(digest, str):
-            raise _refuse("push_chunk needs offset, sha256 and one data frame")
         if offset != session.offset or session.file is None:
             return {"offset": session.offset, "bytes": session.entry.bytes}  # pusher seeks here
-        data = payload[0].buffer
         if offset + len(data) > session.entry.bytes:
             raise _refuse(f"chunk at {offset} runs past the end of the file "
                           f"({session.entry.bytes} bytes)")
@@ -327,13 +321,13 @@ class ShardStore:
         session.offset += len(data)
         return {"offset": session.offset, "bytes": session.entry.bytes}
 
-    def end(self, header: dict, pusher: Pusher = Pusher(b""), now: float = 0.0) -> dict:
-        """Check the whole file against the manifest and rename it into place; the first shard
-        of a model also writes its manifest.json.
+    def end(self, message: PushEnd, pusher: Pusher = Pusher(b""), now: float = 0.0) -> dict:
+        """Check the whole file against the manifest and rename it into place (a decoded
+        PUSH_END); the first shard of a model also writes its manifest.json.
 
         Raises ProtocolError(ERR_PUSH); a file that fails the check is discarded.
         """
-        expert = self._expert(header)
+        expert = message.expert
         session = self._own_session(pusher, expert, now)
         entry = session.entry
         done = {"complete": True, "offset": entry.bytes, "bytes": entry.bytes}

@@ -6,9 +6,9 @@ import argparse
 import signal
 import sys
 
-from shard_tool import push
 from common.cli_args import ArgumentParser, check_endpoint, user_error
 from common.errors import ShardError
+from shard_tool import push
 from shard_tool.split import DTYPE_CHOICES
 
 
@@ -83,12 +83,12 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 MAX_CHUNK_MB = 1024.0  # one chunk is one message held in memory at both ends
-# A wait per step; libzmq takes milliseconds as a C int, so 1e17 s overflowed (a traceback)
+# A wait per step; libzmq takes milliseconds as a C int, so 1e17 s would overflow (a traceback)
 MAX_TIMEOUT_S = 86400.0
 
 
 def check_push_args(args) -> None:
-    """push's numbers and --to, before any file or socket is touched (`--chunk-mb 0` used to
+    """push's numbers and --to, before any file or socket is touched (`--chunk-mb 0` would
     loop forever, sending empty chunks). Raises ShardError."""
     try:
         check_endpoint(args.to)

@@ -25,7 +25,7 @@ from common.errors import ShardError
 from shard_tool.families import DOWN, GATE, GATE_UP, GPT_OSS, UP
 
 # 1: every expert at 16 bits; 2: some expert layer at 8 or 4 bits. Both fingerprinted only
-# `path:sha256` (+ bits), so a forged `bytes` or `tensors` kept the real fingerprint (issue 20).
+# `path:sha256` (+ bits), so a forged `bytes` or `tensors` keeps the real fingerprint (issue 20).
 LEGACY_FORMAT_VERSIONS = (1, 2)
 # 3: the fingerprint covers every field of every file entry. Written by this version; 1 and 2
 # still load (their stored fingerprint checked the old way), and their in-memory fingerprint

@@ -52,6 +52,7 @@ def push(src: str, expert: int, to: str, chunk_bytes: int = DEFAULT_CHUNK_BYTES,
 
     Raises ShardError: bad split folder, agent unreachable or silent, push refused.
     """
+    from wire import messages as M
     from wire import protocol as P
     from wire.client import AgentClient, AgentError, PeerUnreachable
 
@@ -68,20 +69,27 @@ def push(src: str, expert: int, to: str, chunk_bytes: int = DEFAULT_CHUNK_BYTES,
     client = AgentClient(sockets=P.SocketConfig(max_message_bytes=chunk_bytes + (1 << 20)),
                          keypair=keypair)
     peer = client.connect(to, server_key=agent_key)
+
+    def step(kind: str, frames: list, step_timeout_s: float, **fields) -> M.PushAck:
+        """One step's ack. Raises TimeoutError, PeerUnreachable, AgentError, ProtocolError."""
+        reply = client.call(peer, kind, frames, timeout_s=step_timeout_s, expert=expert,
+                            **fields)
+        if reply.kind != P.PUSH_ACK:
+            raise P.ProtocolError(P.ERR_MALFORMED, f"a {P.shown(reply.kind)} reply to {kind}")
+        return reply.message
+
     bar = None
     try:
         # the agent may check the shard it holds, or hash the part a resume would keep
         begin_timeout_s = timeout_s + entry.bytes / END_CHECK_BYTES_PER_S
-        ack = client.call(peer, P.PUSH_BEGIN, [manifest_bytes], timeout_s=begin_timeout_s,
-                          expert=expert).header
-        offset = int(ack["offset"])
-        held = ack.get("prefix_sha256")  # agents before issue #13 do not send it
-        if offset and not ack.get("complete") and held is not None \
+        ack = step(P.PUSH_BEGIN, [manifest_bytes], begin_timeout_s)
+        offset = ack.offset
+        held = ack.prefix_sha256  # agents before issue #13 do not send it
+        if offset and not ack.complete and held is not None \
                 and held != sha256_prefix(path, offset):
             # bytes someone else staged (another pusher's interrupted push): not ours to resume
-            ack = client.call(peer, P.PUSH_BEGIN, [manifest_bytes], timeout_s=begin_timeout_s,
-                              expert=expert, restart=True).header
-            offset = int(ack["offset"])
+            ack = step(P.PUSH_BEGIN, [manifest_bytes], begin_timeout_s, restart=True)
+            offset = ack.offset
         resumed_from = offset
         sent = chunks = 0
         from tqdm import tqdm
@@ -97,19 +105,20 @@ def push(src: str, expert: int, to: str, chunk_bytes: int = DEFAULT_CHUNK_BYTES,
                 digest = hashlib.sha256(data).hexdigest()
                 if faults.corrupt_chunk == chunks:
                     data = bytes([data[0] ^ 0xFF]) + data[1:]
-                ack = client.call(peer, P.PUSH_CHUNK, [data], timeout_s=timeout_s,
-                                  expert=expert, offset=offset, sha256=digest).header
-                new_offset = int(ack["offset"])
+                new_offset = step(P.PUSH_CHUNK, [data], timeout_s, offset=offset,
+                                  sha256=digest).offset
                 bar.update(new_offset - offset)
                 sent += len(data) if new_offset == offset + len(data) else 0
                 offset = new_offset  # the agent says where it is; it may ask us to go back
                 chunks += 1
-        ack = client.call(peer, P.PUSH_END, timeout_s=timeout_s + entry.bytes /
-                          END_CHECK_BYTES_PER_S, expert=expert).header
+        ack = step(P.PUSH_END, [], timeout_s + entry.bytes / END_CHECK_BYTES_PER_S)
         return PushResult(expert=expert, bytes=entry.bytes, resumed_from=resumed_from,
-                          sent_bytes=sent, serving=bool(ack.get("serving")))
+                          sent_bytes=sent, serving=ack.serving)
     except AgentError as e:
         raise ShardError(f"push refused by the agent at {to}: {e.message}") from None
+    except P.ProtocolError as e:
+        raise ShardError(f"the agent at {to} answered the push with a malformed ack: "
+                         f"{e.message}") from None
     except (TimeoutError, PeerUnreachable):
         raise ShardError(f"{to}: no answer within {timeout_s} s (is `edge_agent --store` "
                          "running there, and, if it has --keys, is this pusher's key in its "

@@ -1,5 +1,6 @@
 """Expert weight quantisation: the one owner of the format. The split writes it, the agent keeps
-it in memory and multiplies with it, the bits search measures it. Imports only torch.
+it in memory and multiplies with it, the bits search measures it. Imports only torch, and that
+inside the functions that compute: a 16-bit split reads the names and layout here without it.
 
 Every quantised matrix is W [N, K] = [out features, in features], as `F.linear(x, W)` uses it,
 quantised per output channel (row), linear, round to nearest:
@@ -21,8 +22,10 @@ Shape legend: N = out features (rows), K = in features, G = group size, T = toke
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
-import torch
+if TYPE_CHECKING:
+    import torch
 
 FULL_BITS = 16  # "not quantised": the shard keeps the checkpoint's floats
 BITS = (16, 8, 4)
@@ -88,6 +91,8 @@ def group_size_for(in_features: int) -> int:
 def quantize(w: torch.Tensor, bits: int) -> QuantizedMatrix:
     """W [N, K] (any float dtype) -> its 8- or 4-bit form, computed in float32 on W's device.
     Rows are independent: quantising a block of rows gives those rows of the whole."""
+    import torch
+
     if w.dim() != 2 or not w.is_floating_point():
         raise ValueError(f"quantize takes a float matrix [N, K], not {w.dtype} {tuple(w.shape)}")
     w = w.float()
@@ -110,13 +115,16 @@ def quantize(w: torch.Tensor, bits: int) -> QuantizedMatrix:
     raise ValueError(f"quantize: bits must be 8 or 4, not {bits!r}")
 
 
-def dequantize(q: QuantizedMatrix, dtype: torch.dtype = torch.float32,
+def dequantize(q: QuantizedMatrix, dtype: torch.dtype | None = None,
                out: torch.Tensor | None = None) -> torch.Tensor:
-    """-> W [N, K] in `dtype` on q's device, written into `out` (contiguous [N, K]) when given.
-    The agent's scratch path and the bits search both call this, so they see the same values."""
+    """-> W [N, K] in `dtype` (None: float32) on q's device, written into `out` (contiguous
+    [N, K]) when given. The agent's scratch path and the bits search both call this, so they see
+    the same values."""
+    import torch
+
     rows, cols = q.shape
     if out is None:
-        out = torch.empty(rows, cols, dtype=dtype, device=q.qweight.device)
+        out = torch.empty(rows, cols, dtype=dtype or torch.float32, device=q.qweight.device)
     if q.bits == 8:
         out.copy_(q.qweight)  # int8 -> float: exact
         return out.mul_(q.scale[:, None])  # float32 scale, rounded once into `dtype`
@@ -130,6 +138,8 @@ def dequantize(q: QuantizedMatrix, dtype: torch.dtype = torch.float32,
 
 def codes(q: QuantizedMatrix) -> torch.Tensor:
     """The integer codes [N, K] (int32): int8 values, or 0..15 for 4 bits (kernel packing)."""
+    import torch
+
     if q.bits == 8:
         return q.qweight.to(torch.int32)
     half = q.qweight.shape[1]
@@ -141,6 +151,8 @@ def codes(q: QuantizedMatrix) -> torch.Tensor:
 
 def cat_rows(parts: list[QuantizedMatrix]) -> QuantizedMatrix:
     """Stack matrices of the same width and bits row-wise (gate rows, then up rows)."""
+    import torch
+
     if len({(p.bits, p.shape[1], p.group_size) for p in parts}) != 1:
         raise ValueError("cat_rows: the parts differ in bits, width or group size")
     offset = None if parts[0].offset is None else torch.cat([p.offset for p in parts])
@@ -181,6 +193,8 @@ def stored_tensors(q: QuantizedMatrix) -> list[torch.Tensor]:
 
 def from_stored(bits: int, tensors: list[torch.Tensor]) -> QuantizedMatrix:
     """The inverse of `stored_tensors`, shapes and dtypes checked. Raises ValueError."""
+    import torch
+
     check_bits(bits)
     if bits == FULL_BITS or len(tensors) != len(SUFFIXES[: 3 if bits == 4 else 2]):
         raise ValueError(f"{len(tensors)} tensors do not hold a {bits}-bit matrix")

@@ -13,8 +13,8 @@ import json
 import math
 import os
 import struct
-from dataclasses import dataclass
 from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
 from typing import Callable, Iterable
 
 from common.errors import ShardError

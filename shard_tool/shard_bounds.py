@@ -8,8 +8,8 @@ from __future__ import annotations
 
 import math
 
-from shard_tool import quant
 from common.errors import ShardError
+from shard_tool import quant
 from shard_tool.families import FAMILIES, ModelShape
 from shard_tool.manifest import FULL_BITS, QUANTISED_PARTS, FileEntry, Manifest, stored_transposed
 from shard_tool.safetensors_io import DTYPE_BYTES, FLOAT_CODES

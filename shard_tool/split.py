@@ -15,22 +15,44 @@ import math
 import os
 import shutil
 import sys
-import tempfile
 from collections.abc import Callable
 from contextlib import nullcontext
 from dataclasses import dataclass
 
-from shard_tool import __version__
 from common.dtypes import CODE_NAMES, DTYPE_ALIASES, SAFETENSORS_CODES
 from common.errors import ShardError
-from shard_tool.families import (ExpertTensor, Family, ModelShape, family_for_config,
-                                 supported_model_types)
-from shard_tool.manifest import (BASESTATION_DIR, EXPERTS_DIR, FULL_BITS, QUANTISED_PARTS,
-                                 FileEntry, Manifest, expert_file_path, read_json_object,
-                                 sha256_file, stored_transposed, write_manifest)
-from shard_tool.safetensors_io import (COPY_CHUNK_BYTES, DTYPE_BYTES, FLOAT_CODES,
-                                       StreamingWriter, TensorInfo, read_header, read_tensor,
-                                       torch_dtype)
+from common.staging import staged_dir
+from shard_tool import __version__
+from shard_tool.families import (
+    ExpertTensor,
+    Family,
+    ModelShape,
+    family_for_config,
+    supported_model_types,
+)
+from shard_tool.manifest import (
+    BASESTATION_DIR,
+    EXPERTS_DIR,
+    FULL_BITS,
+    QUANTISED_PARTS,
+    FileEntry,
+    Manifest,
+    expert_file_path,
+    read_json_object,
+    sha256_file,
+    stored_transposed,
+    write_manifest,
+)
+from shard_tool.safetensors_io import (
+    COPY_CHUNK_BYTES,
+    DTYPE_BYTES,
+    FLOAT_CODES,
+    StreamingWriter,
+    TensorInfo,
+    read_header,
+    read_tensor,
+    torch_dtype,
+)
 
 INDEX_NAME = "model.safetensors.index.json"
 SINGLE_NAME = "model.safetensors"
@@ -413,11 +435,7 @@ def split(src: str, out: str, dtype: str = "keep", force: bool = False,
                                       drop_quantization=bool(shape.expert_quant) and
                                       not base_quantised)
 
-    parent = os.path.dirname(out)
-    os.makedirs(parent, exist_ok=True)
-    staging = tempfile.mkdtemp(prefix=f".{os.path.basename(out)}.partial-", dir=parent)
-    try:
-        os.chmod(staging, 0o777 & ~_umask())  # mkdtemp's 0700 is not what OUT should have
+    with staged_dir(out, force=force) as staging:
         os.makedirs(os.path.join(staging, BASESTATION_DIR))
         os.makedirs(os.path.join(staging, EXPERTS_DIR))
         total_bytes = sum(info.nbytes for info in tensors.values())
@@ -441,25 +459,4 @@ def split(src: str, out: str, dtype: str = "keep", force: bool = False,
         manifest = Manifest(family=family.name, model=model, files=tuple(files),
                             tool_version=__version__)
         write_manifest(staging, manifest)
-        _replace(staging, out)
-    except BaseException:
-        shutil.rmtree(staging, ignore_errors=True)
-        raise
     return manifest
-
-
-def _umask() -> int:
-    mask = os.umask(0)
-    os.umask(mask)
-    return mask
-
-
-def _replace(staging: str, out: str) -> None:
-    """Move the finished folder into place; an old OUT (--force) goes only once the new is in."""
-    if not os.path.exists(out):
-        os.rename(staging, out)
-        return
-    trash = tempfile.mkdtemp(prefix=f".{os.path.basename(out)}.old-", dir=os.path.dirname(out))
-    os.rename(out, os.path.join(trash, "old"))
-    os.rename(staging, out)
-    shutil.rmtree(trash, ignore_errors=True)

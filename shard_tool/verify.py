@@ -8,8 +8,15 @@ from contextlib import nullcontext
 
 from common.errors import ShardError
 from shard_tool.families import FAMILIES, ModelShape
-from shard_tool.manifest import (FULL_BITS, QUANTISED_PARTS, FileEntry, Manifest, check_file,
-                                 load_manifest, stored_transposed)
+from shard_tool.manifest import (
+    FULL_BITS,
+    QUANTISED_PARTS,
+    FileEntry,
+    Manifest,
+    check_file,
+    load_manifest,
+    stored_transposed,
+)
 from shard_tool.safetensors_io import DTYPE_BYTES
 
 # What `inspect` assumes when it sizes a device's working memory.

@@ -18,12 +18,13 @@ import os
 import struct
 import time
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 import zmq
 from zmq.backend import zmq_poll
 
+from wire import messages as M
 from wire import protocol as P
 from wire.client_guard import ClientLimits, LinkGuard
 from wire.keys import (
@@ -80,8 +81,9 @@ class PeerUnreachable(Exception):
 @dataclass(slots=True)  # not frozen: a frozen dataclass pays for its __init__ on every reply
 class Reply:
     peer: bytes
-    header: dict
+    header: dict  # unpacked (protocol.unpack: version, kind and id checked), nothing more
     frames: list  # payload frames (zmq.Frame), wrapped without copies by `tensor()`
+    _message: M.Message | None = field(default=None, init=False, repr=False)
 
     @property
     def kind(self) -> str:
@@ -91,10 +93,25 @@ class Reply:
     def id(self) -> int | None:
         return self.header.get("id")
 
+    @property
+    def message(self) -> M.Message:
+        """The typed message (wire/messages.py), decoded and checked on first use: a reply
+        nobody reads, such as a late one, costs nothing. Raises ProtocolError."""
+        message = self._message
+        if message is None:
+            header = self.header
+            if header["kind"] == P.EXPERT_REPLY:  # the base station's hot path: one call less
+                message = M.ExpertReply.decode(header, self.frames)
+            else:
+                message = M.decode(header, self.frames)
+            self._message = message
+        return message
+
     def check(self) -> Reply:
         """Raises AgentError when this is an ERROR reply."""
         if self.kind == P.ERROR:
-            raise AgentError(str(self.header.get("code")), str(self.header.get("message")))
+            error = self.message
+            raise AgentError(error.code, error.message)
         return self
 
     def tensor(self) -> torch.Tensor:
@@ -205,6 +222,10 @@ class AgentClient:
         """Whether that agent's connection is up now (LinkGuard.connected): slow is not gone."""
         return self.guard.connected(peer)
 
+    def count_late(self) -> None:
+        """A reply its receiver did not wait for (given up on, or not from the agent asked)."""
+        self.late_replies += 1
+
     # -- sending ----------------------------------------------------------------------------
 
     def send(self, peer: bytes, kind: str, frames: Sequence = (), **fields) -> int:
@@ -258,7 +279,11 @@ class AgentClient:
             if not self.guard.admit(frames, hello) or header is None:
                 continue  # its bytes are counted as read either way
             if hello:
-                self.hellos[frames[0].bytes] = header.get("info") or {}
+                try:
+                    info = M.Hello.decode(header, frames[2:]).info
+                except P.ProtocolError:  # an info that is not a map: nothing it says is known
+                    info = {}
+                self.hellos[frames[0].bytes] = info
                 continue
             return Reply(frames[0].bytes, header, frames[2:])
 
@@ -313,4 +338,9 @@ class AgentClient:
         return reply.check().tensor(), reply
 
     def info(self, peer: bytes, timeout_s: float = DEFAULT_TIMEOUT_S) -> dict:
-        return self.call(peer, P.INFO, timeout_s=timeout_s).header["info"]
+        """That agent's info. Raises TimeoutError, PeerUnreachable, AgentError, ProtocolError
+        (a reply that is not an info map)."""
+        reply = self.call(peer, P.INFO, timeout_s=timeout_s)
+        if reply.kind != P.INFO_REPLY:
+            raise P.ProtocolError(P.ERR_MALFORMED, f"a {P.shown(reply.kind)} reply to INFO")
+        return reply.message.info

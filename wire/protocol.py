@@ -1,6 +1,6 @@
 """The edge-agent wire protocol: one module, one version, shared by agent, pusher and base station.
 
-Socket roles (design.md, "ZeroMQ lessons"):
+Socket roles (README, "Wire protocol"):
     base station   one ROUTER socket for every agent, both directions at once:
                    - listening agents (`edge_agent --bind`): the ROUTER *connects* to the agent,
                      naming the peer with CONNECT_ROUTING_ID (the alias, e.g. the address);
@@ -20,7 +20,7 @@ Message = multipart [header, *payload]; ROUTER sockets add the peer's routing id
               echoes it so late replies can be discarded).
     payload   raw tensor bytes, C order, no pickle: frame 0 = data, frame 1 = per-token float32
               scales when dtype is "int8".
-Kinds and their extra header fields:
+Kinds and their extra header fields (each kind decoded and checked once: wire/messages.py):
     EXPERT        layer, experts [[expert_id, tokens], ...] (tokens of each expert, in frame
                   order), dtype (wire dtype of this tensor), shape [tokens, hidden],
                   reply_dtype (optional; default: dtype), prefetch (optional: a PREFETCH's
@@ -48,7 +48,6 @@ Kinds and their extra header fields:
 
 from __future__ import annotations
 
-import math
 import reprlib
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -113,7 +112,7 @@ WIRE_DTYPES: dict[str, torch.dtype] = {
 }
 DTYPE_NAME = {v: k for k, v in WIRE_DTYPES.items()}
 
-# Liveness and flow control (measured values and reasons in design.md)
+# Liveness and flow control (measured values and reasons in the README, "Wire protocol")
 HEARTBEAT_INTERVAL_S = 0.2
 # A peer silent this long (no ZMTP traffic: libzmq's I/O thread answers heartbeats even while
 # the agent computes) is gone. It is what tells dead from slow, so it sits above the stalls a
@@ -242,6 +241,8 @@ def request_id_of(frame) -> int | None:
 
 def wire_dtype_name(name: str) -> str:
     """Canonical wire dtype name. Raises ProtocolError(ERR_DTYPE)."""
+    if type(name) is str and name in WIRE_DTYPES:  # the common case: already canonical
+        return name
     name = canonical_dtype(name) if isinstance(name, str) else name
     if not isinstance(name, str) or name not in WIRE_DTYPES:  # a list or map: not a name
         raise ProtocolError(ERR_DTYPE, f"unknown wire dtype {str(name)[:40]!r}")
@@ -303,31 +304,32 @@ def decode_tensor_view(header: dict, frames: Sequence, hidden: int | None = None
                        ) -> tuple[torch.Tensor, bool]:
     """decode_tensor, and whether the tensor is a view of frame 0's memory (writable when the
     frame is a received zmq.Frame: the agent answers in it)."""
-    dtype = wire_dtype_name(header.get("dtype"))
-    shape = header.get("shape")
-    if (not isinstance(shape, list) or len(shape) != 2
-            or not all(isinstance(d, int) and d >= 0 for d in shape)):
+    return frames_tensor(wire_dtype_name(header.get("dtype")), header.get("shape"), frames,
+                         hidden)
+
+
+def frames_tensor(dtype: str, shape, frames: Sequence, hidden: int | None = None
+                  ) -> tuple[torch.Tensor, bool]:
+    """decode_tensor_view of a canonical wire dtype (wire_dtype_name) and a header's shape.
+    Raises ProtocolError (ERR_SHAPE, ERR_MALFORMED)."""
+    # spelt out, not all(...) over a generator: this runs for every request and reply;
+    # type() is int, not True (view() raises on a bool)
+    if (type(shape) is not list or len(shape) != 2 or type(shape[0]) is not int
+            or type(shape[1]) is not int or shape[0] < 0 or shape[1] < 0):
         raise ProtocolError(ERR_SHAPE, f"shape {shown(shape)} is not [tokens, hidden]")
-    if hidden is not None and shape[1] != hidden:
-        raise ProtocolError(ERR_SHAPE, f"hidden size {shape[1]} is not {hidden}")
+    tokens, width = shape
+    if hidden is not None and width != hidden:
+        raise ProtocolError(ERR_SHAPE, f"hidden size {width} is not {hidden}")
     expected_frames = 2 if dtype == "int8" else 1
     if len(frames) != expected_frames:
         raise ProtocolError(ERR_MALFORMED, f"{len(frames)} payload frames, {dtype} needs "
                                            f"{expected_frames}")
-    count = math.prod(shape)
-    x, is_view = _frame_tensor(frames[0], WIRE_DTYPES[dtype], count)
-    x = x.view(shape)
+    x, is_view = _frame_tensor(frames[0], WIRE_DTYPES[dtype], tokens * width)
+    x = x.view(tokens, width)  # two ints: a third of the cost of a list (measured)
     if dtype == "int8":
-        scale = _frame_tensor(frames[1], torch.float32, shape[0])[0].view(shape[0], 1)
+        scale = _frame_tensor(frames[1], torch.float32, tokens)[0].view(tokens, 1)
         return x.float() * scale, False
     return x, is_view
-
-
-@dataclass(frozen=True)
-class PrefetchHint:
-    layer: int
-    experts: tuple[int, ...]
-    percent: tuple[int, ...] | None = None  # how likely each expert is; None: sure
 
 
 def prefetch_fields(layer: int, experts, percent=None) -> dict:
@@ -339,42 +341,13 @@ def prefetch_fields(layer: int, experts, percent=None) -> dict:
     return fields
 
 
-def parse_prefetch(header: dict, payload: Sequence = ()) -> PrefetchHint:
-    """A PREFETCH's fields (or an EXPERT's `prefetch` map), checked. Raises ProtocolError
-    (ERR_MALFORMED, ERR_TOO_LARGE)."""
-    if not isinstance(header, dict):
-        raise ProtocolError(ERR_MALFORMED, "a prefetch hint must be a map")
-    layer, experts = header.get("layer"), header.get("experts")
-    if payload:
-        raise ProtocolError(ERR_MALFORMED, "a prefetch hint carries no payload")
-    if not _plain_int(layer) or layer < 0:
-        raise ProtocolError(ERR_MALFORMED, f"prefetch layer {str(layer)[:20]!r} is not a layer")
-    if not isinstance(experts, list):
-        raise ProtocolError(ERR_MALFORMED, "prefetch experts must be [expert_id, ...]")
-    if len(experts) > MAX_PREFETCH_EXPERTS:
-        raise ProtocolError(ERR_TOO_LARGE, f"a prefetch hint of {len(experts)} experts (at most "
-                                           f"{MAX_PREFETCH_EXPERTS})")
-    if not all(_plain_int(e) and e >= 0 for e in experts):
-        raise ProtocolError(ERR_MALFORMED, "prefetch experts must be [expert_id, ...]")
-    percent = header.get("percent")
-    if percent is not None and (not isinstance(percent, list) or len(percent) != len(experts)
-                                or not all(_plain_int(p) and 0 <= p <= 100 for p in percent)):
-        raise ProtocolError(ERR_MALFORMED, "prefetch percent must be [0..100, ...], one per "
-                                           "expert")
-    return PrefetchHint(layer, tuple(experts), None if percent is None else tuple(percent))
-
-
 def cache_figures(value) -> dict | None:
     """An expert reply's `cache` list as {CACHE_FIELDS name: int}, or None when it is absent or
     malformed (figures for humans: a bad one is ignored, not an error)."""
     if (not isinstance(value, list) or len(value) != len(CACHE_FIELDS)
-            or not all(_plain_int(v) and v >= 0 for v in value)):
+            or not all(type(v) is int and v >= 0 for v in value)):  # inline: per reply
         return None
     return dict(zip(CACHE_FIELDS, value))
-
-
-def _plain_int(value) -> bool:
-    return isinstance(value, int) and not isinstance(value, bool)
 
 
 def error_header(request_id: int | None, code: str, message: str) -> bytes:
