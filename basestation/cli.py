@@ -9,7 +9,7 @@ import signal
 import socket
 import sys
 
-from basestation.session import RosterError, build_roster
+from basestation.roster import RosterError, build_roster
 from common.cli_args import (
     ArgumentParser,
     check_endpoint,
@@ -71,8 +71,8 @@ def add_session_args(p: argparse.ArgumentParser) -> None:
 
 
 MAX_TEMPERATURE = 10.0  # as chat's /temperature
-# Below this, logits / temperature overflow to inf and sampling gives NaN (1e-300 was a
-# traceback); 0 stays greedy.
+# Below this, logits / temperature overflow to inf and sampling gives NaN (1e-300 would
+# be a traceback); 0 stays greedy.
 MIN_TEMPERATURE = 1e-5
 
 
@@ -100,7 +100,8 @@ def add_model_args(p: argparse.ArgumentParser, sample_by_default: bool = False) 
 
 
 def _open(args, roster=None):
-    from basestation.session import open_session, read_channel_file
+    from basestation.channel_file import read_channel_file
+    from basestation.session import open_session
 
     if not 0.0 <= args.theta <= 1.0:
         raise RosterError(f"--theta {args.theta}: must be in [0, 1]")
@@ -122,7 +123,7 @@ def _open(args, roster=None):
 
 def _roster(args):
     """build_roster, then every endpoint it names checked: flags and roster files alike (a port
-    past 65535 was dialled as another port). Raises RosterError."""
+    past 65535 would be dialled as another port). Raises RosterError."""
     roster = build_roster(args.agent, args.agents, args.listen, args.keys, args.insecure)
     for name in roster.endpoints:
         try:
@@ -206,8 +207,8 @@ def cmd_chat(args) -> int:
 
 def cmd_serve(args) -> int:
     from basestation.engine import Engine
-    from basestation.openai_api import Defaults
     from basestation.http_limits import HttpLimits
+    from basestation.openai_api import Defaults
     from basestation.serve import is_loopback, run_server
 
     if args.max_queue < 0 or args.max_tokens < 1 or not 0 <= args.port <= 65535 \

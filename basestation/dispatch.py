@@ -1,48 +1,36 @@
 """Scatter one layer's expert groups to their agents, gather the replies: a late agent is
-waited for while its connection is up, up to its request's cap (slow is not dead).
+waited for while its connection is up, up to its request's cap (slow is not dead). It sends,
+gathers and checks; what it learns about an agent goes to the agent table (agents.py).
 
 One request per agent per layer carries every expert's token group back to back; every send
 goes out before any wait. A reply counts only if it comes from the agent the request went to,
 is an expert reply with the shape asked for, values a layer can produce (finite, each row within
 MAX_EXPERT_GAIN of its input's norm) and a believable compute time: anything else is that agent
-failing (its experts are reported failed, it is marked dead and probed back). Experts whose agent is down are computed here when a local fallback holds them.
+failing (its experts are reported failed, it is marked dead and probed back). Experts whose
+agent is down are computed here when a local fallback holds them. Probe replies arrive on the
+same socket: the gather sets them aside for the prober (liveness.py), which takes them after
+the layer.
 
 Shape legend: T = tokens of the layer call, H = hidden, n = tokens of a request.
 """
 
 from __future__ import annotations
 
-import logging
 import math
 import time
 from dataclasses import dataclass
+from typing import NamedTuple
 
 import torch
 
 from basestation import link_estimator as links
+from basestation.agents import AgentTable, MoeStats
 from basestation.liveness import AgentLink, Prober, sane_compute_s
 from basestation.routing import ExpertOutput, Groups
+from edge_agent.expert_math import expert_forward
+from wire import messages as M
 from wire import protocol as P
 from wire.client import AgentClient, PeerUnreachable
-from edge_agent.expert_math import expert_forward
-
-log = logging.getLogger("basestation")
-
-
-@dataclass
-class MoeStats:
-    """Counters of the MoE layers, one object: the dispatcher and the MoE layer both add to it."""
-
-    expert_calls: int = 0  # token x expert computations done on agents (or the fallback)
-    experts_dropped: int = 0  # (token, slot) pairs not computed: by the selector or a fault
-    fault_drops: int = 0
-    retries: int = 0
-    residual_only: int = 0  # tokens whose every expert failed, retry included
-    failed_requests: int = 0  # requests with no valid reply: agent gone, over the cap, refused
-    late_replies_waited: int = 0  # requests past their estimate's deadline, waited for (alive)
-    invalid_replies: int = 0  # replies refused by the checks (wrong peer, shape, NaN, ...)
-    network_s: float = 0.0  # waiting for agents (wall time of the gathers)
-
 
 # how often a late request's agent is looked at (its connection), once past the estimate
 LATE_LOOK_S = 0.02
@@ -64,13 +52,16 @@ class _Pending:
     tokens: int
     expected_by_s: float  # the estimate's deadline: past it, the agent is looked at
     cap_s: float  # the longest a request of this size is waited for, whatever the estimate
-    bound: torch.Tensor | float  # the largest believable norm of each reply row (reply_bounds)
+    request: torch.Tensor  # [n, H] what was sent: the bounds of its reply rows (refused)
     late: bool = False
+
+
+_WIDE_FLOATS = (torch.float32, torch.float64)  # dtypes whose norm needs no wider sum
 
 
 def _norms(x: torch.Tensor, dim: int | None = -1) -> torch.Tensor:
     """Row norms in float32 at least (a bf16 sum of squares overflows and rounds early)."""
-    if x.dtype in (torch.float32, torch.float64):
+    if x.dtype in _WIDE_FLOATS:
         return torch.linalg.vector_norm(x, dim=dim)
     return torch.linalg.vector_norm(x, dim=dim, dtype=torch.float32)
 
@@ -91,6 +82,22 @@ def out_of_bounds(y: torch.Tensor, bound: torch.Tensor | float) -> bool:
     return not bool((_norms(y) <= bound).all())
 
 
+_GAIN = torch.tensor(MAX_EXPERT_GAIN)  # the bound of a row whose input's norm is at most 1
+
+
+def refused(y: torch.Tensor, request: torch.Tensor) -> bool:
+    """out_of_bounds(y, reply_bounds(request)), looking at the request only when a reply row
+    is over MAX_EXPERT_GAIN, the least bound of any row (an input's norm is floored at 1)."""
+    if y.shape[0] == 1:  # decode: _norms inlined, on a Python float (called per reply)
+        norm = float(torch.linalg.vector_norm(y) if y.dtype in _WIDE_FLOATS else
+                     torch.linalg.vector_norm(y, dtype=torch.float32))
+        if norm <= MAX_EXPERT_GAIN:
+            return False
+    elif not out_of_bounds(y, _GAIN):
+        return False
+    return out_of_bounds(y, reply_bounds(request))
+
+
 def give_up_reason(now_s: float, cap_s: float, connected) -> str | None:
     """Why a late request is given up, or None to keep waiting for it: slow is not dead, only
     a gone connection or the request's cap ends the wait. `connected` is asked only when
@@ -102,185 +109,193 @@ def give_up_reason(now_s: float, cap_s: float, connected) -> str | None:
     return None
 
 
-def _next_look_s(pending) -> float:
+def _next_look_s(pending, now_s: float) -> float:
     """When the gather must next look at its pending requests: the earliest estimate's
     deadline, or soon when one is already late (to notice a connection that went away)."""
     wake_s = math.inf
     for entry in pending:
-        wake_s = min(wake_s, entry.cap_s,
-                     entry.expected_by_s if not entry.late else time.perf_counter() + LATE_LOOK_S)
+        look_s = entry.expected_by_s if not entry.late else now_s + LATE_LOOK_S
+        if look_s < wake_s:
+            wake_s = look_s
+        if entry.cap_s < wake_s:
+            wake_s = entry.cap_s
     return wake_s
 
 
+class Gathered(NamedTuple):
+    """What one Dispatcher.run brought back."""
+
+    outputs: list[ExpertOutput]
+    failed: set[int]  # experts whose request failed (their agent is dead now)
+    probe_replies: list  # (reply, arrived_s) answering the prober's probes, for Prober.take
+
+
 class Dispatcher:
-    def __init__(self, client: AgentClient, agents: list[AgentLink], hidden_size: int,
-                 prober: Prober, wire_dtype: str | None = None, element_bytes: int = 2,
-                 fallback=None, on_liveness_change=lambda: None):
+    """Runs one layer's groups on the agents. It reads the agent table (who holds an expert,
+    who is alive) and changes it only through its methods: `fail`, `answered`."""
+
+    def __init__(self, client: AgentClient, table: AgentTable, prober: Prober,
+                 wire_dtype: str | None = None):
         self.client = client
-        self.agents = agents
-        self.hidden_size = hidden_size
-        self.prober = prober
+        self.table = table
+        self.probes_in_flight = prober.in_flight  # read only: which replies are the prober's
         self.wire_dtype = wire_dtype
-        self.element_bytes = element_bytes  # bytes per activation on the wire (the paper's ε)
-        self.fallback = fallback  # edge_agent.shards.LoadedExperts or None
-        self.on_liveness_change = on_liveness_change
-        self.owner: dict[int, AgentLink] = {}
-        for agent in agents:
-            for expert in agent.experts:
-                self.owner.setdefault(expert, agent)
-        self.stats = MoeStats()
-        # prefetch hints for the next run (MoeRuntime._send_hints): id(agent) -> (agent, the
-        # PREFETCH fields); carried by the agent's EXPERT request when it gets one, else sent
-        # as a PREFETCH after the requests (an extra message would only delay them)
-        self.hints: dict[int, tuple[AgentLink, dict]] = {}
+        self.stats: MoeStats = table.stats
+        self.hidden_size = table.hidden_size
+        self._caps_s: dict[int, float] = {}  # request rows -> its deadline cap (deadline_cap_s)
 
-    def request_bytes(self, tokens: int) -> int:
-        return tokens * self.hidden_size * self.element_bytes
-
-    def has_fallback(self, expert: int) -> bool:
-        return self.fallback is not None and expert in self.fallback.weights
-
-    def run(self, layer: int, x: torch.Tensor, groups: Groups
-            ) -> tuple[list[ExpertOutput], set[int]]:
-        """x [T, H]; groups: expert -> (token_idx, slot). Returns the outputs and the experts
-        whose request failed (their agent is then marked dead)."""
-        by_agent: dict[int, tuple[AgentLink, list[int]]] = {}  # id(agent) -> agent, its experts
-        local: list[int] = []
-        failed: set[int] = set()
-        for expert in groups:  # ascending expert id
-            agent = self.owner.get(expert)
-            if agent is not None and agent.alive:
-                by_agent.setdefault(id(agent), (agent, []))[1].append(expert)
-            elif self.has_fallback(expert):
-                local.append(expert)
-            else:
-                failed.add(expert)
-        hints, self.hints = self.hints, {}
+    def run(self, layer: int, x: torch.Tensor, groups: Groups, hints: dict | None = None
+            ) -> Gathered:
+        """x [T, H]; groups: expert -> (token_idx, slot). `hints`: id(agent) -> (agent, its
+        PREFETCH fields), carried in the agent's EXPERT request when it gets one, else sent as
+        a PREFETCH after the requests (an extra message before them would only delay them).
+        Returns the outputs, the experts whose request failed (their agent is then dead) and
+        the probe replies read meanwhile."""
+        table = self.table
+        by_agent, local, failed = table.assign(groups)
+        hints = dict(hints) if hints else None  # taken as they are sent
         pending: dict[int, _Pending] = {}
+        probe_replies: list = []
         start = time.perf_counter()
+        decode = x.shape[0] == 1
         for agent, experts in by_agent.values():
-            counts = [(e, groups[e][0].shape[0]) for e in experts]
-            if x.shape[0] == 1 and len(experts) == 1:
+            if decode and len(experts) == 1:
                 request, n_rows = x, 1  # decode's one token needs no gather
+                counts = [(experts[0], 1)]
             else:  # [n, H], experts' tokens back to back
+                counts = [(e, groups[e][0].shape[0]) for e in experts]
                 rows = groups[experts[0]][0] if len(experts) == 1 else \
                     torch.cat([groups[e][0] for e in experts])
                 request, n_rows = x[rows], rows.shape[0]
+            hint = hints.pop(id(agent), None) if hints else None
             sent_s = time.perf_counter()  # before the send: the agent may answer before it returns
             try:
-                hint = hints.pop(id(agent), None) if hints else None
-                request_id = self.client.send_expert(
-                    agent.peer, layer, request, counts, wire_dtype=self.wire_dtype,
-                    **({"prefetch": hint[1]} if hint else {}))
+                if hint is None:
+                    request_id = self.client.send_expert(agent.peer, layer, request, counts,
+                                                         wire_dtype=self.wire_dtype)
+                else:
+                    request_id = self.client.send_expert(agent.peer, layer, request, counts,
+                                                         wire_dtype=self.wire_dtype,
+                                                         prefetch=hint[1])
             except PeerUnreachable:
-                self._fail(agent, "unreachable")
+                table.fail(agent, "unreachable", time.perf_counter())
                 failed.update(experts)
                 continue
-            nbytes = self.request_bytes(n_rows)
+            nbytes = table.request_bytes(n_rows)
+            cap_s = self._caps_s.get(n_rows)
+            if cap_s is None:  # a function of the request's size alone: once per size
+                cap_s = self._caps_s[n_rows] = links.deadline_cap_s(nbytes, nbytes, n_rows, 1)
             pending[request_id] = _Pending(
                 agent, counts, sent_s, nbytes, n_rows,
-                expected_by_s=sent_s + links.deadline_s(agent.state, nbytes, nbytes, n_rows, 1),
-                cap_s=sent_s + links.deadline_cap_s(nbytes, nbytes, n_rows, 1),
-                bound=reply_bounds(request))
-        for agent, fields in hints.values():  # hinted agents this layer does not call
+                sent_s + links.deadline_s(agent.state, nbytes, nbytes, n_rows, 1,
+                                          links.DEFAULT_CONFIG, cap_s),
+                sent_s + cap_s, request)
+        if hints:
+            self._send_prefetch(hints)
+        outputs: list[ExpertOutput] = []
+        for expert in local:  # outage fallback: compute here while the agents work
+            outputs.append(self._compute_locally(layer, x, expert, groups[expert]))
+        while pending:
+            now_s = time.perf_counter()
+            look_s = _next_look_s(pending.values(), now_s)
+            if now_s >= look_s:  # also while replies keep coming
+                self._look_at_late(pending, failed, now_s)
+                continue
+            reply = self.client.recv(look_s - now_s)
+            if reply is None:
+                continue
+            arrived_s = time.perf_counter()
+            request_id = reply.header.get("id")  # Reply.id, without the property's call
+            if request_id in self.probes_in_flight:
+                probe_replies.append((reply, arrived_s))
+                continue
+            # the pending request it answers, from the agent asked (no longer pending then)
+            entry = pending.get(request_id) if request_id is not None else None
+            if entry is None or reply.peer != entry.agent.peer:
+                self.client.count_late()  # late, or not from the agent asked: ignored
+                continue
+            del pending[request_id]
+            checked = self._check(reply, entry.tokens, arrived_s - entry.sent_s, entry.request)
+            if isinstance(checked, str):
+                self.stats.invalid_replies += 1
+                table.fail(entry.agent, checked, arrived_s)
+                failed.update(e for e, _ in entry.counts)
+                continue
+            y, compute_s = checked
+            nbytes = entry.nbytes
+            table.answered(entry.agent, links.LinkSample(  # positional: half the cost
+                arrived_s - entry.sent_s, compute_s, nbytes, nbytes, entry.tokens, 1, arrived_s),
+                reply.message.cache)
+            if y.dtype != x.dtype:
+                y = y.to(x.dtype)
+            counts = entry.counts
+            if len(counts) == 1:
+                expert = counts[0][0]
+                token_idx, slot = groups[expert]
+                outputs.append((expert, token_idx, slot, y))
+                continue
+            for (expert, _), part in zip(counts, y.split([n for _, n in counts])):
+                token_idx, slot = groups[expert]
+                outputs.append((expert, token_idx, slot, part))
+        self.stats.network_s += time.perf_counter() - start
+        return Gathered(outputs, failed, probe_replies)
+
+    def _send_prefetch(self, hints: dict) -> None:
+        """The hints of agents this layer does not call, as PREFETCH messages."""
+        for agent, fields in hints.values():
             if agent.alive:
                 try:
                     self.client.send(agent.peer, P.PREFETCH, **fields)
                 except PeerUnreachable:
                     pass
-        outputs: list[ExpertOutput] = []
-        for expert in local:  # outage fallback: compute here while the agents work
-            token_idx, slot = groups[expert]
-            weights = self.fallback.weights[expert][layer]
-            y = expert_forward(x[token_idx].to(self.fallback.device, self.fallback.dtype), weights)
-            outputs.append((expert, token_idx, slot, y.to(x.dtype)))
-            self.stats.expert_calls += int(token_idx.numel())
-        while pending:
-            look_s = _next_look_s(pending.values())
-            if time.perf_counter() >= look_s:  # also while replies keep coming
-                self._look_at_late(pending, failed)
-                continue
-            reply = self.client.recv(look_s - time.perf_counter())
-            if reply is None:
-                continue
-            arrived_s = time.perf_counter()
-            if self.prober.take(reply, arrived_s):
-                continue
-            entry = pending.get(reply.id) if reply.id is not None else None
-            if entry is None or reply.peer != entry.agent.peer:
-                self.client.late_replies += 1  # late, or not from the agent asked: ignored
-                continue
-            del pending[reply.id]
-            agent, counts, sent_s, nbytes, tokens = (entry.agent, entry.counts, entry.sent_s,
-                                                     entry.nbytes, entry.tokens)
-            checked = self._check(reply, tokens, arrived_s - sent_s, entry.bound)
-            if isinstance(checked, str):
-                self.stats.invalid_replies += 1
-                self._fail(agent, checked)
-                failed.update(e for e, _ in counts)
-                continue
-            y, compute_s = checked
-            agent.learn(links.LinkSample(
-                round_trip_s=arrived_s - sent_s, compute_s=compute_s, request_bytes=nbytes,
-                reply_bytes=nbytes, tokens=tokens, experts=1, time_s=arrived_s))
-            agent.calls += tokens
-            agent.compute_s_total += compute_s
-            if "cache" in reply.header:  # a memory-budgeted agent's counters
-                agent.cache = P.cache_figures(reply.header["cache"]) or agent.cache
-            agent.last_used_s = arrived_s
-            self.stats.expert_calls += tokens
-            if y.dtype != x.dtype:
-                y = y.to(x.dtype)
-            parts = (y,) if len(counts) == 1 else y.split([n for _, n in counts])
-            for (expert, _), part in zip(counts, parts):
-                token_idx, slot = groups[expert]
-                outputs.append((expert, token_idx, slot, part))
-        self.stats.network_s += time.perf_counter() - start
-        return outputs, failed
 
-    def _look_at_late(self, pending: dict[int, _Pending], failed: set[int]) -> None:
+    def _compute_locally(self, layer: int, x: torch.Tensor, expert: int, group
+                         ) -> ExpertOutput:
+        fallback = self.table.fallback
+        token_idx, slot = group
+        y = expert_forward(x[token_idx].to(fallback.device, fallback.dtype),
+                           fallback.weights[expert][layer])
+        self.stats.expert_calls += int(token_idx.numel())
+        return expert, token_idx, slot, y.to(x.dtype)
+
+    def _look_at_late(self, pending: dict[int, _Pending], failed: set[int], now_s: float
+                      ) -> None:
         """Past its estimate's deadline a request is late, not lost: it is given up only when
         its agent's connection is gone (closed, reset, or silent past the heartbeat timeout)
         or at the cap of a request this size. A live agent is waited for; its reply, when it
         comes, teaches the estimate, and WLR avoids it by policy from then on."""
-        now_s = time.perf_counter()
         for request_id, entry in list(pending.items()):
             if now_s < entry.expected_by_s:
                 continue
             peer = entry.agent.peer
-            why = give_up_reason(now_s, entry.cap_s, lambda: self.client.connected(peer))
+            why = give_up_reason(now_s, entry.cap_s, lambda peer=peer: self.client.connected(peer))
             if why is None:
                 if not entry.late:
                     entry.late = True
                     self.stats.late_replies_waited += 1
                 continue
             del pending[request_id]
-            self._fail(entry.agent, why)
+            self.table.fail(entry.agent, why, now_s)
             failed.update(e for e, _ in entry.counts)
 
-    def _check(self, reply, tokens: int, round_trip_s: float, bound: torch.Tensor
+    def _check(self, reply, tokens: int, round_trip_s: float, request: torch.Tensor
                ) -> tuple[torch.Tensor, float] | str:
         """The reply's [n, H] tensor and compute seconds, or why it is not a valid answer to
         this request."""
-        if reply.kind != P.EXPERT_REPLY:
-            return f"{reply.kind} reply: {str(reply.header.get('message'))[:80]}"
-        compute_s = sane_compute_s(reply.header.get("compute_s"), round_trip_s)
-        if compute_s is None:
-            return f"compute_s {str(reply.header.get('compute_s'))[:20]} is not believable"
         try:
-            y = reply.tensor()
+            message = reply.message  # decoded once, every field checked (wire/messages.py)
         except (P.ProtocolError, ValueError, TypeError, RuntimeError) as e:
-            return f"malformed tensor ({e})"
-        if tuple(y.shape) != (tokens, self.hidden_size):
+            return f"malformed {reply.kind} reply ({e})"
+        if not isinstance(message, M.ExpertReply):
+            return f"{reply.kind} reply: {str(getattr(message, 'message', ''))[:80]}"
+        compute_s = sane_compute_s(message.compute_s, round_trip_s)
+        if compute_s is None:
+            return f"compute_s {str(message.compute_s)[:20]} is not believable"
+        y = message.tensor
+        rows, width = y.shape  # [n, H]: the decode made it two-dimensional
+        if rows != tokens or width != self.hidden_size:
             return f"shape {list(y.shape)}, asked for {[tokens, self.hidden_size]}"
-        if out_of_bounds(y, bound):
-            return f"values a layer cannot produce (non-finite, or a row over {MAX_EXPERT_GAIN:g}x " \
-                   "its input's norm)"
+        if refused(y, request):
+            return ("values a layer cannot produce (non-finite, or a row over "
+                    f"{MAX_EXPERT_GAIN:g}x its input's norm)")
         return y, compute_s
-
-    def _fail(self, agent: AgentLink, why: str) -> None:
-        self.stats.failed_requests += 1
-        if agent.mark_failed(time.perf_counter()):
-            log.warning("agent %s failed (%s): its experts are dropped until it answers again",
-                        agent.name, why)
-            self.on_liveness_change()

@@ -22,6 +22,7 @@ once. Front ends `submit` a Request and read its Events through the request's `e
 from __future__ import annotations
 
 import collections
+import contextlib
 import math
 import sys
 import threading
@@ -32,11 +33,20 @@ from dataclasses import dataclass, field
 import torch
 from transformers import ContinuousBatchingConfig, GenerationConfig
 
+from basestation.engine_errors import (
+    BadRequest,
+    EngineError,
+    EngineStopped,
+    ExpertLost,
+    GenerationFailed,
+    Overloaded,
+    check_room,
+)
 from basestation.generate import Sampling, prompt_logits
 from basestation.jobs import Accepted, Delta, Failed, Finished, Job, Request, emit
 from basestation.ledger import RequestLedger, lost_message
 from basestation.metrics import EngineMetrics
-from basestation.openai_api import ApiError, Defaults, completion_budget
+from basestation.openai_api import Defaults, completion_budget
 from basestation.sampler import BatchSampler, RowSampler, greedy, processor_list
 from basestation.sequence import ChoiceDecoder, token_logprobs
 from basestation.step_guard import guard_steps
@@ -91,10 +101,12 @@ class Engine:
         self._pending: collections.deque[Request] = collections.deque()
         self._runs: dict[str, _Run] = {}  # request id -> run
         self._sequences: dict[str, _Sequence] = {}  # continuous-batching id -> sequence
+        self._held: dict[Request, int] = {}  # request not yet ended -> its prompts
         self._lock = threading.Condition()
         self._stopping = False
         self._manager = None
-        self._hook = None
+        self._hooks = []
+        self._step = contextlib.ExitStack()  # the batch plan of the step being decoded
         self._restarts = 0
         self._thread = threading.Thread(target=self._loop, name="admission", daemon=True)
 
@@ -116,7 +128,9 @@ class Engine:
                                                        continuous_batching_config=batching)
         self._manager.logit_processor = processor_list(BatchSampler(self._pick))
         guard_steps(self._manager, self._step_failed)
-        self._hook = model.register_forward_pre_hook(self._before_forward, with_kwargs=True)
+        self._hooks = [model.register_forward_pre_hook(self._before_forward, with_kwargs=True),
+                       model.register_forward_hook(self._after_forward, with_kwargs=True,
+                                                   always_call=True)]
         with torch.inference_mode():  # the generation thread inherits it
             self._manager.start()
         self._thread.start()
@@ -130,16 +144,20 @@ class Engine:
         return len(self._pending)
 
     def submit(self, request: Request) -> None:
-        """Queue a request. Raises ApiError (503) when the queue is full or stopping."""
+        """Queue a request. Raises EngineStopped, or Overloaded when its prompts find no place
+        in the batch nor in the queue."""
+        prompts = len(request.job.prompts) if request.job.prompts is not None else 1
         with self._lock:
             if self._stopping:
-                raise ApiError(503, "the server is shutting down", "server_error", "unavailable")
-            # a place in the batch, or else one of the max_queue places in line
-            if len(self._pending) + len(self._sequences) >= self.max_batch + self.max_queue:
+                raise EngineStopped("the server is shutting down")
+            for gone in [r for r in self._held if r.cancelled.is_set()]:
+                del self._held[gone]  # cancelled, or its front end left
+            try:
+                check_room(sum(self._held.values()), prompts, self.max_batch, self.max_queue)
+            except Overloaded:
                 self.metrics.rejected += 1
-                raise ApiError(503, f"overloaded: {len(self._pending)} requests already wait "
-                               f"(up to {self.max_batch} sequences are decoded together); "
-                               "retry later", "server_error", "overloaded")
+                raise
+            self._held[request] = prompts
             self._pending.append(request)
             self._lock.notify()
 
@@ -166,16 +184,15 @@ class Engine:
             self._lock.notify()
         for request in pending:
             request.cancelled.set()
-            emit(request, Failed(ApiError(503, "the server is shutting down", "server_error",
-                                          "unavailable")))
+            emit(request, Failed(EngineStopped("the server is shutting down")))
         for run in runs:
             self.cancel(run.request)
         if self._thread.is_alive():
             self._thread.join(STOP_JOIN_S)
         if self._manager is not None and self._manager.is_running():
             self._manager.stop(block=True, timeout=STOP_JOIN_S)
-        if self._hook is not None:
-            self._hook.remove()
+        for hook in self._hooks:
+            hook.remove()
 
     # --- the admission thread -------------------------------------------------------------------
 
@@ -215,21 +232,19 @@ class Engine:
     def encode(self, job: Job) -> list[list[int]]:
         """The token ids of a job's prompts (or its chat, through the template); the one owner
         of tokenization: serve calls it on its worker threads, off the admission path. Raises
-        ApiError."""
+        BadRequest."""
         if job.messages is not None:
             try:
                 ids = self.tokenizer.apply_chat_template(list(job.messages),
                                                          add_generation_prompt=True,
                                                          return_dict=True)["input_ids"]
             except Exception as e:  # jinja's raise_exception: e.g. roles must alternate
-                raise ApiError(400, f"messages: the chat template refused them: {e}",
-                               code="invalid_value", param="messages") from None
+                raise BadRequest("messages", f"the chat template refused them: {e}") from None
             return [list(ids)]
         prompts = [list(p) if isinstance(p, tuple) else self.tokenizer(p).input_ids
                    for p in job.prompts]
         if not all(prompts):
-            raise ApiError(400, "prompt: empty after tokenization", code="invalid_value",
-                           param="prompt")
+            raise BadRequest("prompt", "empty after tokenization")
         return prompts
 
     def _admit(self, request: Request) -> None:
@@ -238,7 +253,7 @@ class Engine:
             prompts = self.encode(job)
             budgets = [completion_budget(len(ids), params.max_tokens, self.defaults.max_tokens,
                                          self.context) for ids in prompts]
-        except ApiError as e:
+        except EngineError as e:
             self._fail(request, e)
             return
         prompt_tokens = sum(map(len, prompts))
@@ -280,14 +295,9 @@ class Engine:
     def _prompt_logprobs(self, run: _Run, ids: list[int], top: int):
         """The prompt's own token logprobs (echo), from one forward pass at the request's θ,
         run while the generation thread is parked."""
-        runtime = self.session.runtime
         with self._manager.pause():
-            runtime.charge_to([run.ledger])
-            try:
-                logits = prompt_logits(self.session, torch.tensor([ids]),
-                                       theta=run.request.job.params.theta)
-            finally:
-                runtime.charge_to(None)
+            logits = prompt_logits(self.session, torch.tensor([ids]),
+                                   theta=run.request.job.params.theta, ledgers=[run.ledger])
         tokens, values, tops = token_logprobs(self.tokenizer, logits[:-1], ids[1:], top)
         return ([self.tokenizer.decode([ids[0]])] + tokens, [None] + values, [None] + tops)
 
@@ -302,15 +312,16 @@ class Engine:
             with self._lock:
                 sequence = self._sequences.get(output.request_id)
             if sequence is not None:
-                self._fail_run(sequence.run, ApiError(
-                    500, f"generation failed: {str(output.error)[:ERROR_TEXT_CHARS]}",
-                    "server_error", "internal_error"))
+                self._fail_run(sequence.run, GenerationFailed(
+                    f"generation failed: {str(output.error)[:ERROR_TEXT_CHARS]}"))
 
-    def _fail(self, request: Request, error: ApiError) -> None:
+    def _fail(self, request: Request, error: EngineError) -> None:
+        with self._lock:
+            self._held.pop(request, None)
         self.metrics.failed += 1
         emit(request, Failed(error))
 
-    def _fail_all(self, error: ApiError) -> None:
+    def _fail_all(self, error: EngineError) -> None:
         with self._lock:
             runs = list(self._runs.values())
         for run in runs:
@@ -320,9 +331,8 @@ class Engine:
         """The library's generation thread ended (an error step_guard could not contain): fail
         what it held and start it again, up to MAX_LOOP_RESTARTS times. False: give up."""
         fatal = self._manager.background_thread_status.fatal_error
-        self._fail_all(ApiError(500, "generation failed: the generation loop stopped: "
-                                f"{str(fatal)[:ERROR_TEXT_CHARS]}", "server_error",
-                                "internal_error"))
+        self._fail_all(GenerationFailed("generation failed: the generation loop stopped: "
+                                        f"{str(fatal)[:ERROR_TEXT_CHARS]}"))
         with self._lock:
             if self._stopping or self._restarts >= MAX_LOOP_RESTARTS:
                 return False
@@ -347,7 +357,7 @@ class Engine:
             self._lock.notify()
         return taken
 
-    def _fail_run(self, run: _Run, error: ApiError) -> None:
+    def _fail_run(self, run: _Run, error: EngineError) -> None:
         """Fail one request, whichever of its steps went wrong; the other runs go on. Its only
         last event: a run that finished, failed or was cancelled already is left alone."""
         self._take_run(run)
@@ -362,13 +372,15 @@ class Engine:
             if run.done:
                 return
             run.done = True
+            self._held.pop(run.request, None)
         emit(run.request, event)
 
     # --- the generation thread ------------------------------------------------------------------
 
     def _before_forward(self, module, args, kwargs):
-        """Forward pre-hook: in a batched step, give the MoE layers each token's θ and the
-        ledger of its request. A plain forward (echo scoring) is set up by its caller."""
+        """Forward pre-hook: a batched step runs inside `runtime.batch` with each token's θ
+        and the ledger of its request, left in `_after_forward`. A plain forward (echo
+        scoring) is set up by its caller."""
         cu_seq_lens = kwargs.get("cu_seq_lens_q")
         processor = self._manager.batch_processor if self._manager is not None else None
         if cu_seq_lens is None or processor is None:
@@ -378,8 +390,7 @@ class Engine:
         runtime = self.session.runtime
         input_ids = kwargs.get("input_ids")
         if input_ids is None or sum(lengths) != input_ids.shape[-1]:  # padded: not ours
-            runtime.theta = self.defaults.theta
-            runtime.charge_to(None)
+            self._step.enter_context(runtime.batch(theta=self.defaults.theta))
             return None
         ledgers: list[RequestLedger] = []
         slot: dict[int, int] = {}
@@ -395,9 +406,16 @@ class Engine:
                               else self.defaults.theta)
         self.metrics.batch_sequences.observe(len(batch))
         counts = torch.tensor(lengths)
-        runtime.theta = thetas[0] if len(set(thetas)) == 1 else \
+        theta = thetas[0] if len(set(thetas)) == 1 else \
             torch.repeat_interleave(torch.tensor(thetas, dtype=torch.float64), counts)
-        runtime.charge_to(ledgers, torch.repeat_interleave(torch.tensor(owners), counts))
+        self._step.enter_context(runtime.batch(
+            theta=theta, ledgers=ledgers,
+            owners=torch.repeat_interleave(torch.tensor(owners), counts)))
+        return None
+
+    def _after_forward(self, module, args, kwargs, output):
+        """Forward hook (run also when the forward raised): the step's batch plan ends."""
+        self._step.close()
         return None
 
     def _step_failed(self, cb_ids: list[str], error: Exception) -> None:
@@ -457,7 +475,7 @@ class Engine:
 
     def _lose(self, run: _Run) -> None:
         """An exact request lost an expert to a fault: stop its sequences and fail it with
-        503 expert_lost. The other requests of the batch go on."""
+        ExpertLost. The other requests of the batch go on."""
         if self._take_run(run):  # else failed already, from another of its sequences
             self._expert_lost(run)
 
@@ -502,12 +520,11 @@ class Engine:
                         completion_tokens=completion_tokens, wdmoe=wdmoe)
 
 
-def internal_error(error: Exception, where: str = "") -> ApiError:
-    """500 for a request that an error in the server failed: the exception's type and text
+def internal_error(error: Exception, where: str = "") -> GenerationFailed:
+    """For a request that an error in the server failed: the exception's type and text
     (bounded), no traceback (that goes to the log, `report`)."""
     text = f"{type(error).__name__}: {error}"[:ERROR_TEXT_CHARS]
-    return ApiError(500, f"generation failed: {where + ': ' if where else ''}{text}",
-                    "server_error", "internal_error")
+    return GenerationFailed(f"generation failed: {where + ': ' if where else ''}{text}")
 
 
 def report(error: BaseException, during: str) -> None:
@@ -517,14 +534,14 @@ def report(error: BaseException, during: str) -> None:
     sys.stderr.flush()
 
 
-def lost_error(ledger: RequestLedger, agents: list[dict]) -> ApiError:
-    """503 expert_lost for an exact request that lost experts: how many slots, on which agents
-    (dicts of AgentLink.figures(), in box order)."""
+def lost_error(ledger: RequestLedger, agents: list[dict]) -> ExpertLost:
+    """For an exact request that lost experts: how many slots, on which agents (dicts of
+    AgentLink.figures(), in box order)."""
     failed = {a["address"]: ledger.failures[b] for b, a in enumerate(agents)
               if ledger.failures[b]}
     down = [a["address"] for a in agents if not a["alive"]]
-    return ApiError(503, "exact: " + lost_message(ledger.fault_drops, failed, down) +
-                    "; retry, or send without exact to accept it", "server_error", "expert_lost")
+    return ExpertLost("exact: " + lost_message(ledger.fault_drops, failed, down) +
+                      "; retry, or send without exact to accept it")
 
 
 def ledger_figures(ledger: RequestLedger, agents: list[dict]) -> list[dict]:

@@ -174,7 +174,6 @@ def generate(session, input_ids: torch.Tensor, max_new_tokens: int = 32,
     caller sees fault_drops > 0)."""
     base = session.base
     runtime = session.runtime
-    runtime.theta = session.theta if theta is None else theta
     before = dataclasses.replace(runtime.stats)
     streamer = TimingStreamer(base.tokenizer, on_text)
     config = copy.deepcopy(base.model.generation_config)
@@ -207,7 +206,8 @@ def generate(session, input_ids: torch.Tensor, max_new_tokens: int = 32,
     interrupted = False
     output = None
     try:
-        with torch.inference_mode():
+        with torch.inference_mode(), runtime.batch(theta=session.theta if theta is None
+                                                   else theta):
             output = base.model.generate(input_ids.to(base.device), generation_config=config,
                                          streamer=streamer,
                                          attention_mask=torch.ones_like(input_ids), **extra)
@@ -230,12 +230,14 @@ def generate(session, input_ids: torch.Tensor, max_new_tokens: int = 32,
         if output_logits and output is not None else None)
 
 
-def prompt_logits(session, input_ids: torch.Tensor, theta: float | None = None) -> torch.Tensor:
-    """One forward pass of the prompt through the distributed model at θ: float32 logits
+def prompt_logits(session, input_ids: torch.Tensor, theta: float | None = None,
+                  ledgers: list | None = None) -> torch.Tensor:
+    """One forward pass of the prompt through the distributed model at θ (default: the
+    session's), charged to `ledgers` (RequestLedger, every token to the first): float32 logits
     [T, V] (row i predicts token i + 1), for the log-probabilities of a prompt (echo)."""
     base = session.base
-    session.runtime.theta = session.theta if theta is None else theta
-    with torch.inference_mode():
+    with torch.inference_mode(), session.runtime.batch(
+            theta=session.theta if theta is None else theta, ledgers=ledgers):
         out = base.model(input_ids.to(base.device), attention_mask=torch.ones_like(input_ids),
                          use_cache=False)
     return out.logits[0].float().cpu()

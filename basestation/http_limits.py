@@ -13,7 +13,7 @@ from basestation.openai_api import ApiError
 
 MIB = 1024 * 1024
 # 20 digits hold every int64 and uint64; longer integers only cost parsing time (issue 20: a
-# 5,000-digit integer gave a 500)
+# 5,000-digit integer would give a 500)
 MAX_INTEGER_DIGITS = 20
 # no tokenizer we serve averages more than a few characters per token: text beyond this many per
 # context token cannot fit, and is refused before it costs seconds of tokenising
@@ -24,11 +24,11 @@ FD_RESERVE = 128  # descriptors kept for agents' sockets, shards and logs when c
 @dataclass(frozen=True)
 class HttpLimits:
     """One serve's HTTP limits; the defaults fit a 4k-32k context with a batch of 16 prompts."""
-    # 32k token ids as JSON are ~230 kB: 4 MiB holds 16 such prompts; a 20 MB prompt left the
-    # server at 2.5 GB before this limit existed
+    # 32k token ids as JSON are ~230 kB: 4 MiB holds 16 such prompts; without a limit a 20 MB
+    # prompt left the server at 2.5 GB
     max_body_bytes: int = 4 * MIB
     # the request line and headers must be complete this long after the connection opens or its
-    # last response ends (slowloris: 400 half-open connections held every descriptor)
+    # last response ends (slowloris: 400 half-open connections would hold every descriptor)
     header_timeout_s: float = 10.0
     # a body must arrive within body_grace_s plus its size at min_body_rate (Apache's
     # mod_reqtimeout rule): a client trickling 1 KiB every 5 s is cut after ~10 s
@@ -69,21 +69,14 @@ def too_slow() -> ApiError:
 
 def connection_cap(fd_soft_limit: int, limits: HttpLimits) -> int:
     """How many HTTP connections to hold at once: the configured bound, cut so that a flood of
-    connections leaves descriptors for the agents (at 1,024 fds /health stopped answering)."""
+    connections leaves descriptors for the agents (at 1,024 fds /health would stop answering)."""
     return max(1, min(limits.max_connections, fd_soft_limit - FD_RESERVE))
 
 
 def route_label(path: str, routes: tuple[str, ...]) -> str:
     """The /metrics label for a request path: its route, or one label for every unknown path, so
-    junk paths cannot grow the page (they grew it by 2.8 MB)."""
+    junk paths cannot grow the page (they would grow it by MBs)."""
     return path if path in routes else "unmatched"
-
-
-def fits_in_flight(in_flight_sequences: int, new_sequences: int, max_batch: int,
-                   max_queue: int) -> bool:
-    """Whether a request of `new_sequences` prompts has room: every prompt takes a place in the
-    batch or the queue, as n choices would (200 prompts were served while n: 200 was refused)."""
-    return in_flight_sequences + new_sequences <= max_batch + max_queue
 
 
 def text_fits(chars: int, context_tokens: int) -> bool:

@@ -1,7 +1,7 @@
 """What a front end hands the serving engine (a Job in a Request) and what it gets back (Events).
 
-Free of HTTP and of the model: errors are `openai_api.ApiError`s carried in a Failed event. The
-engine calls `emit` from its own threads; a front end forwards events to its event loop.
+Free of HTTP and of the model: errors are `engine_errors.EngineError`s carried in a Failed
+event. The engine calls `emit` from its own threads; a front end forwards events to its event loop.
 """
 
 from __future__ import annotations
@@ -12,7 +12,8 @@ import uuid
 from dataclasses import dataclass, field
 from typing import Callable
 
-from basestation.openai_api import ApiError, Params, Prompt
+from basestation.engine_errors import EngineError
+from basestation.openai_api import Params, Prompt
 
 
 @dataclass(frozen=True)
@@ -57,7 +58,7 @@ class Finished:
 
 @dataclass(frozen=True)
 class Failed:
-    error: ApiError
+    error: EngineError
 
 
 Event = Accepted | Delta | Finished | Failed

@@ -123,22 +123,19 @@ class AgentLink:
 class Prober:
     """Probes dead agents (ping, backoff) and idle or avoided ones (work), and takes the replies.
 
-    `probe_layer` and `hidden_size` shape the work probe: one token through the agent's first
-    expert at that layer. `on_liveness_change` is called when an agent comes back.
+    `table` is the basestation.agents.AgentTable: its agents are probed, and an agent that
+    answers while dead comes back through `table.revive`. `probe_layer` shapes the work probe:
+    one token through the agent's first expert at that layer.
     """
 
-    def __init__(self, client: AgentClient, agents: list[AgentLink], hidden_size: int,
-                 probe_layer: int, wire_dtype: str | None, element_bytes: int,
-                 on_liveness_change=lambda: None):
+    def __init__(self, client: AgentClient, table, probe_layer: int, wire_dtype: str | None):
         self.client = client
-        self.agents = agents
-        self.hidden_size = hidden_size
+        self.table = table
+        self.agents = table.agents
         self.probe_layer = probe_layer
         self.wire_dtype = wire_dtype
-        self.element_bytes = element_bytes
-        self.on_liveness_change = on_liveness_change
         self.in_flight: dict[int, AgentLink] = {}  # request id -> agent
-        self._token = torch.zeros(1, hidden_size)  # [1, H]: zeros are a valid activation
+        self._token = torch.zeros(1, table.hidden_size)  # [1, H]: zeros are a valid activation
         self._next_tick_s = 0.0
 
     def tick(self, now_s: float, refresh_after_s: float = REFRESH_AFTER_S) -> None:
@@ -160,7 +157,7 @@ class Prober:
                 agent.backoff.step(now_s)
 
     def _send(self, agent: AgentLink, now_s: float, work: bool) -> None:
-        now_s = time.perf_counter()  # before the send: the agent may answer before it returns
+        """now_s: taken before the send (the agent may answer before it returns)."""
         try:
             if work:
                 agent.probe_id = self.client.send_expert(
@@ -173,6 +170,13 @@ class Prober:
             return
         agent.probe_sent_s = now_s
         self.in_flight[agent.probe_id] = agent
+
+    def after_layer(self, replies: list, now_s: float) -> None:
+        """Take the probe replies a layer's gather read ((reply, arrived_s), Gathered), then send
+        the probes that are due: after the layer's requests, so none waits behind a probe."""
+        for reply, arrived_s in replies:
+            self.take(reply, arrived_s)
+        self.tick(now_s)
 
     def take(self, reply, arrived_s: float) -> bool:
         """Handle a reply if it answers a probe (returns True); a valid one refreshes the agent's
@@ -187,19 +191,19 @@ class Prober:
         if reply.kind == P.PONG:
             sample = links.LinkSample(round_trip_s, 0.0, 0, 0, 0, 0, arrived_s)
         elif reply.kind == P.EXPERT_REPLY:
-            compute_s = sane_compute_s(reply.header.get("compute_s"), round_trip_s)
+            try:
+                compute_s = sane_compute_s(reply.message.compute_s, round_trip_s)
+            except P.ProtocolError:  # a malformed probe reply teaches the estimate nothing
+                return True
             if compute_s is None:
                 return True
-            nbytes = self.hidden_size * self.element_bytes
+            nbytes = self.table.request_bytes(1)
             sample = links.LinkSample(round_trip_s, compute_s, nbytes, nbytes, 1, 1, arrived_s)
         else:
             return True
         agent.learn(sample)
         agent.last_used_s = arrived_s
-        if not agent.alive:
-            agent.alive = True
-            agent.backoff.reset(arrived_s)
-            self.on_liveness_change()
+        self.table.revive(agent, arrived_s)
         return True
 
     def poll(self, timeout_s: float = 0.0) -> None:
@@ -211,7 +215,7 @@ class Prober:
             if reply is None:
                 return
             if not self.take(reply, time.perf_counter()):
-                self.client.late_replies += 1
+                self.client.count_late()
 
     def warm(self, timeout_s: float = 5.0) -> None:
         """One token through each agent's first expert, its reply thrown away: the path's cold
@@ -233,7 +237,7 @@ class Prober:
         pings, then one payload the size of a 16-token request each way (else the first
         selections use priors)."""
         self.warm(timeout_s)
-        payload_bytes = CALIBRATION_TOKENS * self.hidden_size * self.element_bytes
+        payload_bytes = self.table.request_bytes(CALIBRATION_TOKENS)
         for round_index in range(rounds + 1):
             nbytes = payload_bytes if round_index == rounds else 0
             sent = {}
@@ -265,7 +269,7 @@ class Prober:
                 return
             entry = sent.pop(reply.id, None)
             if entry is None or reply.peer != entry[0].peer:
-                self.client.late_replies += 1
+                self.client.count_late()
                 continue
             yield entry[0], entry[1], reply
 

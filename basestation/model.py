@@ -17,7 +17,7 @@ import torch
 from torch import nn
 
 from basestation.moe_layer import remote_experts_forward
-from edge_agent.shards import resolve_device, resolve_dtype
+from common.devices import resolve_device, resolve_dtype
 from common.errors import ShardError
 from shard_tool.manifest import BASESTATION_DIR, Manifest, check_file, load_manifest
 
@@ -91,7 +91,7 @@ def load_base_model(shards: str, runtime, dtype: str = "auto", device: str = "au
             check_file(shards, entry)
     base_dir = os.path.join(shards, BASESTATION_DIR)
     torch_device = resolve_device(device)
-    torch_dtype = resolve_dtype(dtype, manifest, torch_device)
+    torch_dtype = resolve_dtype(dtype, manifest.model.get("dtype"), torch_device)
     config = AutoConfig.from_pretrained(base_dir)
     tokenizer = AutoTokenizer.from_pretrained(base_dir)
 

@@ -1,7 +1,8 @@
 """OpenAI API shapes: request bodies parsed and checked into frozen dataclasses, responses built.
 
 Pure functions of their inputs (no HTTP, no model): the server calls them, the tests call them
-directly. Every rejection is one `ApiError` carrying the HTTP status and OpenAI's error shape.
+directly. Every rejection is one `ApiError` carrying the HTTP status and OpenAI's error shape;
+`api_error` is the one place where the engine's own errors (`engine_errors`) get theirs.
 Unknown fields are ignored, as OpenAI's own clients send many; features that would change the
 answer and are not implemented (n > 1, chat logprobs) are refused rather than ignored. Our own
 fields: `theta`, `ignore_eos`, and `exact` (fail with 503 `expert_lost` when an expert is lost
@@ -13,13 +14,23 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass
 
+from basestation.engine_errors import (
+    BadRequest,
+    ContextTooLong,
+    EngineError,
+    EngineStopped,
+    ExpertLost,
+    GenerationFailed,
+    Overloaded,
+)
+
 MAX_LOGPROBS = 20  # top alternatives per token a request may ask for
 MAX_STOP_STRINGS = 16
 # every token checks each stop's prefixes against the text's end: 16 stops of 100k characters
-# made another user's stream 6x slower
+# make another user's stream 6x slower
 MAX_STOP_CHARS = 256
 # below this a temperature is greedy, as its limit is (and vLLM's rule): logits / 1e-300 overflow
-# to inf and sampling gave NaN
+# to inf and sampling gives NaN
 MIN_TEMPERATURE = 1e-5
 # int64, as vLLM: the sampler seeds each choice with seed + its index, which must stay within
 # torch's [-2**63, 2**64) for every choice of a batch
@@ -39,6 +50,24 @@ class ApiError(Exception):
     def body(self) -> dict:
         return {"error": {"message": self.message, "type": self.type, "code": self.code,
                           "param": self.param}}
+
+
+# engine error -> (HTTP status, OpenAI error type, code); BadRequest also names its param
+_ENGINE_ERRORS: dict[type[EngineError], tuple[int, str, str]] = {
+    BadRequest: (400, "invalid_request_error", "invalid_value"),
+    ContextTooLong: (400, "invalid_request_error", "context_length_exceeded"),
+    Overloaded: (503, "server_error", "overloaded"),
+    EngineStopped: (503, "server_error", "unavailable"),
+    ExpertLost: (503, "server_error", "expert_lost"),
+    GenerationFailed: (500, "server_error", "internal_error"),
+}
+
+
+def api_error(error: EngineError) -> ApiError:
+    """The status and body a client gets for an engine error (500 for one not in the table)."""
+    status, type_, code = next((_ENGINE_ERRORS[c] for c in type(error).__mro__
+                                if c in _ENGINE_ERRORS), (500, "server_error", "internal_error"))
+    return ApiError(status, error.message, type_, code, getattr(error, "param", None))
 
 
 def _shown(value) -> str:
@@ -276,12 +305,11 @@ def parse_completion(body, defaults: Defaults, vocab_size: int,
 def completion_budget(prompt_tokens: int, requested: int | None, default: int,
                       context: int) -> int:
     """New tokens a request may generate: what it asked for, else the server's default cut to
-    what the context leaves. Raises ApiError (400) when prompt and request exceed the context."""
+    what the context leaves. Raises ContextTooLong when prompt and request exceed the context."""
     if prompt_tokens > context or (requested is not None and prompt_tokens + requested > context):
         asked = "" if requested is None else f" and {requested} for the completion"
-        raise ApiError(400, f"This model's maximum context length is {context} tokens; the "
-                       f"request has {prompt_tokens} in the prompt{asked}",
-                       code="context_length_exceeded")
+        raise ContextTooLong(f"This model's maximum context length is {context} tokens; the "
+                             f"request has {prompt_tokens} in the prompt{asked}")
     return requested if requested is not None else max(0, min(default, context - prompt_tokens))
 
 

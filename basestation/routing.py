@@ -1,5 +1,5 @@
-"""Pure steps of one MoE layer around the selector: group the kept slots by expert, choose the
-retries after a failure, and combine the experts' outputs. No sockets, no clocks.
+"""The pure step of one MoE layer between the selector and the agents: group the kept slots by
+expert (what combine.py sums when the agents answered). No sockets, no clocks.
 
 Shape legend: T = tokens of the layer call, K = top-k slots, H = hidden, n = tokens of a group.
 """
@@ -8,11 +8,12 @@ from __future__ import annotations
 
 import torch
 
-from basestation.selector import Selection, rescale
-
-SMALL_SELECTION = 64  # (token, slot) pairs up to which grouping in Python beats torch ops
+# (token, slot) pairs up to which grouping in Python beats torch ops; twice the selector's
+# SMALL_SELECTION, since grouping does one pass where WLR does a round per dropped box
+PYTHON_GROUPING_PAIRS = 64
+MAX_TOP_K = 64  # top-k slots a token may have: decode's slot indices are built for these
 _ZERO = torch.tensor([0])  # decode's token index, built once (torch.tensor costs ~4 us a call)
-_SLOTS = [torch.tensor([slot]) for slot in range(64)]
+_SLOTS = [torch.tensor([slot]) for slot in range(MAX_TOP_K)]
 
 # expert id -> (token_idx [n], slot [n]) of the kept slots routed to it
 Groups = dict[int, tuple[torch.Tensor, torch.Tensor]]
@@ -27,8 +28,8 @@ def group_by_expert(experts: torch.Tensor, keep: torch.Tensor) -> Groups:
     experts, keep: [T, K]."""
     if keep.shape[0] == 1 and keep.device.type == "cpu":  # decode: one token, cached indices
         return {expert: (_ZERO, _SLOTS[slot]) for expert, slot in sorted(
-            (e, s) for s, (e, k) in enumerate(zip(experts[0].tolist(), keep[0].tolist())) if k)}
-    if keep.numel() <= SMALL_SELECTION:  # a few tokens
+            (e, s) for s, (e, k) in enumerate(zip(experts.tolist()[0], keep.tolist()[0])) if k)}
+    if keep.numel() <= PYTHON_GROUPING_PAIRS:  # a few tokens
         lists: dict[int, tuple[list[int], list[int]]] = {}
         rows_experts, rows_keep = experts.tolist(), keep.tolist()
         for slot in range(keep.shape[1]):
@@ -49,50 +50,3 @@ def group_by_expert(experts: torch.Tensor, keep: torch.Tensor) -> Groups:
     sizes = counts.tolist()
     return {expert: (t_idx, s_idx) for expert, t_idx, s_idx in
             zip(ids.tolist(), token_idx.split(sizes), slot.split(sizes))}
-
-
-def after_failures(selection: Selection, router_weights: torch.Tensor,
-                   failed: torch.Tensor, usable: torch.Tensor) -> tuple[Selection, torch.Tensor]:
-    """The drop/retry choice once some experts' requests failed.
-
-    failed: [T, K] bool, kept slots whose expert's request failed: they are dropped.
-    usable: [T, K] bool, slots whose expert can still be asked (its box did not fail).
-    A token left with no kept slot is retried once on its highest-weight usable slot that the
-    selector had dropped (the router chose it; WLR had only found it slower).
-    Returns the new selection (weights rescaled from the router's) and the [T, K] retry slots.
-    """
-    keep = selection.keep & ~failed
-    orphans = ~keep.any(dim=-1, keepdim=True)  # [T, 1]
-    candidates = orphans & usable & ~selection.keep  # [T, K]
-    score = torch.where(candidates, router_weights.float(), torch.full_like(
-        router_weights, -1.0, dtype=torch.float32))
-    best = score.argmax(dim=-1, keepdim=True)  # [T, 1]
-    retry = torch.zeros_like(keep).scatter_(1, best, True) & candidates
-    keep = keep | retry
-    return Selection(selection.experts, rescale(router_weights, keep), keep, ~keep), retry
-
-
-def combine(num_tokens: int, hidden: int, dtype: torch.dtype, weights: torch.Tensor,
-            outputs: list[ExpertOutput]) -> torch.Tensor:
-    """Weighted sum of expert outputs [T, H], in transformers' order (ascending expert id,
-    index_add_), so an untouched selection reproduces the library's eager experts arithmetic.
-    weights: [T, K] the selection's weights."""
-    device = weights.device
-    ordered = sorted(outputs, key=lambda item: item[0])
-    if num_tokens == 1 and ordered:  # decode: the same products and sums, fewer torch calls
-        row = weights[0].tolist()  # float32 values, exact as Python floats
-        out = None
-        for _, _, slot, y in ordered:
-            if y.device != device:
-                y = y.to(device)
-            weighted = y * row[int(slot)]
-            if weighted.dtype != dtype:
-                weighted = weighted.to(dtype)
-            # 0 + a is a: starting from the first product skips the zeros and one add
-            out = weighted if out is None else out + weighted
-        return out
-    out = torch.zeros(num_tokens, hidden, dtype=dtype, device=device)  # [T, H]
-    for _, token_idx, slot, y in ordered:
-        weighted = y.to(device) * weights[token_idx, slot, None]
-        out.index_add_(0, token_idx, weighted.to(dtype))
-    return out

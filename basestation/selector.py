@@ -77,6 +77,32 @@ def _box_weights(weights: torch.Tensor, same_box: torch.Tensor, keep: torch.Tens
 # this CPU, which at θ > 0 cost decode more base-station time than WLR saved on the links.
 # Both paths make the same decisions (tests/test_selector.py checks them against each other).
 SMALL_SELECTION = 32
+# (keep, dropped) [T, K] of small selections on the CPU, built once per shape (every slot
+# kept) or per one token's pattern (decode): read only, they save two tensors a layer call
+_ALL_KEPT: dict[tuple[int, int], tuple[torch.Tensor, torch.Tensor]] = {}
+_ONE_TOKEN: dict[tuple[bool, ...], tuple[torch.Tensor, torch.Tensor]] = {}
+
+
+def _all_kept(shape: tuple[int, int]) -> tuple[torch.Tensor, torch.Tensor]:
+    """(keep, dropped) [T, K] for a selection that keeps every slot."""
+    pair = _ALL_KEPT.get(shape)
+    if pair is None:
+        keep = torch.ones(shape, dtype=torch.bool)
+        pair = _ALL_KEPT[shape] = (keep, ~keep)
+    return pair
+
+
+def _kept(rows_keep: list[list[bool]], shape: torch.Size) -> tuple[torch.Tensor, torch.Tensor]:
+    """(keep, dropped) [T, K] (`shape`) of these rows."""
+    if len(rows_keep) == 1:
+        pattern = tuple(rows_keep[0])
+        pair = _ONE_TOKEN.get(pattern)
+        if pair is None:
+            keep = torch.tensor([pattern], dtype=torch.bool)
+            pair = _ONE_TOKEN[pattern] = (keep, ~keep)
+        return pair
+    keep = torch.tensor(rows_keep, dtype=torch.bool).reshape(shape)
+    return keep, ~keep
 
 
 def _select_few(experts: torch.Tensor, weights: torch.Tensor, box_of_expert: torch.Tensor,
@@ -91,20 +117,24 @@ def _select_few(experts: torch.Tensor, weights: torch.Tensor, box_of_expert: tor
         if theta.shape != (experts.shape[0],):
             raise ValueError(f"theta {tuple(theta.shape)} is neither a number nor [T]")
         thetas = theta.double().tolist()
+    elif available is None and theta <= 0:  # decode at θ = 0: no per-token list to build
+        return Selection(experts, weights, *_all_kept((experts.shape[0], experts.shape[1])))
     else:
         thetas = [float(theta)] * experts.shape[0]
+    if available is None and all(t <= 0 for t in thetas):
+        # stock routing: nothing to decide, the router's bits untouched
+        return Selection(experts, weights, *_all_kept((experts.shape[0], experts.shape[1])))
     usable = available.tolist() if available is not None else None
     rows_keep = [[usable[e] for e in row] if usable else [True] * len(row)
                  for row in rows_experts]
     if all(t <= 0 for t in thetas):
-        keep = torch.tensor(rows_keep, dtype=torch.bool).reshape(experts.shape)
-        if available is None:  # stock routing: nothing to decide, the router's bits untouched
-            return Selection(experts, weights, keep, ~keep)
-        return Selection(experts, rescale(weights, keep), keep, ~keep)
+        keep, dropped = _kept(rows_keep, experts.shape)
+        return Selection(experts, rescale(weights, keep), keep, dropped)
     boxes_of = box_of_expert.tolist()
     t_box = box_latency_s.double().tolist() if isinstance(box_latency_s, torch.Tensor) \
         else box_latency_s
-    rows_w = weights.double().tolist()
+    # a float dtype's values are exact as Python floats: .double() would be a torch op for nothing
+    rows_w = weights.tolist() if weights.is_floating_point() else weights.double().tolist()
     for i, (row_experts, row_w, token_theta) in enumerate(zip(rows_experts, rows_w, thetas)):
         slot_box = [boxes_of[e] for e in row_experts]
         row_keep = rows_keep[i]
@@ -126,10 +156,10 @@ def _select_few(experts: torch.Tensor, weights: torch.Tensor, box_of_expert: tor
             victim = [b for b, r in ratios if r == lo][-1]
             row_keep = [k and b != victim for b, k in zip(slot_box, row_keep)]
         rows_keep[i] = row_keep
-    keep = torch.tensor(rows_keep, dtype=torch.bool).reshape(experts.shape)
+    keep, dropped = _kept(rows_keep, experts.shape)
     if all(all(row) for row in rows_keep):  # rescale would return the router's weights
-        return Selection(experts, weights, keep, ~keep)
-    return Selection(experts, rescale(weights, keep), keep, ~keep)
+        return Selection(experts, weights, keep, dropped)
+    return Selection(experts, rescale(weights, keep), keep, dropped)
 
 
 def select(
@@ -156,8 +186,7 @@ def select(
     if experts.shape != weights.shape or experts.dim() != 2:
         raise ValueError(f"experts {tuple(experts.shape)} and weights {tuple(weights.shape)} "
                          "must both be [T, K]")
-    if (experts.numel() <= SMALL_SELECTION and experts.device.type == "cpu"
-            and (isinstance(theta, torch.Tensor) or theta > 0)):
+    if experts.numel() <= SMALL_SELECTION and experts.device.type == "cpu":
         return _select_few(experts, weights, box_of_expert, box_latency_s, theta, available)
     num_experts = box_of_expert.shape[0]
     if experts.numel() and not (0 <= int(experts.min()) and int(experts.max()) < num_experts):

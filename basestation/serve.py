@@ -28,6 +28,7 @@ from basestation import http_limits as L
 from basestation import metrics as M
 from basestation import openai_api as api
 from basestation.engine import Engine
+from basestation.engine_errors import EngineError
 from basestation.http_edge import EdgeApp, protocol_class, raise_fd_limit
 from basestation.jobs import Accepted, Delta, Failed, Finished, Job, Request
 
@@ -35,7 +36,14 @@ DISCONNECT_CHECK_S = 0.25  # how often a non-streamed request checks that its cl
 OPEN_PATHS = ("/health",)  # answered without the api key (load balancers)
 
 
-def error_response(error: api.ApiError) -> JSONResponse:
+def http_error(error: api.ApiError | EngineError) -> api.ApiError:
+    """An error as the client sees it: the engine's get their status and body from the one
+    table in `openai_api.api_error`."""
+    return api.api_error(error) if isinstance(error, EngineError) else error
+
+
+def error_response(error: api.ApiError | EngineError) -> JSONResponse:
+    error = http_error(error)
     return JSONResponse(error.body(), status_code=error.status)
 
 
@@ -57,8 +65,6 @@ class Server:
         self.responses: dict[tuple[str, int], int] = {}
         self._workers = ThreadPoolExecutor(limits.prepare_workers, thread_name_prefix="prepare")
         self._preparing = 0  # bodies given to the workers and not yet back (event loop only)
-        self._in_flight: dict[Request, int] = {}  # submitted request -> its prompts
-        self._ended: set[str] = set()  # ids of requests the engine finished or failed
 
     def app(self) -> EdgeApp:
         routes = [
@@ -125,7 +131,7 @@ class Server:
         try:
             job, include_usage = await asyncio.get_running_loop().run_in_executor(
                 self._workers, self._prepare, raw, chat)
-        except api.ApiError as e:
+        except (api.ApiError, EngineError) as e:
             return error_response(e)
         except Exception as e:  # a bug fails this request, with its trace on stderr
             traceback.print_exc(file=sys.stderr)
@@ -139,7 +145,7 @@ class Server:
     def _prepare(self, raw: bytes, chat: bool) -> tuple[Job, bool]:
         """On a worker thread: the body parsed, checked and tokenized into a Job whose prompts
         are token ids (an echoed text prompt stays text: the engine echoes it as given). Raises
-        ApiError."""
+        ApiError, or the engine's BadRequest and ContextTooLong."""
         body = L.parse_json(raw, self.limits.max_json_depth)
         context = self.engine.context
         if chat:
@@ -168,38 +174,19 @@ class Server:
                         for p, i in zip(job.prompts or [None], ids))
         return dataclasses.replace(job, prompts=prompts, messages=None), parsed.include_usage
 
-    def _room_for(self, prompts: int) -> bool:
-        """Whether `prompts` more sequences fit the batch and the queue beside those in flight
-        (requests leave when the engine ends them or they are cancelled)."""
-        for request in [r for r in self._in_flight
-                        if r.cancelled.is_set() or r.id in self._ended]:
-            del self._in_flight[request]
-        # ids of requests let go already (a cancelled one may still end): never growing
-        self._ended.intersection_update({r.id for r in self._in_flight})
-        return L.fits_in_flight(sum(self._in_flight.values()), prompts,
-                                self.engine.max_batch, self.engine.max_queue)
-
     async def _serve(self, http: HttpRequest, job: Job, include_usage: bool,
                      chat: bool) -> Response:
         loop = asyncio.get_running_loop()
         events: asyncio.Queue = asyncio.Queue()
 
         def emit(event) -> None:  # on an engine thread
-            if isinstance(event, (Finished, Failed)):
-                self._ended.add(request.id)
             loop.call_soon_threadsafe(events.put_nowait, event)
 
         request = Request(job=job, emit=emit)
-        if not self._room_for(len(job.prompts)):
-            self.engine.metrics.rejected += 1
-            return error_response(overloaded(
-                f"{sum(self._in_flight.values())} prompts are in flight (up to "
-                f"{self.engine.max_batch} are decoded together, {self.engine.max_queue} wait)"))
         try:
-            self.engine.submit(request)
-        except api.ApiError as e:
+            self.engine.submit(request)  # each prompt takes a place in the batch or the queue
+        except EngineError as e:
             return error_response(e)
-        self._in_flight[request] = len(job.prompts)
         try:
             first = await self._next(http, request, events)
         except BaseException:
@@ -262,7 +249,7 @@ class Server:
                     yield _sse(chunk)
                 elif isinstance(event, Failed):  # an error event ends the stream, no [DONE]
                     done = True  # the engine has let the request go
-                    yield _sse(event.error.body())
+                    yield _sse(http_error(event.error).body())
                     return
                 elif isinstance(event, Finished):
                     last = []

@@ -6,9 +6,11 @@ import statistics
 import sys
 import time
 
-from basestation.session import Roster, open_links
+from basestation.discovery import open_links
+from basestation.roster import Roster
 from wire import protocol as P
 from wire.client import AgentClient, AgentError, PeerUnreachable
+from wire.info import ask_info
 
 PINGS = 5
 PROBE_BYTES = 64 * 1024  # one throughput probe per agent
@@ -41,14 +43,8 @@ def run_status(roster: Roster, wait_s: float) -> int:
 def _probe(client: AgentClient, name: str, peer: bytes, wait_s: float) -> dict:
     row = {"agent": name, "up": False, "experts": "-", "device": "-", "rtt_ms": "-",
            "mb_s": "-", "tokens_s": "-"}
-    deadline = time.monotonic() + wait_s
-    info = None
-    while info is None and time.monotonic() < deadline:
-        try:
-            info = client.info(peer, timeout_s=min(1.0, max(0.05, deadline - time.monotonic())))
-        except Exception:  # not connected yet, or silent: try until the deadline
-            time.sleep(0.05)
-    if not isinstance(info, dict):
+    info = ask_info(client, [peer], wait_s).infos.get(peer)
+    if info is None:
         return row
     experts = info.get("experts")  # as an agent reports it: checked, never trusted
     row.update(experts=",".join(map(str, experts)) if isinstance(experts, list) else "?",

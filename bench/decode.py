@@ -26,8 +26,7 @@ from dataclasses import dataclass
 import torch
 
 # bench/, beside this script
-from echo_fanout import (HEADER_BYTES, agent_socket_options, floor_step_ms, start_echoes,
-                         stop_echoes)
+from echo_fanout import HEADER_BYTES, agent_socket_options, floor_step_ms, start_echoes, stop_echoes
 from pinning import split_cpus
 
 REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -83,7 +82,7 @@ def local_per_token_ms(checkpoint: str, tokens: int, repeats: int) -> float:
         stamps = []
 
         class Stamp:
-            def put(self, value):
+            def put(self, value, stamps=stamps):
                 stamps.append(time.perf_counter())
 
             def end(self):
@@ -112,13 +111,15 @@ class DecodeTraffic:
                    ) -> "DecodeTraffic":
         """From a manifest's `model` (shard_tool/manifest.py), in the wire dtype the distributed
         run uses (float32: it computes in float32 on a CPU, whatever the checkpoint's dtype)."""
+        from basestation.channel_model import comm_bytes
         from wire import protocol as P
 
         dtype = P.wire_dtype_name(wire_dtype)
         return cls(rounds=len(model["moe_layers"]) if "moe_layers" in model
                    else int(model["num_layers"]),
                    fanout=min(int(model["top_k"]), agents),
-                   payload_bytes=int(model["hidden_size"]) * P.WIRE_DTYPES[dtype].itemsize,
+                   payload_bytes=int(comm_bytes(int(model["hidden_size"]), 1,
+                                                P.WIRE_DTYPES[dtype].itemsize)),
                    dtype=dtype)
 
 
@@ -146,14 +147,14 @@ def distributed(shards: str, flags: list[str], tokens: int, repeats: int) -> dic
         generate(session, ids, max_new_tokens=8, ignore_eos=True)  # warm up links
         best = None
         for _ in range(repeats):
-            stats = session.dispatcher.stats
+            stats = session.runtime.stats
             wait0 = stats.network_s
-            compute0 = sum(a.compute_s_total for a in session.dispatcher.agents)
+            compute0 = sum(a.compute_s_total for a in session.agents)
             result = generate(session, ids, max_new_tokens=tokens, ignore_eos=True)
             decode_ms = statistics.median(result.token_latency_ms[1:])
             total_s = sum(result.token_latency_ms) / 1e3
             wait_s = stats.network_s - wait0
-            agent_s = sum(a.compute_s_total for a in session.dispatcher.agents) - compute0
+            agent_s = sum(a.compute_s_total for a in session.agents) - compute0
             row = {"decode_ms": decode_ms,
                    "base_ms": (total_s - wait_s) / tokens * 1e3,
                    "gather_ms": wait_s / tokens * 1e3,

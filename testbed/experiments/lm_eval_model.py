@@ -68,11 +68,9 @@ class DistributedLM(HFLM):
                    batch_size=int(batch_size) if str(batch_size).isdigit() else batch_size)
 
     def _model_call(self, inps: torch.Tensor, attn_mask=None, labels=None) -> torch.Tensor:
-        self.session.runtime.theta = self.theta
-        self.session.runtime.charge_to(None)
-        return super()._model_call(inps, attn_mask, labels)
+        with self.session.runtime.batch(theta=self.theta):
+            return super()._model_call(inps, attn_mask, labels)
 
     def _model_generate(self, context, max_length: int, stop: list[str], **kwargs):
-        self.session.runtime.theta = self.theta
-        self.session.runtime.charge_to(None)
-        return super()._model_generate(context, max_length, stop, **kwargs)
+        with self.session.runtime.batch(theta=self.theta):
+            return super()._model_generate(context, max_length, stop, **kwargs)

@@ -83,10 +83,8 @@ def quality_pass(session, theta: float):
     counts (see counted)."""
     runtime = session.runtime
     observer, runtime.on_selection = runtime.on_selection, None
-    runtime.theta = theta
-    runtime.charge_to(None)
     try:
-        with counted(runtime.stats) as counts:
+        with runtime.batch(theta=theta), counted(runtime.stats) as counts:
             yield counts
     finally:
         runtime.on_selection = observer

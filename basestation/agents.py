@@ -1,0 +1,176 @@
+"""What the base station knows about its agents, in one object that the others read.
+
+`AgentTable` owns the agents, which agent holds each expert, who is alive, the boxes table the
+selector weighs (built once per liveness change, then cached), the local fallback, the
+per-agent counters and the MoE layers' shared counters (`MoeStats`). An agent dies or comes
+back only through `fail` and `revive`, which drop the cached boxes.
+
+Shape legend: E = experts, B = boxes (the agents in order, then the local fallback).
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+from typing import NamedTuple
+
+import torch
+
+from basestation.channel_model import comm_bytes
+from basestation.ledger import RequestLedger
+from basestation.link_estimator import LinkSample
+from basestation.liveness import AgentLink
+
+log = logging.getLogger("basestation")
+
+
+@dataclass
+class MoeStats:
+    """Counters of the MoE layers, one object: the dispatcher and the MoE layer both add to it."""
+
+    expert_calls: int = 0  # token x expert computations done on agents (or the fallback)
+    experts_dropped: int = 0  # (token, slot) pairs not computed: by the selector or a fault
+    fault_drops: int = 0
+    retries: int = 0
+    residual_only: int = 0  # tokens whose every expert failed, retry included
+    failed_requests: int = 0  # requests with no valid reply: agent gone, over the cap, refused
+    late_replies_waited: int = 0  # requests past their estimate's deadline, waited for (alive)
+    invalid_replies: int = 0  # replies refused by the checks (wrong peer, shape, NaN, ...)
+    network_s: float = 0.0  # waiting for agents (wall time of the gathers)
+
+
+class Boxes(NamedTuple):
+    """The boxes table for the agents' liveness now.
+
+    box_of_expert: [E] long, the agent index of each expert's live holder, else the local box.
+    available: [E] bool, None when every expert has a live holder or a fallback.
+    box_list, held: the same as Python lists (decode reads them without tensor ops); held is
+        None with `available`.
+    """
+
+    box_of_expert: torch.Tensor
+    available: torch.Tensor | None
+    box_list: list[int]
+    held: list[bool] | None
+
+
+class AgentTable:
+    """The agents of one base station, their experts and liveness; `fallback` is an
+    edge_agent.shards.LoadedExperts (experts computed here while their agent is down) or None.
+    `element_bytes`: bytes per activation on the wire (the paper's ε)."""
+
+    def __init__(self, agents: list[AgentLink], num_experts: int, hidden_size: int,
+                 element_bytes: int = 2, fallback=None):
+        self.agents = agents
+        self.num_experts = num_experts
+        self.hidden_size = hidden_size
+        self.element_bytes = element_bytes
+        self.fallback = fallback
+        self.local_box = len(agents)  # the box index of the local fallback
+        self.holder: dict[int, AgentLink] = {}  # expert -> the agent asked for it
+        for agent in agents:
+            for expert in agent.experts:
+                self.holder.setdefault(expert, agent)
+        self.box_of_agent = {id(agent): b for b, agent in enumerate(agents)}
+        self.stats = MoeStats()
+        self.liveness_changes = 0  # agents turned dead or back alive
+        self._boxes: Boxes | None = None
+
+    def request_bytes(self, tokens: int) -> int:
+        """Bytes of a request carrying `tokens` activations, and of its reply (Eq. 5)."""
+        return int(comm_bytes(self.hidden_size, tokens, self.element_bytes))
+
+    def has_fallback(self, expert: int) -> bool:
+        return self.fallback is not None and expert in self.fallback.weights
+
+    def new_ledger(self) -> RequestLedger:
+        return RequestLedger(boxes=len(self.agents) + 1)
+
+    def boxes(self) -> Boxes:
+        """The boxes table; built again only after an agent died or came back."""
+        if self._boxes is None:
+            box, ok = [], []
+            for expert in range(self.num_experts):
+                agent = self.holder.get(expert)
+                if agent is not None and agent.alive:
+                    box.append(self.box_of_agent[id(agent)])
+                    ok.append(True)
+                else:
+                    box.append(self.local_box)
+                    ok.append(self.has_fallback(expert))
+            every = all(ok)
+            self._boxes = Boxes(torch.tensor(box), None if every else torch.tensor(ok), box,
+                                None if every else ok)
+        return self._boxes
+
+    def assign(self, experts) -> tuple[dict[int, tuple[AgentLink, list[int]]], list[int],
+                                        set[int]]:
+        """Experts (ascending) -> ({id(agent): (agent, its experts)} for live holders, the
+        experts the fallback computes, the experts no one can compute)."""
+        by_agent: dict[int, tuple[AgentLink, list[int]]] = {}
+        local: list[int] = []
+        unheld: set[int] = set()
+        for expert in experts:
+            agent = self.holder.get(expert)
+            if agent is not None and agent.alive:
+                entry = by_agent.get(id(agent))
+                if entry is None:
+                    by_agent[id(agent)] = (agent, [expert])
+                else:
+                    entry[1].append(expert)
+            elif self.has_fallback(expert):
+                local.append(expert)
+            else:
+                unheld.add(expert)
+        return by_agent, local, unheld
+
+    def fail(self, agent: AgentLink, why: str, now_s: float) -> None:
+        """A request to `agent` got no valid answer: count it, and mark the agent dead (the
+        prober pings it back)."""
+        self.stats.failed_requests += 1
+        if agent.mark_failed(now_s):
+            self._boxes = None
+            self.liveness_changes += 1
+            log.warning("agent %s failed (%s): its experts are dropped until it answers again",
+                        agent.name, why)
+
+    def answered(self, agent: AgentLink, sample: LinkSample, cache) -> None:
+        """A valid expert reply: the link estimate learns, the counters count. `cache`: the
+        reply's cache figures (a memory-budgeted agent's), else None."""
+        agent.learn(sample)
+        agent.calls += sample.tokens
+        agent.compute_s_total += sample.compute_s
+        agent.last_used_s = sample.time_s
+        self.stats.expert_calls += sample.tokens
+        if cache is not None:
+            agent.cache = cache  # parsed by the reply's decode (protocol.cache_figures)
+
+    def revive(self, agent: AgentLink, now_s: float) -> None:
+        """A dead agent answered a probe: it is asked again."""
+        if not agent.alive:
+            agent.alive = True
+            agent.backoff.reset(now_s)
+            self._boxes = None
+            self.liveness_changes += 1
+
+    def count_drops(self, dropped: list[int], held: list[bool] | None) -> None:
+        """The experts of the slots the selector dropped (one entry a slot); `held` (boxes'):
+        a slot of an expert with no live holder was lost to a fault, not dropped by θ."""
+        self.stats.experts_dropped += len(dropped)
+        if held is not None:
+            self.stats.fault_drops += sum(1 for expert in dropped if not held[expert])
+        for expert in dropped:
+            agent = self.holder.get(expert)
+            if agent is not None:
+                agent.drops += 1
+
+    def budgeted_agents(self) -> list[AgentLink]:
+        """The memory-budgeted agents that take prefetch hints: their info's memory_budget
+        "prefetch" is false while their loads cost no waiting on storage (edge_agent/shards.py
+        HINT_LOAD_RATIO; absent, from agents before it: true)."""
+        return [a for a in self.agents if isinstance(a.info.get("memory_budget"), dict)
+                and a.info["memory_budget"].get("prefetch", True) is not False]
+
+    def figures(self) -> list[dict]:
+        """Every agent's AgentLink.figures() (with cache_* figures for budgeted agents)."""
+        return [agent.figures() for agent in self.agents]
