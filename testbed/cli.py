@@ -83,10 +83,11 @@ def _numbers(flag: str, value: str) -> tuple[float, ...]:
 
 
 def cmd_eval(args) -> int:
-    from testbed.experiments.evaluate import HELDOUT_TEXT, EvalConfig, run_eval
-    from testbed.links.control import TestbedError
+    from testbed.experiments.evaluate import EvalConfig, run_eval
+    from testbed.experiments.harness import HELDOUT_TEXT
     from testbed.experiments.pass_counts import exact_failure
     from testbed.experiments.report import read_results
+    from testbed.links.control import TestbedError
 
     thetas = _numbers("--thetas", args.thetas)
     if any(not 0.0 <= t <= 1.0 for t in thetas):
@@ -252,7 +253,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
-    from basestation.session import RosterError
+    from basestation.roster import RosterError
     from common.errors import ShardError
     from testbed.links.control import TestbedError
 

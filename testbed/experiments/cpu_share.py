@@ -6,7 +6,7 @@ worker descheduled for one of them holds up the whole region: on this 2-core VM 
 one decode step's attention call (scaled_dot_product_attention) took 3.3 ms instead of 27 us,
 and the base station's share of a token went from 3.4 to 18-37 ms, more than the whole modeled
 latency that `testbed eval` compares it with. Agents already get one thread each
-(links_procs); the base station gets the cores they leave, at least one.
+(testbed/links/procs.py); the base station gets the cores they leave, at least one.
 """
 
 from __future__ import annotations

@@ -18,8 +18,8 @@ from shard_tool.split import split
 from testbed.experiments.cpu_share import base_station_threads
 from testbed.experiments.eval_report import draw, markdown, write_tables
 from testbed.experiments.evaluate import EvalConfig, run_eval
-from testbed.models.make_model import ModelSpec, make_model
 from testbed.experiments.report import read_results
+from testbed.models.make_model import ModelSpec, make_model
 
 TESTBED_DIR = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))  # testbed/
 

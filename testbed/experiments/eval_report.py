@@ -1,11 +1,12 @@
 """`testbed eval`'s outputs: a Table-I-style table (markdown and CSV) and a Fig.-3-style figure
-per scenario, from results.jsonl. Pure reading and formatting, plus matplotlib."""
+per scenario, from results.jsonl. Pure reading and formatting; `figures` draws."""
 
 from __future__ import annotations
 
 import csv
 import os
 
+from testbed.experiments import figures
 from testbed.experiments.pass_counts import drop_rate, exact_failure
 from testbed.experiments.report import read_results
 
@@ -145,78 +146,46 @@ def write_tables(folder: str) -> list[str]:
 
 
 def draw(folder: str) -> list[str]:
-    """fig3-SCENARIO.png: per task, accuracy bars with their standard errors and the median
-    token latency (measured, with its interval, and modeled) against θ."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
+    """fig3-SCENARIO.png (`figures`): per task, accuracy bars with their standard errors and
+    the median token latency (measured, with its interval, and modeled) against θ; then KL and
+    top-1 agreement with θ = 0 where every row has them."""
     paths = []
     for name, rows in _by_scenario(read_results(folder)).items():
         tasks = sorted({t for r in rows for t in (r.get("tasks") or {})
                         if not t.startswith("_")}) or [None]
-        with_kl = all(r.get("divergence") for r in rows)
-        panels = len(tasks) + with_kl
-        fig, axes = plt.subplots(1, panels, figsize=(4.6 * panels, 3.6), squeeze=False)
         labels = [f"{r['theta']:g}" for r in rows]
-        if with_kl:
-            _draw_divergence(axes[0][-1], labels, rows)
-        for ax, task in zip(axes[0], tasks):
-            if task is not None:
-                primary = [_primary(r["tasks"][task]) for r in rows]
-                values = [p[1]["value"] if p else 0.0 for p in primary]
-                errors = [(p[1]["stderr"] or 0.0) if p else 0.0 for p in primary]
-                metric = primary[0][0].split(",")[0] if primary[0] else "score"
-                ax.bar(labels, values, yerr=errors, capsize=3, color="#8fb3d9",
-                       label=f"{metric} (± s.e.)")
-                ax.set_ylabel(f"{task}: {metric}")
-                ax.set_title(task, fontsize=9)
-            ax.set_xlabel("θ")
-            twin = ax.twinx()
-            median = [r["median_token_ms"] for r in rows]
-            twin.plot(labels, [m["value"] for m in median], "o-", color="#c0392b",
-                      label="measured median token latency")
-            twin.fill_between(labels, [m["low"] for m in median], [m["high"] for m in median],
-                              color="#c0392b", alpha=0.2)
-            if all(r.get("modeled_median_token_ms") for r in rows):
-                twin.plot(labels, [r["modeled_median_token_ms"]["value"] for r in rows], "s--",
-                          color="#7f8c8d", label="modeled (Eqs. 6-8)")
-            if all(r.get("wait_median_token_ms") for r in rows):
-                twin.plot(labels, [r["wait_median_token_ms"]["value"] for r in rows], "^:",
-                          color="#d35400", label="of which waiting for agents")
-            twin.set_ylabel("token latency (ms)")
-            twin.set_ylim(bottom=0)
-            handles = ax.get_legend_handles_labels()[0] + twin.get_legend_handles_labels()[0]
-            ax.legend(handles, [h.get_label() for h in handles], loc="lower left", fontsize=7)
+        median = [r["median_token_ms"] for r in rows]
+        more = []
+        if all(r.get("modeled_median_token_ms") for r in rows):
+            more.append(figures.Series([r["modeled_median_token_ms"]["value"] for r in rows],
+                                       "s--", "#7f8c8d", "modeled (Eqs. 6-8)"))
+        if all(r.get("wait_median_token_ms") for r in rows):
+            more.append(figures.Series([r["wait_median_token_ms"]["value"] for r in rows],
+                                       "^:", "#d35400", "of which waiting for agents"))
+        panels = [figures.Panel(
+            labels=labels, bars=_task_bars(rows, task), title=task,
+            latency=figures.Series([m["value"] for m in median], "o-", figures.LATENCY_COLOR,
+                                   "measured median token latency"),
+            band=([m["low"] for m in median], [m["high"] for m in median]),
+            more=tuple(more), latency_axis_label="token latency (ms)") for task in tasks]
+        kl = None
+        if all(r.get("divergence") for r in rows):
+            kl = figures.DivergencePanel(labels, [r["divergence"]["kl_nats"] for r in rows],
+                                         [r["divergence"]["top1_agreement"] for r in rows],
+                                         rows[0]["divergence"]["positions"])
         emulated = f", emulating {rows[0]['emulated']}" if rows[0].get("emulated") else ""
-        fig.suptitle(f"{name} ({rows[0]['backend']}{emulated})", fontsize=9)
-        fig.tight_layout()
-        path = os.path.join(folder, f"fig3-{name}.png")
-        fig.savefig(path, dpi=120)
-        plt.close(fig)
-        paths.append(path)
+        paths.append(figures.fig3(os.path.join(folder, f"fig3-{name}.png"), panels,
+                                  panel_in=(4.6, 3.6), divergence=kl, legend_fontsize=7,
+                                  suptitle=f"{name} ({rows[0]['backend']}{emulated})"))
     return paths
 
 
-def _draw_divergence(ax, labels: list[str], rows: list[dict]) -> None:
-    """KL(θ=0 || θ) bars and top-1 agreement with θ = 0, both with their 95 % intervals."""
-    kl = [r["divergence"]["kl_nats"] for r in rows]
-    ax.bar(labels, [k["value"] for k in kl], color="#a9cba4",
-           yerr=[[max(0.0, k["value"] - k["low"]) for k in kl],
-                 [max(0.0, k["high"] - k["value"]) for k in kl]],
-           capsize=3, label="KL(θ=0 || θ) nats (95 % CI)")
-    ax.set_xlabel("θ")
-    ax.set_ylabel("KL vs θ = 0 (nats / position)")
-    first = rows[0]["divergence"]
-    ax.set_title(f"next token vs θ = 0, {first['positions']} held-out positions", fontsize=9)
-    twin = ax.twinx()
-    agree = [r["divergence"]["top1_agreement"] for r in rows]
-    twin.errorbar(labels, [a["value"] for a in agree],
-                  yerr=[[max(0.0, a["value"] - a["low"]) for a in agree],
-                        [max(0.0, a["high"] - a["value"]) for a in agree]],
-                  fmt="o-", color="#2c3e50", capsize=3, label="top-1 agreement (95 % CI)")
-    twin.set_ylabel("top-1 agreement with θ = 0")
-    twin.set_ylim(0, 1.02)
-    handles = ax.get_legend_handles_labels()[0] + twin.get_legend_handles_labels()[0]
-    ax.legend(handles, [h.get_label() for h in handles], loc="center left", fontsize=7)
+def _task_bars(rows: list[dict], task: str | None) -> figures.Bars | None:
+    """TASK's primary metric per row with its standard error (None: no task)."""
+    if task is None:
+        return None
+    primary = [_primary(r["tasks"][task]) for r in rows]
+    metric = primary[0][0].split(",")[0] if primary[0] else "score"
+    return figures.Bars([p[1]["value"] if p else 0.0 for p in primary],
+                        f"{metric} (± s.e.)", f"{task}: {metric}",
+                        errors=[(p[1]["stderr"] or 0.0) if p else 0.0 for p in primary])

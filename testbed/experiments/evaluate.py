@@ -1,7 +1,8 @@
 """`testbed eval`: the paper's Table I and Fig. 3 from measurements, per scenario.
 
-Agents come up behind the scenario's shaped links (with a `[paper]` channel that emulates a
-model: links at that model's wire time, agents paced to its compute time). For each θ:
+Agents come up behind the scenario's shaped links (`harness`, shared with `sweep`; with a
+`[paper]` channel that emulates a model: links at that model's wire time, agents paced to its
+compute time). For each θ:
 - latency: the prompts are decoded through the base station; every decode step's measured
   latency is kept, beside the paper's modeled latency (Eqs. 6-8) of the same step, computed
   from what each token kept on this epoch's channel draw;
@@ -18,7 +19,6 @@ table and the figure come from `eval_report`.
 
 from __future__ import annotations
 
-import json
 import os
 import sys
 import time
@@ -27,21 +27,14 @@ from dataclasses import dataclass
 import numpy as np
 
 from basestation.generate import generate
-from basestation.session import build_roster, open_session
 from testbed import scenarios
-from testbed.experiments import divergence
-from testbed.experiments import pass_counts
-from testbed.experiments.cpu_share import share_with_agents
-from testbed.links.control import TestbedError
+from testbed.experiments import divergence, harness, pass_counts
+from testbed.experiments.harness import DEFAULT_PROMPTS, HELDOUT_TEXT, TESTBED_DIR
 from testbed.experiments.stats import bootstrap, relative_change
 from testbed.experiments.step_waits import StepWaits, observers
-from testbed.experiments.sweep import DEFAULT_PROMPTS, ScheduleRunner, code_version
-
-TESTBED_DIR = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))  # testbed/
+from testbed.links.control import TestbedError
 
 TASKS_DIR = os.path.join(TESTBED_DIR, "tasks")
-HELDOUT_TEXT = os.path.join(TESTBED_DIR, "data",
-                            "heldout-sample.txt")
 LATENCY_PROMPTS = DEFAULT_PROMPTS + (
     "An exception is raised when",
     "The socket module provides",
@@ -72,44 +65,20 @@ class EvalConfig:
 
 def run_eval(config: EvalConfig) -> str:
     """Runs the evaluation; returns the results.jsonl path. Raises TestbedError, RosterError."""
-    from shard_tool.manifest import load_manifest
-    from testbed.links import control as links
-
-    manifest = load_manifest(config.shards)
-    num_agents = config.num_agents or manifest.num_experts
-    scenario = scenarios.load(config.scenario)
-    shapes, agent_args, wire_bytes = scenarios.bring_up(scenario, config.shards, num_agents,
-                                                        config.dtype)
-    pacing = scenarios.agent_pacing_us(scenario, num_agents)
-    os.makedirs(config.out, exist_ok=True)
-    results_path = os.path.join(config.out, "results.jsonl")
-    bed = links.up(config.shards, num_agents, shapes,
-                   state_dir=os.path.join(config.out, "testbed-state"), agent_args=agent_args)
-    schedule = session = None
-    try:
-        threads = share_with_agents(num_agents)  # they run on this host
-        session = open_session(config.shards, build_roster([], bed.roster_path, None),
-                               dtype=config.dtype, wait_s=60, progress=False)
-        start_s = time.monotonic()
-        if scenario.changes_over_time:
-            schedule = ScheduleRunner(bed, scenario, num_agents, wire_bytes_per_token=wire_bytes,
-                                      start_s=start_s)
-            schedule.start()
-        modeled = _modeled(scenario, num_agents, manifest, start_s)
-        waits = StepWaits(session.runtime.stats, _moe_layers(manifest))
+    with harness.running(config.shards, config.out, config.scenario, config.num_agents,
+                         emulate=True, dtype=config.dtype) as run:
+        session, scenario = run.session, run.scenario
+        modeled = _modeled(scenario, run.num_agents, run.manifest, run.start_s)
+        waits = StepWaits(session.runtime.stats, _moe_layers(run.manifest))
         session.runtime.on_selection = observers(modeled, waits)
-        tokenizer = session.base.tokenizer
-        prompt_ids = [tokenizer(p, return_tensors="pt").input_ids for p in config.prompts]
-        generate(session, prompt_ids[0], max_new_tokens=4, ignore_eos=True)  # learn the links
-        base = {"kind": "eval", "scenario": scenario.name,
-                "description": scenario.description,
-                "backend": bed.backend, "agents": num_agents, "fingerprint": manifest.fingerprint,
-                "base_station_threads": threads,
-                "code_version": code_version(),
-                "emulated": scenario.paper.emulate.name
-                if scenario.paper and scenario.paper.emulate else None,
-                "pace_us": {str(a): {"per_call": round(call, 1), "per_token": round(token, 1)}
-                            for a, (call, token) in pacing.items()}}
+        prompt_ids = run.tokenize(config.prompts)
+        run.warm_up(prompt_ids[0])
+        pacing = scenarios.agent_pacing_us(scenario, run.num_agents)
+        base = dict(run.record("eval"), description=scenario.description,
+                    emulated=scenario.paper.emulate.name
+                    if scenario.paper and scenario.paper.emulate else None,
+                    pace_us={str(a): {"per_call": round(call, 1), "per_token": round(token, 1)}
+                             for a, (call, token) in pacing.items()})
         # Latency first, every θ in turn per prompt: a busy machine or a fading epoch then
         # weighs on every θ alike, instead of on whichever θ ran at the time.
         _say(config, f"latency: {len(prompt_ids)} prompts x {config.max_new_tokens} tokens "
@@ -121,23 +90,13 @@ def run_eval(config: EvalConfig) -> str:
             _say(config, f"divergence: θ = 0 reference over {config.divergence_tokens} "
                          "held-out tokens")
             reference, reference_counts = reference_pass(session, config)
-        with open(results_path, "a") as results:
+        with run.results() as append:
             for theta in config.thetas:
                 quality, quality_counts = quality_pass(session, config, theta, reference,
                                                        reference_counts)
-                record = make_record(dict(base, theta=theta, exact=config.exact),
-                                     samples[theta], first, quality, quality_counts)
-                record["schedule_errors"] = list(schedule.errors) if schedule else []
-                record["time"] = time.strftime("%Y-%m-%dT%H:%M:%S%z")
-                results.write(json.dumps(record) + "\n")
-                results.flush()
-    finally:
-        if schedule is not None:
-            schedule.stop()
-        if session is not None:
-            session.close()
-        bed.down()
-    return results_path
+                append(make_record(dict(base, theta=theta, exact=config.exact),
+                                   samples[theta], first, quality, quality_counts))
+    return run.results_path
 
 
 def make_record(base: dict, sample: dict, first: dict, quality: dict,
@@ -167,19 +126,14 @@ def quality_pass(session, config: EvalConfig, theta: float, reference=None,
             _say(config, f"θ = {theta:g}: lm-eval {', '.join(config.tasks)}")
             fields["tasks"] = _accuracy(session, config, theta)
         if reference is not None:
-            fields["divergence"] = dict(reference.against(session.base.model),
-                                        reference_pass=reference_counts)
+            fields["divergence"] = harness.divergence_against(session, reference,
+                                                              reference_counts)
     return fields, counts
 
 
 def reference_pass(session, config: EvalConfig):
     """The θ = 0 next-token distributions over the held-out blocks, and what the pass cost."""
-    with open(config.divergence_text) as f:
-        blocks = divergence.heldout_blocks(session.base.tokenizer, f.read(),
-                                           max_tokens=config.divergence_tokens)
-    with pass_counts.quality_pass(session, 0.0) as counts:
-        reference = divergence.Divergence.measure_reference(session.base.model, blocks)
-    return reference, counts
+    return harness.reference_pass(session, config.divergence_text, config.divergence_tokens)
 
 
 def _say(config: EvalConfig, line: str) -> None:

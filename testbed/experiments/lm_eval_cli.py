@@ -13,8 +13,9 @@ from __future__ import annotations
 
 
 def main() -> None:
-    import testbed.experiments.lm_eval_model  # noqa: F401  (registers "wdmoe")
     from lm_eval.__main__ import cli_evaluate
+
+    import testbed.experiments.lm_eval_model  # noqa: F401  (registers "wdmoe")
 
     cli_evaluate()  # reads sys.argv as `lm_eval` would
 

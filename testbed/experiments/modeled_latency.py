@@ -15,8 +15,7 @@ import time
 import numpy as np
 import torch
 
-from basestation.channel_model import (EmulatedModel, modeled_latency_s,
-                                       modeled_token_latency_s)
+from basestation.channel_model import EmulatedModel, modeled_latency_s, modeled_token_latency_s
 from testbed.scenarios import PaperChannel, paper_rates_bits_per_s
 
 

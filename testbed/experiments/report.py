@@ -11,6 +11,7 @@ from __future__ import annotations
 import json
 import os
 
+from testbed.experiments import figures
 from testbed.links.control import TestbedError
 
 
@@ -53,10 +54,10 @@ def table(rows: list[dict]) -> str:
              f"{'median ms':>9} {'p95 ms':>8} {'tok/s':>7} {'drop':>6} "
              f"{'faults gen/qual':>15} {'failed gen/qual':>15}"]
     for r in rows:
-        def fmt(key, spec):
+        def fmt(key, spec, r=r):
             return format(r[key], spec) if r.get(key) is not None else "-"
         kl = r.get("divergence") or {}
-        # records before the divergence harness: "agreement" was the generated tokens'
+        # in records without "divergence", "agreement" is the generated tokens' agreement
         generated = r.get("generated_agreement", None if kl else r.get("agreement"))
         lines.append(f"{r['scenario']:<13} {r['theta']:>5.2f} {fmt('perplexity', '8.2f'):>8} "
                      f"{fmt('top1_accuracy', '6.3f'):>6} {fmt('mc_accuracy', '6.3f'):>6} "
@@ -71,12 +72,8 @@ def table(rows: list[dict]) -> str:
 
 
 def draw(folder: str) -> list[str]:
-    """Writes quality.png and drops.png into `folder`; returns their paths."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
+    """Writes quality.png (Fig. 3: `figures`) and drops.png into `folder`; returns their paths.
+    Raises TestbedError."""
     rows = read_results(folder)
     if not rows:
         raise TestbedError(f"{folder}/results.jsonl is empty")
@@ -86,6 +83,8 @@ def draw(folder: str) -> list[str]:
     by_scenario: dict[str, list[dict]] = {}
     for r in rows:
         by_scenario.setdefault(r["scenario"], []).append(r)
+    by_scenario = {name: sorted(srows, key=lambda r: r["theta"])
+                   for name, srows in by_scenario.items()}
     # perplexity first: over a few hundred tokens it moves less by chance than a small
     # multiple-choice set does
     quality_key = next((k for k in ("perplexity", "mc_accuracy")
@@ -93,33 +92,25 @@ def draw(folder: str) -> list[str]:
     quality_label = {"mc_accuracy": "multiple-choice accuracy",
                      "perplexity": "held-out perplexity (lower is better)",
                      "agreement": "agreement with θ = 0"}[quality_key]
+    panels = [figures.Panel(
+        labels=[f"{r['theta']:g}" for r in srows],
+        bars=figures.Bars([r.get(quality_key) or 0 for r in srows], quality_label,
+                          quality_label),
+        latency=figures.Series([r["median_token_ms"] for r in srows], "o-",
+                               figures.LATENCY_COLOR, "median token latency"),
+        latency_axis_label="median token latency (ms)",
+        title=f"{scenario} ({srows[0]['backend']})")
+        for scenario, srows in by_scenario.items()]
+    quality_png = figures.fig3(os.path.join(folder, "quality.png"), panels, panel_in=(5, 3.8))
+    return [quality_png, _draw_drops(os.path.join(folder, "drops.png"), by_scenario)]
 
-    fig, axes = plt.subplots(1, len(by_scenario), figsize=(5 * len(by_scenario), 3.8),
-                             squeeze=False)
-    for ax, (scenario, srows) in zip(axes[0], by_scenario.items()):
-        srows = sorted(srows, key=lambda r: r["theta"])
-        labels = [f"{r['theta']:g}" for r in srows]
-        ax.bar(labels, [r.get(quality_key) or 0 for r in srows], color="#8fb3d9",
-               label=quality_label)
-        ax.set_xlabel("θ")
-        ax.set_ylabel(quality_label)
-        twin = ax.twinx()
-        twin.plot(labels, [r["median_token_ms"] for r in srows], "o-", color="#c0392b",
-                  label="median token latency")
-        twin.set_ylabel("median token latency (ms)")
-        twin.set_ylim(bottom=0)
-        ax.set_title(f"{scenario} ({srows[0]['backend']})", fontsize=9)
-        handles = ax.get_legend_handles_labels()[0] + twin.get_legend_handles_labels()[0]
-        ax.legend(handles, [h.get_label() for h in handles], loc="lower left", fontsize=8)
-    fig.tight_layout()
-    quality_png = os.path.join(folder, "quality.png")
-    fig.savefig(quality_png, dpi=120)
-    plt.close(fig)
 
+def _draw_drops(path: str, by_scenario: dict[str, list[dict]]) -> str:
+    """Per scenario, each agent's drop rate, one bar per θ."""
+    plt = figures.pyplot()
     fig, axes = plt.subplots(1, len(by_scenario), figsize=(5 * len(by_scenario), 3.5),
                              squeeze=False)
     for ax, (scenario, srows) in zip(axes[0], by_scenario.items()):
-        srows = sorted(srows, key=lambda r: r["theta"])
         agents = sorted(srows[0]["per_agent"],
                         key=lambda name: min(srows[0]["per_agent"][name]["experts"]))
         width = 0.8 / max(1, len(srows))
@@ -139,7 +130,6 @@ def draw(folder: str) -> list[str]:
         ax.set_title(scenario, fontsize=9)
         ax.legend(fontsize=8)
     fig.tight_layout()
-    drops_png = os.path.join(folder, "drops.png")
-    fig.savefig(drops_png, dpi=120)
+    fig.savefig(path, dpi=figures.DPI)
     plt.close(fig)
-    return [quality_png, drops_png]
+    return path

@@ -3,10 +3,10 @@
 For each θ: the prompts are generated through the base station (per-token latency, tokens/s,
 experts called and dropped per agent), then quality is scored through the same distributed
 model (held-out perplexity, top-1 next-token accuracy, multiple-choice accuracy, KL(θ=0 || θ)
-and top-1 agreement with θ = 0 over held-out text by `divergence`, the harness `eval` uses,
-and agreement of the generated tokens with θ = 0). Each record keeps what both passes cost in
-experts (`passes`: generation as "latency", and "quality"). Records are appended to
-results.jsonl as they are made, so Ctrl-C keeps what is done; a CSV is written at the end.
+and top-1 agreement with θ = 0 over held-out text, and agreement of the generated tokens with
+θ = 0). Each record keeps what both passes cost in experts (`passes`: generation as "latency",
+and "quality"). Agents, links, the θ = 0 reference and results.jsonl are `harness`'s, shared
+with `eval`; a CSV is written at the end.
 """
 
 from __future__ import annotations
@@ -15,31 +15,15 @@ import csv
 import json
 import os
 import statistics
-import subprocess
 import sys
-import threading
-import time
 from dataclasses import dataclass
 
 from basestation.generate import generate
-from basestation.session import build_roster, open_session
-from testbed import scenarios
-from testbed.experiments import divergence
-from testbed.experiments import pass_counts
-from testbed.models import quality
-from testbed.experiments.cpu_share import share_with_agents
+from testbed.experiments import divergence, harness, pass_counts
+from testbed.experiments.harness import DEFAULT_PROMPTS, HELDOUT_TEXT
 from testbed.links.control import TestbedError
+from testbed.models import quality
 
-TESTBED_DIR = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))  # testbed/
-
-DEFAULT_PROMPTS = (
-    "The queue module implements",
-    "To open a file for reading, use",
-    "A dictionary maps keys to",
-    "The following example shows how to",
-)
-HELDOUT_TEXT = os.path.join(TESTBED_DIR, "data",
-                            "heldout-sample.txt")
 CSV_FIELDS = ("scenario", "backend", "theta", "latency", "tokens", "median_token_ms",
               "p95_token_ms", "mean_token_ms", "tokens_per_s", "expert_calls",
               "experts_dropped", "drop_rate", "fault_drops", "failed_requests",
@@ -67,49 +51,6 @@ class SweepConfig:
     divergence_tokens: int = divergence.MAX_TOKENS
 
 
-def code_version() -> str:
-    from shard_tool import __version__
-
-    try:
-        rev = subprocess.run(["git", "describe", "--always", "--dirty"], capture_output=True,
-                             text=True, timeout=5, cwd=os.path.dirname(__file__)).stdout.strip()
-    except (OSError, subprocess.SubprocessError):
-        rev = ""
-    return f"{__version__}+{rev}" if rev else __version__
-
-
-class ScheduleRunner(threading.Thread):
-    """Re-applies the scenario's shapes while the sweep runs (flaky links, fading epochs)."""
-
-    def __init__(self, testbed, scenario, num_agents: int,
-                 wire_bytes_per_token: float | None = None, start_s: float | None = None):
-        super().__init__(daemon=True, name="link-schedule")
-        self.testbed, self.scenario, self.num_agents = testbed, scenario, num_agents
-        self.wire_bytes_per_token = wire_bytes_per_token  # emulation: see scenarios.shapes_at
-        self.start_s = start_s  # the clock the fading epochs count from (default: run())
-        self.stop_event = threading.Event()
-        self.errors: list[str] = []
-
-    def run(self) -> None:
-        start = time.monotonic() if self.start_s is None else self.start_s
-        applied = scenarios.shapes_at(self.scenario, self.num_agents, 0.0,
-                                      self.wire_bytes_per_token)
-        while not self.stop_event.wait(self.scenario.step_s / 2):
-            shapes = scenarios.shapes_at(self.scenario, self.num_agents,
-                                         time.monotonic() - start, self.wire_bytes_per_token)
-            for agent, shape in shapes.items():
-                if shape != applied.get(agent):
-                    try:
-                        self.testbed.degrade(agent, shape)
-                    except Exception as e:  # keep the sweep going; the record notes it
-                        self.errors.append(f"agent {agent}: {e}")
-                    applied[agent] = shape
-
-    def stop(self) -> None:
-        self.stop_event.set()
-        self.join(timeout=10)
-
-
 def _quality(model, tokenizer, config: SweepConfig) -> dict:
     out = {}
     if config.eval_text:
@@ -126,85 +67,46 @@ def _quality(model, tokenizer, config: SweepConfig) -> dict:
 
 def run_sweep(config: SweepConfig) -> str:
     """Runs the sweep; returns the results.jsonl path. Raises TestbedError, RosterError."""
-    from shard_tool.manifest import load_manifest
-    from testbed.links import control as links
-
-    manifest = load_manifest(config.shards)
-    num_agents = config.num_agents or manifest.num_experts
-    scenario = scenarios.load(config.scenario)
-    os.makedirs(config.out, exist_ok=True)
-    results_path = os.path.join(config.out, "results.jsonl")
-    state_dir = os.path.join(config.out, "testbed-state")
-    bed = links.up(config.shards, num_agents,
-                   scenarios.shapes_at(scenario, num_agents, 0.0), state_dir=state_dir)
-    schedule = None
-    session = None
-    try:
-        threads = share_with_agents(num_agents)  # they run on this host
-        session = open_session(config.shards, build_roster([], bed.roster_path, None),
-                               latency=config.latency, wait_s=60, progress=False)
-        if scenario.changes_over_time:
-            schedule = ScheduleRunner(bed, scenario, num_agents)
-            schedule.start()
-        tokenizer = session.base.tokenizer
-        prompt_ids = [tokenizer(p, return_tensors="pt").input_ids for p in config.prompts]
-        generate(session, prompt_ids[0], max_new_tokens=4, ignore_eos=True)  # learn the links
+    with harness.running(config.shards, config.out, config.scenario, config.num_agents,
+                         latency=config.latency) as run:
+        session = run.session
+        prompt_ids = run.tokenize(config.prompts)
+        run.warm_up(prompt_ids[0])
         reference: list[list[int]] | None = None
         kl_reference = kl_reference_counts = None
         if config.divergence_tokens:
-            kl_reference, kl_reference_counts = _divergence_reference(session, config)
-        base_record = {"kind": "sweep", "scenario": scenario.name, "backend": bed.backend,
-                       "base_station_threads": threads,
-                       "fingerprint": manifest.fingerprint, "code_version": code_version(),
-                       "latency": config.latency, "agents": num_agents}
+            kl_reference, kl_reference_counts = harness.reference_pass(
+                session, config.eval_text or HELDOUT_TEXT, config.divergence_tokens)
+        base_record = dict(run.record("sweep"), latency=config.latency)
         bar = _bar(len(config.thetas), config.progress)
-        with open(results_path, "a") as results:
+        with run.results() as append:
             for theta in config.thetas:
                 record = dict(base_record, theta=theta,
-                              **_generation_figures(session, prompt_ids, config, bed, theta))
+                              **_generation_figures(session, prompt_ids, config, theta))
                 token_ids = record.pop("_token_ids")
                 reference = reference or token_ids
                 record["generated_agreement"] = statistics.fmean(
                     quality.sequence_agreement(ref, ids)["position"]
                     for ref, ids in zip(reference, token_ids))
                 with pass_counts.quality_pass(session, theta) as counts:
-                    record.update(_quality(session.base.model, tokenizer, config))
+                    record.update(_quality(session.base.model, session.base.tokenizer, config))
                     if kl_reference is not None:
-                        record["divergence"] = dict(kl_reference.against(session.base.model),
-                                                    reference_pass=kl_reference_counts)
+                        record["divergence"] = harness.divergence_against(
+                            session, kl_reference, kl_reference_counts)
                 record["passes"]["quality"] = counts
                 record["quality_fault_drops"] = counts["fault_drops"]
                 record["quality_failed_requests"] = counts["failed_requests"]
                 if "divergence" in record:  # flat, for the CSV and the figure
                     record["kl_nats"] = record["divergence"]["kl_nats"]["value"]
                     record["agreement"] = record["divergence"]["top1_agreement"]["value"]
-                record["schedule_errors"] = list(schedule.errors) if schedule else []
-                record["time"] = time.strftime("%Y-%m-%dT%H:%M:%S%z")
-                results.write(json.dumps(record) + "\n")
-                results.flush()
+                append(record)
                 if bar is not None:
                     bar.update(1)
                     bar.set_postfix(theta=theta, ms=round(record["median_token_ms"], 2))
         if bar is not None:
             bar.close()
-    finally:
-        if schedule is not None:
-            schedule.stop()
-        if session is not None:
-            session.close()
-        bed.down()
-    write_csv(results_path)
-    return results_path
-
-
-def _divergence_reference(session, config: SweepConfig):
-    """The θ = 0 next-token distributions over held-out blocks, and what the pass cost."""
-    with open(config.eval_text or HELDOUT_TEXT) as f:
-        blocks = divergence.heldout_blocks(session.base.tokenizer, f.read(),
-                                           max_tokens=config.divergence_tokens)
-    with pass_counts.quality_pass(session, 0.0) as counts:
-        reference = divergence.Divergence.measure_reference(session.base.model, blocks)
-    return reference, counts
+    write_csv(run.results_path)
+    return run.results_path
 
 
 def _bar(total: int, enabled: bool):
@@ -215,7 +117,7 @@ def _bar(total: int, enabled: bool):
     return tqdm(total=total, desc="sweep", unit="θ", file=sys.stderr)
 
 
-def _generation_figures(session, prompt_ids, config: SweepConfig, bed, theta: float) -> dict:
+def _generation_figures(session, prompt_ids, config: SweepConfig, theta: float) -> dict:
     before = {a.name: (a.calls, a.drops, a.failures) for a in session.agents}
     latencies, token_ids = [], []
     with pass_counts.counted(session.runtime.stats) as counts:

@@ -1,13 +1,14 @@
 """Agents behind real, shaped links: `up`, `degrade`, `status`, `restart`, `down`.
 
-`up` plans the agents (links_plan.py), records each step in the state file before making it
-(links_state.py) and runs the steps (links_up.py): one network namespace and veth pair per
-agent (netns.py) — on this machine as root, inside an unprivileged user namespace otherwise
-(userns.py) — the agents and, where needed, a relay (links_procs.py, relay.py); then it shapes
-the links (shaping.py) and writes a roster for `basestation --agents`. Without root the roster
-names relays on 127.0.0.1 that reach into the user namespace, so the base station runs on this
-machine unchanged. Where neither root nor user namespaces are available the agents run on
-loopback without shaping. `down` is links_down.py.
+`up` gathers the facts (the model's experts, the mode), plans the agents as data (plan.py:
+names, addresses, experts, shapes), then runs the steps, recording each in the state file
+before making it (state.py, up.py): one network namespace and veth pair per agent (netns.py)
+— on this machine as root, inside an unprivileged user namespace otherwise (userns.py) — the
+agents and, where needed, a relay (procs.py, relay.py); then it shapes the links (shaping.py)
+and writes a roster for `basestation --agents`. Without root the roster names relays on
+127.0.0.1 that reach into the user namespace, so the base station runs on this machine
+unchanged. Where neither root nor user namespaces are available the agents run on loopback
+without shaping. `down` is down.py.
 `up(secure=True)` (`testbed up --secure`) makes a CurveZMQ keypair for the base station and
 each agent under STATE_DIR/keys, starts every agent with `--keys`, trusting the base station
 only, and writes a roster that carries each agent's public key and the base station's key
@@ -22,17 +23,12 @@ from __future__ import annotations
 import dataclasses
 import os
 import shutil
-import time
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 
 from testbed.links import down as links_down
-
+from testbed.links import shaping, userns
 from testbed.links import up as links_up
-
-from testbed.links import shaping
-
-from testbed.links import userns
 from testbed.links.plan import (
     AGENT_INNER_PORT,
     AGENT_PORT,
@@ -44,13 +40,16 @@ from testbed.links.plan import (
     ROOT,
     SUBNET,
     USERNS,
-    agent_args_by_index,
+    UpPlan,
     assign_experts,
     choose_mode,
     experts_spec,
+    plan_up,
     roster_toml,
 )
 from testbed.links.procs import alive, pid_is_ours, spawn, stop_pids
+from testbed.links.relay import APPLY_TIMEOUT_S, write_settings
+from testbed.links.spec import LinkShape, TestbedError
 from testbed.links.state import (
     DEFAULT_STATE_DIR,
     STATE_NAME,
@@ -62,9 +61,7 @@ from testbed.links.state import (
     save_state,
     shape_of,
 )
-from testbed.links.spec import LinkShape, TestbedError
 from testbed.links.up import INFO_TIMEOUT_S, KEYS_DIR
-from testbed.links.relay import APPLY_TIMEOUT_S, write_settings
 
 __all__ = [
     "AGENT_INNER_PORT", "AGENT_PORT", "DEFAULT_STATE_DIR", "INFO_TIMEOUT_S", "LINK_PREFIX",
@@ -161,7 +158,7 @@ def roster_text(state: dict) -> str:
     keys = state.get("keys")
     if not keys:
         return roster_toml({tuple(a["experts"]): a["endpoint"] for a in state["agents"]})
-    from basestation.session import RosterAgent, format_roster
+    from basestation.roster import RosterAgent, format_roster
 
     agents = [RosterAgent(tuple(a["experts"]), a["endpoint"], keys["public"][a["index"]].encode())
               for a in state["agents"]]
@@ -184,48 +181,47 @@ def up(shards: str, num_agents: int, shapes: dict[int, LinkShape] | None = None,
     from common.errors import ShardError
     from shard_tool.manifest import load_manifest
 
+    # the facts the plan needs, then the plan (pure), then the steps
     try:
         num_experts = load_manifest(shards).num_experts
     except ShardError as e:
         raise TestbedError(str(e)) from None
-    groups = assign_experts(num_experts, num_agents)
-    if num_agents > MAX_AGENTS:
-        raise TestbedError(f"at most {MAX_AGENTS} agents")
-    extra_args = agent_args_by_index(agent_args, num_agents)
-    shapes = {int(i): s.check() for i, s in (shapes or {}).items()}
-    if any(i not in range(num_agents) for i in shapes):
-        raise TestbedError(f"shapes given for agents outside 0-{num_agents - 1}")
     mode = _resolve_mode(mode)
-    if mode == LOOPBACK and any(s != LinkShape() for s in shapes.values()):
-        why = link_mode()[1] or "mode loopback"
-        raise TestbedError(f"link shapes need network namespaces ({why}); run without a "
-                           "scenario")
-    state_dir = os.path.abspath(state_dir)
+    plan = plan_up(num_experts=num_experts, num_agents=num_agents, shapes=shapes,
+                   agent_args=agent_args, mode=mode,
+                   unshaped_reason=link_mode()[1] if mode == LOOPBACK else None,
+                   shards=shards, state_dir=state_dir, roster_path=roster_path,
+                   tag=os.urandom(2).hex())
+    return _make(plan, timeout_s, secure)
+
+
+def _make(plan: UpPlan, timeout_s: float, secure: bool) -> Testbed:
+    """Runs PLAN's steps, each recorded in the state before it is made; removes everything on
+    any error or Ctrl-C. Raises TestbedError."""
+    state_dir = plan.state_dir
     os.makedirs(state_dir, exist_ok=True)
     if load_state(state_dir) is not None:
         raise TestbedError(f"a testbed is already up in {state_dir}; run `testbed down "
                            f"--state-dir {state_dir}` first")
-    roster_path = os.path.abspath(roster_path or os.path.join(state_dir, "roster.toml"))
-    state = {"tag": os.urandom(2).hex(), "mode": mode, "slot": None, "holder": None,
-             "shaper": None, "backend": shaping.LOOPBACK, "shards": os.path.abspath(shards),
-             "roster_path": roster_path, "agents": [], "keys": None}
+    state = {"tag": plan.tag, "mode": plan.mode, "slot": None, "holder": None,
+             "shaper": None, "backend": shaping.LOOPBACK, "shards": plan.shards,
+             "roster_path": plan.roster_path, "agents": [], "keys": None}
     save_state(state_dir, state)  # first, so `down` finds whatever follows
     try:
         if secure:
-            state["keys"] = links_up.make_keys(state_dir, num_agents)
+            state["keys"] = links_up.make_keys(state_dir, len(plan.groups))
             save_state(state_dir, state)
-        if mode == LOOPBACK:
-            links_up.start_loopback_agents(state_dir, state, groups, extra_args)
+        if plan.mode == LOOPBACK:
+            links_up.start_loopback_agents(plan, state)
         else:
-            links_up.make_namespaced_agents(state_dir, state, groups, extra_args)
+            links_up.make_namespaced_agents(plan, state)
         links_up.wait_ready(state, state["agents"], timeout_s)
-        for agent in state["agents"]:
-            shape = shapes.get(agent["index"], LinkShape())
-            if shape != LinkShape():
-                _apply(state, agent, shape)
-                agent["shape"] = dataclasses.asdict(shape)
+        for index, shape in plan.shapes.items():
+            agent = state["agents"][index]
+            _apply(state, agent, shape)
+            agent["shape"] = dataclasses.asdict(shape)
         save_state(state_dir, state)
-        with open(roster_path, "w") as f:
+        with open(plan.roster_path, "w") as f:
             f.write(roster_text(state))
     except BaseException:
         down(state_dir)
@@ -237,7 +233,7 @@ def _apply(state: dict, agent: dict, shape: LinkShape, old: LinkShape | None = N
     """Shape one link; with OLD (what it has now), touch only the parts that change: a
     scenario re-applies shapes every epoch, and each tc/nft call costs a process and can
     drop what a replaced qdisc held."""
-    shaper = state.get("shaper") or state["backend"]  # state files from before "shaper"
+    shaper = state.get("shaper") or state["backend"]  # older state files have no "shaper"
     try:
         shaping.apply(shaper, agent["ns"], agent["host_dev"], agent["ns_dev"], shape, old,
                       enter=_enter(state))
@@ -308,21 +304,14 @@ class LinkStatus:
 
 def status(state_dir: str) -> list[LinkStatus]:
     """Each link's shape and its agent's state. Raises TestbedError when nothing is up."""
-    from wire.client import PeerUnreachable
+    from wire.info import ask_info
 
     state = require_state(state_dir)
     out = []
     with links_up.open_client(state) as client:
-        sent = {}
         peers = {a["index"]: links_up.connect(client, state, a) for a in state["agents"]}
-        time.sleep(0.1)  # give the connections a moment before asking
-        for agent in state["agents"]:
-            try:
-                sent[client.send(peers[agent["index"]], "info")] = agent["index"]
-            except PeerUnreachable:
-                pass
-        replies = client.wait(set(sent), INFO_TIMEOUT_S)
-        answered = {sent[r] for r in replies if replies[r].kind != "error"}
+        infos = ask_info(client, peers.values(), INFO_TIMEOUT_S).infos
+        answered = {i for i, peer in peers.items() if peer in infos}
     for agent in state["agents"]:
         out.append(LinkStatus(agent["index"], tuple(agent["experts"]), agent.get("ns"),
                               agent["endpoint"], state["backend"], shape_of(agent),

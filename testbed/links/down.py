@@ -8,13 +8,11 @@ import os
 import time
 from dataclasses import dataclass
 
-from testbed.links import netns
-
-from testbed.links import userns
+from testbed.links import netns, userns
 from testbed.links.plan import NS_PREFIX, ROOT, USERNS
 from testbed.links.procs import OUR_MODULES, alive, cmdline, pid_is_ours, stop_pids
-from testbed.links.state import STATE_NAME, load_state, mode_of
 from testbed.links.relay import applied_path
+from testbed.links.state import STATE_NAME, load_state, mode_of
 
 # A process `up` forked just before it was killed is not recorded and may still be on its way
 # into a namespace (nsenter, `ip netns exec`): look again after this long, up to this often.

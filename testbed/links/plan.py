@@ -1,5 +1,6 @@
 """Pure planning for `testbed up`: where the links live, which agent hosts which experts, the
-names, addresses and command lines of each agent, as data (no I/O); links.py then makes them.
+names, addresses and command lines of each agent, as data (no I/O); `control.up` gathers the
+facts a plan needs (the model's experts, the mode, a free address slot) and `up.py` makes it.
 
 Modes (where the links live):
 - root: namespaces `wdm-TAG-I` on this machine, veth `wdmTAGhI` (host) ↔ `wdmTAGnI`
@@ -14,8 +15,9 @@ from __future__ import annotations
 
 import os
 from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
 
-from testbed.links.spec import TestbedError
+from testbed.links.spec import LinkShape, TestbedError
 
 ROOT, USERNS, LOOPBACK = "root", "userns", "loopback"
 MODES = (ROOT, USERNS, LOOPBACK)
@@ -96,6 +98,57 @@ def agent_args_by_index(agent_args: Sequence[str] | Mapping[int, Sequence[str]] 
             raise TestbedError(f"agent_args for agent {key!r}: agents are 0-{num_agents - 1}")
         out[key] = _str_list(value, f"agent_args[{key}]")
     return out
+
+
+@dataclass(frozen=True)
+class UpPlan:
+    """What `testbed up` makes, decided before anything is made."""
+    mode: str  # ROOT, USERNS or LOOPBACK
+    tag: str  # in every name this testbed's namespaces and veths get
+    shards: str  # absolute
+    state_dir: str  # absolute
+    roster_path: str  # absolute
+    groups: tuple[tuple[int, ...], ...]  # the experts of each agent index
+    agent_args: dict[int, list[str]]  # extra edge_agent arguments per agent index
+    shapes: dict[int, LinkShape]  # links shaped once every agent answers; the rest stay plain
+
+
+def plan_up(*, num_experts: int, num_agents: int, shapes: Mapping[int, LinkShape] | None,
+            agent_args: Sequence[str] | Mapping[int, Sequence[str]] | None, mode: str,
+            unshaped_reason: str | None, shards: str, state_dir: str,
+            roster_path: str | None, tag: str) -> UpPlan:
+    """`testbed up`'s plan from its arguments and the facts gathered for it: the model's
+    NUM_EXPERTS, the MODE chosen and, in loopback mode, why links cannot be shaped. Raises
+    TestbedError for a request that cannot be made."""
+    groups = assign_experts(num_experts, num_agents)
+    if num_agents > MAX_AGENTS:
+        raise TestbedError(f"at most {MAX_AGENTS} agents")
+    extra_args = agent_args_by_index(agent_args, num_agents)
+    checked = {int(i): s.check() for i, s in (shapes or {}).items()}
+    if any(i not in range(num_agents) for i in checked):
+        raise TestbedError(f"shapes given for agents outside 0-{num_agents - 1}")
+    if mode == LOOPBACK and any(s != LinkShape() for s in checked.values()):
+        why = unshaped_reason or "mode loopback"
+        raise TestbedError(f"link shapes need network namespaces ({why}); run without a "
+                           "scenario")
+    state_dir = os.path.abspath(state_dir)
+    return UpPlan(mode=mode, tag=tag, shards=os.path.abspath(shards), state_dir=state_dir,
+                  roster_path=os.path.abspath(roster_path or
+                                              os.path.join(state_dir, "roster.toml")),
+                  groups=tuple(groups), agent_args=extra_args,
+                  shapes={i: s for i, s in sorted(checked.items()) if s != LinkShape()})
+
+
+def plan_namespaced_agents(plan: UpPlan, slot: int) -> list[dict]:
+    """Every agent's state record once the /24 SLOT is known (plan_namespaced_agent)."""
+    return [plan_namespaced_agent(i, experts, plan.tag, slot, plan.state_dir,
+                                  plan.agent_args[i]) for i, experts in enumerate(plan.groups)]
+
+
+def plan_loopback_agents(plan: UpPlan, ports: Sequence[int]) -> list[dict]:
+    """Every agent's state record on 127.0.0.1, agent I on PORTS[I]."""
+    return [plan_loopback_agent(i, experts, ports[i], plan.state_dir, plan.agent_args[i])
+            for i, experts in enumerate(plan.groups)]
 
 
 def plan_namespaced_agent(index: int, experts: tuple[int, ...], tag: str, slot: int,

@@ -12,30 +12,26 @@ import os
 import shutil
 import socket
 import sys
-import time
 
-from testbed.links import netns
-
-from testbed.links import shaping
-
-from testbed.links import userns
+from testbed.links import netns, shaping, userns
 from testbed.links.plan import (
     AGENT_INNER_PORT,
     AGENT_PORT,
     LOCALHOST,
     USERNS,
+    UpPlan,
     backend_name,
     edge_agent_command,
-    plan_loopback_agent,
-    plan_namespaced_agent,
+    plan_loopback_agents,
+    plan_namespaced_agents,
     relay_command,
 )
 from testbed.links.procs import alive, free_port, log_tail, spawn
-from testbed.links.state import save_state
-from testbed.links.spec import TestbedError
 from testbed.links.relay import LISTEN_BACKLOG, write_settings
+from testbed.links.spec import TestbedError
+from testbed.links.state import save_state
 
-INFO_TIMEOUT_S = 1.0  # one INFO round while waiting or in status
+INFO_TIMEOUT_S = 1.0  # how long `testbed status` waits for each agent's INFO
 KEYS_DIR = "keys"  # STATE_DIR/keys/: `up --secure`'s key folders, removed by `down`
 BASESTATION_KEY_NAME = "basestation"
 
@@ -127,17 +123,16 @@ def start_holder(state_dir: str, state: dict) -> tuple[str, ...]:
     return userns.enter(proc.pid)
 
 
-def make_namespaced_agents(state_dir: str, state: dict, groups: list[tuple[int, ...]],
-                           extra_args: dict[int, list[str]]) -> None:
+def make_namespaced_agents(plan: UpPlan, state: dict) -> None:
     """Each agent's namespace and veth (in the user namespace when not root), the backend
     this kernel allows, then each agent's processes. Raises TestbedError."""
-    enter = start_holder(state_dir, state) if state["mode"] == USERNS else ()
+    state_dir = plan.state_dir
+    enter = start_holder(state_dir, state) if plan.mode == USERNS else ()
     slot = netns.free_slot(enter)
     state["slot"] = slot
     save_state(state_dir, state)
     netns.fence_slot(enter, slot)
-    for i, experts in enumerate(groups):
-        agent = plan_namespaced_agent(i, experts, state["tag"], slot, state_dir, extra_args[i])
+    for agent in plan_namespaced_agents(plan, slot):
         state["agents"].append(agent)
         save_state(state_dir, state)
         netns.make_link(enter, agent)
@@ -191,43 +186,37 @@ def start_agent(state_dir: str, state: dict, agent: dict, enter: tuple[str, ...]
     agent["pids"].append(agent["agent_pid"])
 
 
-def start_loopback_agents(state_dir: str, state: dict, groups: list[tuple[int, ...]],
-                          extra_args: dict[int, list[str]]) -> None:
-    for i, experts in enumerate(groups):
-        agent = plan_loopback_agent(i, experts, free_port(), state_dir, extra_args[i])
-        agent["agent_command"] = edge_agent_command(sys.executable, agent, state["shards"],
-                                                    agent["endpoint"]) + keyed_args(state, i)
+def start_loopback_agents(plan: UpPlan, state: dict) -> None:
+    """Each agent on 127.0.0.1, on a port free now."""
+    ports = [free_port() for _ in plan.groups]
+    for agent in plan_loopback_agents(plan, ports):
+        agent["agent_command"] = edge_agent_command(sys.executable, agent, plan.shards,
+                                                    agent["endpoint"]) + \
+            keyed_args(state, agent["index"])
         state["agents"].append(agent)
         agent["agent_pid"] = spawn(agent["agent_command"], agent["log"])
         agent["pids"].append(agent["agent_pid"])
-        save_state(state_dir, state)
+        save_state(plan.state_dir, state)
 
 
 def wait_ready(state: dict, agents: list[dict], timeout_s: float) -> None:
     """Until each of AGENTS answers INFO through its link (keyed when the testbed is secure).
     Raises TestbedError."""
-    from wire.client import PeerUnreachable
+    from wire.info import InfoAnswers, ask_info
 
-    deadline = time.monotonic() + timeout_s
     with open_client(state) as client:
-        peers = {a["index"]: connect(client, state, a) for a in agents}
-        pending = {a["index"]: a for a in agents}
-        while pending:
-            for i, agent in pending.items():
+        by_peer = {connect(client, state, a): a for a in agents}
+
+        def all_answered(answers: InfoAnswers) -> bool:
+            """Raises TestbedError as soon as a silent agent's process is gone."""
+            for peer in answers.silent:
+                agent = by_peer[peer]
                 if not all(alive(p) for p in agent["pids"]):
-                    raise TestbedError(f"agent {i} exited: {log_tail(agent['log'])}")
-            sent = {}
-            for i in pending:
-                try:
-                    sent[client.send(peers[i], "info")] = i
-                except PeerUnreachable:
-                    pass  # not connected yet: ask again next round
-            for reply in client.wait(set(sent), INFO_TIMEOUT_S).values():
-                if reply.kind != "error":
-                    pending.pop(sent[reply.id], None)
-            if pending and time.monotonic() > deadline:
-                late = ", ".join(str(i) for i in pending)
-                raise TestbedError(f"agents {late} did not answer within {timeout_s:g} s "
-                                   f"(logs in {os.path.dirname(state['roster_path'])})")
-            if pending and not sent:
-                time.sleep(0.2)
+                    raise TestbedError(f"agent {agent['index']} exited: {log_tail(agent['log'])}")
+            return not answers.silent
+
+        answers = ask_info(client, by_peer, timeout_s, until=all_answered)
+    if answers.silent:
+        late = ", ".join(str(by_peer[p]["index"]) for p in answers.silent)
+        raise TestbedError(f"agents {late} did not answer within {timeout_s:g} s "
+                           f"(logs in {os.path.dirname(state['roster_path'])})")

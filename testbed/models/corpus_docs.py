@@ -22,6 +22,8 @@ import shutil
 import subprocess
 import tempfile
 
+from common.staging import staged_dir
+
 PACKAGE = "python3.11-doc"
 SOURCES_DIR = "usr/share/doc/python3.11/html/_sources"
 COPYRIGHT_FILE = "usr/share/doc/python3.11-doc/copyright"
@@ -138,7 +140,6 @@ def build_corpus(cache_dir: str = DEFAULT_CACHE, deb: str | None = None) -> dict
     if os.path.exists(info_path):
         with open(info_path) as f:
             return json.load(f)
-    os.makedirs(os.path.dirname(os.path.abspath(cache_dir)), exist_ok=True)
     with tempfile.TemporaryDirectory(prefix="pydocs-") as work:
         root = fetch_sources(work, deb)
         src = os.path.join(root, SOURCES_DIR)
@@ -146,9 +147,8 @@ def build_corpus(cache_dir: str = DEFAULT_CACHE, deb: str | None = None) -> dict
                        for p in glob.glob(os.path.join(src, "**", "*.txt"), recursive=True))
         if not paths:
             raise CorpusError(f"no rst sources under {SOURCES_DIR} in {PACKAGE}")
-        staging = tempfile.mkdtemp(prefix=".pydocs-", dir=os.path.dirname(
-            os.path.abspath(cache_dir)))
-        try:
+        # a cache: a stale or partial one is replaced, never left half-written
+        with staged_dir(cache_dir, force=True) as staging:
             counts = {"train": [0, 0], "heldout": [0, 0]}  # files, characters
             with open(os.path.join(staging, "train.jsonl"), "w") as ftrain, \
                     open(os.path.join(staging, "heldout.jsonl"), "w") as fheld:
@@ -174,12 +174,6 @@ def build_corpus(cache_dir: str = DEFAULT_CACHE, deb: str | None = None) -> dict
                     "heldout_chars": counts["heldout"][1]}
             with open(os.path.join(staging, "info.json"), "w") as f:
                 json.dump(info, f, indent=1)
-            if os.path.exists(cache_dir):
-                shutil.rmtree(cache_dir)
-            os.rename(staging, cache_dir)
-        except BaseException:
-            shutil.rmtree(staging, ignore_errors=True)
-            raise
     return info
 
 

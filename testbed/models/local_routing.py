@@ -1,7 +1,7 @@
 """WLR routing on a local Mixtral, for evaluation: the rule, forced top-1, random experts.
 
 Every MoE layer of a local transformers Mixtral routes like the base station (router top-k, or
-K random experts -> `basestation.selector.select` -> `basestation.routing` group/combine), with
+K random experts -> `basestation.selector.select` -> `basestation.routing` group -> `basestation.combine`), with
 the expert FFNs computed in-process from the layer's own fused weights. No agents, no sockets:
 this is how the tiny model's card and tests score quality under a latency vector.
 """
@@ -13,7 +13,7 @@ class LocalMoeBlock:
     """Stand-in for a MixtralSparseMoeBlock's forward that routes like the base station.
 
     Router top-k (or K random experts) -> basestation.selector.select (theta, latency vector t,
-    one expert per box) -> basestation.routing.group_by_expert / combine, expert FFNs computed
+    one expert per box) -> basestation.routing.group_by_expert / combine.combine, expert FFNs computed
     here from the block's own fused weights. theta = 0 reproduces the stock block.
     Shape legend: T = tokens, H = hidden, E = experts, K = top-k.
     """
@@ -41,7 +41,8 @@ class LocalMoeBlock:
         import torch
         import torch.nn.functional as F
 
-        from basestation.routing import combine, group_by_expert
+        from basestation.combine import combine
+        from basestation.routing import group_by_expert
         from basestation.selector import select
 
         batch, seq, hidden = hidden_states.shape
@@ -67,7 +68,7 @@ class LocalMoeBlock:
         return out.reshape(batch, seq, hidden)
 
 
-class routing:
+class LocalRouting:
     """Context manager: every MoE layer of a local Mixtral routes by LocalMoeBlock.
 
     theta/latency_s: the WLR rule (latency_s [E] seconds; default all equal, so theta >= 0.5

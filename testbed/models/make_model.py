@@ -6,12 +6,10 @@ random weights, and a byte-level BPE tokenizer trained on text that is on the ma
 
 from __future__ import annotations
 
-import os
-import shutil
-import tempfile
 from dataclasses import dataclass
 
 from common.dtypes import DTYPE_ALIASES
+from common.staging import give_files_folder_mode, staged_dir
 from testbed.models.corpus import stdlib_docstrings
 
 DTYPES = DTYPE_ALIASES  # --dtype bf16|fp16|fp32
@@ -104,14 +102,8 @@ def make_model(out: str, spec: ModelSpec) -> None:
 def save_checkpoint(model, tokenizer, out: str, max_shard_size: str | None = None) -> None:
     """`save_pretrained` of model and tokenizer into OUT, all-or-nothing (built beside it,
     renamed at the end)."""
-    parent = os.path.dirname(os.path.abspath(out))
-    os.makedirs(parent, exist_ok=True)
-    staging = tempfile.mkdtemp(prefix=".make-model-", dir=parent)
-    try:
+    with staged_dir(out) as staging:
         kwargs = {"max_shard_size": max_shard_size} if max_shard_size else {}
         model.save_pretrained(staging, **kwargs)
         tokenizer.save_pretrained(staging)
-        os.rename(staging, out)
-    except BaseException:
-        shutil.rmtree(staging, ignore_errors=True)
-        raise
+        give_files_folder_mode(staging)

@@ -7,13 +7,9 @@ card (README.md, rendered by testbed/models/tiny_card.py) beside it.
 
 from __future__ import annotations
 
-import json
 import math
-import os
-import time
 
-from testbed.models.eval_sets import heldout_sample, make_choice_items
-from testbed.models.local_routing import routing
+from testbed.models.local_routing import LocalRouting
 
 SLOW_EXPERTS_LATENCY_S = (1.0, 1.0, 1.0, 1.0, 1.0, 1.0, 4.0, 4.0)  # experts 6, 7 on slow links
 SAMPLE_PROMPTS = (
@@ -50,7 +46,7 @@ def evaluate(ckpt: str, held_docs: list[dict], counts, sample_text: str, mc_path
     ids = ids[:max_tokens]
 
     def score(text_or_ids, **kw) -> dict:
-        with routing(model, **kw) as r:
+        with LocalRouting(model, **kw) as r:
             result = quality.score_tokens(model, tokenizer, text_or_ids, max_tokens, bos=False)
         return {**result.to_json(), "drop_share": round(r.drop_share(), 4),
                 "load": r.load_shares()}
@@ -78,7 +74,7 @@ def evaluate(ckpt: str, held_docs: list[dict], counts, sample_text: str, mc_path
     mc = {}
     for name, kw in (("stock", {}), ("top1", {"theta": 0.5}), ("random_experts",
                                                                 {"random_experts": True})):
-        with routing(model, **kw):
+        with LocalRouting(model, **kw):
             result = quality.multiple_choice(model, tokenizer, mc_path, max_items=mc_items)
         mc[name] = {k: round(v, 4) if isinstance(v, float) else v
                     for k, v in result.items() if k != "predictions"}

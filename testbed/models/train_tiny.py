@@ -18,10 +18,10 @@ from __future__ import annotations
 import json
 import math
 import os
-import shutil
-import tempfile
 import time
 from dataclasses import asdict, dataclass
+
+from common.staging import give_files_folder_mode, staged_dir
 
 
 @dataclass(frozen=True)
@@ -160,26 +160,15 @@ def train(out: str, spec: TrainSpec, log=print) -> dict:
     model.eval()
     model.config.output_router_logits = False
     model = model.to(torch.bfloat16)
-    parent = os.path.dirname(os.path.abspath(out))
-    os.makedirs(parent, exist_ok=True)
-    staging = tempfile.mkdtemp(prefix=".train-tiny-", dir=parent)
     record = {"spec": asdict(spec), "parameters": n_params, "train_seconds": round(train_s, 1),
               "total_seconds": round(time.perf_counter() - t_start, 1),
               "tokens_seen": tokens_seen, "train_tokens": train_ids.numel(),
               "heldout_tokens": held_ids.numel(), "corpus": corpus_info,
               "torch_threads": spec.threads, "history": history}
-    try:
+    with staged_dir(out) as staging:
         model.save_pretrained(staging)
         tokenizer.save_pretrained(staging)
         with open(os.path.join(staging, "training.json"), "w") as f:
             json.dump(record, f, indent=1)
-        os.chmod(staging, 0o755)  # mkdtemp makes it private
-        for name in os.listdir(staging):
-            os.chmod(os.path.join(staging, name), 0o644)
-        if os.path.exists(out):
-            raise FileExistsError(out)
-        os.rename(staging, out)
-    except BaseException:
-        shutil.rmtree(staging, ignore_errors=True)
-        raise
+        give_files_folder_mode(staging)
     return record

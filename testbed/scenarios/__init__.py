@@ -23,9 +23,14 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-from basestation.channel_model import (EMULATED_MODELS, ChannelScenario, EmulatedModel,
-                                       emulated_compute_s_per_token, scenario_rates_bits_per_s,
-                                       wire_slowdown)
+from basestation.channel_model import (
+    EMULATED_MODELS,
+    ChannelScenario,
+    EmulatedModel,
+    emulated_compute_s_per_token,
+    scenario_rates_bits_per_s,
+    wire_slowdown,
+)
 from testbed.links.control import LinkShape, TestbedError
 
 SCENARIO_DIR = os.path.dirname(os.path.abspath(__file__))
@@ -215,12 +220,12 @@ def agent_pacing_us(scenario: Scenario, num_agents: int) -> dict[int, tuple[floa
 def wire_bytes_per_token(shards: str, dtype: str = "auto") -> int:
     """Our bytes per token on the wire: the model's hidden size x the activation dtype the base
     station uses by default here (`--dtype auto`: the model's on a GPU, float32 on a CPU)."""
-    from edge_agent.shards import resolve_device, resolve_dtype
+    from common.devices import resolve_device, resolve_dtype
     from shard_tool.manifest import load_manifest
 
     manifest = load_manifest(shards)
     return int(manifest.model["hidden_size"]) * \
-        resolve_dtype(dtype, manifest, resolve_device("auto")).itemsize
+        resolve_dtype(dtype, manifest.model.get("dtype"), resolve_device("auto")).itemsize
 
 
 def bring_up(scenario: Scenario, shards: str, num_agents: int, dtype: str = "auto"
