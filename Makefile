@@ -5,7 +5,7 @@ BIN := $(VENV)/bin
 # The CPU build of torch that lies on this machine's disk; a bare `torch` would pull CUDA.
 TORCH_PIN ?= torch==2.13.0
 
-.PHONY: install test demo bench clean
+.PHONY: install lint test test-fast demo bench clean
 
 install: $(VENV)/.installed
 
@@ -15,8 +15,16 @@ $(VENV)/.installed: pyproject.toml
 	$(BIN)/pip install -q --disable-pip-version-check -e '.[test,eval]'
 	touch $@
 
-test: install
+# pyflakes, bugbear, naming and import order (pyproject.toml [tool.ruff.lint])
+lint: install
+	$(BIN)/ruff check .
+
+test: lint
 	$(BIN)/python -m pytest -q
+
+# Pure functions and baby models only: no processes, no sockets, seconds each.
+test-fast: install
+	$(BIN)/python -m pytest -q -m "not integration and not root"
 
 demo: install
 	$(BIN)/testbed demo --out demo-out

@@ -73,8 +73,8 @@ def in_process(shards: str, hidden: int, rounds: int) -> None:
     import torch
     import zmq
 
-    from wire import protocol as P
     from edge_agent.server import Agent, AgentConfig
+    from wire import protocol as P
 
     agent = Agent(AgentConfig(experts=(0,), shards_dir=shards, self_benchmark=False))
     agent.load(shards)
@@ -208,9 +208,9 @@ def main() -> None:
     import torch
     import zmq
 
-    from wire.client import AgentClient
     from shard_tool.split import split
     from testbed.models.make_model import ModelSpec, make_model
+    from wire.client import AgentClient
 
     tmp = tempfile.mkdtemp(prefix="agent-rtt-")
     spec = ModelSpec(layers=1, hidden=args.hidden, intermediate=args.ffn, experts=2, heads=32,

@@ -12,7 +12,7 @@ turns, so all see the same machine. Hit rate, misses and stall come from the age
 (`info` memory_budget, before and after each run); stall per token sums both agents' stalls;
 tokens/s counts decode steps only (the first token, with the prefill, is left out). "+ hints"
 is the default: an agent whose loads cost no waiting on storage declines hints (info
-memory_budget prefetch false, edge_agent/shards.py HINT_LOAD_RATIO) and gets none.
+memory_budget prefetch false, edge_agent/residency.py HINT_LOAD_RATIO) and gets none.
 
     .venv/bin/python bench/expert_cache.py [--model testbed/data/tiny-mixtral] [--tokens 64]
         [--rounds 3] [--fraction 0.5] [--storage-mb-per-s 400]

@@ -71,15 +71,15 @@ def time_calls(loaded: dict, tokens: int, calls: int, device: torch.device) -> d
     x = torch.randn(tokens, any_loaded.hidden_size, device=device, dtype=any_loaded.dtype)
     samples: dict[int, list[float]] = {b: [] for b in loaded}
     with torch.inference_mode():
-        for b, L in loaded.items():  # warm-up: one pass over every expert and layer
+        for b, experts in loaded.items():  # warm-up: one pass over every expert and layer
             for q, layer in pairs[b]:
-                expert_forward(x, L.weights[q][layer])
+                expert_forward(x, experts.weights[q][layer])
         sync()
         for i in range(calls):
-            for b, L in loaded.items():
+            for b, experts in loaded.items():
                 q, layer = pairs[b][i % len(pairs[b])]
                 start = time.perf_counter()
-                expert_forward(x, L.weights[q][layer])
+                expert_forward(x, experts.weights[q][layer])
                 sync()
                 samples[b].append(time.perf_counter() - start)
     return {b: statistics.median(s) * 1e6 for b, s in samples.items()}

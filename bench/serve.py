@@ -111,8 +111,8 @@ def main() -> None:
     counts = [int(c) for c in args.clients.split(",")]
 
     from shard_tool.split import split
-    from testbed.links import control as links
     from testbed.experiments.cpu_share import base_station_threads
+    from testbed.links import control as links
 
     threads = base_station_threads(args.agents)  # the agents run on this host too
 

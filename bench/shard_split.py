@@ -2,10 +2,13 @@
 
 Writes Mixtral-shaped checkpoints (real HF layout: config.json, sharded safetensors with an
 index) of about --size-gb and twice that, then for each: a plain copy of its files (with fsync,
-as the split does), and `shard_tool split` in a child process whose peak RSS is read from
-wait4(). Prints times, the split/copy ratio and peak RSS as a share of the model.
+as the split does), and `shard_tool split` in a child process whose peak RSS (VmHWM) is read
+from /proc while it runs. Prints times, the split/copy ratio and peak RSS as a share of the
+model. --src splits an existing checkpoint instead (e.g. testbed/data/tiny-mixtral: a 16-bit
+split never imports torch, so its peak is the interpreter's plus a copy buffer).
 
     .venv/bin/python bench/shard_split.py [--size-gb 1.5] [--dtype keep|bfloat16] [--dir DIR]
+    .venv/bin/python bench/shard_split.py --src testbed/data/tiny-mixtral
 """
 
 from __future__ import annotations
@@ -122,30 +125,46 @@ def baseline_rss() -> int:
     return run_sampled([sys.executable, "-c", "import shard_tool.cli, time; time.sleep(0.5)"])[1]
 
 
+def measure(ckpt: str, scratch: str, dtype: str, repeat: int) -> tuple[float, float, int]:
+    """Best copy and split seconds, and the split's worst peak RSS (bytes), of `repeat` runs."""
+    copies, splits = [], []
+    for _ in range(repeat):  # interleaved, so drift in the disk hits both alike
+        # outputs are removed at once: 24 GB of page cache cannot hold them all
+        copies.append(plain_copy(ckpt, os.path.join(scratch, "copy")))
+        shutil.rmtree(os.path.join(scratch, "copy"))
+        splits.append(timed_split(ckpt, os.path.join(scratch, "split"), dtype))
+        shutil.rmtree(os.path.join(scratch, "split"))
+    return min(copies), min(s[0] for s in splits), max(s[1] for s in splits)
+
+
+def checkpoint_figures(ckpt: str) -> tuple[int, int]:
+    """(bytes of its safetensors files, its layers) of an existing checkpoint."""
+    size = sum(os.path.getsize(os.path.join(ckpt, name)) for name in os.listdir(ckpt)
+               if name.endswith(".safetensors"))
+    with open(os.path.join(ckpt, "config.json")) as f:
+        return size, int(json.load(f).get("num_hidden_layers", 0))
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--size-gb", type=float, default=1.5)
     parser.add_argument("--dtype", default="keep")
     parser.add_argument("--repeat", type=int, default=3)
     parser.add_argument("--dir", default=None, help="scratch folder (default: a temp dir)")
+    parser.add_argument("--src", default=None,
+                        help="split this checkpoint instead of writing two synthetic ones")
     args = parser.parse_args()
     scratch = tempfile.mkdtemp(prefix="bench-split-", dir=args.dir)
     rows = []
     try:
-        for factor in (1, 2):
+        if args.src:
+            rows.append((*checkpoint_figures(args.src),
+                         *measure(args.src, scratch, args.dtype, args.repeat)))
+        for factor in () if args.src else (1, 2):
             layers = layer_count_for(args.size_gb * factor * 1e9)
             ckpt = os.path.join(scratch, f"ckpt{factor}")
             size = write_checkpoint(ckpt, layers)
-            copies, splits = [], []
-            for _ in range(args.repeat):  # interleaved, so drift in the disk hits both alike
-                # outputs are removed at once: 24 GB of page cache cannot hold them all
-                copies.append(plain_copy(ckpt, os.path.join(scratch, "copy")))
-                shutil.rmtree(os.path.join(scratch, "copy"))
-                splits.append(timed_split(ckpt, os.path.join(scratch, "split"), args.dtype))
-                shutil.rmtree(os.path.join(scratch, "split"))
-            copy_s = min(copies)
-            split_s, rss = min(s[0] for s in splits), max(s[1] for s in splits)
-            rows.append((size, layers, copy_s, split_s, rss))
+            rows.append((size, layers, *measure(ckpt, scratch, args.dtype, args.repeat)))
             shutil.rmtree(ckpt)
     finally:
         shutil.rmtree(scratch, ignore_errors=True)
@@ -156,9 +175,10 @@ def main() -> None:
     for size, layers, copy_s, split_s, rss in rows:
         print(f"{size / 1e9:>7.2f}GB {layers:>6} {copy_s:>7.2f} {split_s:>8.2f} "
               f"{split_s / copy_s:>9.2f}x {rss / 2**20:>7.0f}MB {100 * rss / size:>8.1f}%")
-    print(f"peak RSS growth from {rows[0][0] / 1e9:.2f} to {rows[1][0] / 1e9:.2f} GB: "
-          f"{(rows[1][4] - rows[0][4]) / 2**20:+.0f} MB "
-          f"(interpreter + CLI alone: {floor / 2**20:.0f} MB)")
+    if len(rows) > 1:
+        print(f"peak RSS growth from {rows[0][0] / 1e9:.2f} to {rows[1][0] / 1e9:.2f} GB: "
+              f"{(rows[1][4] - rows[0][4]) / 2**20:+.0f} MB")
+    print(f"interpreter + CLI alone: {floor / 2**20:.0f} MB")
 
 
 if __name__ == "__main__":

@@ -22,10 +22,10 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 import torch
 import zmq
 
-from wire import protocol as P
-from wire.client import AgentClient
 from edge_agent.expert_math import expert_forward
 from edge_agent.shards import load_experts
+from wire import protocol as P
+from wire.client import AgentClient
 
 HELLO_TIMEOUT_S = 60.0
 CALL_TIMEOUT_S = 10.0

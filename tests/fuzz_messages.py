@@ -21,8 +21,8 @@ import msgpack
 import torch
 import zmtp_raw
 
-from wire import protocol as P
 from shard_tool.manifest import Manifest
+from wire import protocol as P
 
 REQUEST_KINDS = (P.EXPERT, P.PING, P.INFO, P.PUSH_BEGIN, P.PUSH_CHUNK, P.PUSH_END)
 # what arrives at a base station's dial-in port

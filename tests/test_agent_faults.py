@@ -10,19 +10,20 @@ import os
 import shutil
 import signal
 import socket
-import time
 
 import msgpack
 import pytest
 import torch
 import zmq
+from agent_fixtures import client, free_port, start_agent, start_module_agent  # noqa: F401
+from test_agent_limits import in_the_faults_sleep
+from test_agent_math import assert_close_rel
+from waiting import wait_until
 
-from agent_fixtures import start_agent, start_module_agent, client, free_port  # noqa: F401
-from wire import protocol as P
-from wire.client import AgentClient
 from edge_agent.expert_math import expert_forward
 from edge_agent.shards import load_experts
-from test_agent_math import assert_close_rel
+from wire import protocol as P
+from wire.client import AgentClient
 
 pytestmark = pytest.mark.integration
 REPLY_TIMEOUT_S = 10.0
@@ -127,10 +128,8 @@ def test_random_bytes_on_the_port_are_dropped_with_a_log_line(agent, reference):
             except OSError:
                 pass
     assert_serves_correctly(agent.endpoint, reference)
-    deadline = time.monotonic() + REPLY_TIMEOUT_S
-    while "handshake failed" not in agent.stderr() and time.monotonic() < deadline:
-        time.sleep(0.05)
-    assert "handshake failed" in agent.stderr()
+    wait_until(lambda: "handshake failed" in agent.stderr(), REPLY_TIMEOUT_S,
+               what="a 'handshake failed' log line")
     assert agent.alive()
 
 
@@ -214,16 +213,23 @@ def test_signal_exits_cleanly(start_agent, tiny_split, client, sig):
     assert "stopped" in agent.stderr() and "Traceback" not in agent.stderr()
 
 
-def test_signal_during_a_request_finishes_it_then_exits(start_agent, tiny_split, client):
+def test_signal_during_a_request_finishes_it_then_exits(start_agent, tiny_split, client,
+                                                       reference):
+    """SIGTERM while a request computes: its reply still goes out, then the agent exits 0.
+    Guards against a reply dropped at SIGTERM, or an agent that stays up after it."""
     agent = start_agent("--expert", "0", "--shards", tiny_split, "--bind", "tcp://127.0.0.1:*",
-                        "--fault", "delay=1.0", "--no-self-benchmark")
+                        "--fault", "delay=3.0", "--no-self-benchmark")
     peer = client.connect(agent.endpoint)
-    request_id = client.send_expert(peer, 0, torch.randn(1, 64), [(0, 1)])
-    time.sleep(0.3)  # let the request reach the agent (no assertion depends on this)
-    agent.proc.send_signal(signal.SIGTERM)
-    assert agent.stop(signal.SIGTERM) == 0
-    assert "Traceback" not in agent.stderr()
-    client.wait({request_id}, timeout_s=0.1)  # finished or abandoned: either is clean
+    x = torch.randn(1, 64)
+    request_id = client.send_expert(peer, 0, x, [(0, 1)])
+    wait_until(lambda: in_the_faults_sleep(agent.proc.pid), REPLY_TIMEOUT_S,
+               interval_s=0.002, what="the agent to start the request")
+    agent.proc.send_signal(signal.SIGTERM)  # while it computes (a 3 s --fault delay)
+    replies = client.wait({request_id}, timeout_s=REPLY_TIMEOUT_S)
+    assert request_id in replies, f"no reply to the request in flight; stderr:\n{agent.stderr()}"
+    assert_close_rel(replies[request_id].tensor(), expert_forward(x, reference.weights[0][0]))
+    assert agent.proc.wait(timeout=REPLY_TIMEOUT_S) == 0
+    assert "stopped" in agent.stderr() and "Traceback" not in agent.stderr()
 
 
 def corrupt_copy(src: str, dst: str) -> str:

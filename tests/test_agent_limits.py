@@ -19,9 +19,11 @@ import torch
 import zmq
 import zmtp_raw
 from agent_fixtures import start_agent  # noqa: F401
+from waiting import wait_until
 
 from wire import protocol as P
 from wire.client import AgentClient
+from wire.peer_limits import MAX_PEERS
 
 pytestmark = pytest.mark.integration
 REPLY_TIMEOUT_S = 10.0
@@ -56,14 +58,6 @@ def ping_s(endpoint: str, timeout_s: float = REPLY_TIMEOUT_S) -> float:
         return time.monotonic() - start
 
 
-def wait_for(predicate, timeout_s: float, what: str) -> None:
-    deadline = time.monotonic() + timeout_s
-    while not predicate():
-        if time.monotonic() > deadline:
-            pytest.fail(f"{what} within {timeout_s} s")
-        time.sleep(0.05)
-
-
 def small_agent(start_agent, tiny_split, *extra: str):
     return start_agent("--expert", "0", "--shards", tiny_split, "--bind", "tcp://127.0.0.1:*",
                        "--no-self-benchmark", *extra)
@@ -87,9 +81,12 @@ def test_a_multipart_message_that_never_ends_is_cut(start_agent, tiny_split):
         attack.close()
     grown = rss_mib(agent.proc.pid) - before
     assert sent < 512 * MIB, f"the agent took {sent / MIB:.0f} MiB of one unfinished message"
-    assert grown < 96, f"agent memory grew by {grown:.0f} MiB"
-    assert ping_s(agent.endpoint) < 2.0 and agent.alive()
-    assert "in flight" in agent_log(agent)
+    # what got out before the cut may stay (more under load: the watchdog runs late)
+    assert grown < 96 + sent / MIB, f"agent memory grew by {grown:.0f} MiB ({sent / MIB:.0f} sent)"
+    ping_s(agent.endpoint)  # answers within REPLY_TIMEOUT_S
+    assert agent.alive()
+    wait_until(lambda: "in flight" in agent_log(agent), REPLY_TIMEOUT_S,
+               what="the agent to log the cut")  # logged after the cut itself
 
 
 def test_frames_per_message_and_whole_message_bytes_are_bounded(start_agent, tiny_split):
@@ -122,22 +119,25 @@ def test_echo_replies_a_peer_never_reads_are_dropped_not_queued(start_agent, tin
             lazy.send_multipart([P.pack(P.PING, i), bytes(15 * MIB)])
         # every ping handled (replied or dropped) once the agent answers another client after
         # its memory stopped changing
-        peak = before
-        for _ in range(20):
+        last_mib = [before]
+
+        def memory_settled() -> bool:
             ping_s(agent.endpoint)
             now = rss_mib(agent.proc.pid)
-            if abs(now - peak) < 1:
-                break
-            peak = max(peak, now)
-            time.sleep(0.2)
+            settled = abs(now - last_mib[0]) < 1
+            last_mib[0] = now
+            return settled
+
+        wait_until(memory_settled, 60, interval_s=0.2, what="the agent's memory to settle")
         grown = rss_mib(agent.proc.pid) - before
         # the documented bound for one peer: a message + 16 MiB in flight, as much unread, and
         # the request it computes (72 was tighter than that and failed once at 75 under load,
         # when the 50 ms watchdog ran late); unbounded, the 12 replies alone are 180 MiB
         bound = 2 * (16 + 16) + 16
         assert grown < bound, f"agent memory grew by {grown:.0f} MiB for replies nobody reads"
-        assert ping_s(agent.endpoint) < 2.0
-        assert "dropped a reply" in agent_log(agent)
+        ping_s(agent.endpoint)  # still answers (a deadline, not a speed: bench/agent_rtt.py)
+        wait_until(lambda: "dropped a reply" in agent_log(agent), REPLY_TIMEOUT_S,
+                   what="the agent to log the dropped reply")
     finally:
         lazy.close(linger=0)
         ctx.term()
@@ -150,21 +150,21 @@ def test_a_peer_that_fills_its_queue_and_hangs_up_does_not_abort_the_agent(start
     "Assertion failed: !_io_error (src/stream_engine_base.cpp:310)")."""
     agent = small_agent(start_agent, tiny_split, "--fault", "delay=0.2")  # a slow agent
     frames, fields = P.encode_tensor(torch.randn(1, 64), "float32")
-    ctx = zmq.Context()
-    try:
-        for _ in range(2):
-            burst = ctx.socket(zmq.DEALER)
-            burst.setsockopt(zmq.SNDHWM, 1000)
-            burst.connect(agent.endpoint)
-            for i in range(40):  # more than a 16-message queue holds
-                burst.send_multipart([P.pack(P.EXPERT, i, layer=0, experts=[[0, 1]], **fields),
-                                      frames[0]])
-            time.sleep(0.5)  # sent, and queued at the agent
-            burst.close(linger=0)
-            time.sleep(1.0)  # several heartbeats
-            assert agent.alive(), agent_log(agent)
-    finally:
+    for _ in range(2):
+        ctx = zmq.Context()
+        burst = ctx.socket(zmq.DEALER)
+        burst.setsockopt(zmq.SNDHWM, 1000)
+        burst.connect(agent.endpoint)
+        for i in range(40):  # more than a 16-message queue holds
+            burst.send_multipart([P.pack(P.EXPERT, i, layer=0, experts=[[0, 1]], **fields),
+                                  frames[0]])
+        # term() returns once every message is on the wire (within the linger), then hangs up
+        burst.close(linger=int(REPLY_TIMEOUT_S * 1000))
         ctx.term()
+        # the thing under test, not synchronisation: the abort came at the agent's next
+        # heartbeats after the hang-up (HEARTBEAT_INTERVAL_S 0.2), so several must pass
+        time.sleep(1.0)
+        assert agent.alive(), agent_log(agent)
     assert ping_s(agent.endpoint, timeout_s=30) < 30
 
 
@@ -179,12 +179,23 @@ def test_idle_connections_past_the_descriptor_limit_do_not_stall_the_agent(start
     try:
         for _ in range(300):
             held.append(socket.create_connection(("127.0.0.1", port), timeout=5))
-        time.sleep(1.0)  # let the agent see them
+        # the agent has seen them all once it cut those over its cap (it keeps MAX_PEERS)
+        hung = set()
+
+        def count_hung_up() -> int:
+            hung.update(i for i, sock in enumerate(held)
+                        if i not in hung and zmtp_raw.hung_up(sock))
+            return len(hung)
+
+        wait_until(lambda: count_hung_up() >= len(held) - MAX_PEERS, 60,
+                   what="the agent to cut the idle connections over its cap")
+        # the measurement window (thing under test): a stalled listener spins at 100 % CPU; an
+        # idle agent uses a few %, so under load the figure only drops further below the bound
         start_cpu, start = cpu_s(agent.proc.pid), time.monotonic()
         time.sleep(2.0)
         busy = (cpu_s(agent.proc.pid) - start_cpu) / (time.monotonic() - start)
         assert busy < 0.5, f"agent at {busy:.0%} CPU with 300 idle connections"
-        assert ping_s(agent.endpoint, timeout_s=30) < 2.0
+        ping_s(agent.endpoint)  # answers within REPLY_TIMEOUT_S (the stall made it 19 s)
         assert agent.alive()
     finally:
         for sock in held:
@@ -215,8 +226,10 @@ def test_connections_beyond_the_cap_are_cut_idle_first(start_agent, tiny_split):
                         cut.add(i)
                 return len(cut)
 
-            wait_for(lambda: count_cuts() >= 13, REPLY_TIMEOUT_S,
-                     "13 of 20 idle connections cut (cap 8, one real client)")
+            wait_until(lambda: count_cuts() >= 13, REPLY_TIMEOUT_S,
+                       what="13 of 20 idle connections cut (cap 8, one real client)")
+            # an observation window, not synchronisation: nothing marks "no further cut", so
+            # ten watchdog passes (50 ms) get the chance to make one; under load, fewer
             time.sleep(0.5)
             assert count_cuts() == 13  # no more than needed
             assert client.call(peer, P.PING, timeout_s=2.0).kind == P.PONG
@@ -224,7 +237,8 @@ def test_connections_beyond_the_cap_are_cut_idle_first(start_agent, tiny_split):
             for sock in monitors + idle:
                 sock.close(linger=0)
             ctx.term()
-    assert "connections" in agent_log(agent)
+    wait_until(lambda: "connections" in agent_log(agent), REPLY_TIMEOUT_S,
+               what="the agent to log the cuts")
 
 
 def in_the_faults_sleep(pid: int) -> bool:
@@ -248,8 +262,8 @@ def test_the_limits_hold_while_the_agent_computes(start_agent, tiny_split):
     try:
         slow.send_multipart([P.pack(P.EXPERT, 1, layer=1, experts=[[0, 2]], **fields),
                              *[f.tobytes() for f in frames]])
-        wait_for(lambda: in_the_faults_sleep(agent.proc.pid), REPLY_TIMEOUT_S,
-                 "the agent did not start the slow request")
+        wait_until(lambda: in_the_faults_sleep(agent.proc.pid), REPLY_TIMEOUT_S,
+                   what="the agent to start the slow request")
         before = rss_mib(agent.proc.pid)
         sent = 0
         more = zmtp_raw.frame(bytes(64 * 1024), more=True)
@@ -262,8 +276,10 @@ def test_the_limits_hold_while_the_agent_computes(start_agent, tiny_split):
                 pass
         assert sent < 512 * MIB, f"the agent took {sent / MIB:.0f} MiB while it computed"
         assert in_the_faults_sleep(agent.proc.pid), "cut only after the computation"
-        assert rss_mib(agent.proc.pid) - before < 96
-        assert "in flight" in agent_log(agent)
+        grown = rss_mib(agent.proc.pid) - before
+        assert grown < 96 + sent / MIB, f"grew {grown:.0f} MiB ({sent / MIB:.0f} MiB sent)"
+        wait_until(lambda: "in flight" in agent_log(agent), REPLY_TIMEOUT_S,
+                   what="the agent to log the cut")  # logged after the cut itself
     finally:
         slow.close()
         ctx.term()

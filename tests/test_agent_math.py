@@ -6,9 +6,9 @@ import pytest
 import torch
 import zmq
 
-from wire import protocol as P
 from edge_agent.expert_math import ExpertWeights, expert_forward, swiglu
 from edge_agent.shards import load_experts
+from wire import protocol as P
 
 
 @pytest.fixture(scope="module")
@@ -127,9 +127,11 @@ def test_agent_answers_in_the_request_frame_when_the_dtype_is_kept(tiny_split, h
 
 def test_agent_never_answers_in_place_over_inproc(tiny_split):
     # over inproc a zero-copy frame may be the sender's own tensor: it must stay untouched
-    from edge_agent.server import Agent, AgentConfig
+    from edge_agent.config import AgentConfig, NetworkConfig
+    from edge_agent.server import Agent
 
-    agent = Agent(AgentConfig(experts=(0,), shards_dir=tiny_split, bind="inproc://agent",
+    agent = Agent(AgentConfig(experts=(0,), shards_dir=tiny_split,
+                              network=NetworkConfig(bind="inproc://agent"),
                               self_benchmark=False))
     agent.load(tiny_split)
     x = torch.randn(3, agent.loaded.hidden_size)

@@ -4,11 +4,11 @@ from __future__ import annotations
 
 import pytest
 import torch
-
-from agent_fixtures import start_agent, start_module_agent, client  # noqa: F401
-from wire import protocol as P
-from shard_tool.manifest import load_manifest
+from agent_fixtures import client, start_agent, start_module_agent  # noqa: F401
 from test_agent_math import assert_close_rel, hf_model, transformers_expert  # noqa: F401
+
+from shard_tool.manifest import load_manifest
+from wire import protocol as P
 
 pytestmark = pytest.mark.integration
 

@@ -4,12 +4,12 @@ from __future__ import annotations
 
 import json
 import logging
-import time
 
 import pytest
 import torch
-
 from agent_fixtures import free_port, start_agent, start_module_agent, two_agents  # noqa: F401
+from waiting import wait_until
+
 from basestation.generate import generate
 from basestation.session import RosterError, build_roster, open_session
 from testbed.models.make_model import ModelSpec
@@ -109,11 +109,13 @@ def test_killed_agent_generation_completes_and_rejoins(start_agent, tiny_split, 
         start_agent("--expert", "4-7", "--shards", tiny_split, "--bind", endpoint)
         calls_before = figures[endpoint]["calls"]
         # the dispatcher re-probes the dead agent with capped backoff (2 s) and takes it back
-        deadline = time.monotonic() + 20
         victim_link = next(a for a in session.agents if a.name == endpoint)
-        while not victim_link.alive and time.monotonic() < deadline:
+
+        def taken_back() -> bool:
             session.poll_probes(0.1)
-        assert victim_link.alive
+            return victim_link.alive
+
+        wait_until(taken_back, 60, interval_s=0, what="the restarted agent to be taken back")
         result = generate(session, ids, max_new_tokens=24, ignore_eos=True)
         after = {a["agent"]: a for a in result.agents}[endpoint]
         assert after["alive"] and after["calls"] > calls_before

@@ -8,7 +8,6 @@ import sys
 
 import pexpect
 import pytest
-
 from agent_fixtures import REPO_ROOT, start_module_agent, two_agents  # noqa: F401
 
 pytestmark = pytest.mark.integration

@@ -17,7 +17,6 @@ import time
 
 import pytest
 import zmq
-
 from agent_fixtures import free_port, start_agent  # noqa: F401
 
 from wire import protocol as P

@@ -6,27 +6,30 @@ from __future__ import annotations
 import json
 import os
 import stat
-import time
 
 import pytest
 import torch
 import zmq.auth
 from agent_fixtures import start_agent, start_module_agent  # noqa: F401
 from test_agent_math import assert_close_rel
+from waiting import wait_until
 
-from basestation.session import (
+from basestation.discovery import open_links
+from basestation.roster import (
     RosterAgent,
     RosterError,
     build_roster,
     format_roster,
-    open_links,
     read_roster_agents,
     read_roster_file,
     read_roster_keys,
 )
+from common.errors import ShardError
+from edge_agent.expert_math import expert_forward
+from edge_agent.shards import load_experts
+from shard_tool.push import push
 from wire import protocol as P
 from wire.client import AgentClient, AgentError, PeerUnreachable
-from edge_agent.expert_math import expert_forward
 from wire.keys import (
     PUSHERS_DIR,
     TRUSTED_DIR,
@@ -37,9 +40,6 @@ from wire.keys import (
     load_keypair,
     trust,
 )
-from edge_agent.shards import load_experts
-from common.errors import ShardError
-from shard_tool.push import push
 
 SILENCE_S = 1.5  # how long a refused client waits before calling it "no answer"
 HELLO_TIMEOUT_S = 30.0
@@ -88,6 +88,7 @@ def assert_silent(client: AgentClient, peer: bytes) -> None:
 
 # -- keys and rosters (no processes but the CLIs) ---------------------------------------------
 
+@pytest.mark.integration
 def test_keygen_writes_loadable_certificates(tmp_path, run_cli):
     done = run_cli("edge_agent", "keygen", str(tmp_path / "a"), "--name", "edge-a")
     assert done.returncode == 0, done.stderr
@@ -109,6 +110,7 @@ def test_keygen_writes_loadable_certificates(tmp_path, run_cli):
         load_keypair(str(tmp_path / "bs")).public}
 
 
+@pytest.mark.integration
 def test_keygen_refuses_an_existing_key_without_traceback(tmp_path, run_cli):
     folder = tmp_path / "a"
     assert run_cli("edge_agent", "keygen", str(folder), "--name", "edge-a").returncode == 0
@@ -267,13 +269,15 @@ def test_one_socket_dials_agents_with_different_keys_and_a_plain_one(keyed_agent
         b = client.connect(keyed_agents["agent-b"].endpoint,
                            server_key=keypair(ids, "agent-b").public)
         c = client.connect(plain.endpoint)
-        for _ in range(50):  # until all three handshakes are done
+        def handshakes_done() -> bool:
             try:
                 for peer in (a, b, c):
                     client.info(peer, timeout_s=2)
-                break
+                return True
             except PeerUnreachable:
-                time.sleep(0.05)
+                return False
+
+        wait_until(handshakes_done, 60, interval_s=0.05, what="all three handshakes")
         sent = {client.send_expert(a, 1, x, [(0, 3)]): 0, client.send_expert(b, 1, x, [(5, 3)]): 5,
                 client.send_expert(c, 1, x, [(0, 3)]): 0}
         replies = client.wait(set(sent), timeout_s=10)

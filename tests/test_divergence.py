@@ -9,9 +9,7 @@ from types import SimpleNamespace
 import pytest
 import torch
 
-from testbed.experiments import divergence
-
-from testbed.experiments import pass_counts
+from testbed.experiments import divergence, pass_counts
 
 
 class CharTokenizer:

@@ -21,8 +21,10 @@ import pytest
 import torch
 from agent_fixtures import ScriptedDialIn, free_port
 from test_serve import MODEL, _start, http
+from waiting import wait_until
 
 from basestation.engine import Engine
+from basestation.engine_errors import GenerationFailed
 from basestation.generate import Sampling, generate
 from basestation.jobs import Delta, Failed, Finished, Job, Request
 from basestation.liveness import AgentLink
@@ -33,14 +35,6 @@ from wire import protocol as P
 
 WAIT_S = 120.0  # for one request on a busy 2-core machine
 CHUNK_TOKENS = 256  # serve's default --prefill-chunk-tokens
-
-
-def wait_until(predicate, timeout_s: float = WAIT_S, what: str = "condition") -> None:
-    deadline = time.monotonic() + timeout_s
-    while not predicate():
-        if time.monotonic() > deadline:
-            pytest.fail(f"{what}: not within {timeout_s} s")
-        time.sleep(0.01)
 
 
 # -- pure pieces ---------------------------------------------------------------------------------
@@ -235,8 +229,7 @@ def test_a_failure_in_one_sequence_fails_only_its_request(engine):
         assert outcome.choices[0].text == alone[a.request.job.prompts[0]]
     assert set(rows_at_fault) >= {a.cb_id for a in asks}  # all in the step that failed
     error = outcomes[2].error
-    assert isinstance(outcomes[2], Failed) and error.status == 500
-    assert error.code == "internal_error" and error.type == "server_error"
+    assert isinstance(outcomes[2], Failed) and isinstance(error, GenerationFailed)
     assert "injected fault in one sequence" in error.message
     assert "Traceback" not in error.message and len(error.message) < 400
     assert victim.deltas  # it had streamed text before it failed
@@ -267,7 +260,8 @@ def test_a_failed_batched_step_fails_its_requests_and_the_engine_goes_on(engine,
         failing_forward(True)
     for a in asks:
         outcome = a.outcome()
-        assert isinstance(outcome, Failed) and outcome.error.status == 500, outcome
+        assert isinstance(outcome, Failed), outcome
+        assert isinstance(outcome.error, GenerationFailed), outcome
         assert "a decoding step it shared raised" in outcome.error.message
         assert "injected fault in the batched forward" in outcome.error.message
     assert_clean_and_alive(engine)
@@ -290,7 +284,8 @@ def test_a_generation_loop_that_died_anyway_is_started_again(engine, failing_for
         monkeypatch.setattr(processor, "handle_batch_error", broken_clean_up)
         failing_forward(True)
     outcome = ask.outcome()
-    assert isinstance(outcome, Failed) and outcome.error.status == 500, outcome
+    assert isinstance(outcome, Failed), outcome
+    assert isinstance(outcome.error, GenerationFailed), outcome
     assert engine._restarts == restarts_before + 1
     wait_until(engine.alive, what="the loop started again")
     assert_clean_and_alive(engine)
@@ -305,7 +300,7 @@ def test_a_request_that_fails_while_finishing_gets_its_error(engine, monkeypatch
 
     monkeypatch.setattr(engine, "_finished", broken)
     outcome = Ask(engine, PROMPTS[0], tokens=4).outcome()
-    assert isinstance(outcome, Failed) and outcome.error.status == 500
+    assert isinstance(outcome, Failed) and isinstance(outcome.error, GenerationFailed)
     assert "injected fault while finishing" in outcome.error.message
     assert_clean_and_alive(engine)
 

@@ -7,8 +7,8 @@ import json
 import os
 
 import pytest
-
 from agent_fixtures import start_agent  # noqa: F401
+
 from testbed.experiments import evaluate
 
 pytestmark = pytest.mark.integration

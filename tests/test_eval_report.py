@@ -8,12 +8,7 @@ import json
 import pytest
 
 from testbed import cli
-
-from testbed.experiments import eval_report
-
-from testbed.experiments import evaluate
-
-from testbed.experiments import pass_counts
+from testbed.experiments import eval_report, evaluate, pass_counts
 from testbed.experiments.divergence import BlockFigures, summarize
 
 

@@ -12,16 +12,21 @@ import torch
 import zmq
 from safetensors.torch import load_file, save_file
 
-from wire import protocol as P
+from common.errors import ShardError
 from edge_agent.expert_math import expert_forward
 from edge_agent.shards import load_experts
-from common.errors import ShardError
-from shard_tool.families import (FAMILIES, MXFP4, ModelShape, family_for_config,
-                                 supported_model_types)
+from shard_tool.families import (
+    FAMILIES,
+    MXFP4,
+    ModelShape,
+    family_for_config,
+    supported_model_types,
+)
 from shard_tool.manifest import load_manifest
 from shard_tool.safetensors_io import TensorInfo, read_tensor
 from shard_tool.split import plan_split, read_source_tensors, split
 from testbed.models.family_models import FAMILY_CONFIGS, family_config, write_family_checkpoint
+from wire import protocol as P
 
 MODEL_TYPES = sorted(FAMILY_CONFIGS)
 # base-station tensors each family must keep: shared experts, dense MLPs, routers, V3's bias
@@ -178,6 +183,7 @@ def test_agent_serves_only_moe_layers(family_split):
     assert ask(2)["kind"] == P.EXPERT_REPLY
 
 
+@pytest.mark.integration
 def test_unsupported_model_type_is_one_line(tmp_path, run_cli):
     ckpt = tmp_path / "ckpt"
     ckpt.mkdir()

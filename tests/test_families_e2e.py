@@ -6,8 +6,8 @@ from __future__ import annotations
 
 import pytest
 import torch
-
 from agent_fixtures import start_agent  # noqa: F401
+
 from basestation.generate import generate
 from basestation.session import build_roster, open_session
 from testbed.models.family_models import FAMILY_CONFIGS, write_family_checkpoint

@@ -36,12 +36,12 @@ from fuzz_messages import REPLY_KINDS, MessageFuzzer, raw_zmtp_case
 from test_agent_limits import agent_log, rss_mib
 from test_agent_math import assert_close_rel
 
-from wire import protocol as P
-from wire.client import AgentClient
 from edge_agent.expert_math import expert_forward
 from edge_agent.shards import load_experts
 from shard_tool.manifest import MANIFEST_NAME, load_manifest
 from shard_tool.push import push
+from wire import protocol as P
+from wire.client import AgentClient
 
 pytestmark = pytest.mark.integration
 

@@ -4,8 +4,8 @@ and --ignore-eos really runs past an end-of-sequence token the model emits."""
 from __future__ import annotations
 
 import pytest
-
 from agent_fixtures import start_module_agent, two_agents  # noqa: F401
+
 from basestation.generate import budget_error, context_length, generate
 
 PROMPT = "Return the list of items in the queue."

@@ -5,8 +5,16 @@ from __future__ import annotations
 
 import itertools
 
-from basestation.liveness import (IDLE_REFRESH_AFTER_S, REFRESH_AFTER_S, TICK_S, AgentLink,
-                                  Backoff, Prober, sane_compute_s)
+from basestation.agents import AgentTable
+from basestation.liveness import (
+    IDLE_REFRESH_AFTER_S,
+    REFRESH_AFTER_S,
+    TICK_S,
+    AgentLink,
+    Backoff,
+    Prober,
+    sane_compute_s,
+)
 from wire import protocol as P
 from wire.client import Reply
 
@@ -27,10 +35,9 @@ class FakeClient:
 
 def prober_for(*agents):
     client = FakeClient()
-    changes = []
-    prober = Prober(client, list(agents), hidden_size=8, probe_layer=1, wire_dtype=None,
-                    element_bytes=4, on_liveness_change=lambda: changes.append(1))
-    return prober, client, changes
+    table = AgentTable(list(agents), num_experts=2, hidden_size=8, element_bytes=4)
+    prober = Prober(client, table, probe_layer=1, wire_dtype=None)
+    return prober, client, table
 
 
 def test_backoff_doubles_to_its_cap():
@@ -65,7 +72,7 @@ def test_idle_polling_probes_less_often():
 
 def test_a_dead_agent_is_pinged_and_a_pong_brings_it_back():
     agent = AgentLink("a", b"a", (0,))
-    prober, client, changes = prober_for(agent)
+    prober, client, table = prober_for(agent)
     assert agent.mark_failed(50.0) and not agent.alive and agent.failures == 1
     prober.tick(50.0 + agent.backoff.delay_s)
     assert client.sent == [(b"a", P.PING)]
@@ -75,7 +82,7 @@ def test_a_dead_agent_is_pinged_and_a_pong_brings_it_back():
     agent.probe_id = probe_id
     prober.in_flight[probe_id] = agent
     assert prober.take(Reply(b"a", {"kind": P.PONG, "id": probe_id}, []), 50.2)
-    assert agent.alive and changes == [1] and agent.state.samples == 1
+    assert agent.alive and table.liveness_changes == 1 and agent.state.samples == 1
 
 
 def test_sane_compute_time():

@@ -8,7 +8,6 @@ import os
 
 import pytest
 import torch
-
 from agent_fixtures import start_module_agent, two_agents  # noqa: F401
 
 pytestmark = pytest.mark.integration

@@ -6,8 +6,9 @@ import dataclasses
 
 import pytest
 
+from basestation import engine_errors as E
 from basestation import openai_api as api
-from basestation.dispatch import MoeStats
+from basestation.agents import MoeStats
 from basestation.engine import ledger_figures, lost_error
 from basestation.ledger import RequestLedger
 from basestation.metrics import EngineMetrics, Histogram, render
@@ -20,6 +21,13 @@ def error(fn, *args) -> api.ApiError:
     with pytest.raises(api.ApiError) as e:
         fn(*args)
     return e.value
+
+
+def engine_error(fn, *args) -> api.ApiError:
+    """The engine's own error, as the client gets it."""
+    with pytest.raises(E.EngineError) as e:
+        fn(*args)
+    return api.api_error(e.value)
 
 
 def test_chat_defaults_and_fields():
@@ -109,7 +117,7 @@ def test_issue_20_request_bounds():
         "x" * api.MAX_STOP_CHARS
     assert completion(stop=[]).params.stop == ()
     for stop in (["x" * (api.MAX_STOP_CHARS + 1)], "y" * 100_000):
-        e = error(lambda: completion(stop=stop))
+        e = error(lambda stop=stop: completion(stop=stop))
         assert (e.status, e.param) == (400, "stop"), stop
     # temperatures below 1e-5 are greedy (1e-300 gave NaN in sampling)
     for tiny in (1e-300, 5e-324, 9.9e-6):
@@ -119,10 +127,10 @@ def test_issue_20_request_bounds():
     assert completion(seed=2 ** 63 - 1).params.seed == 2 ** 63 - 1
     assert completion(seed=-(2 ** 63)).params.seed == -(2 ** 63)
     for seed in (2 ** 63, 2 ** 64 - 1, -(2 ** 63) - 1):
-        assert error(lambda: completion(seed=seed)).param == "seed"
+        assert error(lambda seed=seed: completion(seed=seed)).param == "seed"
     # a refused value is quoted, not echoed whole
     for field in ("temperature", "max_tokens", "ignore_eos"):
-        assert len(error(lambda: completion(**{field: "z" * 1_000_000})).message) < 200
+        assert len(error(lambda field=field: completion(**{field: "z" * 1_000_000})).message) < 200
     assert len(error(lambda: completion(model="m" * 1_000_000)).message) < 300
 
 
@@ -132,7 +140,7 @@ def test_completion_budget():
     assert api.completion_budget(90, 10, 64, 100) == 10
     assert api.completion_budget(100, 0, 64, 100) == 0
     for prompt, asked in ((101, None), (101, 0), (90, 11)):
-        e = error(api.completion_budget, prompt, asked, 64, 100)
+        e = engine_error(api.completion_budget, prompt, asked, 64, 100)
         assert e.status == 400 and e.code == "context_length_exceeded" and "100" in e.message
 
 
@@ -169,11 +177,45 @@ def test_an_exact_request_that_lost_experts_gets_503_naming_the_agents():
     agents = [{"address": "tcp://a:1", "alive": True}, {"address": "tcp://b:2", "alive": False},
               {"address": "tcp://c:3", "alive": False}]
     ledger = RequestLedger(boxes=4, fault_drops=5, failures=[0, 2, 0, 0])
-    e = lost_error(ledger, agents)
+    lost = lost_error(ledger, agents)
+    e = api.api_error(lost)
+    assert isinstance(lost, E.ExpertLost) and e.message == str(lost)
     assert (e.status, e.type, e.code) == (503, "server_error", "expert_lost")
     assert e.message.startswith("exact: 5 expert slots lost to faults on tcp://b:2 (2 failed "
                                 "requests), tcp://c:3 (down): ")
     assert "tcp://a:1" not in e.message
+
+
+def test_engine_errors_get_their_status_and_body_in_one_table():
+    cases = [(E.BadRequest("prompt", "empty after tokenization"), 400, "invalid_request_error",
+              "invalid_value", "prompt"),
+             (E.ContextTooLong("too long"), 400, "invalid_request_error",
+              "context_length_exceeded", None),
+             (E.Overloaded("overloaded: x"), 503, "server_error", "overloaded", None),
+             (E.EngineStopped("the server is shutting down"), 503, "server_error",
+              "unavailable", None),
+             (E.ExpertLost("exact: x"), 503, "server_error", "expert_lost", None),
+             (E.GenerationFailed("generation failed: x"), 500, "server_error",
+              "internal_error", None),
+             (E.EngineError("unlisted"), 500, "server_error", "internal_error", None)]
+    for error_, status, type_, code, param in cases:
+        e = api.api_error(error_)
+        assert (e.status, e.type, e.code, e.param) == (status, type_, code, param), error_
+        assert e.body() == {"error": {"message": str(error_), "type": type_, "code": code,
+                                      "param": param}}
+    assert str(cases[0][0]) == "prompt: empty after tokenization"
+
+
+def test_every_prompt_takes_a_place_in_the_batch_or_the_queue():
+    """Regression: the engine counted a queued request as one place whatever its prompts."""
+    E.check_room(0, 16, 16, 0)  # batch 16, no queue: 16 prompts fill it, as n: 16 would
+    E.check_room(15, 1, 16, 0)
+    E.check_room(16, 1, 16, 1)  # one place in line
+    for held, new, queue in ((1, 16, 0), (16, 1, 0), (16, 2, 1)):
+        with pytest.raises(E.Overloaded) as e:
+            E.check_room(held, new, 16, queue)
+        assert str(e.value) == (f"overloaded: {held} prompts are in flight (up to 16 are "
+                                f"decoded together, {queue} wait); retry later")
 
 
 def test_metrics_page():

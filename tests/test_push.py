@@ -7,17 +7,17 @@ import signal
 
 import pytest
 import torch
+from agent_fixtures import REPO_ROOT, client, start_agent  # noqa: F401
+from test_agent_faults import corrupt_copy
 
-from agent_fixtures import start_agent, client, REPO_ROOT  # noqa: F401
-from wire import protocol as P
-from wire.client import AgentError
+from common.errors import ShardError
 from edge_agent.expert_math import expert_forward
 from edge_agent.shards import load_experts
-from common.errors import ShardError
 from shard_tool.manifest import load_manifest
 from shard_tool.push import PushFaults, push
-from test_agent_faults import corrupt_copy
 from testbed.models.make_model import ModelSpec
+from wire import protocol as P
+from wire.client import AgentError
 
 pytestmark = pytest.mark.integration
 CHUNK_BYTES = 64 * 1024  # an expert shard of the tiny model is ~200 KiB: several chunks

@@ -17,13 +17,15 @@ import shutil
 import pytest
 import zmq
 
-from wire.protocol import ProtocolError
-from edge_agent.store import MIN_PUSH_BYTES_PER_S, PUSH_IDLE_S, Pusher, ShardStore, session_over
 from common.errors import ShardError
+from edge_agent.store import MIN_PUSH_BYTES_PER_S, PUSH_IDLE_S, Pusher, ShardStore, session_over
 from shard_tool.manifest import MANIFEST_NAME, Manifest, expert_file_path, load_manifest
+from wire.messages import Bounds, PushBegin, PushChunk
+from wire.protocol import ProtocolError
 
 A, B = Pusher(b"pusher-a", 10), Pusher(b"pusher-b", 11)
-BEGIN = {"expert": 3}
+BEGIN = {"id": 1, "expert": 3}
+BOUNDS = Bounds(experts=(3,))  # the stores' experts, as the agent decodes pushes for them
 
 
 def manifest_doc(split: str) -> dict:
@@ -37,6 +39,10 @@ def expert_3(doc: dict) -> dict:
 
 def frame(doc: dict) -> zmq.Frame:
     return zmq.Frame(json.dumps(doc).encode())
+
+
+def begin(manifest: zmq.Frame) -> PushBegin:
+    return PushBegin.decode(BEGIN, [manifest], BOUNDS)
 
 
 def sha256_of(path: str) -> str:
@@ -66,18 +72,18 @@ def test_a_forged_entry_with_the_real_fingerprint_deletes_nothing(holding_store,
     doc = manifest_doc(tiny_split)
     expert_3(doc)[field] = value  # the fingerprint left as the real one
     with pytest.raises(ProtocolError, match="fingerprint does not match"):
-        holding_store.begin(BEGIN, [frame(doc)], A, 0.0)
+        holding_store.begin(begin(frame(doc)), A, 0.0)
     # labelled as an old format, whose fingerprint covered only path and sha256: it loads,
     # but it is another model than the one held
     doc["format_version"] = 1
     doc["fingerprint"] = Manifest.from_json(manifest_doc(tiny_split)).legacy_fingerprint
     assert Manifest.from_json(doc).fingerprint != load_manifest(tiny_split).fingerprint
     with pytest.raises(ProtocolError, match="different model"):
-        holding_store.begin(BEGIN, [frame(doc)], A, 0.0)
+        holding_store.begin(begin(frame(doc)), A, 0.0)
     assert sha256_of(shard) == before
     assert os.listdir(os.path.dirname(shard)) == ["expert-003.safetensors"]
     # the real manifest: the shard is in place, nothing to send
-    assert holding_store.begin(BEGIN, [frame(manifest_doc(tiny_split))], A, 0.0)["complete"]
+    assert holding_store.begin(begin(frame(manifest_doc(tiny_split))), A, 0.0)["complete"]
 
 
 def test_a_forged_size_is_refused_before_anything_is_written(tiny_split, tmp_path):
@@ -90,31 +96,32 @@ def test_a_forged_size_is_refused_before_anything_is_written(tiny_split, tmp_pat
                       for e in manifest.files)
         forged = dataclasses.replace(manifest, files=files).to_json()  # fingerprint consistent
         with pytest.raises(ProtocolError, match="manifest is invalid"):
-            store.begin(BEGIN, [frame(forged)], A, 0.0)
+            store.begin(begin(frame(forged)), A, 0.0)
     assert os.listdir(tmp_path / "experts") == []
-    assert store.begin(BEGIN, [frame(manifest.to_json())], A, 0.0)["offset"] == 0
+    assert store.begin(begin(frame(manifest.to_json())), A, 0.0)["offset"] == 0
     store.close()
 
 
 def test_a_trickling_pusher_does_not_hold_the_store(tiny_split, tmp_path):
     store = ShardStore(str(tmp_path), [3], trust_first_push=True)
     doc = manifest_doc(tiny_split)
-    assert store.begin(BEGIN, [frame(doc)], A, now=0.0)["offset"] == 0
+    assert store.begin(begin(frame(doc)), A, now=0.0)["offset"] == 0
     now, offset = 0.0, 0
     while store.session is not None:  # 1 KiB every 5 s: never silent, far too slow
         now += 5.0
         data = os.urandom(1024)
-        store.chunk({"expert": 3, "offset": offset,
-                     "sha256": hashlib.sha256(data).hexdigest()}, [zmq.Frame(data)], A, now)
+        store.chunk(PushChunk.decode({**BEGIN, "offset": offset,
+                                      "sha256": hashlib.sha256(data).hexdigest()},
+                                     [zmq.Frame(data)], BOUNDS), A, now)
         offset += len(data)
         store.expire(now + 0.05)  # the agent's loop checks between messages
         assert now <= 2 * PUSH_IDLE_S, "the trickle still holds the store"
     assert now >= PUSH_IDLE_S  # a slow start is not cut at once
-    assert store.begin(BEGIN, [frame(doc)], B, now=now + 1.0)["offset"] == offset  # B's turn
+    assert store.begin(begin(frame(doc)), B, now=now + 1.0)["offset"] == offset  # B's turn
     store.pusher_gone(B.fd)
     with pytest.raises(ProtocolError, match="too slow"):  # A waits its turn
-        store.begin(BEGIN, [frame(doc)], A, now=now + 2.0)
-    assert store.begin(BEGIN, [frame(doc)], A, now=now + 1.0 + PUSH_IDLE_S)["offset"] == offset
+        store.begin(begin(frame(doc)), A, now=now + 2.0)
+    assert store.begin(begin(frame(doc)), A, now=now + 1.0 + PUSH_IDLE_S)["offset"] == offset
     store.close()
 
 
@@ -122,7 +129,9 @@ def test_when_a_push_session_is_over():
     """session_over by hand: silence, then the average rate once it has lasted PUSH_IDLE_S."""
     from edge_agent.store import _Session
 
-    def session(last_s, moved, started_s=0.0, file=object()):
+    open_file = object()  # a stand-in: session_over never touches it
+
+    def session(last_s, moved, started_s=0.0, file=open_file):
         return _Session(A, 3, None, None, file, 100 + moved, last_s, started_s, 100)
 
     assert session_over(session(0.0, 0), PUSH_IDLE_S) is None

@@ -15,20 +15,20 @@ import json
 import os
 import shutil
 import signal
-import time
+import subprocess
 
 import pytest
 import torch
 from agent_fixtures import start_agent  # noqa: F401
 
-from wire import protocol as P
-from wire.client import AgentClient, AgentError
+from common.errors import ShardError
 from edge_agent.expert_math import expert_forward
 from edge_agent.shards import load_experts
-from common.errors import ShardError
 from shard_tool.manifest import MANIFEST_NAME, Manifest, load_manifest
 from shard_tool.push import push
 from testbed.models.make_model import ModelSpec
+from wire import protocol as P
+from wire.client import AgentClient, AgentError
 
 pytestmark = pytest.mark.integration
 CHUNK_BYTES = 64 * 1024
@@ -87,10 +87,9 @@ def assert_serves_expert_3(endpoint: str, split: str) -> None:
 
 
 def exits_with_one_line(agent, timeout_s: float = 60.0) -> str:
-    deadline = time.monotonic() + timeout_s
-    while agent.alive() and time.monotonic() < deadline:
-        time.sleep(0.05)
-    if agent.alive():
+    try:
+        agent.proc.wait(timeout=timeout_s)
+    except subprocess.TimeoutExpired:
         pytest.fail(f"the agent started; it should have refused:\n{agent.stderr()}")
     err = agent.stderr().strip()
     assert agent.proc.returncode == 2 and "Traceback" not in err, err

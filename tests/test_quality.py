@@ -129,12 +129,14 @@ def test_choice_items_file(tmp_path):
         quality.load_choice_items(str(path))
 
 
+@pytest.mark.integration
 def test_works_through_the_base_stations_model(tmp_path):
     """The sweep passes the distributed model (experts hook); here its experts run locally."""
     from transformers import AutoModelForCausalLM
 
+    from basestation.combine import combine
     from basestation.model import load_base_model
-    from basestation.routing import combine, group_by_expert
+    from basestation.routing import group_by_expert
     from shard_tool.split import split
     data = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))),
                         "testbed", "data")

@@ -13,11 +13,17 @@ import torch
 import torch.nn.functional as F
 from safetensors.torch import load_file
 
-from edge_agent.expert_math import (UNLIMITED_TOKENS, ExpertWeights, QuantLinear, Scratch,
-                                    choose_kernel, expert_forward)
+from common.errors import ShardError
+from edge_agent.expert_math import (
+    UNLIMITED_TOKENS,
+    ExpertWeights,
+    QuantLinear,
+    Scratch,
+    choose_kernel,
+    expert_forward,
+)
 from edge_agent.shards import load_experts
 from shard_tool import quant
-from common.errors import ShardError
 from shard_tool.manifest import Manifest, load_manifest
 from shard_tool.search import BASE_BITS, LOW_BITS, choose_widths
 from shard_tool.split import split
@@ -92,7 +98,7 @@ def test_stored_layout_round_trips(bits):
     layout = quant.layout("w", 12, 64, bits)
     tensors = quant.stored_tensors(q)
     assert [n for n, _, _ in layout] == quant.tensor_names("w", bits)
-    for (name, code, shape), tensor in zip(layout, tensors):
+    for (_name, code, shape), tensor in zip(layout, tensors):
         assert tuple(tensor.shape) == shape
         assert code == {torch.int8: "I8", torch.uint8: "U8", torch.float32: "F32"}[tensor.dtype]
     again = quant.from_stored(bits, tensors)
@@ -294,6 +300,7 @@ def test_agent_loads_quantised_experts_and_computes_with_them(quantised_splits, 
 
 # -- bad input: one line, exit 2, nothing written ------------------------------------------------
 
+@pytest.mark.integration
 @pytest.mark.parametrize("args,message", [
     (["--bits", "3"], "--bits 3: choose from 16, 8, 4, auto"),
     (["--bits", "auto"], "--bits auto needs --tolerance"),
@@ -313,6 +320,7 @@ def test_bad_bits_options_are_one_line(args, message, tiny_checkpoint, tmp_path,
     assert "Traceback" not in result.stderr and os.listdir(tmp_path) == []
 
 
+@pytest.mark.integration
 def test_mxfp4_checkpoints_refuse_bits(tmp_path, run_cli):
     from testbed.models.corpus import stdlib_docstrings
     from testbed.models.family_models import write_family_checkpoint

@@ -7,14 +7,14 @@ import os
 
 import pytest
 import torch
-
 from agent_fixtures import start_agent  # noqa: F401
+from test_quant_search import SENSITIVE, TOLERANCE_PCT, sensitive_checkpoint  # noqa: F401
+
 from basestation.generate import generate
 from basestation.session import build_roster, open_session
 from shard_tool.families import ModelShape
 from shard_tool.manifest import load_manifest
 from shard_tool.split import bits_request, split
-from test_quant_search import SENSITIVE, TOLERANCE_PCT, sensitive_checkpoint  # noqa: F401
 from testbed.models import quality
 
 pytestmark = pytest.mark.integration

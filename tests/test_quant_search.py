@@ -53,6 +53,7 @@ def sensitive_checkpoint(checkpoint_factory, tmp_path_factory) -> str:
     return ckpt
 
 
+@pytest.mark.integration
 def test_auto_keeps_the_sensitive_expert_wide(sensitive_checkpoint, tmp_path):
     results = []
     request = bits_request("auto", TOLERANCE_PCT,
@@ -78,6 +79,7 @@ def test_auto_keeps_the_sensitive_expert_wide(sensitive_checkpoint, tmp_path):
     assert units + 2 <= result.evaluations <= 2 * units + 2
 
 
+@pytest.mark.integration
 def test_auto_from_the_command_line_prints_the_table(sensitive_checkpoint, tmp_path, run_cli):
     out = str(tmp_path / "out")
     result = run_cli("shard_tool", "split", sensitive_checkpoint, out, "--bits", "auto",
@@ -96,6 +98,7 @@ def test_auto_from_the_command_line_prints_the_table(sensitive_checkpoint, tmp_p
     assert run_cli("shard_tool", "verify", out).returncode == 0
 
 
+@pytest.mark.integration
 def test_unreachable_tolerance_is_one_line(sensitive_checkpoint, tmp_path, run_cli):
     result = run_cli("shard_tool", "split", sensitive_checkpoint, str(tmp_path / "out"),
                      "--bits", "auto", "--tolerance", "0", "--calibration-tokens", "64")

@@ -13,8 +13,8 @@ import time
 import pytest
 import torch
 import zmq
-
 from agent_fixtures import free_port, start_agent  # noqa: F401
+
 from basestation.generate import generate
 from basestation.session import build_roster, open_session
 from wire import protocol as P
@@ -68,7 +68,7 @@ class RogueAgent:
             request_id += 1000
         elif self.mode == "slow":  # late every time, and owns up to it: believable
             y = torch.zeros(tokens, self.hidden)
-            time.sleep(SLOW_REPLY_S)
+            time.sleep(SLOW_REPLY_S)  # the fault under test: a late reply, not a wait
             fields["compute_s"] = time.perf_counter() - started_s
         frames, tensor_fields = P.encode_tensor(y, "float32")
         return [P.pack(P.EXPERT_REPLY, request_id, **fields, **tensor_fields), *frames]

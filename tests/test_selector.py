@@ -6,7 +6,8 @@ from __future__ import annotations
 import pytest
 import torch
 
-from basestation.routing import after_failures, combine, group_by_expert
+from basestation.combine import after_failures, combine
+from basestation.routing import group_by_expert
 from basestation.selector import rescale, select, wlr
 
 # Router weights used by several cases (E = 4); a softmax output need only be non-negative here.
@@ -185,7 +186,7 @@ def test_grouping_python_path_matches_the_torch_path(theta, monkeypatch):
     available[5] = False
     sel = paper(probs, torch.rand(8) + 1e-3, theta, 3, torch.arange(8), available)
     small = group_by_expert(sel.experts, sel.keep)  # 36 pairs: the Python path
-    monkeypatch.setattr(routing, "SMALL_SELECTION", 0)
+    monkeypatch.setattr(routing, "PYTHON_GROUPING_PAIRS", 0)
     large = group_by_expert(sel.experts, sel.keep)
     assert list(small) == list(large) == sorted(large) and 5 not in small
     for expert in large:

@@ -10,7 +10,6 @@ import subprocess
 import sys
 import tempfile
 import threading
-import time
 import urllib.error
 import urllib.request
 
@@ -24,10 +23,13 @@ from agent_fixtures import (  # noqa: F401
     start_module_agent,
     two_agents,
 )
+from waiting import wait_until
 
 pytestmark = pytest.mark.integration
 MODEL = "tiny"
 PROMPT = "Return the list of items in the queue."
+CANCELLED = 'wdmoe_requests_total{outcome="cancelled"}'
+WAIT_S = 60.0  # for a server-side event on a loaded 2-core machine
 
 
 class ServerProcess:
@@ -51,17 +53,17 @@ class ServerProcess:
         self.lines.put(None)
 
     def wait_ready(self, timeout_s: float = START_TIMEOUT_S) -> None:
-        deadline = time.monotonic() + timeout_s
-        while time.monotonic() < deadline:
+        def healthy() -> bool:
             if self.proc.poll() is not None:
                 pytest.fail(f"serve exited ({self.proc.returncode}); stderr:\n{self.stderr()}")
             try:
                 with urllib.request.urlopen(self.url + "/health", timeout=2) as r:
-                    if r.status == 200:
-                        return
+                    return r.status == 200
             except OSError:
-                time.sleep(0.1)
-        pytest.fail(f"serve not ready within {timeout_s} s; stderr:\n{self.stderr()}")
+                return False
+
+        wait_until(healthy, timeout_s, interval_s=0.1,
+                   what=lambda: f"serve to answer /health; stderr:\n{self.stderr()}")
 
     def stderr(self) -> str:
         self.stderr_file.flush()
@@ -135,7 +137,11 @@ def metric(server, name: str, default: float | None = None) -> float:
 def check_wdmoe(wdmoe: dict, theta: float, tokens: int) -> None:
     assert wdmoe["theta"] == theta
     assert len(wdmoe["token_latency_ms"]) == tokens
-    assert wdmoe["expert_calls"] > 0 and wdmoe["experts_dropped"] >= 0
+    assert wdmoe["expert_calls"] > 0
+    if theta == 0.0:  # exact: every selected expert ran
+        assert wdmoe["experts_dropped"] == 0
+    else:  # k = 2 on two boxes: theta >= 0.5 always drops one
+        assert theta >= 0.5 and wdmoe["experts_dropped"] > 0
     assert [tuple(a["experts"]) for a in wdmoe["agents"]] == [(0, 1, 2, 3), (4, 5, 6, 7)]
     for a in wdmoe["agents"]:
         assert {"address", "experts", "calls", "drops", "failures", "rtt_ms",
@@ -292,7 +298,7 @@ def test_overload_and_disconnect_cancels(one_at_a_time):
     server = one_at_a_time
     client = openai.OpenAI(base_url=server.url + "/v1", api_key="unused", max_retries=0,
                            timeout=60)
-    cancelled_before = metric(server, "wdmoe_requests_total{outcome=\"cancelled\"}")
+    cancelled_before = metric(server, CANCELLED)
     stream = client.chat.completions.create(
         model=MODEL, messages=[{"role": "user", "content": "Go on forever."}], max_tokens=3000,
         stream=True, extra_body={"ignore_eos": True})
@@ -307,13 +313,11 @@ def test_overload_and_disconnect_cancels(one_at_a_time):
     assert e.value.status_code == 503
     stream.close()
 
-    deadline = time.monotonic() + 10
-    while metric(server, "wdmoe_requests_total{outcome=\"cancelled\"}") == cancelled_before:
-        assert time.monotonic() < deadline, "the disconnected stream was not cancelled"
-        time.sleep(0.05)
-    started = time.monotonic()
+    wait_until(lambda: metric(server, CANCELLED) > cancelled_before, WAIT_S,
+               interval_s=0.05, what="the disconnected stream to be cancelled")
+    # at capacity this was 503 overloaded (above): served, it shows the stream's slot freed
     out = client.completions.create(model=MODEL, prompt="x", max_tokens=2, temperature=0)
-    assert out.choices[0].text is not None and time.monotonic() - started < 10
+    assert out.choices[0].text is not None
     assert metric(server, "wdmoe_queue_depth") == 0
 
 
@@ -412,7 +416,7 @@ def test_eight_concurrent_streams_equal_each_alone(server):
 
 
 def test_a_disconnected_stream_stops_and_the_others_finish(server, client):
-    cancelled_before = metric(server, "wdmoe_requests_total{outcome=\"cancelled\"}")
+    cancelled_before = metric(server, CANCELLED)
     done: dict[int, tuple[str, str]] = {}
 
     def finisher(i: int) -> None:
@@ -428,10 +432,8 @@ def test_a_disconnected_stream_stops_and_the_others_finish(server, client):
     for _ in range(3):
         next(it)  # decoding together with the others
     leaving.close()
-    deadline = time.monotonic() + 20
-    while metric(server, "wdmoe_requests_total{outcome=\"cancelled\"}") == cancelled_before:
-        assert time.monotonic() < deadline, "the disconnected stream was not cancelled"
-        time.sleep(0.05)
+    wait_until(lambda: metric(server, CANCELLED) > cancelled_before, WAIT_S,
+               interval_s=0.05, what="the disconnected stream to be cancelled")
     for t in others:
         t.join(120)
     assert [done[i][1] for i in (1, 2)] == ["length", "length"]

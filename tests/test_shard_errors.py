@@ -82,6 +82,7 @@ def assert_clean_failure(result, message: str, parent) -> None:
     assert not [n for n in os.listdir(parent) if ".partial" in n]
 
 
+@pytest.mark.integration
 @pytest.mark.parametrize("case", sorted(CASES))
 def test_bad_checkpoint(case, tiny_checkpoint, tmp_path, run_cli):
     breaker, message = CASES[case]
@@ -91,11 +92,13 @@ def test_bad_checkpoint(case, tiny_checkpoint, tmp_path, run_cli):
     assert_clean_failure(result, message, tmp_path)
 
 
+@pytest.mark.integration
 def test_missing_source(tmp_path, run_cli):
     result = run_cli("shard_tool", "split", str(tmp_path / "nope"), str(tmp_path / "out"))
     assert_clean_failure(result, "no such checkpoint folder", tmp_path)
 
 
+@pytest.mark.integration
 def test_index_lists_absent_tensor(checkpoint_factory, tmp_path, run_cli):
     ckpt = copy_checkpoint(checkpoint_factory(ModelSpec(max_shard_size="100KB")), tmp_path / "c")
     index_path = os.path.join(ckpt, "model.safetensors.index.json")
@@ -108,6 +111,7 @@ def test_index_lists_absent_tensor(checkpoint_factory, tmp_path, run_cli):
     assert_clean_failure(result, f"index lists {name} in {wrong_file}, but it is absent", tmp_path)
 
 
+@pytest.mark.integration
 def test_index_lists_missing_file(checkpoint_factory, tmp_path, run_cli):
     ckpt = copy_checkpoint(checkpoint_factory(ModelSpec(max_shard_size="100KB")), tmp_path / "c")
     second_file = sorted(f for f in os.listdir(ckpt) if f.startswith("model-"))[1]

@@ -5,6 +5,8 @@ from __future__ import annotations
 import json
 import os
 import re
+import subprocess
+import sys
 
 import pytest
 import torch
@@ -16,6 +18,11 @@ from shard_tool.split import split
 from testbed.models.make_model import ModelSpec
 
 EXPERT_NAME = re.compile(r"\.experts\.(\d+)\.w[123]\.weight$")
+REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+# runs `shard_tool split ARGS...` in a fresh interpreter, then prints the heavy packages loaded
+SPLIT_THEN_LIST_MODULES = (
+    "import sys; from shard_tool.cli import main; rc = main(['split', *sys.argv[1:]]); "
+    "print(sorted(m for m in sys.modules if m in ('torch', 'transformers'))); sys.exit(rc)")
 
 
 def source_tensors(checkpoint: str) -> dict[str, torch.Tensor]:
@@ -98,6 +105,7 @@ def test_expert_shard_holds_every_layer(tiny_split):
     assert set(entry.tensors) == want
 
 
+@pytest.mark.integration
 def test_existing_out_needs_force(tiny_checkpoint, tmp_path, run_cli):
     out = tmp_path / "out"
     out.mkdir()
@@ -109,6 +117,18 @@ def test_existing_out_needs_force(tiny_checkpoint, tmp_path, run_cli):
     assert result.returncode == 0, result.stderr
     assert not (out / "keep.txt").exists() and (out / "manifest.json").exists()
     assert sorted(os.listdir(tmp_path)) == ["out"]
+
+
+@pytest.mark.integration
+def test_a_16_bit_split_never_imports_torch(tiny_checkpoint, tmp_path):
+    """Regression: quant.py imported torch at the top, and the 16-bit split imports it for the
+    shard layout: a 25 MB model's split peaked at 228 MB RSS (32 MB without torch)."""
+    result = subprocess.run([sys.executable, "-c", SPLIT_THEN_LIST_MODULES, tiny_checkpoint,
+                             str(tmp_path / "out")], capture_output=True, text=True,
+                            timeout=120, cwd=REPO_ROOT)
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.splitlines()[-1] == "[]", result.stdout
+    assert (tmp_path / "out" / "manifest.json").exists()
 
 
 def test_interrupted_split_leaves_nothing(tiny_checkpoint, tmp_path, monkeypatch):

@@ -18,12 +18,14 @@ def split_copy(tiny_split, tmp_path) -> str:
     return out
 
 
+@pytest.mark.integration
 def test_verify_accepts_a_fresh_split(tiny_split, run_cli):
     result = run_cli("shard_tool", "verify", tiny_split)
     assert result.returncode == 0, result.stderr
     assert "14 files match" in result.stdout
 
 
+@pytest.mark.integration
 @pytest.mark.parametrize("rel_path", ["experts/expert-005.safetensors",
                                       "basestation/model.safetensors",
                                       "basestation/tokenizer.json"])
@@ -39,6 +41,7 @@ def test_verify_catches_a_flipped_byte(split_copy, run_cli, rel_path):
     assert f"{rel_path}: sha256 does not match" in result.stderr
 
 
+@pytest.mark.integration
 def test_verify_catches_a_missing_shard(split_copy, run_cli):
     os.remove(os.path.join(split_copy, "experts", "expert-002.safetensors"))
     result = run_cli("shard_tool", "verify", split_copy)
@@ -46,6 +49,7 @@ def test_verify_catches_a_missing_shard(split_copy, run_cli):
     assert "experts/expert-002.safetensors: missing" in result.stderr
 
 
+@pytest.mark.integration
 def test_verify_rejects_an_edited_manifest(split_copy, run_cli):
     path = os.path.join(split_copy, "manifest.json")
     text = open(path).read().replace('"top_k": 2', '"top_k": 3')
@@ -54,11 +58,13 @@ def test_verify_rejects_an_edited_manifest(split_copy, run_cli):
     assert result.returncode == 2 and "fingerprint does not match" in result.stderr
 
 
+@pytest.mark.integration
 def test_verify_not_a_split(tmp_path, run_cli):
     result = run_cli("shard_tool", "verify", str(tmp_path))
     assert result.returncode == 2 and "no manifest.json" in result.stderr
 
 
+@pytest.mark.integration
 def test_inspect_lists_every_shard(tiny_split, run_cli):
     result = run_cli("shard_tool", "inspect", tiny_split)
     assert result.returncode == 0, result.stderr

@@ -13,8 +13,8 @@ import signal
 import threading
 
 import pytest
-
 from agent_fixtures import start_agent  # noqa: F401
+
 from basestation.dispatch import give_up_reason
 
 PROMPT = "Return the list of items in the queue."

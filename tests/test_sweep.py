@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import subprocess
@@ -95,5 +96,5 @@ def test_report_draws_the_figures(tmp_path, run_cli):
 
 
 def test_link_shape_is_frozen():
-    with pytest.raises(Exception):
+    with pytest.raises(dataclasses.FrozenInstanceError):
         LinkShape().delay_ms = 3  # type: ignore[misc]

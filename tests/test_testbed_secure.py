@@ -13,12 +13,12 @@ import pytest
 from test_basestation import reference_tokens
 from test_links import SHAPED_MODES, run_links_cli, shaped_test
 
-from basestation.session import read_roster_agents, read_roster_keys
-from wire.client import AgentClient, PeerUnreachable
-from wire.keys import load_keypair
+from basestation.roster import read_roster_agents, read_roster_keys
 from testbed.links import control as links
 from testbed.links import userns
 from testbed.links.procs import alive
+from wire.client import AgentClient, PeerUnreachable
+from wire.keys import load_keypair
 
 PROMPT = "Return the list of items in the queue."
 TOKENS = 8

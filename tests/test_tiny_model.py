@@ -15,7 +15,7 @@ import torch
 from testbed.models import quality
 from testbed.models.corpus_docs import clean_rst, is_heldout
 from testbed.models.eval_sets import make_choice_items
-from testbed.models.local_routing import routing
+from testbed.models.local_routing import LocalRouting
 from testbed.models.train_tiny import TrainSpec, build_model, lr_at
 
 DATA = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "testbed", "data")
@@ -55,7 +55,7 @@ def scores(tiny, sample):
         if kw is None:
             out[name] = (quality.score_tokens(model, tokenizer, sample, SAMPLE_TOKENS), None)
             continue
-        with routing(model, **kw) as r:
+        with LocalRouting(model, **kw) as r:
             out[name] = (quality.score_tokens(model, tokenizer, sample, SAMPLE_TOKENS), r)
     return out
 
@@ -81,6 +81,7 @@ def test_shard_tool_splits_it(tmp_path):
     assert len(list((tmp_path / "shards").rglob("*.safetensors"))) == 9  # base station + 8
 
 
+@pytest.mark.integration
 def test_heldout_perplexity_as_recorded_and_far_below_unigram(scores, recorded):
     score = scores["stock"][0]
     assert score.tokens == recorded["heldout_sample"]["tokens"]
@@ -95,11 +96,12 @@ def test_theta_zero_is_the_stock_model(tiny):
                         ["input_ids"]])
     with torch.no_grad():
         stock = model(input_ids=ids).logits
-        with routing(model, theta=0.0, latency_s=SLOW):
+        with LocalRouting(model, theta=0.0, latency_s=SLOW):
             wlr = model(input_ids=ids).logits
     assert torch.equal(stock, wlr)
 
 
+@pytest.mark.integration
 def test_quality_falls_gracefully_as_experts_are_dropped(scores):
     ppl = {name: s.perplexity for name, (s, _) in scores.items()}
     assert ppl["theta0"] == pytest.approx(ppl["stock"], rel=1e-6)
@@ -112,16 +114,19 @@ def test_quality_falls_gracefully_as_experts_are_dropped(scores):
     assert ppl["top1"] < ppl["theta0"] * 1.5
 
 
+@pytest.mark.integration
 def test_routing_matters(scores):
     assert scores["random"][0].perplexity > scores["stock"][0].perplexity * 2
 
 
+@pytest.mark.integration
 def test_expert_load_not_collapsed(scores):
     for layer in scores["theta0"][1].load_shares():
         assert max(layer) < 0.5
         assert sum(share > 0.02 for share in layer) >= 4  # no layer leans on one or two
 
 
+@pytest.mark.integration
 def test_multiple_choice_above_chance(tiny, recorded):
     model, tokenizer = tiny
     result = quality.multiple_choice(model, tokenizer, os.path.join(DATA, "mc-heldout.jsonl"),
@@ -168,6 +173,7 @@ def test_card_renders_the_committed_readme():
         assert render_card(record, figures, CKPT) == f.read()
 
 
+@pytest.mark.integration
 def test_train_tiny_cli_help():
     """`python -m testbed.models.tiny_cli --help` and `testbed train-tiny --help` still answer."""
     import subprocess

@@ -4,6 +4,7 @@ sender until its last frame), frames split at any byte, or a handshake that stop
 
 from __future__ import annotations
 
+import select
 import socket
 import struct
 
@@ -61,3 +62,14 @@ def _read_exactly(sock: socket.socket, nbytes: int) -> bytes:
             raise ConnectionResetError("closed during the handshake")
         data += chunk
     return data
+
+
+def hung_up(sock: socket.socket) -> bool:
+    """Whether the peer closed `sock`; what it sent before (greetings, heartbeats) is dropped."""
+    try:
+        while select.select([sock], [], [], 0)[0]:
+            if not sock.recv(65536):
+                return True
+    except OSError:
+        return True
+    return False
