@@ -539,7 +539,7 @@ def lost_error(ledger: RequestLedger, agents: list[dict]) -> ExpertLost:
     AgentLink.figures(), in box order)."""
     failed = {a["address"]: ledger.failures[b] for b, a in enumerate(agents)
               if ledger.failures[b]}
-    down = [a["address"] for a in agents if not a["alive"]]
+    down = [a["address"] for b, a in enumerate(agents) if b in ledger.down or not a["alive"]]
     return ExpertLost("exact: " + lost_message(ledger.fault_drops, failed, down) +
                       "; retry, or send without exact to accept it")
 

@@ -30,6 +30,9 @@ class RequestLedger:
     calls: list[int] = field(default_factory=list)
     drops: list[int] = field(default_factory=list)
     failures: list[int] = field(default_factory=list)  # failed agent requests carrying its tokens
+    # boxes that were down while it lost slots: names them in an exact request's error even
+    # when they are back by the time it is answered
+    down: set[int] = field(default_factory=set)
 
     def __post_init__(self):
         for name in ("calls", "drops", "failures"):
@@ -64,15 +67,16 @@ def _per_owner(owners: torch.Tensor, mask: torch.Tensor, requests: int) -> list[
 
 
 def charge(ledgers: list[RequestLedger], owners: torch.Tensor, meant_box: torch.Tensor,
-           done_box: torch.Tensor, done: torch.Tensor, faults: LayerFaults | None = None
-           ) -> None:
+           done_box: torch.Tensor, done: torch.Tensor, faults: LayerFaults | None = None,
+           down_boxes: tuple[int, ...] = ()) -> None:
     """Add one layer call to its requests' ledgers.
 
     owners [T]: index into `ledgers`; meant_box [T, K]: the box of each slot's routed expert;
     done_box/done [T, K]: the box that computed each slot (after any retry) and whether one
     did. A slot not done is a drop charged to the box it was meant for; `faults` (None: none
     this call) adds the fault drops and retries, and one failure per failed agent request to
-    every request that had a slot in it."""
+    every request that had a slot in it. `down_boxes`: the agents down this call, recorded
+    by every request that lost a slot."""
     requests, boxes = len(ledgers), ledgers[0].boxes
     owners = owners.to(device=done.device, dtype=torch.long)
     calls = _per_owner_box(owners, done_box, done, requests, boxes)
@@ -92,6 +96,8 @@ def charge(ledgers: list[RequestLedger], owners: torch.Tensor, meant_box: torch.
                              boxes) > 0
     for ledger, n_lost, n_retried, row_touched in zip(ledgers, lost, retried, touched.tolist()):
         ledger.fault_drops += n_lost
+        if n_lost and down_boxes:
+            ledger.down.update(down_boxes)
         ledger.retries += n_retried
         ledger.failed_requests += sum(row_touched)
         for b in range(boxes):

@@ -220,15 +220,17 @@ class MoeRuntime:
     def _charge(self, plan: BatchPlan, experts: torch.Tensor, boxes: Boxes, boxes_now: Boxes,
                 final: Selection, faults: LayerFaults | None) -> None:
         """Charge this call to the plan's ledgers; boxes_now: the boxes after any failure."""
+        down_boxes = ()
         if boxes.available is not None:
             faults = with_unheld(faults, experts, boxes.available)
+            down_boxes = tuple(b for b, agent in enumerate(self.table.agents) if not agent.alive)
         owners = plan.owners if plan.owners is not None else \
             torch.zeros(experts.shape[0], dtype=torch.long)
         # no-ops on the CPU; on a GPU the slots' tensors live there
         box_of_expert = boxes.box_of_expert.to(experts.device)
         box_now = boxes_now.box_of_expert.to(experts.device)
         charge(plan.ledgers, owners, box_of_expert[experts], box_now[final.experts], final.keep,
-               faults)
+               faults, down_boxes)
 
     def _after_failures(self, layer: int, x: torch.Tensor, selection: Selection,
                         router_weights: torch.Tensor, failed: set[int], outputs: list,

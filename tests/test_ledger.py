@@ -110,3 +110,16 @@ def test_experts_with_no_live_holder_are_lost_to_a_fault():
     charge([ledger], torch.tensor([0, 0]), box, box, torch.tensor([[True, False], [False, True]]),
            faults)
     assert (ledger.experts_dropped, ledger.fault_drops, ledger.failed_requests) == (2, 2, 0)
+
+
+def test_a_request_that_lost_slots_remembers_who_was_down():
+    """An exact request's error named no agent when the down agent was probed back up between
+    losing the slots and the answer (tests/test_serve_faults.py, under load): the ledger keeps
+    the boxes that were down while it lost slots; a request that lost nothing keeps none."""
+    experts = torch.tensor([[0, 2], [3, 1]])
+    faults = with_unheld(None, experts, torch.tensor([True, True, False, False]))
+    lost_one, lost_none = RequestLedger(boxes=3), RequestLedger(boxes=3)
+    box = torch.tensor([[0, 2], [2, 0]])
+    charge([lost_one, lost_none], torch.tensor([0, 1]), box, box,
+           torch.tensor([[True, False], [True, True]]), faults, down_boxes=(1,))
+    assert lost_one.down == {1} and lost_none.down == set()
