@@ -170,13 +170,9 @@ class Dispatcher:
             hint = hints.pop(id(agent), None) if hints else None
             sent_s = time.perf_counter()  # before the send: the agent may answer before it returns
             try:
-                if hint is None:
-                    request_id = self.client.send_expert(agent.peer, layer, request, counts,
-                                                         wire_dtype=self.wire_dtype)
-                else:
-                    request_id = self.client.send_expert(agent.peer, layer, request, counts,
-                                                         wire_dtype=self.wire_dtype,
-                                                         prefetch=hint[1])
+                request_id = self.client.send_expert(
+                    agent.peer, layer, request, counts, wire_dtype=self.wire_dtype,
+                    prefetch=hint[1] if hint is not None else None)
             except PeerUnreachable:
                 table.fail(agent, "unreachable", time.perf_counter())
                 failed.update(experts)
