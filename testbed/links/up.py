@@ -31,7 +31,8 @@ from testbed.links.relay import LISTEN_BACKLOG, write_settings
 from testbed.links.spec import TestbedError
 from testbed.links.state import save_state
 
-INFO_TIMEOUT_S = 1.0  # how long `testbed status` waits for each agent's INFO
+INFO_TIMEOUT_S = 3.0  # how long `testbed status` waits for INFO: past one lost SYN (TCP's first
+# retransmit comes after 1 s), so one lost packet on a lossy link is not "not answering"
 KEYS_DIR = "keys"  # STATE_DIR/keys/: `up --secure`'s key folders, removed by `down`
 BASESTATION_KEY_NAME = "basestation"
 
