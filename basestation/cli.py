@@ -26,8 +26,12 @@ class ExpertsLost(Exception):
 
 
 def add_roster_args(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--agent", action="append", default=[], metavar="EXPERTS=tcp://HOST:PORT",
-                   help="a listening agent, e.g. 3=tcp://10.0.0.3:5600 (repeatable)")
+    p.add_argument("--agent", action="append", default=[],
+                   metavar="EXPERTS=tcp://HOST:PORT[@KEY]",
+                   help="a listening agent, e.g. 3=tcp://10.0.0.3:5600 (repeatable); with "
+                   "--keys, @KEY names its public key: its certificate file "
+                   "(0-3=tcp://10.0.0.3:5600@keys/edge-3.key, the NAME.key `edge_agent keygen` "
+                   "wrote) or the key itself (40 Z85 characters)")
     p.add_argument("--agents", metavar="FILE", help="TOML roster: [agents] \"3\" = \"tcp://…\"")
     p.add_argument("--listen", metavar="tcp://0.0.0.0:PORT", type=endpoint(bind=True),
                    help="accept dial-in agents here")

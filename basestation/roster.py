@@ -1,6 +1,7 @@
 """The roster: which agents the base station reaches, how, and the key policy.
 
-Agents that listen are connected to (`--agent 3=tcp://HOST:PORT`, `--agents FILE`); agents
+Agents that listen are connected to (`--agent 3=tcp://HOST:PORT`, with its key
+`--agent 3=tcp://HOST:PORT@edge-3.key` or `…@<40 Z85 characters>`, `--agents FILE`); agents
 that dial in are listened for (`--listen tcp://0.0.0.0:PORT`).
 With `--keys DIR` every link can be CurveZMQ (wire/keys.py): a roster entry carries its
 agent's public key, and DIR/trusted/ holds the agents allowed to dial in. Roster file (TOML):
@@ -24,6 +25,7 @@ from dataclasses import dataclass, field
 from common.expert_ids import format_expert_ids as _ids
 from common.expert_ids import parse_expert_ids
 from wire.keys import (
+    Z85_KEY_CHARS,
     KeyFolder,
     KeysError,
     is_loopback_endpoint,
@@ -65,6 +67,41 @@ def parse_agent_flag(value: str) -> tuple[tuple[int, ...], str]:
         return parse_expert_ids(spec), endpoint
     except ValueError as e:  # its message names the ids, cut short, and what is wrong
         raise RosterError(f"--agent {endpoint[:80]!r}: {e}") from None
+
+
+def parse_agent_arg(value: str) -> RosterAgent:
+    """--agent: 'EXPERTS=ENDPOINT', or 'EXPERTS=ENDPOINT@KEY' where KEY is the agent's
+    certificate file (its NAME.key) or its public key (40 Z85 characters). A tcp:// endpoint
+    holds no '@', so the first one after it starts KEY; an ipc:// path may hold '@', so there
+    KEY is the last 40 characters after an '@', else what follows the last '@'. Raises
+    RosterError."""
+    spec, _, target = value.partition("=")
+    scheme, sep, rest = target.partition("://")
+    if scheme == "tcp":
+        at = rest.find("@")
+    elif len(rest) > Z85_KEY_CHARS and rest[-Z85_KEY_CHARS - 1] == "@":
+        at = len(rest) - Z85_KEY_CHARS - 1
+    else:
+        at = rest.rfind("@")
+    if not sep or at <= 0:  # no key; '@' leading an ipc path is Linux's abstract namespace
+        return RosterAgent(*parse_agent_flag(value))
+    endpoint, key_text = f"{scheme}://{rest[:at]}", rest[at + 1:]
+    experts, endpoint = parse_agent_flag(f"{spec}={endpoint}")
+    return RosterAgent(experts, endpoint, public_key=_agent_key(endpoint, key_text))
+
+
+def _agent_key(endpoint: str, key_text: str) -> bytes:
+    """The key after --agent's '@': a certificate file when one is there, else key text."""
+    where = f"--agent {endpoint[:80]}@{key_text[:80]}"
+    try:
+        if os.path.isfile(key_text):
+            return read_certificate(key_text)
+        if len(key_text) == Z85_KEY_CHARS:  # Z85 holds '/' and '@' too: no other test
+            return parse_public_key(key_text)
+    except KeysError as e:
+        raise RosterError(f"{where}: {e}") from None
+    raise RosterError(f"{where}: no such certificate file, nor a public key (40 Z85 "
+                      "characters): give the agent's NAME.key from `edge_agent keygen`")
 
 
 ROSTER_ENTRY_FIELDS = ("endpoint", "public_key", "certificate")
@@ -165,7 +202,7 @@ def build_roster(agent_flags: list[str], agents_file: str | None, listen: str | 
     --keys, the roster's [basestation] keys). Protected by default: --listen beyond loopback
     needs keys, and with keys every agent beyond loopback needs its public key, unless
     `insecure`. Raises RosterError."""
-    entries = [RosterAgent(*parse_agent_flag(v)) for v in agent_flags or []]
+    entries = [parse_agent_arg(v) for v in agent_flags or []]
     if agents_file:
         entries += read_roster_agents(agents_file)
         keys_dir = keys_dir or read_roster_keys(agents_file)
@@ -203,8 +240,9 @@ def build_roster(agent_flags: list[str], agents_file: str | None, listen: str | 
         plain = [e for e in endpoints if e not in public_keys and not is_loopback_endpoint(e)]
         if plain and not insecure:
             raise RosterError(f"{plain[0]} has no public key in the roster: give it one "
-                              "(public_key = … or certificate = \"….key\") or pass --insecure "
-                              "to reach it unencrypted")
+                              "(public_key = … or certificate = \"….key\", or --agent "
+                              "EXPERTS=ENDPOINT@CERT.key) or pass --insecure to reach it "
+                              "unencrypted")
     return Roster(endpoints=endpoints, listen=listen, public_keys=public_keys, keys=keys)
 
 

@@ -5,15 +5,18 @@ from __future__ import annotations
 import statistics
 import sys
 import time
+from concurrent.futures import ThreadPoolExecutor
 
 from basestation.discovery import open_links
 from basestation.roster import Roster
 from wire import protocol as P
 from wire.client import AgentClient, AgentError, PeerUnreachable
+from wire.handshake_check import diagnose
 from wire.info import ask_info
 
 PINGS = 5
 PROBE_BYTES = 64 * 1024  # one throughput probe per agent
+DIAGNOSE_THREADS = 16  # silent agents looked at at once (each opens its own connection)
 
 
 def run_status(roster: Roster, wait_s: float) -> int:
@@ -26,11 +29,13 @@ def run_status(roster: Roster, wait_s: float) -> int:
         targets = list(peers.items()) + [(p.decode(errors="replace"), p) for p in client.hellos]
         for name, peer in targets:
             rows.append(_probe(client, name, peer, wait_s))
+    _add_hints(rows, roster)
     print(f"{'agent':<28} {'up':<3} {'experts':<9} {'device':<22} {'rtt ms':>8} "
           f"{'MB/s':>8} {'tokens/s':>10}")
     for r in rows:
         print(f"{r['agent'][:28]:<28} {'yes' if r['up'] else 'NO':<3} {r['experts']:<9} "
-              f"{r['device'][:22]:<22} {r['rtt_ms']:>8} {r['mb_s']:>8} {r['tokens_s']:>10}")
+              f"{r['device'][:22]:<22} {r['rtt_ms']:>8} {r['mb_s']:>8} {r['tokens_s']:>10}"
+              f"{'  ' + r['hint'] if r.get('hint') else ''}")
     down = sum(not r["up"] for r in rows)
     if down or not rows:
         print(f"basestation status: {down} of {len(rows)} agents did not answer within "
@@ -38,6 +43,20 @@ def run_status(roster: Roster, wait_s: float) -> int:
               f"{wait_s:g} s", file=sys.stderr)
         return 1
     return 0
+
+
+def _add_hints(rows: list[dict], roster: Roster) -> None:
+    """Each silent listening agent's row gets a hint on why (a key missing or wrong), from one
+    handshake of its own; all at once, so dead hosts cost one deadline, not one each."""
+    silent = [r for r in rows if not r["up"] and r["agent"] in roster.endpoints]
+    keypair = roster.keys.keypair if roster.keys else None
+    if not silent:
+        return
+    with ThreadPoolExecutor(max_workers=min(DIAGNOSE_THREADS, len(silent))) as pool:
+        hints = pool.map(lambda r: diagnose(r["agent"], keypair,
+                                            roster.public_keys.get(r["agent"])), silent)
+        for row, hint in zip(silent, hints):
+            row["hint"] = hint
 
 
 def _probe(client: AgentClient, name: str, peer: bytes, wait_s: float) -> dict:

@@ -13,7 +13,7 @@ import socket
 import sys
 
 from common.cli_args import ArgumentParser, device, endpoint, number, user_error
-from common.expert_ids import parse_expert_ids
+from common.expert_ids import format_expert_ids, parse_expert_ids
 from edge_agent.faults import parse_faults
 from wire.keys import (
     PUSHERS_DIR,
@@ -100,7 +100,9 @@ def build_parser() -> argparse.ArgumentParser:
     src.add_argument("--shards", metavar="DIR", help="split folder holding manifest.json and "
                      "this box's expert shard(s)")
     src.add_argument("--store", metavar="DIR", help="receive shards by `shard_tool push` into "
-                     "DIR (waits when they are not there yet)")
+                     "DIR (waits when they are not there yet); restarted on the same DIR, it "
+                     "serves the shards stored there without a new push, and an interrupted "
+                     "push resumes where it stopped")
     p.add_argument("--bind", type=endpoint(bind=True),
                    help=f"listen for the base station (default {DEFAULT_BIND} "
                    "unless --basestation is given)")
@@ -159,7 +161,48 @@ def build_parser() -> argparse.ArgumentParser:
                    "its tokens (weight bytes / memory bandwidth): with the per-token pace, a "
                    "roofline max(per call, tokens x per token); 0: off (default)")
     p.add_argument("-v", "--verbose", action="store_true")
+    p.add_argument("--print-unit", action="store_true",
+                   help="print a systemd unit that runs this same command line (without "
+                   "--print-unit) on boot and after a crash, then exit without serving")
     return p
+
+
+def print_unit(args, argv: list[str]) -> int:
+    """--print-unit: the unit file for this command line, on stdout."""
+    from edge_agent.unit_file import unit_text
+
+    source_root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    working_dir = os.getcwd()
+    try:
+        parse_faults(args.fault)
+        text = unit_text(
+            python=os.path.abspath(sys.executable),
+            # argparse takes abbreviations: a "--print-u" left in would make the unit print
+            agent_args=[a for a in argv if not _abbreviates_print_unit(a)],
+            working_dir=working_dir,
+            experts=format_expert_ids(parse_experts(args.expert)),
+            # `-m edge_agent` must import from here when the package is not installed
+            source_root=None if source_root == working_dir else source_root,
+            user=None if os.geteuid() == 0 else _user_name())
+    except (UsageError, ValueError) as e:  # UnitError is a ValueError
+        print(f"edge_agent: error: {e}", file=sys.stderr)
+        return EXIT_USAGE
+    sys.stdout.write(text)
+    return 0
+
+
+def _abbreviates_print_unit(arg: str) -> bool:
+    """--print-unit or a prefix argparse takes for it ("--pr…": --pace-* start "--pa")."""
+    return len(arg) >= len("--pr") and "--print-unit".startswith(arg)
+
+
+def _user_name() -> str:
+    import pwd
+
+    try:
+        return pwd.getpwuid(os.geteuid()).pw_name
+    except KeyError:  # a uid with no name (a container): systemd takes the number too
+        return str(os.geteuid())
 
 
 def keygen_main(argv: list[str]) -> int:
@@ -193,6 +236,8 @@ def main(argv: list[str] | None = None) -> int:
     except KeysError as e:
         print(f"edge_agent: error: {e}", file=sys.stderr)
         return EXIT_USAGE
+    if args.print_unit:  # checked like a real start, so the unit does not fail on boot
+        return print_unit(args, argv)
     # Imported after parsing so `--help` is instant (torch takes seconds to import).
     import zmq
 

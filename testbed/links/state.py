@@ -9,9 +9,9 @@ import os
 from testbed.links.plan import LOOPBACK, ROOT
 from testbed.links.spec import LinkShape, TestbedError
 
-# Per user when not root: on a shared server each user's testbed is their own.
-DEFAULT_STATE_DIR = os.environ.get(
-    "WDMOE_TESTBED_STATE",
+# Per user when not root: on a shared server each user's testbed is their own. An empty
+# WDMOE_TESTBED_STATE counts as unset (it would put state.json in the working folder).
+DEFAULT_STATE_DIR = os.environ.get("WDMOE_TESTBED_STATE") or (
     "/tmp/wdmoe-testbed" if os.geteuid() == 0 else f"/tmp/wdmoe-testbed-{os.getuid()}")
 STATE_NAME = "state.json"
 
