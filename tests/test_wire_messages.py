@@ -113,3 +113,17 @@ def test_messages_are_frozen():
     message = M.decode(*received(P.PUSH_END, 5, expert=3), BOUNDS)
     with pytest.raises(AttributeError):
         message.expert = 0
+
+
+def test_a_ping_carries_a_payload_and_asks_for_a_reply_size_at_once():
+    """What `testbed linkcheck` measures one way with: a payload down and an empty PONG back
+    (reply_bytes=0), or no payload and reply_bytes up; reply_bytes up to the receiver's cap."""
+    ping = M.decode(*received(P.PING, 1, [b"x" * 1000], reply_bytes=0), BOUNDS)
+    assert ping.reply_bytes == 0 and [bytes(f.buffer) for f in ping.payload] == [b"x" * 1000]
+    assert M.decode(*received(P.PING, 1, reply_bytes=1 << 20), BOUNDS).reply_bytes == 1 << 20
+    for bad in (-1, True, 1.5, [1]):
+        with pytest.raises(P.ProtocolError) as e:
+            M.decode(*received(P.PING, 1, reply_bytes=bad), BOUNDS)
+        assert e.value.code == P.ERR_TOO_LARGE, bad
+    pong = M.decode(*received(P.PONG, 1, [b""], bytes=0))
+    assert pong.bytes == 0 and [len(f) for f in pong.payload] == [0]

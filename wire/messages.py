@@ -147,7 +147,7 @@ class Ping:
     def decode(cls, header: dict, frames: Sequence, bounds: Bounds = Bounds()) -> Ping:
         """Raises ProtocolError (too_large: a reply over the receiver's message cap)."""
         reply_bytes = header.get("reply_bytes")
-        if reply_bytes is not None and (not isinstance(reply_bytes, int)
+        if reply_bytes is not None and (not _plain_int(reply_bytes)  # True is not 1 byte
                                         or not 0 <= reply_bytes <= bounds.max_message_bytes):
             raise ProtocolError(ERR_TOO_LARGE, f"reply_bytes {shown(reply_bytes)} is out of "
                                                "range")
