@@ -87,29 +87,45 @@ def cmd_up(args) -> int:
     return 0
 
 
+def _shape_changes(args) -> dict:
+    """The LinkShape fields degrade's flags set. Raises TestbedError."""
+    changes = {}
+    if args.delay is not None:
+        changes["delay_ms"] = parse_ms(args.delay)
+    if args.jitter is not None:
+        changes["jitter_ms"] = parse_ms(args.jitter)
+    if args.loss is not None:
+        changes["loss_pct"] = parse_pct(args.loss)
+    if args.rate is not None:
+        changes["rate_mbit"] = parse_rate_mbit(args.rate)
+    if args.down or args.up:
+        changes["down"] = bool(args.down)
+    return changes
+
+
 def cmd_degrade(args) -> int:
     try:
+        if args.roster:  # real boxes, shaped by `testbed shape` (testbed/boxes)
+            from testbed.boxes import cli as boxes_cli
+
+            if args.state_dir == links.DEFAULT_STATE_DIR:
+                args.state_dir = None  # `testbed shape`'s own default
+            return boxes_cli.degrade_roster(args, _shape_changes(args))
+        if args.dev:
+            raise TestbedError("--dev goes with --roster (boxes shaped by `testbed shape`)")
         state = links.load_state(args.state_dir)
         if state is None:
             raise TestbedError(f"no testbed is up in {args.state_dir} (run `testbed up` first)")
-        index = args.agent if args.agent is not None else \
+        if args.agent is not None and not args.agent.isdigit():
+            raise TestbedError(f"--agent {args.agent!r}: an agent index (an endpoint needs "
+                               "--roster)")
+        index = int(args.agent) if args.agent is not None else \
             links.agent_for_expert(args.state_dir, args.expert)
         current = next((links.shape_of(a) for a in state["agents"] if a["index"] == index),
                        LinkShape())
         if args.clear:
             current = LinkShape()
-        changes = {}
-        if args.delay is not None:
-            changes["delay_ms"] = parse_ms(args.delay)
-        if args.jitter is not None:
-            changes["jitter_ms"] = parse_ms(args.jitter)
-        if args.loss is not None:
-            changes["loss_pct"] = parse_pct(args.loss)
-        if args.rate is not None:
-            changes["rate_mbit"] = parse_rate_mbit(args.rate)
-        if args.down or args.up:
-            changes["down"] = bool(args.down)
-        shape = LinkShape(**{**current.__dict__, **changes})
+        shape = LinkShape(**{**current.__dict__, **_shape_changes(args)})
         links.degrade(args.state_dir, index, shape)
     except TestbedError as e:
         return _fail(e)
@@ -153,9 +169,12 @@ def cmd_down(args) -> int:
 def add_parsers(subparsers) -> None:
     """Add up, degrade, status, down to an argparse subparsers object."""
     def state_dir(p: argparse.ArgumentParser) -> None:
+        # %(default)s: the folder of the user running it (per uid unless root, or
+        # WDMOE_TESTBED_STATE), and a % in that variable cannot break --help
         p.add_argument("--state-dir", default=links.DEFAULT_STATE_DIR,
-                       help=f"where state, logs and the roster go (default "
-                            f"{links.DEFAULT_STATE_DIR})")
+                       help="where state, logs and the roster go (default %(default)s: "
+                            "/tmp/wdmoe-testbed as root, /tmp/wdmoe-testbed-UID otherwise; "
+                            "the environment variable WDMOE_TESTBED_STATE sets another)")
 
     p = subparsers.add_parser("up", help="start agents behind shaped links in network namespaces "
                               "(without root: inside a user namespace)")
@@ -178,7 +197,8 @@ def add_parsers(subparsers) -> None:
     p = subparsers.add_parser("degrade", help="change one link while everything runs")
     who = p.add_mutually_exclusive_group(required=True)
     who.add_argument("--expert", type=int, help="the link of the agent hosting this expert")
-    who.add_argument("--agent", type=int, help="the link of this agent index")
+    who.add_argument("--agent", help="the link of this agent index (with --roster also an "
+                     "ENDPOINT)")
     p.add_argument("--delay", help="one-way delay, e.g. 40ms")
     p.add_argument("--jitter", help="± jitter around the delay, e.g. 5ms")
     p.add_argument("--loss", help="packet loss each way, e.g. 2%%")
@@ -187,6 +207,9 @@ def add_parsers(subparsers) -> None:
     updown.add_argument("--down", action="store_true", help="no packet passes")
     updown.add_argument("--up", action="store_true", help="packets pass again")
     p.add_argument("--clear", action="store_true", help="start from an unshaped link")
+    p.add_argument("--roster", metavar="FILE", help="real boxes shaped by `testbed shape "
+                   "--roster FILE --dev DEV`: change one of their links (needs --dev)")
+    p.add_argument("--dev", help="with --roster: the interface `testbed shape` shaped")
     state_dir(p)
     p.set_defaults(func=cmd_degrade)
 

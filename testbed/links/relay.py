@@ -43,16 +43,17 @@ def applied_path(path: str) -> str:
 
 def write_settings(path: str, delay_ms: float, jitter_ms: float, wait: bool = False,
                    wire_down_mbit: float | None = None,
-                   wire_up_mbit: float | None = None) -> bool:
+                   wire_up_mbit: float | None = None, down: bool = False) -> bool:
     """Atomically replace the relay's settings file. With `wait`, return once the relay runs
     with them (True) or APPLY_TIMEOUT_S passed (False), so callers measure the new link.
-    wire_*_mbit: serialise each direction's bytes at that rate (None: as fast as they come)."""
+    wire_*_mbit: serialise each direction's bytes at that rate (None: as fast as they come).
+    down: discard every byte read either way (nothing passes; peers' heartbeats notice)."""
     token = os.urandom(8).hex()
     tmp = f"{path}.tmp{os.getpid()}"
     with open(tmp, "w") as f:
         json.dump({"delay_ms": float(delay_ms), "jitter_ms": float(jitter_ms),
                    "wire_down_mbit": wire_down_mbit, "wire_up_mbit": wire_up_mbit,
-                   "token": token}, f)
+                   "down": bool(down), "token": token}, f)
     os.replace(tmp, path)
     deadline = time.monotonic() + APPLY_TIMEOUT_S
     while wait and time.monotonic() < deadline:
@@ -75,6 +76,7 @@ class Settings:
         self.jitter_s = 0.0
         # bits/s each way (0: unlimited); "down" is client -> target (base station -> agent)
         self.wire_bits_per_s = {"down": 0.0, "up": 0.0}
+        self.down = False  # discard what is read, both ways (a link that is down)
         self._token: str | None = None
         self._seen: tuple[int, int, int] | None = None
         if path:
@@ -101,6 +103,7 @@ class Settings:
             self.jitter_s = max(0.0, float(data.get("jitter_ms", 0))) / 1000
             self.wire_bits_per_s = {way: max(0.0, float(data.get(f"wire_{way}_mbit") or 0)) * 1e6
                                     for way in ("down", "up")}
+            self.down = bool(data.get("down", False))
             self._token = token
             tmp = applied_path(self.path) + ".tmp"
             with open(tmp, "w") as f:
@@ -160,6 +163,8 @@ class Direction:
         try:
             while True:
                 data = self.src.recv(CHUNK_BYTES)
+                if data and self.settings.down:
+                    continue  # lost on a link that is down; a close still passes
                 self._push(data or None)
                 if not data:
                     return
