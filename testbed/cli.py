@@ -65,7 +65,7 @@ def cmd_sweep(args) -> int:
                          num_agents=args.agents, max_new_tokens=args.max_new_tokens,
                          eval_text=args.eval_text, eval_tokens=args.eval_tokens,
                          mc_file=args.mc, mc_items=args.mc_items, latency=args.latency,
-                         divergence_tokens=args.kl_tokens,
+                         divergence_tokens=args.kl_tokens, placement=_placement(args),
                          **({"prompts": prompts} if prompts else {}))
     results = run_sweep(config)
     from testbed.experiments.report import read_results
@@ -73,6 +73,47 @@ def cmd_sweep(args) -> int:
     print(table(read_results(args.out)))
     print(f"records: {results} (and .csv); figures: testbed report {args.out}")
     return 0
+
+
+def _placement(args):
+    """--roster, --shape-dev, --shape-backend, --force, --agents-on-host as a Placement (None:
+    our own agents)."""
+    from testbed.experiments.beds import Placement
+
+    if not args.roster:
+        for flag, value in (("--shape-dev", args.shape_dev),
+                            ("--agents-on-host", args.agents_on_host)):
+            if value is not None:
+                raise SystemExit(f"testbed: error: {flag} needs --roster (the user's agents)")
+        return None
+    if args.agents_on_host is not None and args.agents_on_host < 0:
+        raise SystemExit("testbed: error: --agents-on-host must be >= 0")
+    return Placement(roster=args.roster, shape_dev=args.shape_dev,
+                     shape_backend=args.shape_backend, force=args.force,
+                     agents_on_host=args.agents_on_host)
+
+
+def add_placement_args(p) -> None:
+    """Where the agents are: ours (default) or the user's, named by a roster."""
+    from testbed.boxes.shaper import SHAPE_BACKENDS
+
+    g = p.add_argument_group("real boxes (agents you started)")
+    g.add_argument("--roster", metavar="FILE",
+                   help="run on the agents this roster names (as `basestation --agents` reads "
+                   "it, keys included) instead of starting our own; links numbered in its order")
+    g.add_argument("--shape-dev", metavar="DEV",
+                   help="with --roster: shape each box's link (both ways, by its address) on "
+                   "this interface of the base station towards the boxes; without it nothing "
+                   "is shaped and the experiment runs on the links as they are")
+    g.add_argument("--shape-backend", choices=SHAPE_BACKENDS, default="auto",
+                   help="auto: netem where the kernel has it, else htb+nftables+relays as "
+                   "root, relays alone otherwise (default auto)")
+    g.add_argument("--force", action="store_true",
+                   help="shape DEV even if it already has a non-default root qdisc (restored "
+                   "afterwards)")
+    g.add_argument("--agents-on-host", type=int, default=None, metavar="N",
+                   help="roster agents running on this machine, sharing its cores (default: "
+                   "those on a loopback address)")
 
 
 def _numbers(flag: str, value: str) -> tuple[float, ...]:
@@ -99,6 +140,7 @@ def cmd_eval(args) -> int:
     if args.kl_tokens < 0:
         raise SystemExit("testbed: error: --kl-tokens must be >= 0 (0: no KL / agreement)")
     tasks = tuple(t for t in args.tasks.split(",") if t)
+    placement = _placement(args)
     done_before = _rows_in(args.out)
     results = None
     for scenario in [s for s in args.scenario.split(",") if s]:
@@ -107,7 +149,8 @@ def cmd_eval(args) -> int:
             limit=args.limit, batch_size=args.batch_size, max_new_tokens=args.max_new_tokens,
             num_agents=args.agents, include_path=args.include_path, dtype=args.dtype,
             exact=args.exact, divergence_text=(args.kl_text or HELDOUT_TEXT)
-            if args.kl_tokens else None, divergence_tokens=args.kl_tokens))
+            if args.kl_tokens else None, divergence_tokens=args.kl_tokens,
+            placement=placement, emulate=True if args.emulate else None))
     print_eval(args.out)
     print(f"records: {results}")
     failed = [f"{r['scenario']} θ={r['theta']:g}" for r in read_results(args.out)[done_before:]
@@ -164,6 +207,7 @@ def cmd_demo(args) -> int:
 
 
 def build_parser() -> argparse.ArgumentParser:
+    from testbed.boxes import cli as boxes_cli
     from testbed.links import cli as links_cli
     from testbed.models import tiny_cli
 
@@ -192,6 +236,10 @@ def build_parser() -> argparse.ArgumentParser:
 
     tiny_cli.add_parser(sub)
     links_cli.add_parsers(sub)
+    boxes_cli.add_parsers(sub)
+    from testbed.boxes import linkcheck
+
+    linkcheck.add_parser(sub)
 
     p = sub.add_parser("sweep", help="θ sweep through agents behind shaped links")
     p.add_argument("--shards", required=True, metavar="DIR")
@@ -210,6 +258,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help="held-out tokens (--eval-text, else testbed/data/heldout-sample.txt) "
                    "for KL(θ=0 || θ) and top-1 agreement with θ = 0 (default 1024; 0: off)")
     p.add_argument("--out", required=True, metavar="DIR")
+    add_placement_args(p)
     p.set_defaults(func=cmd_sweep)
 
     p = sub.add_parser("eval", help="lm-eval tasks and token latency per θ x scenario "
@@ -239,6 +288,11 @@ def build_parser() -> argparse.ArgumentParser:
                    help="held-out text for KL / agreement (default: testbed/data/"
                    "heldout-sample.txt)")
     p.add_argument("--out", required=True, metavar="DIR")
+    add_placement_args(p)
+    p.add_argument("--emulate", action="store_true",
+                   help="with --roster: a `paper` scenario's emulated model sets the links' "
+                   "wire time (the boxes still compute at their own speed); on our own agents "
+                   "it always does, and paces their compute too")
     p.set_defaults(func=cmd_eval)
 
     p = sub.add_parser("report", help="table and figures (PNG) of a sweep's or an eval's "

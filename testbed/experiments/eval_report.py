@@ -7,6 +7,7 @@ import csv
 import os
 
 from testbed.experiments import figures
+from testbed.experiments.link_record import links_lines
 from testbed.experiments.pass_counts import drop_rate, exact_failure
 from testbed.experiments.report import read_results
 
@@ -121,6 +122,10 @@ def markdown(rows: list[dict]) -> str:
     if kl:
         lines += ["", f"KL and agreement: {kl['positions']} held-out positions, "
                       f"{kl['interval']} ({kl['blocks']} blocks)."]
+    links = links_lines(first.get("links") or [], first["backend"],
+                        first.get("real_boxes", False), first.get("shape_dev"))
+    if links:
+        lines += [""] + links
     failed = [f"θ = {r['theta']:g}" for r in rows if exact_failure(r)]
     if failed:
         lines += ["", f"**--exact: FAILED rows** ({', '.join(failed)}): their numbers are "

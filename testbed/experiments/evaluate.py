@@ -29,6 +29,7 @@ import numpy as np
 from basestation.generate import generate
 from testbed import scenarios
 from testbed.experiments import divergence, harness, pass_counts
+from testbed.experiments.beds import Placement
 from testbed.experiments.harness import DEFAULT_PROMPTS, HELDOUT_TEXT, TESTBED_DIR
 from testbed.experiments.stats import bootstrap, relative_change
 from testbed.experiments.step_waits import StepWaits, observers
@@ -61,22 +62,36 @@ class EvalConfig:
     exact: bool = False  # a row whose passes lost an expert to a fault is marked failed
     divergence_text: str | None = HELDOUT_TEXT  # held-out text for KL / agreement (None: off)
     divergence_tokens: int = divergence.MAX_TOKENS
+    placement: Placement | None = None  # the user's agents (--roster, --shape-dev); None: ours
+    # a `[paper]` scenario's emulated model: None = on our own agents (wire time and compute);
+    # on real boxes only when asked (wire time only: the boxes compute at their own speed)
+    emulate: bool | None = None
+
+    @property
+    def emulating(self) -> bool:
+        if self.emulate is not None:
+            return self.emulate
+        return self.placement is None or self.placement.roster is None
 
 
 def run_eval(config: EvalConfig) -> str:
     """Runs the evaluation; returns the results.jsonl path. Raises TestbedError, RosterError."""
     with harness.running(config.shards, config.out, config.scenario, config.num_agents,
-                         emulate=True, dtype=config.dtype) as run:
+                         emulate=config.emulating, dtype=config.dtype,
+                         placement=config.placement) as run:
         session, scenario = run.session, run.scenario
-        modeled = _modeled(scenario, run.num_agents, run.manifest, run.start_s)
+        modeled = _modeled(scenario, run.num_agents, run.manifest, run.start_s) \
+            if config.emulating else None
         waits = StepWaits(session.runtime.stats, _moe_layers(run.manifest))
         session.runtime.on_selection = observers(modeled, waits)
         prompt_ids = run.tokenize(config.prompts)
         run.warm_up(prompt_ids[0])
-        pacing = scenarios.agent_pacing_us(scenario, run.num_agents)
+        # real boxes compute at their own speed: nothing paces them
+        pacing = {} if run.real_boxes or not config.emulating else \
+            scenarios.agent_pacing_us(scenario, run.num_agents)
         base = dict(run.record("eval"), description=scenario.description,
                     emulated=scenario.paper.emulate.name
-                    if scenario.paper and scenario.paper.emulate else None,
+                    if config.emulating and scenario.paper and scenario.paper.emulate else None,
                     pace_us={str(a): {"per_call": round(call, 1), "per_token": round(token, 1)}
                              for a, (call, token) in pacing.items()})
         # Latency first, every θ in turn per prompt: a busy machine or a fading epoch then

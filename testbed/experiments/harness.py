@@ -20,6 +20,7 @@ from basestation.generate import generate
 from basestation.session import build_roster, open_session
 from testbed import scenarios
 from testbed.experiments import divergence, pass_counts
+from testbed.experiments.beds import Placement
 from testbed.experiments.cpu_share import share_with_agents
 
 TESTBED_DIR = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))  # testbed/
@@ -93,6 +94,10 @@ class Run:
     start_s: float  # time.monotonic() when the session opened: the fading epochs count from it
     results_path: str
     wire_bytes_per_token: int | None = None  # emulating a model's wire time (eval), else None
+    links: list[dict] = field(default_factory=list)  # link_record.link_records, at the start
+    endpoints: list[str] = field(default_factory=list)  # each agent's own, in link order
+    real_boxes: bool = False  # the user's agents (--roster), not ours
+    shape_dev: str | None = None
     schedule: ScheduleRunner | None = field(default=None, repr=False)
 
     def tokenize(self, prompts) -> list:
@@ -107,7 +112,9 @@ class Run:
     def record(self, kind: str) -> dict:
         """The fields every record of this run starts with."""
         return {"kind": kind, "scenario": self.scenario.name, "backend": self.bed.backend,
-                "agents": self.num_agents, "fingerprint": self.manifest.fingerprint,
+                "agents": self.num_agents, "agent_endpoints": list(self.endpoints),
+                "real_boxes": self.real_boxes, "shape_dev": self.shape_dev,
+                "links": self.links, "fingerprint": self.manifest.fingerprint,
                 "base_station_threads": self.threads, "code_version": code_version()}
 
     @contextmanager
@@ -126,33 +133,54 @@ class Run:
 
 @contextmanager
 def running(shards: str, out: str, scenario: str, num_agents: int | None = None, *,
-            emulate: bool = False, dtype: str = "auto", **session_options) -> Iterator[Run]:
-    """Agents for SHARDS behind SCENARIO's links (one per expert unless NUM_AGENTS), state in
-    OUT/testbed-state, and a session on them (DTYPE and SESSION_OPTIONS go to open_session).
-    EMULATE: a `[paper]` scenario's emulated model sets the wire time and paces the agents
-    (scenarios.bring_up); otherwise the links get the scenario's shapes alone. Everything is
-    taken down when the block ends, raised or not. Raises TestbedError, RosterError."""
+            emulate: bool = False, dtype: str = "auto", placement: Placement | None = None,
+            **session_options) -> Iterator[Run]:
+    """Agents for SHARDS behind SCENARIO's links and a session on them (DTYPE and
+    SESSION_OPTIONS go to open_session). Without a roster (PLACEMENT), our own agents come up
+    in namespaces (one per expert unless NUM_AGENTS), state in OUT/testbed-state; with one,
+    the user's agents are used, their links shaped from placement.shape_dev (or left as they
+    are without it). Every link is measured before the session opens (`Run.links`).
+    EMULATE: a `[paper]` scenario's emulated model sets the wire time and, on our own agents,
+    paces their compute (scenarios.bring_up); real boxes compute at their own speed.
+    Everything is taken down when the block ends, raised or not. Raises TestbedError,
+    RosterError."""
     from shard_tool.manifest import load_manifest
+    from testbed.experiments import beds, link_record
     from testbed.links import control as links
 
+    placement = placement or Placement()
     manifest = load_manifest(shards)
-    num_agents = num_agents or manifest.num_experts
     loaded = scenarios.load(scenario)
+    if placement.roster:
+        endpoints = beds.check_roster_scenario(placement, loaded, num_agents, emulate)
+        num_agents = len(endpoints)
+    else:
+        num_agents = num_agents or manifest.num_experts
     if emulate:
         shapes, agent_args, wire_bytes = scenarios.bring_up(loaded, shards, num_agents, dtype)
     else:
         shapes, agent_args, wire_bytes = scenarios.shapes_at(loaded, num_agents, 0.0), None, None
     os.makedirs(out, exist_ok=True)
-    bed = links.up(shards, num_agents, shapes, state_dir=os.path.join(out, STATE_DIR_NAME),
-                   agent_args=agent_args)
+    if placement.roster:
+        bed = beds.open_roster_bed(placement, shapes, endpoints)
+        on_host = beds.agents_on_host(placement, endpoints)
+    else:
+        bed = links.up(shards, num_agents, shapes, state_dir=os.path.join(out, STATE_DIR_NAME),
+                       agent_args=agent_args)
+        endpoints = beds.roster_endpoints(bed.roster_path)
+        on_host = num_agents
     run = session = None
     try:
-        threads = share_with_agents(num_agents)  # they run on this host
+        measured = link_record.measure(bed.roster_path, shapes, endpoints)
+        link_record.check_answered(measured)
+        threads = share_with_agents(on_host)
         session = open_session(shards, build_roster([], bed.roster_path, None), dtype=dtype,
                                wait_s=SESSION_WAIT_S, progress=False, **session_options)
         run = Run(manifest, loaded, num_agents, bed, session, threads, time.monotonic(),
-                  os.path.join(out, RESULTS_NAME), wire_bytes)
-        if loaded.changes_over_time:
+                  os.path.join(out, RESULTS_NAME), wire_bytes, links=measured,
+                  endpoints=endpoints, real_boxes=bool(placement.roster),
+                  shape_dev=placement.shape_dev)
+        if loaded.changes_over_time and bed.backend != beds.AS_IS:
             run.schedule = ScheduleRunner(bed, loaded, num_agents,
                                           wire_bytes_per_token=wire_bytes, start_s=run.start_s)
             run.schedule.start()

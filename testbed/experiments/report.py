@@ -12,6 +12,7 @@ import json
 import os
 
 from testbed.experiments import figures
+from testbed.experiments.link_record import links_lines
 from testbed.links.control import TestbedError
 
 
@@ -68,6 +69,12 @@ def table(rows: list[dict]) -> str:
                      f"{r['p95_token_ms']:>8.2f} {r['tokens_per_s']:>7.1f} "
                      f"{100 * r['drop_rate']:>5.1f}% "
                      f"{_per_pass(r, 'fault_drops'):>15} {_per_pass(r, 'failed_requests'):>15}")
+    seen: set[str] = set()
+    for r in rows:  # each scenario's links, as measured when its run started
+        if r.get("links") and r["scenario"] not in seen:
+            seen.add(r["scenario"])
+            lines += ["", f"{r['scenario']}:"] + links_lines(
+                r["links"], r["backend"], r.get("real_boxes", False), r.get("shape_dev"))
     return "\n".join(lines)
 
 

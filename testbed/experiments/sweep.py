@@ -20,6 +20,7 @@ from dataclasses import dataclass
 
 from basestation.generate import generate
 from testbed.experiments import divergence, harness, pass_counts
+from testbed.experiments.beds import Placement
 from testbed.experiments.harness import DEFAULT_PROMPTS, HELDOUT_TEXT
 from testbed.links.control import TestbedError
 from testbed.models import quality
@@ -49,6 +50,7 @@ class SweepConfig:
     # KL / top-1 agreement with θ = 0 over held-out text (eval_text, else the bundled
     # sample); 0: off
     divergence_tokens: int = divergence.MAX_TOKENS
+    placement: Placement | None = None  # the user's agents (--roster, --shape-dev); None: ours
 
 
 def _quality(model, tokenizer, config: SweepConfig) -> dict:
@@ -68,7 +70,7 @@ def _quality(model, tokenizer, config: SweepConfig) -> dict:
 def run_sweep(config: SweepConfig) -> str:
     """Runs the sweep; returns the results.jsonl path. Raises TestbedError, RosterError."""
     with harness.running(config.shards, config.out, config.scenario, config.num_agents,
-                         latency=config.latency) as run:
+                         placement=config.placement, latency=config.latency) as run:
         session = run.session
         prompt_ids = run.tokenize(config.prompts)
         run.warm_up(prompt_ids[0])
