@@ -64,3 +64,10 @@ def test_agents_on_loopback_are_counted_as_sharing_this_machine():
     assert on_loopback("tcp://127.0.0.1:5600") and on_loopback("tcp://[::1]:5600")
     assert on_loopback("tcp://localhost:5600") and on_loopback("ipc:///tmp/agent")
     assert not on_loopback("tcp://10.0.0.2:5600")
+
+
+def test_links_left_as_they_are_ask_nothing():
+    links = link_records([Measure(0, BOXES[0], (0,), rtt_p50_ms=0.7)], None, BOXES)
+    assert links[0]["asked"] == "not shaped" and links[0]["asked_rtt_ms"] is None
+    assert "| 0 | tcp://10.0.0.2:5600 | not shaped | - | 0.7 ms" in "\n".join(
+        links_lines(links, "none (links as they are)", True))

@@ -171,7 +171,8 @@ def running(shards: str, out: str, scenario: str, num_agents: int | None = None,
         on_host = num_agents
     run = session = None
     try:
-        measured = link_record.measure(bed.roster_path, shapes, endpoints)
+        measured = link_record.measure(bed.roster_path,
+                                       None if bed.backend == beds.AS_IS else shapes, endpoints)
         link_record.check_answered(measured)
         threads = share_with_agents(on_host)
         session = open_session(shards, build_roster([], bed.roster_path, None), dtype=dtype,

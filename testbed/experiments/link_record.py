@@ -19,25 +19,30 @@ def asked_rtt_ms(shape: LinkShape) -> float:
     return 2.0 * shape.delay_ms
 
 
-def link_records(measures: Sequence, shapes: dict[int, LinkShape],
+NOT_SHAPED = "not shaped"
+
+
+def link_records(measures: Sequence, shapes: dict[int, LinkShape] | None,
                  endpoints: Sequence[str]) -> list[dict]:
-    """One dict per link, in roster order: the agent's own endpoint, what was asked and what
-    was measured (a LinkMeasure's record). Pure."""
+    """One dict per link, in roster order: the agent's own endpoint, what was asked (SHAPES;
+    None: the links were left as they are, nothing asked) and what was measured (a
+    LinkMeasure's record). Pure."""
     out = []
     for measure in measures:
-        shape = shapes.get(measure.index, LinkShape())
+        shape = (shapes or {}).get(measure.index, LinkShape())
         measured = measure.as_record()
+        asked = {"asked": NOT_SHAPED, "asked_rtt_ms": None, "asked_down_mbit": None,
+                 "asked_up_mbit": None, "asked_loss_pct": None} if shapes is None else {
+            "asked": shape.describe(), "asked_rtt_ms": asked_rtt_ms(shape),
+            "asked_down_mbit": shape.down_rate_mbit, "asked_up_mbit": shape.up_rate_mbit,
+            "asked_loss_pct": shape.loss_pct}
         out.append({
             "index": measure.index,
             "endpoint": endpoints[measure.index] if measure.index < len(endpoints)
             else measure.endpoint,
             "dialed": measure.endpoint,
             "experts": list(measure.experts),
-            "asked": shape.describe(),
-            "asked_rtt_ms": asked_rtt_ms(shape),
-            "asked_down_mbit": shape.down_rate_mbit,
-            "asked_up_mbit": shape.up_rate_mbit,
-            "asked_loss_pct": shape.loss_pct,
+            **asked,
             "measured_rtt_ms": measure.rtt_p50_ms,
             "measured_rtt_p95_ms": measure.rtt_p95_ms,
             "measured_down_mbit": measure.down_mbit,
@@ -49,7 +54,7 @@ def link_records(measures: Sequence, shapes: dict[int, LinkShape],
     return out
 
 
-def measure(roster_path: str, shapes: dict[int, LinkShape], endpoints: Sequence[str]
+def measure(roster_path: str, shapes: dict[int, LinkShape] | None, endpoints: Sequence[str]
             ) -> list[dict]:
     """Measure every link of ROSTER_PATH (the roster the base station dials) now."""
     from testbed.boxes.linkcheck import measure_links
@@ -92,5 +97,5 @@ def links_lines(links: Sequence[dict], backend: str, real_boxes: bool = False,
             rates = (f"{_fmt(link.get('measured_down_mbit'), 'Mbit/s')} / "
                      f"{_fmt(link.get('measured_up_mbit'), 'Mbit/s')}")
         lines.append(f"| {link['index']} | {link['endpoint']} | {link['asked']} | "
-                     f"{link['asked_rtt_ms']:g} ms | {measured} | {rates} |")
+                     f"{_fmt(link['asked_rtt_ms'], 'ms')} | {measured} | {rates} |")
     return lines
