@@ -9,6 +9,7 @@ import time
 
 from testbed.boxes import shaper
 from testbed.boxes.shaper import SHAPE_BACKENDS
+from testbed.boxes.state import load_state, state_file
 from testbed.links.spec import LinkShape, TestbedError
 
 
@@ -33,7 +34,7 @@ def cmd_shape(args) -> int:
                                force=args.force, state_dir=args.state_dir,
                                answer_timeout_s=args.answer_timeout_s)
     try:
-        print(f"backend: {boxes.backend}  (state: {boxes.state_dir}/{boxes.dev}.json)")
+        print(f"backend: {boxes.backend}  (state: {state_file(boxes.state_dir, boxes.dev)})")
         for index, endpoint in enumerate(boxes.endpoints):
             print(f"link {index}  {endpoint}  [{boxes.shapes[index].describe()}]")
         print(f"roster: {boxes.roster_path}  (basestation ... --agents {boxes.roster_path})",
@@ -99,10 +100,10 @@ def degrade_roster(args, changes: dict) -> int:
 
 
 def _source_roster(boxes: shaper.ShapedBoxes) -> str:
-    import json
-
-    with open(os.path.join(boxes.state_dir, f"{boxes.dev}.json")) as f:
-        return json.load(f)["roster_source"]
+    state = load_state(boxes.state_dir, boxes.dev)
+    if state is None:
+        raise TestbedError(f"nothing is shaped on {boxes.dev} any more")
+    return state["roster_source"]
 
 
 def _link_index(args, boxes: shaper.ShapedBoxes) -> int:

@@ -3,7 +3,9 @@
 `shape_boxes` checks everything first (DEV, the roster, that every agent answers, what DEV
 has now), then saves what DEV has into a state file and records each step there *before*
 making it, so `unshape` restores DEV exactly, also after a crash or a `kill -9`. The plans are
-data (tc_plan.py); here they are run. Nothing on the boxes is touched.
+data (tc_plan.py); here they are run. Nothing on the boxes is touched. This module owns the
+order of it all: the checks, shape, degrade, unshape and the ShapedBoxes handle; the state
+file is state.py's, the relays and the roster they rewrite are relays.py's.
 
 Backends (tc_plan.choose_backend): netem (root, kernel with netem) shapes everything in tc;
 htb+nft+relay (root, no netem) rates in htb, loss and down in an nftables table of ours, delay
@@ -16,69 +18,44 @@ then only names the state). State: STATE_DIR/<DEV>.json, relay files in STATE_DI
 from __future__ import annotations
 
 import dataclasses
-import json
 import os
 import re
-import shutil
 import signal
 import socket
-import sys
 import time
 from dataclasses import dataclass
 
 from testbed.boxes import tc_plan
+from testbed.boxes.relays import (
+    relay_settings,
+    set_relay,
+    start_relays,
+    stop_relays,
+    write_relayed_roster,
+)
+from testbed.boxes.state import (
+    STATE_ENV,
+    default_state_dir,
+    load_state,
+    record_step,
+    remove_state,
+    save_state,
+    state_file,
+    work_dir,
+)
 from testbed.boxes.tc_plan import FALLBACK, NETEM, RELAYS, SHAPE_BACKENDS, Box
 from testbed.links import shaping
-from testbed.links.procs import alive, cmdline, free_port, pid_is_ours, spawn, stop_pids
-from testbed.links.relay import APPLY_TIMEOUT_S, write_settings
+from testbed.links.procs import alive, cmdline
 from testbed.links.spec import LinkShape, TestbedError
 
-__all__ = ["SHAPE_BACKENDS", "ShapedBoxes", "check_scenario_fits", "default_state_dir",
-           "load_shaped", "shape_boxes", "unshape"]
+__all__ = ["SHAPE_BACKENDS", "STATE_ENV", "ShapedBoxes", "check_scenario_fits",
+           "default_state_dir", "degrade", "kernel_has_netem", "load_shaped", "shape_boxes",
+           "unshape"]
 
 ANSWER_TIMEOUT_S = 10.0  # every roster agent must answer INFO within this before we shape
 KILL_WAIT_S = 5.0  # a killed shape process is gone within this
-STATE_ENV = "WDMOE_SHAPE_STATE"
 _DEV_NAME = re.compile(r"[A-Za-z0-9_.:@-]{1,15}")  # IFNAMSIZ - 1, and safe in a file name
 SHAPE_MARK = b"\0shape\0"  # in the command line of `python -m testbed shape`
-
-
-def default_state_dir() -> str:
-    """$WDMOE_SHAPE_STATE, else /run/wdmoe/shape as root, else $XDG_RUNTIME_DIR/wdmoe-shape or
-    /tmp/wdmoe-shape-<uid>: per user, as every user's shaping is their own."""
-    if os.environ.get(STATE_ENV):
-        return os.environ[STATE_ENV]
-    if os.geteuid() == 0:
-        return "/run/wdmoe/shape"
-    if os.environ.get("XDG_RUNTIME_DIR"):
-        return os.path.join(os.environ["XDG_RUNTIME_DIR"], "wdmoe-shape")
-    return f"/tmp/wdmoe-shape-{os.getuid()}"
-
-
-def _state_file(state_dir: str, dev: str) -> str:
-    return os.path.join(state_dir, f"{dev}.json")
-
-
-def _work_dir(state_dir: str, dev: str) -> str:
-    return os.path.join(state_dir, dev)
-
-
-def _load(state_dir: str, dev: str) -> dict | None:
-    path = _state_file(state_dir, dev)
-    try:
-        with open(path) as f:
-            return json.load(f)
-    except FileNotFoundError:
-        return None
-    except (OSError, ValueError) as e:
-        raise TestbedError(f"{path}: unreadable ({e})") from None
-
-
-def _save(state_dir: str, state: dict) -> None:
-    path = _state_file(state_dir, state["dev"])
-    with open(path + ".tmp", "w") as f:
-        json.dump(state, f, indent=1)
-    os.replace(path + ".tmp", path)
 
 
 def _run(cmd: list[str], check: bool = True, input_text: str | None = None):
@@ -196,7 +173,7 @@ def _handle(state: dict, state_dir: str) -> ShapedBoxes:
 def load_shaped(dev: str, state_dir: str | None = None) -> ShapedBoxes:
     """The boxes shaped on DEV (by any process). Raises TestbedError when nothing is."""
     state_dir = state_dir or default_state_dir()
-    state = _load(state_dir, dev)
+    state = load_state(state_dir, dev)
     if state is None:
         raise TestbedError(f"nothing is shaped on {dev} (state in {state_dir}); run "
                            f"`testbed shape --dev {dev} ...` first")
@@ -223,8 +200,8 @@ def shape_boxes(roster_path: str, dev: str, shapes: dict[int, LinkShape], *,
             raise TestbedError(f"link {index}: the roster has {num_links} agent(s) "
                                f"(links 0-{num_links - 1})")
         shape.check()
-    if _load(state_dir, dev) is not None:  # before DEV's qdiscs: ours would look foreign
-        raise TestbedError(f"{dev} is shaped already (state {_state_file(state_dir, dev)}); "
+    if load_state(state_dir, dev) is not None:  # before DEV's qdiscs: ours would look foreign
+        raise TestbedError(f"{dev} is shaped already (state {state_file(state_dir, dev)}); "
                            f"run `testbed unshape --dev {dev}` first")
     root = os.geteuid() == 0
     probe = root and backend in ("auto", NETEM)
@@ -258,7 +235,7 @@ def shape_boxes(roster_path: str, dev: str, shapes: dict[int, LinkShape], *,
         if silent:
             raise TestbedError(f"{silent[0]} did not answer INFO within {answer_timeout_s:g} s "
                                "(is its agent running, and the roster's key right?)")
-    os.makedirs(_work_dir(state_dir, dev), exist_ok=True)
+    os.makedirs(work_dir(state_dir, dev), exist_ok=True)
     ifb = tc_plan.ifb_name(dev)
     state = {
         "dev": dev, "backend": chosen, "pid": os.getpid(), "forced": force,
@@ -271,7 +248,7 @@ def shape_boxes(roster_path: str, dev: str, shapes: dict[int, LinkShape], *,
                    "port": port, "shape": dataclasses.asdict(shapes.get(b.index, LinkShape())),
                    "relay": None} for b, a, (_, port) in zip(boxes, agents, targets)],
     }
-    _save(state_dir, state)  # first: unshape finds whatever follows
+    save_state(state_dir, state)  # first: unshape finds whatever follows
     try:
         _make(state, state_dir, boxes, agents, keys)
     except BaseException:
@@ -284,23 +261,18 @@ def _nft_tables() -> str:
     return _run(["nft", "list", "tables"], check=False).stdout
 
 
-def _step(state: dict, state_dir: str, key: str, value) -> None:
-    state["made"][key] = value
-    _save(state_dir, state)
-
-
 def _make(state: dict, state_dir: str, boxes: list[Box], agents, keys: str | None) -> None:
     dev, backend = state["dev"], state["backend"]
     shapes = {b["index"]: LinkShape(**b["shape"]) for b in state["boxes"]}
     if backend in (NETEM, FALLBACK):
         ifb = tc_plan.ifb_name(dev)
-        _step(state, state_dir, "root", True)
+        record_step(state, state_dir, "root", True)
         for cmd in tc_plan.tree_plan(dev, "down", boxes, shapes, backend):
             _run(cmd)
         if not state["saved"]["ifb_existed"]:
-            _step(state, state_dir, "ifb", ifb)
-        _step(state, state_dir, "ifb_root", ifb)
-        _step(state, state_dir, "ingress", True)
+            record_step(state, state_dir, "ifb", ifb)
+        record_step(state, state_dir, "ifb_root", ifb)
+        record_step(state, state_dir, "ingress", True)
         if state["forced"] and tc_plan.ingress_qdisc(state["saved"]["qdisc_show"]):
             _run(["tc", "qdisc", "del", "dev", dev, "ingress"], check=False)
             _run(["tc", "qdisc", "del", "dev", dev, "clsact"], check=False)
@@ -316,9 +288,9 @@ def _make(state: dict, state_dir: str, boxes: list[Box], agents, keys: str | Non
     if backend == FALLBACK and tc_plan.nft_needed(shapes):
         _apply_nft(state, state_dir, boxes, shapes)
     if backend in (FALLBACK, RELAYS):
-        _start_relays(state, state_dir)
-        _write_relayed_roster(state, state_dir, agents, keys)
-    _save(state_dir, state)
+        start_relays(state, state_dir)
+        write_relayed_roster(state, state_dir, agents, keys)
+    save_state(state_dir, state)
 
 
 def _apply_nft(state: dict, state_dir: str, boxes: list[Box],
@@ -326,7 +298,7 @@ def _apply_nft(state: dict, state_dir: str, boxes: list[Box],
     """Replace our nft table with SHAPES' loss and down (netdev, else inet: recorded first)."""
     families = [state["made"]["nft"]] if state["made"].get("nft") else tc_plan.NFT_FAMILIES
     for i, family in enumerate(families):
-        _step(state, state_dir, "nft", family)
+        record_step(state, state_dir, "nft", family)
         try:
             _run(["nft", "-f", "-"], input_text=tc_plan.nft_script(state["dev"], boxes, shapes,
                                                                    family))
@@ -336,65 +308,13 @@ def _apply_nft(state: dict, state_dir: str, boxes: list[Box],
                 raise
 
 
-def _relay_settings(backend: str, shape: LinkShape) -> dict:
-    """What the relay does for SHAPE: delay and jitter always; with the relays backend also
-    the rate (serialised per direction) and down, which tc does otherwise. The fallback's
-    relay also serialises a direction's own wire rate, as testbed/links does (htb's burst lets
-    a small message through at once)."""
-    if backend == RELAYS:
-        return {"delay_ms": shape.delay_ms, "jitter_ms": shape.jitter_ms,
-                "wire_down_mbit": shape.down_rate_mbit, "wire_up_mbit": shape.up_rate_mbit,
-                "down": shape.down}
-    return {"delay_ms": shape.delay_ms, "jitter_ms": shape.jitter_ms,
-            "wire_down_mbit": shape.wire_down_mbit, "wire_up_mbit": shape.wire_up_mbit,
-            "down": False}
-
-
-def _set_relay(state: dict, box: dict, shape: LinkShape) -> None:
-    relay = box["relay"]
-    if not write_settings(relay["settings"], wait=True,
-                          **_relay_settings(state["backend"], shape)):
-        raise TestbedError(f"link {box['index']}'s relay did not take its settings within "
-                           f"{APPLY_TIMEOUT_S:g} s (see {relay['log']})")
-
-
-def _start_relays(state: dict, state_dir: str) -> None:
-    work = _work_dir(state_dir, state["dev"])
-    for box in state["boxes"]:
-        port = free_port()
-        settings = os.path.join(work, f"relay-{box['index']}.json")
-        log = os.path.join(work, f"relay-{box['index']}.log")
-        write_settings(settings, **_relay_settings(state["backend"], LinkShape(**box["shape"])))
-        box["relay"] = {"pid": None, "port": port, "settings": settings, "log": log}
-        cmd = [sys.executable, "-m", "testbed.links.relay", "--listen", f"127.0.0.1:{port}",
-               "--target", f"{box['address']}:{box['port']}", "--settings", settings]
-        _save(state_dir, state)
-        box["relay"]["pid"] = spawn(cmd, log)
-        _save(state_dir, state)
-    for box in state["boxes"]:
-        _set_relay(state, box, LinkShape(**box["shape"]))  # returns once each relay runs
-
-
-def _write_relayed_roster(state: dict, state_dir: str, agents, keys: str | None) -> None:
-    """The roster the base station dials: each agent at its relay, same experts and keys."""
-    from basestation.roster import RosterAgent, format_roster
-
-    relayed = [RosterAgent(a.experts, f"tcp://127.0.0.1:{b['relay']['port']}", a.public_key)
-               for a, b in zip(agents, state["boxes"])]
-    path = os.path.join(_work_dir(state_dir, state["dev"]), "roster.toml")
-    with open(path, "w") as f:
-        f.write(format_roster(relayed, f"{state['roster_source']} through the relays of "
-                              f"`testbed shape --dev {state['dev']}`", keys=keys))
-    state["roster_path"] = path
-
-
 # -- degrade ------------------------------------------------------------------------------------
 
 def degrade(dev: str, index: int, shape: LinkShape, state_dir: str | None = None) -> None:
     """Change the shape of link INDEX on DEV while everything runs, only what differs.
     Raises TestbedError."""
     state_dir = state_dir or default_state_dir()
-    state = _load(state_dir, dev)
+    state = load_state(state_dir, dev)
     if state is None:
         raise TestbedError(f"nothing is shaped on {dev}; run `testbed shape --dev {dev}` first")
     boxes = state["boxes"]
@@ -412,10 +332,10 @@ def degrade(dev: str, index: int, shape: LinkShape, state_dir: str | None = None
     if backend == FALLBACK and (old.loss_pct, old.down) != (shape.loss_pct, shape.down):
         shapes = {b["index"]: LinkShape(**b["shape"]) for b in boxes} | {index: shape}
         _apply_nft(state, state_dir, [Box(b["index"], b["address"]) for b in boxes], shapes)
-    if box.get("relay") and _relay_settings(backend, old) != _relay_settings(backend, shape):
-        _set_relay(state, box, shape)
+    if box.get("relay") and relay_settings(backend, old) != relay_settings(backend, shape):
+        set_relay(state, box, shape)
     box["shape"] = dataclasses.asdict(shape)
-    _save(state_dir, state)
+    save_state(state_dir, state)
 
 
 # -- unshape ------------------------------------------------------------------------------------
@@ -424,10 +344,6 @@ def _is_shape_process(pid: int, dev: str) -> bool:
     """`python -m testbed shape ... --dev DEV` (not a recycled pid, not a harness process)."""
     line = cmdline(pid)
     return SHAPE_MARK in line and b"testbed" in line and f"\0{dev}\0".encode() in line + b"\0"
-
-
-def _is_our_relay(pid: int, settings: str) -> bool:
-    return pid_is_ours(pid) and settings.encode() in cmdline(pid)
 
 
 def _kill_shape_process(pid: int | None, dev: str) -> bool:
@@ -462,15 +378,13 @@ def unshape(dev: str, state_dir: str | None = None) -> list[str]:
     delete our qdiscs, IFB and nft table, put back a root qdisc --force replaced, remove the
     state. Safe to run twice, and after a `kill -9` of shape. Returns what it removed."""
     state_dir = state_dir or default_state_dir()
-    state = _load(state_dir, dev)
+    state = load_state(state_dir, dev)
     if state is None:
         return []
     removed = []
     if _kill_shape_process(state.get("pid"), dev):
         removed.append(f"shape process {state['pid']}")
-    relays = [b["relay"]["pid"] for b in state["boxes"] if (b.get("relay") or {}).get("pid")
-              and _is_our_relay(b["relay"]["pid"], b["relay"]["settings"])]
-    stop_pids(relays)
+    relays = stop_relays(state)
     removed += [f"relay {pid}" for pid in relays]
     made = state.get("made", {})
     if made:
@@ -490,10 +404,5 @@ def unshape(dev: str, state_dir: str | None = None) -> list[str]:
             else:
                 removed.append(f"(could not restore {what} on {dev}: it was "
                                f"{state['saved']['qdisc_show'].strip()!r}; put it back by hand)")
-    shutil.rmtree(_work_dir(state_dir, dev), ignore_errors=True)
-    for path in (_state_file(state_dir, dev), _state_file(state_dir, dev) + ".tmp"):
-        try:
-            os.remove(path)
-        except FileNotFoundError:
-            pass
+    remove_state(state_dir, dev)
     return removed
