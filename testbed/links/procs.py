@@ -12,7 +12,9 @@ import testbed
 
 STOP_GRACE_S = 3.0  # SIGTERM, then SIGKILL after this long
 LOG_TAIL_LINES = 5
-OUR_MODULES = (b"edge_agent", b"testbed.links.relay", b"testbed.links.userns")  # what we ever start
+# what we ever start
+OUR_MODULES = (b"edge_agent", b"testbed.links.relay", b"testbed.links.cell",
+               b"testbed.links.userns")
 # The folder holding our packages: processes started inside a mount namespace (nsenter) begin
 # in its root folder, so `python -m edge_agent` must not depend on the caller's folder.
 PACKAGE_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(testbed.__file__)))

@@ -48,13 +48,16 @@ def write_settings(path: str, delay_ms: float, jitter_ms: float, wait: bool = Fa
     with them (True) or APPLY_TIMEOUT_S passed (False), so callers measure the new link.
     wire_*_mbit: serialise each direction's bytes at that rate (None: as fast as they come).
     down: discard every byte read either way (nothing passes; peers' heartbeats notice)."""
+    return write_json_settings(path, {"delay_ms": float(delay_ms), "jitter_ms": float(jitter_ms),
+                                      "wire_down_mbit": wire_down_mbit,
+                                      "wire_up_mbit": wire_up_mbit, "down": bool(down)}, wait)
+
+
+def write_json_settings(path: str, fields: dict, wait: bool) -> bool:
+    """Atomically replace PATH with FIELDS and a fresh token; with `wait`, return once the
+    reader wrote that token to applied_path (True) or APPLY_TIMEOUT_S passed (False)."""
     token = os.urandom(8).hex()
-    tmp = f"{path}.tmp{os.getpid()}"
-    with open(tmp, "w") as f:
-        json.dump({"delay_ms": float(delay_ms), "jitter_ms": float(jitter_ms),
-                   "wire_down_mbit": wire_down_mbit, "wire_up_mbit": wire_up_mbit,
-                   "down": bool(down), "token": token}, f)
-    os.replace(tmp, path)
+    write_json_atomic(path, {**fields, "token": token})
     deadline = time.monotonic() + APPLY_TIMEOUT_S
     while wait and time.monotonic() < deadline:
         try:
@@ -65,6 +68,40 @@ def write_settings(path: str, delay_ms: float, jitter_ms: float, wait: bool = Fa
             pass
         time.sleep(SETTINGS_POLL_S / 2)
     return not wait
+
+
+def write_json_atomic(path: str, data: dict) -> None:
+    """Readers see the old file or the new one, never half of one. Raises OSError."""
+    tmp = f"{path}.tmp{os.getpid()}"
+    with open(tmp, "w") as f:
+        json.dump(data, f)
+    os.replace(tmp, path)
+
+
+def read_if_changed(path: str, seen: tuple | None) -> tuple[dict | None, tuple | None]:
+    """(the file's JSON, its new stamp), or (None, SEEN) when it has not changed since SEEN.
+    Raises OSError, ValueError."""
+    # A stat per poll, a read only when the file changed: write_json_settings replaces it, and
+    # a file created while the old one still exists has another inode, so (inode, mtime,
+    # size) changes on every rewrite however quick (mtime alone is too coarse). Eight
+    # relays reading and parsing JSON 100 times a second each cost the shared CPU.
+    st = os.stat(path)
+    stamp = (st.st_ino, st.st_mtime_ns, st.st_size)
+    if stamp == seen:
+        return None, seen
+    with open(path) as f:
+        data = json.load(f)
+    if not isinstance(data, dict):
+        raise ValueError(f"{path}: expected a JSON object")
+    return data, stamp
+
+
+def confirm_applied(path: str, token: str) -> None:
+    """Tell write_json_settings(wait=True) that the settings with TOKEN are in force."""
+    tmp = applied_path(path) + ".tmp"
+    with open(tmp, "w") as f:
+        f.write(token)
+    os.replace(tmp, applied_path(path))
 
 
 class Settings:
@@ -84,18 +121,10 @@ class Settings:
             threading.Thread(target=self._watch, daemon=True).start()
 
     def refresh(self) -> None:
-        # A stat per poll, a read only when the file changed: write_settings replaces it, and
-        # a file created while the old one still exists has another inode, so (inode, mtime,
-        # size) changes on every rewrite however quick (mtime alone is too coarse). Eight
-        # relays reading and parsing JSON 100 times a second each cost the shared CPU.
         try:
-            st = os.stat(self.path)
-            seen = (st.st_ino, st.st_mtime_ns, st.st_size)
-            if seen == self._seen:
+            data, self._seen = read_if_changed(self.path, self._seen)
+            if data is None:
                 return
-            with open(self.path) as f:
-                data = json.load(f)
-            self._seen = seen
             token = str(data.get("token", ""))
             if token == self._token and self._token is not None:
                 return
@@ -105,10 +134,7 @@ class Settings:
                                     for way in ("down", "up")}
             self.down = bool(data.get("down", False))
             self._token = token
-            tmp = applied_path(self.path) + ".tmp"
-            with open(tmp, "w") as f:
-                f.write(token)
-            os.replace(tmp, applied_path(self.path))
+            confirm_applied(self.path, token)
         except (OSError, ValueError):
             pass  # missing or unreadable: keep the last good settings
 
