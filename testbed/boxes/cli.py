@@ -12,6 +12,11 @@ from testbed.boxes.shaper import SHAPE_BACKENDS
 from testbed.boxes.state import load_state, state_file
 from testbed.links.spec import LinkShape, TestbedError
 
+# shared with sweep's and eval's --shape-backend and --force (testbed/cli.py)
+BACKEND_HELP = ("auto: netem where the kernel has it, else htb+nftables+relays as root, relays "
+                "alone otherwise (no loss) (default auto)")
+FORCE_HELP = "replace a qdisc DEV has that is not the kernel's default (put back afterwards)"
+
 
 def _roster_agents(path: str):
     from basestation.roster import RosterError, read_roster_agents
@@ -146,12 +151,8 @@ def add_parsers(subparsers) -> None:
                    "only names the state: nothing on it is touched)")
     p.add_argument("--scenario", required=True, help="uniform | one-bad-link | flaky | paper | "
                    "FILE.toml (one that changes with time keeps this command running)")
-    p.add_argument("--backend", choices=SHAPE_BACKENDS, default="auto",
-                   help="auto: netem where the kernel has it, else htb+nftables+relays as "
-                   "root, relays alone otherwise (no loss)")
-    p.add_argument("--force", action="store_true",
-                   help="replace a qdisc DEV has that is not the kernel's default (unshape "
-                   "puts it back, best effort)")
+    p.add_argument("--backend", choices=SHAPE_BACKENDS, default="auto", help=BACKEND_HELP)
+    p.add_argument("--force", action="store_true", help=FORCE_HELP)
     p.add_argument("--answer-timeout-s", type=float, default=shaper.ANSWER_TIMEOUT_S,
                    help="every agent must answer INFO within this before anything is shaped")
     state_dir(p)

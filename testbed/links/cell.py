@@ -51,6 +51,7 @@ from testbed.links.relay import (
     LISTEN_BACKLOG,
     MAX_QUEUED_BYTES,
     SETTINGS_POLL_S,
+    close_connection,
     confirm_applied,
     parse_hostport,
     read_if_changed,
@@ -405,16 +406,7 @@ class Connection:
             self.done += 1
             if not error and self.done < 2:
                 return
-        for d in self.directions:
-            with d.cond:
-                d.closed = True
-                d.cond.notify_all()
-        for s in (self.client, self.upstream):
-            try:
-                s.shutdown(socket.SHUT_RDWR)
-            except OSError:
-                pass
-            s.close()
+        close_connection(self.directions, (self.client, self.upstream))
 
 
 def _open(client: socket.socket, cell: Cell, link: int) -> None:

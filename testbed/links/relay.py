@@ -245,16 +245,22 @@ class Connection:
             self.done += 1
             if not error and self.done < 2:
                 return
-        for d in self.directions:
-            with d.cond:
-                d.closed = True
-                d.cond.notify_all()
-        for s in (self.client, self.upstream):
-            try:
-                s.shutdown(socket.SHUT_RDWR)
-            except OSError:
-                pass
-            s.close()
+        close_connection(self.directions, (self.client, self.upstream))
+
+
+def close_connection(directions, sockets) -> None:
+    """End a relayed connection: wake every direction's writer (each has `cond` and `closed`)
+    and shut both sockets (the relay's and the cell's connections end alike)."""
+    for d in directions:
+        with d.cond:
+            d.closed = True
+            d.cond.notify_all()
+    for s in sockets:
+        try:
+            s.shutdown(socket.SHUT_RDWR)
+        except OSError:
+            pass
+        s.close()
 
 
 def parse_hostport(value: str) -> tuple[str, int]:
