@@ -170,3 +170,75 @@ def test_scenario_fit_check():
     with pytest.raises(TestbedError, match="shapes link 1, but the roster has 1 agent"):
         check_scenario_fits(scenarios.load("flaky"), 1)
     check_scenario_fits(scenarios.load("paper"), 2)  # a channel for any number of boxes
+
+
+# -- a shared cell (issue 23): HTB classes under one parent -----------------------------------
+
+def _class_args(cmd: list[str]) -> dict[str, str]:
+    """A `tc class` command's parent, classid and htb parameters as a dict."""
+    at = cmd.index("htb")
+    return {"parent": cmd[cmd.index("parent") + 1], "classid": cmd[cmd.index("classid") + 1],
+            **dict(zip(cmd[at + 1::2], cmd[at + 2::2]))}
+
+
+def test_cell_plan_parent_class_children_borrow_up_to_the_cell():
+    """16 mbit shared by 2: the cell's class 1:1 (rate = ceil = 16) under the root, each box
+    guaranteed 8 and allowed 16; filters stay on the root (u32 reaches any leaf)."""
+    down = tc_plan.tree_plan("br0", "down", BOXES, {}, FALLBACK, cell_mbit=16)
+    assert down[0] == tc_plan.tree_plan("br0", "down", BOXES, {}, FALLBACK)[0]
+    classes = [_class_args(c) for c in down if c[1] == "class"]
+    assert classes[0] == {"parent": "1:", "classid": "1:1", "rate": "16000kbit",
+                          "ceil": "16000kbit", "burst": "32768", "cburst": "32768",
+                          "quantum": "65536"}
+    for box, cls in zip(BOXES, classes[1:]):
+        assert cls["parent"] == "1:1" and cls["classid"] == tc_plan.class_id(box.index)
+        assert (cls["rate"], cls["ceil"]) == ("8000kbit", "16000kbit")
+    filters = [c for c in down if c[1] == "filter"]
+    assert [f[6] for f in filters] == ["1:", "1:"]
+    assert [f[-1] for f in filters] == ["1:10", "1:11"]
+    # a cell at 1 Gbit/s: cburst follows the ceiling (4 ms of it), burst the guaranteed rate
+    (big,) = [_class_args(c) for c in tc_plan.tree_plan("br0", "down", BOXES[:1], {}, FALLBACK,
+                                                        cell_mbit=1000) if c[1] == "class"][1:]
+    assert big["rate"] == big["ceil"] == "1000000kbit" and big["cburst"] == "500000"
+
+
+def test_cell_plan_each_direction_its_own_cell_and_own_rates_cap_the_ceiling():
+    """A box's own lower rate caps what it may borrow (and its guarantee, when below B/N);
+    the up tree on the IFB has its own cell of B (FDD-like), capped by the up rates."""
+    shapes = {0: LinkShape(rate_mbit=12), 1: LinkShape(wire_down_mbit=5, wire_up_mbit=30)}
+    down = [_class_args(c) for c in tc_plan.tree_plan("br0", "down", BOXES, shapes, NETEM,
+                                                      cell_mbit=16) if c[1] == "class"]
+    assert [(c["rate"], c["ceil"]) for c in down[1:]] == [("8000kbit", "12000kbit"),
+                                                          ("5000kbit", "5000kbit")]
+    ifb = tc_plan.ifb_name("br0")
+    up = [_class_args(c) for c in tc_plan.tree_plan(ifb, "up", BOXES, shapes, NETEM,
+                                                    cell_mbit=16) if c[1] == "class"]
+    assert (up[0]["classid"], up[0]["rate"]) == ("1:1", "16000kbit")
+    assert [(c["rate"], c["ceil"]) for c in up[1:]] == [("8000kbit", "12000kbit"),
+                                                        ("8000kbit", "16000kbit")]
+    assert tc_plan.cell_rates(16, 3, None) == (16 / 3, 16)
+    assert tc_plan.cell_rates(16, 2, 4) == (4, 4)
+
+
+def test_cell_change_plan_keeps_the_parent():
+    """A new rate in a cell changes the box's class under 1:1 (a change under the root would
+    take it out of the cell); nothing changes when the rate does not."""
+    old = LinkShape(rate_mbit=8)
+    assert tc_plan.change_plan("br0", BOXES[1], old, old, FALLBACK, 16, 2) == []
+    cmds = tc_plan.change_plan("br0", BOXES[1], old, LinkShape(rate_mbit=4), FALLBACK, 16, 2)
+    assert [(c[2], c[4]) for c in cmds] == [("change", "br0"), ("change", tc_plan.ifb_name("br0"))]
+    for cmd in cmds:
+        args = _class_args(cmd)
+        assert (args["parent"], args["classid"]) == ("1:1", "1:11")
+        assert (args["rate"], args["ceil"]) == ("4000kbit", "4000kbit")
+    unlimited = _class_args(tc_plan.change_plan("br0", BOXES[1], old, LinkShape(), FALLBACK,
+                                                16, 2)[0])
+    assert (unlimited["rate"], unlimited["ceil"]) == ("8000kbit", "16000kbit")
+
+
+def test_cell_must_be_a_rate_htb_can_make():
+    tc_plan.check_cell(None)
+    tc_plan.check_cell(0.5)
+    for bad in (0, -16, float("nan"), float("inf"), 1e6):
+        with pytest.raises(TestbedError, match="cell .* mbit: expected > 0"):
+            tc_plan.check_cell(bad)

@@ -37,9 +37,12 @@ def cmd_shape(args) -> int:
     shapes = scenarios.shapes_at(scenario, num_links, 0.0)
     boxes = shaper.shape_boxes(args.roster, args.dev, shapes, backend=args.backend,
                                force=args.force, state_dir=args.state_dir,
-                               answer_timeout_s=args.answer_timeout_s)
+                               answer_timeout_s=args.answer_timeout_s,
+                               cell_mbit=args.cell_mbit)
     try:
         print(f"backend: {boxes.backend}  (state: {state_file(boxes.state_dir, boxes.dev)})")
+        if boxes.cell_mbit is not None:
+            print(cell_line(boxes.cell_mbit, num_links))
         for index, endpoint in enumerate(boxes.endpoints):
             print(f"link {index}  {endpoint}  [{boxes.shapes[index].describe()}]")
         print(f"roster: {boxes.roster_path}  (basestation ... --agents {boxes.roster_path})",
@@ -59,6 +62,13 @@ def cmd_shape(args) -> int:
         boxes.down()
         raise
     return 0
+
+
+def cell_line(cell_mbit: float, num_boxes: int) -> str:
+    """What `shape --cell-mbit` says about the cell (each direction has one of its own)."""
+    plural = "box" if num_boxes == 1 else "boxes"
+    return (f"cell: {cell_mbit:.4g} mbit shared by {num_boxes} {plural} (each guaranteed "
+            f"{cell_mbit / num_boxes:.4g}, may borrow up to {cell_mbit:.4g})")
 
 
 def _follow(boxes: shaper.ShapedBoxes, scenario, num_links: int) -> None:
@@ -155,6 +165,10 @@ def add_parsers(subparsers) -> None:
     p.add_argument("--force", action="store_true", help=FORCE_HELP)
     p.add_argument("--answer-timeout-s", type=float, default=shaper.ANSWER_TIMEOUT_S,
                    help="every agent must answer INFO within this before anything is shaped")
+    p.add_argument("--cell-mbit", type=float, default=None, metavar="B",
+                   help="the boxes share one cell of B mbit each way (HTB: each guaranteed "
+                   "B/N, an idle box's share lent to the busy ones; a box's own scenario rate "
+                   "still caps it); needs tc (not --backend relays)")
     state_dir(p)
     p.set_defaults(func=cmd_shape)
 

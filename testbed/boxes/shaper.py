@@ -13,6 +13,7 @@ and jitter in one relay per box on 127.0.0.1 (testbed/links/relay.py) that a rew
 dials — the relay's own TCP to the box crosses DEV, so the rate and loss apply to it; relays
 (no root) does delay, jitter, rate and down in the relays alone and leaves DEV untouched (DEV
 then only names the state). State: STATE_DIR/<DEV>.json, relay files in STATE_DIR/<DEV>/.
+A shared cell (`cell_mbit`, tc_plan's layout) needs tc: one relay per box cannot share a medium.
 """
 
 from __future__ import annotations
@@ -153,6 +154,7 @@ class ShapedBoxes:
     roster_path: str  # what the base station must dial (rewritten when relays are used)
     endpoints: list[str]  # roster order: each box's own endpoint
     shapes: dict[int, LinkShape]  # what is asked now, per link index
+    cell_mbit: float | None = None  # each direction's shared cell, None: every link its own
 
     def degrade(self, index: int, shape: LinkShape) -> None:
         """Change link INDEX to SHAPE now (only what differs). Raises TestbedError."""
@@ -167,7 +169,8 @@ class ShapedBoxes:
 def _handle(state: dict, state_dir: str) -> ShapedBoxes:
     return ShapedBoxes(state["dev"], state_dir, state["backend"], state["roster_path"],
                        [b["endpoint"] for b in state["boxes"]],
-                       {b["index"]: LinkShape(**b["shape"]) for b in state["boxes"]})
+                       {b["index"]: LinkShape(**b["shape"]) for b in state["boxes"]},
+                       state.get("cell_mbit"))
 
 
 def load_shaped(dev: str, state_dir: str | None = None) -> ShapedBoxes:
@@ -184,15 +187,17 @@ def load_shaped(dev: str, state_dir: str | None = None) -> ShapedBoxes:
 
 def shape_boxes(roster_path: str, dev: str, shapes: dict[int, LinkShape], *,
                 backend: str = "auto", force: bool = False, state_dir: str | None = None,
-                check_answers: bool = True,
-                answer_timeout_s: float = ANSWER_TIMEOUT_S) -> ShapedBoxes:
+                check_answers: bool = True, answer_timeout_s: float = ANSWER_TIMEOUT_S,
+                cell_mbit: float | None = None) -> ShapedBoxes:
     """Shape the link to each box ROSTER_PATH names (numbered in its order) to SHAPES (link
-    index -> shape; the others unshaped), both directions, on DEV. Checks first, touching
-    nothing: DEV, the roster, every agent answering INFO (`check_answers`), DEV's qdiscs being
-    the kernel's defaults (else refused unless `force`), no shaping already there. Raises
+    index -> shape; the others unshaped), both directions, on DEV; with CELL_MBIT every
+    direction's boxes share a cell of that total (tc_plan). Checks first, touching nothing:
+    DEV, the roster, every agent answering INFO (`check_answers`), DEV's qdiscs being the
+    kernel's defaults (else refused unless `force`), no shaping already there. Raises
     TestbedError (after undoing whatever it did)."""
     state_dir = state_dir or default_state_dir()
     _check_dev_name(dev)
+    tc_plan.check_cell(cell_mbit)
     agents, keys = _read_roster(roster_path)
     num_links = len(agents)
     for index, shape in shapes.items():
@@ -206,6 +211,9 @@ def shape_boxes(roster_path: str, dev: str, shapes: dict[int, LinkShape], *,
     root = os.geteuid() == 0
     probe = root and backend in ("auto", NETEM)
     chosen = tc_plan.choose_backend(root, probe and kernel_has_netem(), backend)
+    if chosen == RELAYS and cell_mbit is not None:
+        raise TestbedError(f"a shared cell (--cell-mbit) needs tc: the {RELAYS} backend has one "
+                           "relay per box, which cannot share one medium (shape as root)")
     targets = [_host_port(a.endpoint) for a in agents]
     boxes = [Box(i, address) for i, (address, _) in enumerate(targets)]
     saved_show = ""
@@ -239,6 +247,7 @@ def shape_boxes(roster_path: str, dev: str, shapes: dict[int, LinkShape], *,
     ifb = tc_plan.ifb_name(dev)
     state = {
         "dev": dev, "backend": chosen, "pid": os.getpid(), "forced": force,
+        "cell_mbit": cell_mbit,
         "roster_source": os.path.abspath(roster_path), "roster_path": os.path.abspath(roster_path),
         "saved": {"qdisc_show": saved_show,
                   "ifb_existed": os.path.exists(f"/sys/class/net/{ifb}"),
@@ -262,12 +271,12 @@ def _nft_tables() -> str:
 
 
 def _make(state: dict, state_dir: str, boxes: list[Box], agents, keys: str | None) -> None:
-    dev, backend = state["dev"], state["backend"]
+    dev, backend, cell_mbit = state["dev"], state["backend"], state.get("cell_mbit")
     shapes = {b["index"]: LinkShape(**b["shape"]) for b in state["boxes"]}
     if backend in (NETEM, FALLBACK):
         ifb = tc_plan.ifb_name(dev)
         record_step(state, state_dir, "root", True)
-        for cmd in tc_plan.tree_plan(dev, "down", boxes, shapes, backend):
+        for cmd in tc_plan.tree_plan(dev, "down", boxes, shapes, backend, cell_mbit):
             _run(cmd)
         if not state["saved"]["ifb_existed"]:
             record_step(state, state_dir, "ifb", ifb)
@@ -281,7 +290,7 @@ def _make(state: dict, state_dir: str, boxes: list[Box], agents, keys: str | Non
             _run(add_ifb)
         _run(set_ifb_up)
         # The IFB's tree before the redirect: nothing DEV receives passes unshaped meanwhile.
-        for cmd in tc_plan.tree_plan(ifb, "up", boxes, shapes, backend):
+        for cmd in tc_plan.tree_plan(ifb, "up", boxes, shapes, backend, cell_mbit):
             _run(cmd)
         _run(add_ingress)
         _run(redirect)
@@ -327,7 +336,8 @@ def degrade(dev: str, index: int, shape: LinkShape, state_dir: str | None = None
                            "sees TCP bytes, which arrive whole)")
     old = LinkShape(**box["shape"])
     if backend in (NETEM, FALLBACK):
-        for cmd in tc_plan.change_plan(dev, Box(index, box["address"]), old, shape, backend):
+        for cmd in tc_plan.change_plan(dev, Box(index, box["address"]), old, shape, backend,
+                                       state.get("cell_mbit"), len(boxes)):
             _run(cmd)
     if backend == FALLBACK and (old.loss_pct, old.down) != (shape.loss_pct, shape.down):
         shapes = {b["index"]: LinkShape(**b["shape"]) for b in boxes} | {index: shape}

@@ -11,6 +11,11 @@ receives):
     DEV ingress ffff:  filter u32 match-all -> mirred egress redirect dev IFB
     IFB root  the same tree, filters match ip src ADDR_i/32 with the up rate (box -> base station)
 
+A shared cell of total B (`cell_mbit`) puts one class 1:1 (rate = ceil = B) under the root and
+every box's class under it with rate = B/N and ceil = B (or the box's own rate when lower): a
+box alone may use all of B, busy boxes share it (HTB lends a parent's idle rate to its busy
+children). Each direction has its own cell of B (FDD-like: down and up pools are separate).
+
 Without netem (the "htb+nft+relay" fallback) the leaves are plain FIFOs, loss and down are an
 nftables table of ours on DEV (`nft_script`), and delay and jitter are relays.
 """
@@ -34,6 +39,7 @@ SHAPE_BACKENDS = (AUTO, NETEM, FALLBACK, RELAYS)
 ROOT_HANDLE = "1:"
 INGRESS_HANDLE = "ffff:"
 CLASS_BASE = 10  # box i's class is 1:<10+i> (minor 1 would be easy to confuse with the root)
+CELL_CLASS = "1:1"  # the shared cell's class, parent of every box's class (with a cell)
 UNLIMITED_MBIT = 10000.0  # an unlimited link's class: a ceiling these links do not reach
 # htb's own burst at high rates rounds to 0 bytes, which throttles 64 KiB GSO packets: give
 # each class 4 ms of its rate (as testbed/links' tbf), at least 32 KiB, at most 1 MiB.
@@ -97,13 +103,35 @@ def leaf_handle(index: int) -> str:
     return f"{CLASS_BASE + index}:"
 
 
-def htb_rate_args(rate_mbit: float | None) -> list[str]:
-    """rate, ceil, burst and quantum of a box's class (None: unlimited)."""
+def _burst_bytes(rate_mbit: float) -> str:
+    return str(max(MIN_BURST_BYTES, min(MAX_BURST_BYTES, int(rate_mbit * 1e6 / 8 * BURST_S))))
+
+
+def _kbit(rate_mbit: float) -> str:
+    return f"{max(1, round(rate_mbit * 1000))}kbit"
+
+
+def htb_rate_args(rate_mbit: float | None, ceil_mbit: float | None = None) -> list[str]:
+    """rate, ceil, burst and quantum of a class (rate None: unlimited; ceil None: = rate).
+    burst follows the rate, cburst the ceiling: each is 4 ms of what it bounds."""
     rate_mbit = rate_mbit or UNLIMITED_MBIT
-    rate = f"{max(1, round(rate_mbit * 1000))}kbit"
-    burst = str(max(MIN_BURST_BYTES, min(MAX_BURST_BYTES, int(rate_mbit * 1e6 / 8 * BURST_S))))
-    return ["rate", rate, "ceil", rate, "burst", burst, "cburst", burst,
-            "quantum", str(QUANTUM_BYTES)]
+    ceil_mbit = ceil_mbit or rate_mbit
+    return ["rate", _kbit(rate_mbit), "ceil", _kbit(ceil_mbit), "burst", _burst_bytes(rate_mbit),
+            "cburst", _burst_bytes(ceil_mbit), "quantum", str(QUANTUM_BYTES)]
+
+
+def cell_rates(cell_mbit: float, num_boxes: int, own_mbit: float | None) -> tuple[float, float]:
+    """(rate, ceil) of a box's class in a cell of CELL_MBIT shared by NUM_BOXES: guaranteed
+    B/N, may borrow up to B; a box's own lower rate caps both (htb needs rate <= ceil)."""
+    ceil_mbit = min(cell_mbit, own_mbit) if own_mbit else cell_mbit
+    return min(cell_mbit / num_boxes, ceil_mbit), ceil_mbit
+
+
+def check_cell(cell_mbit: float | None) -> None:
+    """Raises TestbedError for a cell no htb can make (None: no cell, fine)."""
+    if cell_mbit is not None and not 0 < cell_mbit <= UNLIMITED_MBIT:
+        raise TestbedError(f"cell {cell_mbit:g} mbit: expected > 0 and at most "
+                           f"{UNLIMITED_MBIT:g} mbit")
 
 
 def direction_rate(shape: LinkShape, way: str) -> float | None:
@@ -121,9 +149,22 @@ def leaf_args(backend: str, shape: LinkShape) -> list[str]:
     return ["pfifo", "limit", str(QUEUE_PACKETS)]
 
 
-def class_cmd(dev: str, index: int, rate_mbit: float | None, verb: str = "add") -> list[str]:
-    return ["tc", "class", verb, "dev", dev, "parent", ROOT_HANDLE, "classid", class_id(index),
-            "htb", *htb_rate_args(rate_mbit)]
+def class_cmd(dev: str, index: int, rate_mbit: float | None, verb: str = "add",
+              cell_mbit: float | None = None, num_boxes: int = 1) -> list[str]:
+    """Box INDEX's class: under the root at its own rate, or in the cell (cell_rates)."""
+    if cell_mbit is None:
+        parent, rate_args = ROOT_HANDLE, htb_rate_args(rate_mbit)
+    else:
+        parent, rate_args = CELL_CLASS, htb_rate_args(*cell_rates(cell_mbit, num_boxes,
+                                                                  rate_mbit))
+    return ["tc", "class", verb, "dev", dev, "parent", parent, "classid", class_id(index),
+            "htb", *rate_args]
+
+
+def cell_class_cmd(dev: str, cell_mbit: float) -> list[str]:
+    """The cell's class under the root: all of B, the pool its boxes' classes borrow from."""
+    return ["tc", "class", "add", "dev", dev, "parent", ROOT_HANDLE, "classid", CELL_CLASS,
+            "htb", *htb_rate_args(cell_mbit)]
 
 
 def leaf_cmd(dev: str, index: int, backend: str, shape: LinkShape,
@@ -133,16 +174,21 @@ def leaf_cmd(dev: str, index: int, backend: str, shape: LinkShape,
 
 
 def tree_plan(dev: str, way: str, boxes: Sequence[Box], shapes: dict[int, LinkShape],
-              backend: str) -> list[list[str]]:
-    """The htb tree on DEV for one direction: root, then per box a class, its leaf and the
-    u32 filter sending its packets there (by destination on the way down, source up)."""
+              backend: str, cell_mbit: float | None = None) -> list[list[str]]:
+    """The htb tree on DEV for one direction: root, (with CELL_MBIT the cell's class,) then
+    per box a class, its leaf and the u32 filter sending its packets there (by destination on
+    the way down, source up)."""
     field = "dst" if way == "down" else "src"
     cmds = [["tc", "qdisc", "replace", "dev", dev, "root", "handle", ROOT_HANDLE, "htb",
              "direct_qlen", str(QUEUE_PACKETS)]]
+    if cell_mbit is not None:
+        cmds.append(cell_class_cmd(dev, cell_mbit))
     for box in boxes:
         shape = shapes.get(box.index, LinkShape())
-        cmds.append(class_cmd(dev, box.index, direction_rate(shape, way)))
+        cmds.append(class_cmd(dev, box.index, direction_rate(shape, way), cell_mbit=cell_mbit,
+                              num_boxes=len(boxes)))
         cmds.append(leaf_cmd(dev, box.index, backend, shape))
+        # filters stay on the root: u32 classifies straight into a leaf class at any depth
         cmds.append(["tc", "filter", "add", "dev", dev, "parent", ROOT_HANDLE, "protocol", "ip",
                      "prio", "1", "u32", "match", "ip", field, f"{box.address}/32",
                      "flowid", class_id(box.index)])
@@ -160,14 +206,16 @@ def ifb_plan(dev: str) -> list[list[str]]:
              "action", "mirred", "egress", "redirect", "dev", ifb]]
 
 
-def change_plan(dev: str, box: Box, old: LinkShape, new: LinkShape,
-                backend: str) -> list[list[str]]:
+def change_plan(dev: str, box: Box, old: LinkShape, new: LinkShape, backend: str,
+                cell_mbit: float | None = None, num_boxes: int = 1) -> list[list[str]]:
     """The tc commands turning box's link from OLD into NEW, only where they differ (each
-    direction's class rate; the netem leaves)."""
+    direction's class rate; the netem leaves). In a cell (CELL_MBIT shared by NUM_BOXES) the
+    class stays under the cell's class, its ceiling capped by the new rate."""
     cmds = []
     for where, way in ((dev, "down"), (ifb_name(dev), "up")):
         if direction_rate(old, way) != direction_rate(new, way):
-            cmds.append(class_cmd(where, box.index, direction_rate(new, way), verb="change"))
+            cmds.append(class_cmd(where, box.index, direction_rate(new, way), verb="change",
+                                  cell_mbit=cell_mbit, num_boxes=num_boxes))
         if backend == NETEM and leaf_args(backend, old) != leaf_args(backend, new):
             cmds.append(leaf_cmd(where, box.index, backend, new, verb="change"))
     return cmds
