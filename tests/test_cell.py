@@ -57,8 +57,10 @@ def test_joint_follows_the_allocation_while_its_links_are_busy_then_shares():
     # link 2 is not in the allocation: it waits while 0 or 1 has bytes
     shares, until_s = pool_shares("joint", 3, frozenset({0, 1, 2}), allocation, 10.1, 0.5)
     assert shares == {0: 0.75, 1: 0.25, 2: 0.0} and until_s == pytest.approx(10.5)
+    # link 0 is idle (its reply not ready yet): link 1, still allocated, takes what 0 left
+    # (work-conserving); link 2 still waits
     assert pool_shares("joint", 3, frozenset({1, 2}), allocation, 10.1, 0.5)[0] == {
-        1: 0.25, 2: 0.0}
+        1: 1.0, 2: 0.0}
     # the allocated links drained: link 2 gets the pool
     assert pool_shares("joint", 3, frozenset({2}), allocation, 10.1, 0.5)[0] == {2: 1.0}
     # the allocation is older than the TTL: shared, whoever is busy
@@ -174,14 +176,15 @@ def test_joint_holds_unallocated_links_until_the_allocated_ones_drain():
     pool = toy_pool("joint", Allocation(1, {0: 0.75, 1: 0.25}, received_s=0.0))
     for link in range(3):
         pool.add(0.0, link, 125, link)
-    # 0 at 750 bit/s: 1.333; 1 keeps its 250 bit/s: 4.0; 2 waits, then alone: 5.0
-    assert completions(pool) == {0: pytest.approx(4 / 3), 1: pytest.approx(4.0),
-                                 2: pytest.approx(5.0)}
+    # 0 at 750 bit/s: 1.333; 1 at 250 bit/s to then (333 bits), then the whole pool for its
+    # last 667: 2.0; 2 waits while an allocated link is busy, then alone: 3.0
+    assert completions(pool) == {0: pytest.approx(4 / 3), 1: pytest.approx(2.0),
+                                 2: pytest.approx(3.0)}
     stats = {link: pool.stats[link].as_dict() for link in range(3)}
     assert stats[0]["mean_share"] == pytest.approx(0.75)
-    assert stats[1]["mean_share"] == pytest.approx(0.25)
-    assert stats[2]["busy_s"] == pytest.approx(5.0)
-    assert stats[2]["share_s"] == pytest.approx(1.0)  # 4 s at 0, 1 s at 1
+    assert stats[1]["mean_share"] == pytest.approx(0.5)  # 1.333 s at 0.25, 0.667 s at 1
+    assert stats[2]["busy_s"] == pytest.approx(3.0)
+    assert stats[2]["share_s"] == pytest.approx(1.0)  # 2 s at 0, 1 s at 1
     assert all(stats[link]["bytes_served"] == 125 for link in range(3))
 
 
@@ -454,12 +457,14 @@ def test_joint_gives_the_allocated_shares_and_holds_the_others(cell_factory, sin
     wait_until(lambda: (s := cell.stats()) and s["control"]["accepted"] == 1, DEADLINE_S,
                what="the allocation taken")
     took = simultaneous(cell.ports)
-    assert within(took[0], transfer_s(0.75)), (took, transfer_s(0.75))
-    assert within(took[1], transfer_s(0.25)), (took, transfer_s(0.25))
-    assert took[0] * 2 < took[1]  # 0.75 of the pool against 0.25 (2.2 x the rate here)
-    # link 2 waited for link 1's last byte, then had the pool to itself
-    assert took[2] > took[1]
-    assert within(took[2], transfer_s(0.25) + transfer_s(1.0)), took
+    # link 0 at 0.75 of the pool; link 1 at 0.25 until then, and then (work-conserving) the
+    # whole pool for what it has left; link 2 waited for link 1's last byte, then went alone
+    first_s = transfer_s(0.75)
+    second_s = first_s + (1 - first_s / transfer_s(0.25)) * transfer_s(1.0)
+    assert within(took[0], first_s), (took, first_s)
+    assert within(took[1], second_s), (took, second_s)
+    assert took[0] < took[1] < took[2]
+    assert within(took[2], second_s + transfer_s(1.0)), took
     stats = wait_until(lambda: (s := cell.stats()) and s["links"][2]["down"]["busy_s"] > 0
                        and s, DEADLINE_S, what="the stats file")
     assert stats["links"][0]["down"]["mean_share"] == pytest.approx(0.75, abs=0.01)

@@ -54,15 +54,21 @@ def pool_shares(policy: str, num_links: int, busy: frozenset[int],
 
     static: each link owns 1/num_links, busy or not (the paper's even split).
     shared: the busy links split the pool evenly (work-conserving).
-    joint: the allocation's shares while it is in force (links it leaves out wait), else shared.
+    joint: the allocation's shares while it is in force (links it leaves out wait), scaled up
+    over the allocated links still busy: what one leaves idle (its reply not ready yet, its
+    request through) goes to the others in proportion, as a real scheduler would not leave
+    allocated spectrum unused; else shared.
     The shares change otherwise only when a link turns busy or idle."""
     if not busy:
         return {}, math.inf
     if policy == "static":
         return {link: 1.0 / num_links for link in busy}, math.inf
     if policy == "joint" and joint_in_force(allocation, busy, now_s, ttl_s):
-        return ({link: allocation.shares.get(link, 0.0) for link in busy},
-                allocation.received_s + ttl_s)
+        held = {link: allocation.shares.get(link, 0.0) for link in busy}
+        total = sum(held.values())
+        if total > 0:
+            return ({link: share / total for link, share in held.items()},
+                    allocation.received_s + ttl_s)
     if policy in ("shared", "joint"):
         return {link: 1.0 / len(busy) for link in busy}, math.inf
     raise ValueError(f"policy {policy!r}: expected one of {', '.join(POLICIES)}")
