@@ -83,6 +83,9 @@ class MoeRuntime:
         # on_selection(layer, box_of_expert [E], experts [T, K], keep [T, K]): what each token
         # kept, for a model of the latency beside the measured one (testbed's emulation)
         self.on_selection = None
+        # before_dispatch(layer, box_of_expert, experts, keep): called after selection, before
+        # the layer's requests leave (the testbed's shared cell takes its allocation here)
+        self.before_dispatch = None
         # memory-budgeted agents (info has memory_budget) get prefetch hints (set_prefetch; on
         # when there are any); the table keeps their replies' cache figures (AgentLink.cache)
         self.predictor = RoutePredictor(table.num_experts)
@@ -152,6 +155,8 @@ class MoeRuntime:
             self._count_drops(selection, boxes)
         if self.on_selection is not None:
             self.on_selection(layer, boxes.box_of_expert, experts, selection.keep)
+        if self.before_dispatch is not None:
+            self.before_dispatch(layer, boxes.box_of_expert, experts, selection.keep)
         outputs, failed, probe_replies = self.dispatcher.run(
             layer, x, group_by_expert(experts, selection.keep), hints)
         faults, boxes_now = None, boxes  # no fault: no accounting beyond the calls

@@ -95,6 +95,7 @@ def _placement(args):
 
 def add_placement_args(p) -> None:
     """Where the agents are: ours (default) or the user's, named by a roster."""
+    from testbed.boxes.cli import BACKEND_HELP, FORCE_HELP
     from testbed.boxes.shaper import SHAPE_BACKENDS
 
     g = p.add_argument_group("real boxes (agents you started)")
@@ -106,11 +107,8 @@ def add_placement_args(p) -> None:
                    "this interface of the base station towards the boxes; without it nothing "
                    "is shaped and the experiment runs on the links as they are")
     g.add_argument("--shape-backend", choices=SHAPE_BACKENDS, default="auto",
-                   help="auto: netem where the kernel has it, else htb+nftables+relays as "
-                   "root, relays alone otherwise (default auto)")
-    g.add_argument("--force", action="store_true",
-                   help="shape DEV even if it already has a non-default root qdisc (restored "
-                   "afterwards)")
+                   help=BACKEND_HELP)
+    g.add_argument("--force", action="store_true", help=FORCE_HELP)
     g.add_argument("--agents-on-host", type=int, default=None, metavar="N",
                    help="roster agents running on this machine, sharing its cores (default: "
                    "those on a loopback address)")
@@ -121,6 +119,22 @@ def _numbers(flag: str, value: str) -> tuple[float, ...]:
         return tuple(float(t) for t in value.split(","))
     except ValueError:
         raise SystemExit(f"testbed: error: {flag} {value!r}: numbers like 0,0.1,0.2") from None
+
+
+def _bandwidth_args(args) -> tuple[tuple[str, ...], float | None]:
+    """--bandwidth's policies and --cell-mhz in Hz; SystemExit with one line when bad."""
+    from testbed.links.cell_policy import POLICIES
+
+    policies = tuple(p for p in (args.bandwidth or "").split(",") if p)
+    unknown = [p for p in policies if p not in POLICIES]
+    if unknown or len(set(policies)) != len(policies):
+        raise SystemExit(f"testbed: error: --bandwidth {args.bandwidth!r}: distinct names of "
+                         f"{', '.join(POLICIES)}")
+    if policies and args.roster:
+        raise SystemExit("testbed: error: --bandwidth: not yet on real boxes")
+    if args.cell_mhz is not None and (not policies or not args.cell_mhz > 0):
+        raise SystemExit("testbed: error: --cell-mhz: a bandwidth > 0, with --bandwidth")
+    return policies, args.cell_mhz * 1e6 if args.cell_mhz is not None else None
 
 
 def cmd_eval(args) -> int:
@@ -141,6 +155,7 @@ def cmd_eval(args) -> int:
         raise SystemExit("testbed: error: --kl-tokens must be >= 0 (0: no KL / agreement)")
     tasks = tuple(t for t in args.tasks.split(",") if t)
     placement = _placement(args)
+    bandwidth, total_bandwidth_hz = _bandwidth_args(args)
     done_before = _rows_in(args.out)
     results = None
     for scenario in [s for s in args.scenario.split(",") if s]:
@@ -150,7 +165,8 @@ def cmd_eval(args) -> int:
             num_agents=args.agents, include_path=args.include_path, dtype=args.dtype,
             exact=args.exact, divergence_text=(args.kl_text or HELDOUT_TEXT)
             if args.kl_tokens else None, divergence_tokens=args.kl_tokens,
-            placement=placement, emulate=True if args.emulate else None))
+            placement=placement, emulate=True if args.emulate else None,
+            bandwidth=bandwidth, total_bandwidth_hz=total_bandwidth_hz))
     print_eval(args.out)
     print(f"records: {results}")
     failed = [f"{r['scenario']} θ={r['theta']:g}" for r in read_results(args.out)[done_before:]
@@ -293,6 +309,12 @@ def build_parser() -> argparse.ArgumentParser:
                    help="with --roster: a `paper` scenario's emulated model sets the links' "
                    "wire time (the boxes still compute at their own speed); on our own agents "
                    "it always does, and paces their compute too")
+    p.add_argument("--bandwidth", metavar="POLICIES",
+                   help="compare a shared cell's policies in one interleaved run, comma-"
+                   "separated: static,shared,joint (our agents on loopback behind one cell "
+                   "process; a [paper] scenario)")
+    p.add_argument("--cell-mhz", type=float, metavar="MHZ",
+                   help="with --bandwidth: the cell's total bandwidth (default: the scenario's)")
     p.set_defaults(func=cmd_eval)
 
     p = sub.add_parser("report", help="table and figures (PNG) of a sweep's or an eval's "

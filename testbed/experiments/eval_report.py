@@ -72,20 +72,23 @@ def table_rows(rows: list[dict]) -> tuple[list[str], list[list[str]]]:
     quality); with --exact rows, their verdict after θ."""
     tasks = sorted({t for r in rows for t in (r.get("tasks") or {}) if not t.startswith("_")})
     exact = any(r.get("exact") for r in rows)
-    header = ["θ"] + (["exact"] if exact else [])
+    cell = any(r.get("bandwidth") for r in rows)  # a shared cell's policies (issue 23)
+    header = ["θ"] + (["bandwidth"] if cell else []) + (["exact"] if exact else [])
     for t in tasks:  # one column per task, named by the first row that has its metric
         metric = next((p[0] for r in rows if (p := _primary((r.get("tasks") or {}).get(t, {})))),
                       "-")
         header.append(f"{t} {metric.split(',')[0]}")
     header += ["KL vs θ=0 nats [95% CI]", "top-1 agreement vs θ=0 [95% CI]",
-               "median token ms [95% CI]", "Δ median vs first θ % [95% CI]",
+               "median token ms [95% CI]",
+               f"Δ median vs first {'policy' if cell else 'θ'} % [95% CI]",
                "modeled median ms", "Δ modeled %", "measured / modeled",
                "waiting for agents ms", "base station ms", "wait / modeled",
                "drop rate % latency / quality", "fault drops latency / quality",
                "failed requests latency / quality"]
     cells = []
     for r in rows:
-        line = [f"{r['theta']:g}"] + ([status(r)] if exact else [])
+        line = [f"{r['theta']:g}"] + ([r.get("bandwidth") or "-"] if cell else []) + \
+            ([status(r)] if exact else [])
         for t in tasks:
             primary = _primary((r.get("tasks") or {}).get(t, {}))
             if primary is None:
@@ -158,7 +161,8 @@ def draw(folder: str) -> list[str]:
     for name, rows in _by_scenario(read_results(folder)).items():
         tasks = sorted({t for r in rows for t in (r.get("tasks") or {})
                         if not t.startswith("_")}) or [None]
-        labels = [f"{r['theta']:g}" for r in rows]
+        labels = [f"{r['theta']:g}" + (f" {r['bandwidth']}" if r.get("bandwidth") else "")
+                  for r in rows]
         median = [r["median_token_ms"] for r in rows]
         more = []
         if all(r.get("modeled_median_token_ms") for r in rows):

@@ -19,6 +19,8 @@ table and the figure come from `eval_report`.
 
 from __future__ import annotations
 
+import hashlib
+import json
 import os
 import sys
 import time
@@ -66,6 +68,10 @@ class EvalConfig:
     # a `[paper]` scenario's emulated model: None = on our own agents (wire time and compute);
     # on real boxes only when asked (wire time only: the boxes compute at their own speed)
     emulate: bool | None = None
+    # a shared cell's policies, compared in one interleaved run (issue 23; () = no cell):
+    # our agents on loopback behind one cell process (cell_bed), a `[paper]` scenario only
+    bandwidth: tuple[str, ...] = ()
+    total_bandwidth_hz: float | None = None  # the cell's B (default: the scenario's)
 
     @property
     def emulating(self) -> bool:
@@ -76,9 +82,12 @@ class EvalConfig:
 
 def run_eval(config: EvalConfig) -> str:
     """Runs the evaluation; returns the results.jsonl path. Raises TestbedError, RosterError."""
+    if config.bandwidth and config.placement is not None and config.placement.roster:
+        raise TestbedError("--bandwidth: not yet on real boxes")
     with harness.running(config.shards, config.out, config.scenario, config.num_agents,
                          emulate=config.emulating, dtype=config.dtype,
-                         placement=config.placement) as run:
+                         placement=config.placement, cell=bool(config.bandwidth),
+                         total_bandwidth_hz=config.total_bandwidth_hz) as run:
         session, scenario = run.session, run.scenario
         modeled = _modeled(scenario, run.num_agents, run.manifest, run.start_s) \
             if config.emulating else None
@@ -89,6 +98,7 @@ def run_eval(config: EvalConfig) -> str:
         # real boxes compute at their own speed: nothing paces them
         pacing = {} if run.real_boxes or not config.emulating else \
             scenarios.agent_pacing_us(scenario, run.num_agents)
+        cell = _Cell(run, pacing, modeled) if config.bandwidth else None
         base = dict(run.record("eval"), description=scenario.description,
                     emulated=scenario.paper.emulate.name
                     if config.emulating and scenario.paper and scenario.paper.emulate else None,
@@ -98,8 +108,9 @@ def run_eval(config: EvalConfig) -> str:
         # weighs on every θ alike, instead of on whichever θ ran at the time.
         _say(config, f"latency: {len(prompt_ids)} prompts x {config.max_new_tokens} tokens "
                      f"at θ = {', '.join(f'{t:g}' for t in config.thetas)}, interleaved")
-        samples = _latency_interleaved(session, prompt_ids, config, modeled, waits)
-        first = samples[config.thetas[0]]
+        policies = config.bandwidth or (None,)
+        samples = _latency_interleaved(session, prompt_ids, config, modeled, waits,
+                                       policies, cell.set_policy if cell else None)
         reference = reference_counts = None
         if config.divergence_text:
             _say(config, f"divergence: θ = 0 reference over {config.divergence_tokens} "
@@ -109,9 +120,62 @@ def run_eval(config: EvalConfig) -> str:
             for theta in config.thetas:
                 quality, quality_counts = quality_pass(session, config, theta, reference,
                                                        reference_counts)
-                append(make_record(dict(base, theta=theta, exact=config.exact),
-                                   samples[theta], first, quality, quality_counts))
+                for policy in policies:
+                    row = dict(base, theta=theta, exact=config.exact)
+                    if cell is not None:
+                        row.update(cell.fields(policy))
+                        # the tokens of every prompt, as a digest: at θ = 0 every policy's
+                        # must be the same (bandwidth changes time, never the answer)
+                        row["tokens_sha256"] = hashlib.sha256(json.dumps(
+                            samples[(policy, theta)]["token_ids"]).encode()).hexdigest()
+                    # with a cell: against the first policy at this θ; else the first θ
+                    first = samples[(policies[0], theta)] if cell is not None else \
+                        samples[(None, config.thetas[0])]
+                    append(make_record(row, samples[(policy, theta)], first, quality,
+                                       quality_counts))
     return run.results_path
+
+
+class _Cell:
+    """The shared cell's side of an eval: switches the policy (the cell's, the joint
+    allocator's, the model's) and keeps what each policy used, for its records."""
+
+    def __init__(self, run, pacing: dict, modeled):
+        from testbed.experiments.cell_bed import ShareLedger
+        from testbed.experiments.joint_alloc import JointAllocator
+
+        runtime = run.session.runtime
+        groups = run.bed.expert_groups
+        link_of_box = [groups.index(tuple(sorted(agent.experts)))
+                       if tuple(sorted(agent.experts)) in groups else None
+                       for agent in runtime.table.agents]
+        self.bed, self.modeled = run.bed, modeled
+        self.allocator = JointAllocator(run.bed, link_of_box, runtime.table.request_bytes,
+                                        pacing)
+        runtime.before_dispatch = self.allocator
+        self.ledger = ShareLedger(run.bed)
+        self.policy: str | None = None
+
+    def set_policy(self, policy: str) -> None:
+        if policy == self.policy:
+            return
+        self.policy = policy
+        self.ledger.switch(policy)
+        self.bed.set_policy(policy)
+        self.allocator.active = policy == "joint"
+        if self.modeled is not None:
+            self.modeled.bandwidth = policy
+
+    def fields(self, policy: str) -> dict:
+        self.ledger.switch(None)  # the last policy's bytes counted
+        return {"bandwidth": policy,
+                "cell_bandwidth_hz": self.bed.paper.channel.total_bandwidth_hz,
+                "cell_slowdown": self.bed.slowdown,
+                "shares": self.ledger.mean_shares(policy),
+                "joint_allocations_sent": self.allocator.sent if policy == "joint" else None,
+                "joint_mean_shares_sent": self.allocator.mean_shares()
+                if policy == "joint" else None,
+                "cell_errors": list(self.bed.errors)}
 
 
 def make_record(base: dict, sample: dict, first: dict, quality: dict,
@@ -170,17 +234,25 @@ def _moe_layers(manifest) -> int:
     return len(manifest.model.get("moe_layers") or [0])
 
 
+def _rotated(items: tuple, i: int) -> tuple:
+    return items[i % len(items):] + items[:i % len(items)]
+
+
 def _latency_interleaved(session, prompt_ids, config: EvalConfig, modeled,
-                         waits: StepWaits) -> dict:
-    """Decode every prompt at every θ (θ order rotating per prompt): per θ, the measured and
-    modeled latency of each decode step (the first step, the prefill, is left out of both),
-    the part of each measured step spent waiting for agents, and the experts called and
-    dropped."""
+                         waits: StepWaits, policies: tuple = (None,), set_policy=None) -> dict:
+    """Decode every prompt at every θ (θ order rotating per prompt; with a cell, every
+    policy in turn, its order rotating too, each at every θ): per (policy, θ), the measured
+    and modeled latency of each decode step (the first step, the prefill, is left out of
+    both), the part of each measured step spent waiting for agents, the experts called and
+    dropped, and the tokens decoded."""
     thetas = config.thetas
-    out = {t: {"measured": [], "modeled": [], "wait": [], "counts": pass_counts.zero()}
-           for t in thetas}
+    out = {(p, t): {"measured": [], "modeled": [], "wait": [], "counts": pass_counts.zero(),
+                    "token_ids": []}
+           for p in policies for t in thetas}
     for i, ids in enumerate(prompt_ids):
-        for theta in thetas[i % len(thetas):] + thetas[:i % len(thetas)]:
+        for policy, theta in [(p, t) for p in _rotated(policies, i) for t in _rotated(thetas, i)]:
+            if set_policy is not None and policy is not None:
+                set_policy(policy)
             if modeled is not None:
                 modeled.reset()
             waits.reset()
@@ -188,7 +260,8 @@ def _latency_interleaved(session, prompt_ids, config: EvalConfig, modeled,
                 result = generate(session, ids, max_new_tokens=config.max_new_tokens,
                                   ignore_eos=True, theta=theta)
             waits.close()
-            mine = out[theta]
+            mine = out[(policy, theta)]
+            mine["token_ids"].append(list(result.token_ids))
             steps = len(result.token_latency_ms)
             mine["measured"] += result.token_latency_ms[1:]
             mine["wait"] += [1e3 * s for s in waits.step_waits_s()[1:steps]]
@@ -212,6 +285,7 @@ def _figures(sample: dict) -> dict:
         "expert_calls": counts["expert_calls"], "experts_dropped": counts["experts_dropped"],
         "drop_rate": pass_counts.drop_rate(counts),
     }
+
     wait = sample.get("wait") or []
     if len(wait) == len(measured) and wait:
         # the same steps: a step's base-station share is its measured time minus its wait

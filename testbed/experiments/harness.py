@@ -36,6 +36,7 @@ STATE_DIR_NAME = "testbed-state"  # OUT/testbed-state: each run has its own test
 SESSION_WAIT_S = 60.0  # for every agent's INFO when the session opens
 WARM_UP_TOKENS = 4  # decoded once before measuring, so the link estimates have samples
 SCHEDULE_STOP_S = 10.0
+EMULATED_LINKCHECK_BYTES = 1 << 14  # each link's check on links at an emulated wire time
 
 
 def code_version() -> str:
@@ -134,6 +135,7 @@ class Run:
 @contextmanager
 def running(shards: str, out: str, scenario: str, num_agents: int | None = None, *,
             emulate: bool = False, dtype: str = "auto", placement: Placement | None = None,
+            cell: bool = False, total_bandwidth_hz: float | None = None,
             **session_options) -> Iterator[Run]:
     """Agents for SHARDS behind SCENARIO's links and a session on them (DTYPE and
     SESSION_OPTIONS go to open_session). Without a roster (PLACEMENT), our own agents come up
@@ -142,6 +144,8 @@ def running(shards: str, out: str, scenario: str, num_agents: int | None = None,
     are without it). Every link is measured before the session opens (`Run.links`).
     EMULATE: a `[paper]` scenario's emulated model sets the wire time and, on our own agents,
     paces their compute (scenarios.bring_up); real boxes compute at their own speed.
+    CELL: our agents on loopback behind one shared cell (cell_bed; `Run.bed.set_policy`),
+    its bandwidth TOTAL_BANDWIDTH_HZ (default: the scenario's).
     Everything is taken down when the block ends, raised or not. Raises TestbedError,
     RosterError."""
     from shard_tool.manifest import load_manifest
@@ -151,6 +155,8 @@ def running(shards: str, out: str, scenario: str, num_agents: int | None = None,
     placement = placement or Placement()
     manifest = load_manifest(shards)
     loaded = scenarios.load(scenario)
+    if total_bandwidth_hz is not None:
+        loaded = scenarios.with_total_bandwidth(loaded, total_bandwidth_hz)
     if placement.roster:
         endpoints = beds.check_roster_scenario(placement, loaded, num_agents, emulate)
         num_agents = len(endpoints)
@@ -161,7 +167,16 @@ def running(shards: str, out: str, scenario: str, num_agents: int | None = None,
     else:
         shapes, agent_args, wire_bytes = scenarios.shapes_at(loaded, num_agents, 0.0), None, None
     os.makedirs(out, exist_ok=True)
-    if placement.roster:
+    if cell:
+        from testbed.experiments.cell_bed import open_cell_bed
+        from testbed.links.spec import TestbedError
+
+        if placement.roster:
+            raise TestbedError("--bandwidth: not yet on real boxes")
+        bed = open_cell_bed(shards, num_agents, loaded, agent_args or {}, wire_bytes,
+                            os.path.join(out, STATE_DIR_NAME))
+        endpoints, on_host, shapes = list(bed.endpoints), num_agents, None
+    elif placement.roster:
         bed = beds.open_roster_bed(placement, shapes, endpoints)
         on_host = beds.agents_on_host(placement, endpoints)
     else:
@@ -171,8 +186,11 @@ def running(shards: str, out: str, scenario: str, num_agents: int | None = None,
         on_host = num_agents
     run = session = None
     try:
-        measured = link_record.measure(bed.roster_path,
-                                       None if bed.backend == beds.AS_IS else shapes, endpoints)
+        # an emulated model's wire time slows every link (to a few Mbit/s): a small transfer
+        transfer = EMULATED_LINKCHECK_BYTES if cell or wire_bytes else None
+        measured = link_record.measure(
+            bed.roster_path, None if cell or bed.backend == beds.AS_IS else shapes, endpoints,
+            transfer_bytes=transfer)
         link_record.check_answered(measured)
         threads = share_with_agents(on_host)
         session = open_session(shards, build_roster([], bed.roster_path, None), dtype=dtype,
@@ -181,7 +199,9 @@ def running(shards: str, out: str, scenario: str, num_agents: int | None = None,
                   os.path.join(out, RESULTS_NAME), wire_bytes, links=measured,
                   endpoints=endpoints, real_boxes=bool(placement.roster),
                   shape_dev=placement.shape_dev)
-        if loaded.changes_over_time and bed.backend != beds.AS_IS:
+        if cell:
+            bed.start_schedule(run.start_s)
+        elif loaded.changes_over_time and bed.backend != beds.AS_IS:
             run.schedule = ScheduleRunner(bed, loaded, num_agents,
                                           wire_bytes_per_token=wire_bytes, start_s=run.start_s)
             run.schedule.start()

@@ -54,13 +54,15 @@ def link_records(measures: Sequence, shapes: dict[int, LinkShape] | None,
     return out
 
 
-def measure(roster_path: str, shapes: dict[int, LinkShape] | None, endpoints: Sequence[str]
-            ) -> list[dict]:
-    """Measure every link of ROSTER_PATH (the roster the base station dials) now."""
+def measure(roster_path: str, shapes: dict[int, LinkShape] | None, endpoints: Sequence[str],
+            transfer_bytes: int | None = None) -> list[dict]:
+    """Measure every link of ROSTER_PATH (the roster the base station dials) now, throughput
+    with TRANSFER_BYTES (default LINKCHECK_BYTES)."""
     from testbed.boxes.linkcheck import measure_links
 
     return link_records(measure_links(roster_path, calls=LINKCHECK_CALLS,
-                                      transfer_bytes=LINKCHECK_BYTES), shapes, endpoints)
+                                      transfer_bytes=transfer_bytes or LINKCHECK_BYTES),
+                        shapes, endpoints)
 
 
 def check_answered(links: Sequence[dict]) -> None:

@@ -30,6 +30,11 @@ class ModeledLatency:
         self.layer_s: list[float] = []
         self._epoch = -1
         self._device_s: np.ndarray | None = None
+        # a shared cell's policy (static, shared, joint; issue 23): each layer's called boxes
+        # get their share of the cell under it; None: the paper's even split, as always
+        self.bandwidth: str | None = None
+        self._demands_epoch = -1
+        self._demands: dict | None = None
 
     def device_latency_s(self, epoch: int) -> np.ndarray:
         """[agents] Eq. 6 for one token at this epoch (agent i is the paper's device i mod Q)."""
@@ -50,7 +55,41 @@ class ModeledLatency:
         kept = keep.tolist()
         per_token = [{b for b, k in zip(row_boxes, row_keep) if k and b < self.num_agents}
                      for row_boxes, row_keep in zip(boxes, kept)]
+        if self.bandwidth is not None:
+            device_s = self.policy_device_s(epoch, set().union(*per_token))
         self.layer_s.append(modeled_token_latency_s(device_s, per_token))
+
+    def cell_demands(self, epoch: int) -> dict:
+        """Every agent's one-token BoxDemand in the paper's cell at this epoch (Eqs. 2-6 at a
+        share of B: Shannon rates from the epoch's draw, the emulated model's bits and
+        compute)."""
+        if epoch != self._demands_epoch:
+            from basestation.bandwidth import BoxDemand, ShannonRate
+            from testbed.experiments.cell_bed import paper_snr_hz
+
+            down, up = paper_snr_hz(self.paper, epoch)
+            flops = self.paper.channel.device_flops
+            bits = 8.0 * self.emulated.wire_bytes_per_token
+            q = len(down)
+            self._demands = {
+                a: BoxDemand(self.emulated.flops_per_token / flops[a % len(flops)], bits, bits,
+                             ShannonRate(float(down[a % q])), ShannonRate(float(up[a % q])))
+                for a in range(self.num_agents)}
+            self._demands_epoch = epoch
+        return self._demands
+
+    def policy_device_s(self, epoch: int, called: set[int]) -> np.ndarray:
+        """[agents] each called box's time for this layer under self.bandwidth (others 0)."""
+        from basestation.bandwidth import allocate, shared_times, static_times
+
+        rule = {"static": static_times, "shared": shared_times, "joint": allocate}[self.bandwidth]
+        out = np.zeros(self.num_agents)
+        if called:
+            times = rule(self.cell_demands(epoch), sorted(called),
+                         self.paper.channel.total_bandwidth_hz).times_s
+            for box, time_s in times.items():
+                out[box] = time_s
+        return out
 
     def step_totals_s(self) -> list[float]:
         """Modeled seconds of each forward pass so far (its MoE layer calls summed)."""

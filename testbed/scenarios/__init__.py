@@ -202,6 +202,19 @@ def shapes_at(scenario: Scenario, num_agents: int, t_s: float,
     return shapes
 
 
+def with_total_bandwidth(scenario: Scenario, total_bandwidth_hz: float) -> Scenario:
+    """SCENARIO with its `[paper]` cell's total bandwidth replaced (pure). Raises TestbedError
+    for a scenario without a [paper] channel or a bandwidth <= 0."""
+    if scenario.paper is None:
+        raise TestbedError(f"scenario {scenario.name!r} has no [paper] channel: no cell "
+                           "bandwidth to set")
+    if not total_bandwidth_hz > 0:
+        raise TestbedError(f"cell bandwidth {total_bandwidth_hz!r} Hz: must be > 0")
+    channel = dataclasses.replace(scenario.paper.channel, total_bandwidth_hz=total_bandwidth_hz)
+    return dataclasses.replace(scenario, paper=dataclasses.replace(scenario.paper,
+                                                                   channel=channel))
+
+
 def agent_pacing_us(scenario: Scenario, num_agents: int) -> dict[int, tuple[float, float]]:
     """Per agent, (µs per call, µs per token) of the emulated model's expert on its device, for
     `edge_agent --pace-compute-us-per-call/--pace-compute-us-per-token`: a roofline where one
