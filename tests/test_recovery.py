@@ -18,6 +18,7 @@ pytestmark = [pytest.mark.integration, pytest.mark.root,
                                  reason=f"no shaped links: {UNSHAPED_WHY}")]
 THETA = 0.3
 RECOVERY_DEADLINE_S = 10.0  # generous: the claim is "a few seconds", the figure is printed
+AVOIDED_DEADLINE_S = 30.0  # for the slowed link to be the one WLR drops (a few 12-token windows)
 
 
 def drop_shares(session, generate, ids, tokens: int) -> dict[str, float]:
@@ -49,10 +50,16 @@ def test_slowed_then_restored_link_gets_its_experts_back(tiny_split, tmp_path):
 
         bed.degrade(0, LinkShape(delay_ms=30))
         drop_shares(session, generate, ids, 6)  # learn the slow link
-        degraded = drop_shares(session, generate, ids, 12)
-        others = statistics.fmean(v for k, v in degraded.items() if k != slow)
-        # tokens whose top-2 both live on the slow agent cannot drop it (one box): not 100 %
-        assert degraded[slow] > max(0.3, 3 * others), degraded
+        # tokens whose top-2 both live on the slow agent cannot drop it (one box): not 100 %.
+        # A window of 12 tokens may catch another agent stalled by the loaded machine (its
+        # estimate rises, so WLR drops it too): look again, up to the deadline.
+        degraded_s = time.monotonic()
+        while True:
+            degraded = drop_shares(session, generate, ids, 12)
+            others = statistics.fmean(v for k, v in degraded.items() if k != slow)
+            if degraded[slow] > max(0.3, 3 * others):
+                break
+            assert time.monotonic() - degraded_s < AVOIDED_DEADLINE_S, degraded
 
         bed.degrade(0, LinkShape())
         restored_s = time.monotonic()

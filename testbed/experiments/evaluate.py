@@ -133,6 +133,8 @@ def run_eval(config: EvalConfig) -> str:
                         samples[(None, config.thetas[0])]
                     append(make_record(row, samples[(policy, theta)], first, quality,
                                        quality_counts))
+        if cell is not None:
+            cell.allocator.close()
     return run.results_path
 
 

@@ -1,7 +1,7 @@
 """The base station's side of the cell's `joint` policy (issue 23): a `MoeRuntime.before_dispatch`
 hook that, after selection and before the layer's bytes leave, splits the cell's bandwidth among
 the boxes this layer calls so that they finish together (basestation.bandwidth.allocate), and
-tells the cell (testbed.links.cell.send_allocation: one UDP datagram).
+tells the cell (testbed.links.cell.AllocationSender: one UDP datagram).
 
 A box's demand is what the cell will charge it: our request and reply bytes at the cell's rate,
 which is the Shannon rate of its share divided by the slowdown, so bits x slowdown at the plain
@@ -14,7 +14,7 @@ from __future__ import annotations
 import itertools
 
 from basestation.bandwidth import BoxDemand, ShannonRate, allocate
-from testbed.links.cell import send_allocation
+from testbed.links.cell import AllocationSender
 
 
 def box_demand(pairs: int, request_bytes: int, slowdown: float, pace_us: tuple[float, float],
@@ -39,6 +39,7 @@ class JointAllocator:
         self.request_bytes = request_bytes  # tokens -> our bytes each way (AgentTable's)
         self.pace_us = pace_us  # agent -> (per call, per token) µs
         self.active = False
+        self.sender: AllocationSender | None = None  # opened on the first allocation
         self.seq = itertools.count()
         self.sent = 0
         self.share_sums: dict[int, float] = {}  # link -> sum of shares sent (for the record)
@@ -75,20 +76,29 @@ class JointAllocator:
         if not self.active:
             return
         pairs: dict[int, int] = {}
+        box_of = box_of_expert.tolist()  # E ints: cheaper than indexing the tensor per slot
+        links = self.link_of_box
         for expert, kept in zip(experts.reshape(-1).tolist(), keep.reshape(-1).tolist()):
             if kept:
-                link = self.link_of_box[int(box_of_expert[expert])] \
-                    if int(box_of_expert[expert]) < len(self.link_of_box) else None
+                box = box_of[expert]
+                link = links[box] if box < len(links) else None
                 if link is not None:
                     pairs[link] = pairs.get(link, 0) + 1
         if not pairs:
             return
         shares = self.shares(pairs)
-        send_allocation(self.bed.control, next(self.seq), shares)
+        if self.sender is None:
+            self.sender = AllocationSender(self.bed.control)
+        self.sender.send(next(self.seq), shares)
         self.sent += 1
         for link, share in shares.items():
             self.share_sums[link] = self.share_sums.get(link, 0.0) + share
             self.share_counts[link] = self.share_counts.get(link, 0) + 1
+
+    def close(self) -> None:
+        if self.sender is not None:
+            self.sender.close()
+            self.sender = None
 
     def mean_shares(self) -> dict[str, float]:
         return {str(link): self.share_sums[link] / self.share_counts[link]

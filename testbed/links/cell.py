@@ -188,9 +188,30 @@ def stats_path(settings_path: str) -> str:
 def send_allocation(address: str | tuple[str, int], seq: int, shares: dict[int, float]) -> None:
     """Tell the cell at ADDRESS (its --control) the joint shares: one datagram, no reply.
     Raises OSError, ValueError."""
-    host, port = parse_hostport(address) if isinstance(address, str) else address
-    with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as sock:
-        sock.sendto(format_allocation(seq, shares), (host, port))
+    with AllocationSender(address) as sender:
+        sender.send(seq, shares)
+
+
+class AllocationSender:
+    """One socket for many allocations (the base station sends one per MoE layer: opening a
+    socket each time would cost more than the datagram)."""
+
+    def __init__(self, address: str | tuple[str, int]):
+        self.address = parse_hostport(address) if isinstance(address, str) else address
+        self.sock = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+
+    def send(self, seq: int, shares: dict[int, float]) -> None:
+        """Raises OSError."""
+        self.sock.sendto(format_allocation(seq, shares), self.address)
+
+    def close(self) -> None:
+        self.sock.close()
+
+    def __enter__(self) -> AllocationSender:
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
 
 
 # -- the running cell ----------------------------------------------------------------------------
