@@ -461,7 +461,9 @@ def _solve(c: list[float], dirs: list, method: str) -> tuple[float, list[float]]
 @dataclass(frozen=True)
 class BoxLink:
     """One box of the cell, for `select_and_allocate`: a request of n (token, expert) pairs
-    costs fixed_s + n compute_s_per_pair and carries n * down/up_bits_per_pair bits."""
+    costs fixed_s + max(min_compute_s, n compute_s_per_pair) and carries n * down/up_bits_per_pair
+    bits (min_compute_s: a box whose one call costs more than its per-token rate, as a roofline
+    where one token reads all the weights)."""
 
     fixed_s: float  # per request: RTT, access delay
     compute_s_per_pair: float
@@ -469,9 +471,11 @@ class BoxLink:
     up_bits_per_pair: float
     down: Rate
     up: Rate
+    min_compute_s: float = 0.0
 
     def demand(self, pairs: int) -> BoxDemand:
-        return BoxDemand(self.fixed_s + pairs * self.compute_s_per_pair,
+        compute_s = max(self.min_compute_s, pairs * self.compute_s_per_pair)
+        return BoxDemand(self.fixed_s + compute_s,
                          pairs * self.down_bits_per_pair, pairs * self.up_bits_per_pair,
                          self.down, self.up)
 
@@ -480,12 +484,16 @@ class BoxLink:
 class JointSelection:
     """selection: the selector's answer for the last round; allocation: the min-max shares
     for exactly the boxes it calls; rounds: WLR rounds run; converged: False when the last
-    round still changed the selection (it is returned anyway, with its own allocation)."""
+    round still changed the selection (it is returned anyway, with its own allocation).
+    latency_s: the box latencies the last round's selection was made on (a list, or a
+    float64 tensor where the selector takes one): `select` on them gives `selection` again,
+    so a runtime that selects by itself can take them in place of its own estimates."""
 
     selection: Selection
     allocation: Allocation
     rounds: int
     converged: bool
+    latency_s: list[float] | torch.Tensor | None = None
 
 
 def _pairs_per_box(experts, box_of_expert, keep) -> dict[int, int]:
@@ -542,8 +550,11 @@ def select_and_allocate(
             raise ValueError(f"cell box {box} is outside the {len(latency)} boxes' latencies")
     tensor_latency = experts.numel() > SMALL_SELECTION or experts.device.type != "cpu"
 
+    used: list = [None]  # the latencies of the last selection, as select() took them
+
     def run_select() -> Selection:
-        t = torch.tensor(latency, dtype=torch.float64) if tensor_latency else latency
+        t = torch.tensor(latency, dtype=torch.float64) if tensor_latency else list(latency)
+        used[0] = t
         return select(experts, weights, box_of_expert, t, theta, available)
 
     def cell_allocation(pairs: dict[int, int], extra: int | None = None) -> Allocation:
@@ -564,7 +575,7 @@ def select_and_allocate(
     weighs = bool((theta > 0).any()) if isinstance(theta, torch.Tensor) else theta > 0
     if not weighs:  # the selection does not read latencies: one round
         selection = run_select()
-        return JointSelection(selection, allocation_for(selection)[1], 1, True)
+        return JointSelection(selection, allocation_for(selection)[1], 1, True, used[0])
 
     full_pairs = _pairs_per_box(experts, box_of_expert, None)
     candidates = [b for b in cell if full_pairs.get(b, 0)]
@@ -583,10 +594,10 @@ def select_and_allocate(
                 latency[b] = cell_allocation(pairs, extra=b).times_s[b]
         selection = run_select()
         if torch.equal(selection.keep, previous):
-            return JointSelection(selection, allocation, rounds, True)
+            return JointSelection(selection, allocation, rounds, True, used[0])
         pairs, allocation = allocation_for(selection)
         previous = selection.keep
-    return JointSelection(selection, allocation, rounds_max, False)
+    return JointSelection(selection, allocation, rounds_max, False, used[0])
 
 
 # --- the paper's cell --------------------------------------------------------------------------

@@ -5,8 +5,13 @@ For 2, 4, 8 and 64 boxes of a random cell (compute 0-6 ms, 8-80 KiB each way; li
 (the min-max shares) against `shared_times` (the even split of the same boxes, the same time
 model, no solving). Then one decode layer (one token, top-2 of 8 boxes, theta 0.2):
 `select_and_allocate` (WLR and allocation alternated) against `selector.select` alone, the
-selector's own cost for one token. Each figure is the best of `--repeats` medians of
-`--calls` calls, in us of this thread's CPU time (`--wall` for wall time).
+selector's own cost for one token. Then the testbed's `JointAllocator` per decode layer
+(testbed/experiments/joint_alloc.py, 8 boxes on a 20 MHz cell at the `paper` scenario's
+first epoch, top-2 picked at random each layer, or the same pair every layer): at θ = 0 its
+before_dispatch (memoised shares, the datagram), sending every layer against only on change;
+at θ = 0.2 box_latencies (select_and_allocate) and before_dispatch together. Each figure is
+the best of `--repeats` medians of `--calls` calls, in us of this thread's CPU time (`--wall`
+for wall time; the datagram's cost is mostly the kernel's, so also look at --wall).
 
     .venv/bin/python bench/bandwidth.py [--calls 2000] [--repeats 5] [--boxes 2,4,8,64] [--wall]
 """
@@ -109,7 +114,85 @@ def main(argv: list[str] | None = None) -> int:
                             args.calls, args.repeats, clock)
     print(f"decode layer, top-2 of 8, theta 0.2: select_and_allocate {joint_us:.1f} us "
           f"({rounds} rounds), select alone {select_us:.1f} us, ratio {joint_us / select_us:.1f}")
+    for line in joint_allocator_lines(args.calls, args.repeats, clock):
+        print(line)
     return 0
+
+
+class _Bed:
+    """What JointAllocator reads of a cell_bed.CellBed: the settings and the control address."""
+
+    def __init__(self, current: dict, control: str):
+        self.current, self.control = current, control
+
+
+class _Boxes:
+    def __init__(self, boxes: int):
+        self.box_of_expert = torch.arange(boxes)
+        self.available = None
+
+
+def joint_allocator_lines(calls: int, repeats: int, clock) -> list[str]:
+    """JointAllocator's per-layer cost, us (a UDP socket of ours stands for the cell)."""
+    import itertools
+    import socket
+
+    from basestation.channel_model import wire_slowdown
+    from testbed import scenarios
+    from testbed.experiments.cell_bed import cell_settings
+    from testbed.experiments.joint_alloc import JointAllocator
+
+    boxes, bytes_per_token = 8, 2048
+    paper = scenarios.with_total_bandwidth(scenarios.load("paper"), BANDWIDTH_HZ).paper
+    settings = cell_settings(paper, 0, ["127.0.0.1:1"] * boxes, ["127.0.0.1:1"] * boxes,
+                             wire_slowdown(paper.emulate, bytes_per_token), "joint")
+    pacing = scenarios.agent_pacing_us(scenarios.load("paper"), boxes)
+    rng = random.Random(SEED)
+    pairs = [rng.sample(range(boxes), 2) for _ in range(256)]
+    layers = {"random pairs": [torch.tensor([p]) for p in pairs],
+              "one pair": [torch.tensor([pairs[0]])] * 256}
+    keep = torch.ones(1, 2, dtype=torch.bool)
+    box_of_expert = torch.arange(boxes)
+    weights = torch.tensor([[0.6, 0.4]])
+    lines = []
+    with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as cell:
+        cell.bind(("127.0.0.1", 0))
+        bed = _Bed(settings, "127.0.0.1:%d" % cell.getsockname()[1])
+        later = itertools.count(step=1.0)  # a clock past the TTL every call: always send
+        for name, stream in layers.items():
+            for mode, clock_of in (("every layer", lambda: float(next(later))),
+                                   ("on change", time.monotonic)):
+                allocator = JointAllocator(bed, list(range(boxes)) + [None],
+                                           lambda n: n * bytes_per_token, pacing,
+                                           clock=clock_of)
+                allocator.active = True
+                layer = itertools.cycle(stream)
+
+                def one(allocator=allocator, layer=layer, box_of_expert=box_of_expert):
+                    allocator(0, box_of_expert, next(layer), keep)
+
+                us = per_call_us(one, calls, repeats, clock)
+                sent = allocator.sent / max(1, allocator.layers)
+                allocator.close()
+                lines.append(f"JointAllocator theta 0, {name}, send {mode}: {us:.1f} us/layer "
+                             f"({100 * sent:.0f} % of layers sent)")
+        allocator = JointAllocator(bed, list(range(boxes)) + [None],
+                                   lambda n: n * bytes_per_token, pacing,
+                                   base_latency_s=lambda b, e: [3e-3] * boxes + [1e-3])
+        allocator.active = True
+        layer, the_boxes = itertools.cycle(layers["random pairs"]), _Boxes(boxes)
+
+        def one_joint():
+            experts = next(layer)
+            t = allocator.box_latencies(0, the_boxes, experts, weights, 0.2)
+            selection = select(experts, weights, the_boxes.box_of_expert, t, 0.2)
+            allocator(0, the_boxes.box_of_expert, experts, selection.keep)
+
+        us = per_call_us(one_joint, calls, repeats, clock)
+        allocator.close()
+        lines.append(f"JointAllocator theta 0.2 (select_and_allocate, select, send): "
+                     f"{us:.1f} us/layer")
+    return lines
 
 
 if __name__ == "__main__":

@@ -57,6 +57,7 @@ def cmd_sweep(args) -> int:
         raise SystemExit(f"testbed: error: --thetas {args.thetas!r}: each within 0-1")
     if args.kl_tokens < 0:
         raise SystemExit("testbed: error: --kl-tokens must be >= 0 (0: no KL / agreement)")
+    bandwidth, total_bandwidth_hz = _bandwidth_args(args)
     prompts = None
     if args.prompts:
         with open(args.prompts) as f:
@@ -66,6 +67,7 @@ def cmd_sweep(args) -> int:
                          eval_text=args.eval_text, eval_tokens=args.eval_tokens,
                          mc_file=args.mc, mc_items=args.mc_items, latency=args.latency,
                          divergence_tokens=args.kl_tokens, placement=_placement(args),
+                         bandwidth=bandwidth, total_bandwidth_hz=total_bandwidth_hz,
                          **({"prompts": prompts} if prompts else {}))
     results = run_sweep(config)
     from testbed.experiments.report import read_results
@@ -112,6 +114,16 @@ def add_placement_args(p) -> None:
     g.add_argument("--agents-on-host", type=int, default=None, metavar="N",
                    help="roster agents running on this machine, sharing its cores (default: "
                    "those on a loopback address)")
+
+
+def add_bandwidth_args(p) -> None:
+    """--bandwidth and --cell-mhz (eval, sweep): a shared cell's policies (issue 23)."""
+    p.add_argument("--bandwidth", metavar="POLICIES",
+                   help="compare a shared cell's policies in one interleaved run, comma-"
+                   "separated: static,shared,joint (our agents on loopback behind one cell "
+                   "process; a [paper] scenario)")
+    p.add_argument("--cell-mhz", type=float, metavar="MHZ",
+                   help="with --bandwidth: the cell's total bandwidth (default: the scenario's)")
 
 
 def _numbers(flag: str, value: str) -> tuple[float, ...]:
@@ -166,7 +178,8 @@ def cmd_eval(args) -> int:
             exact=args.exact, divergence_text=(args.kl_text or HELDOUT_TEXT)
             if args.kl_tokens else None, divergence_tokens=args.kl_tokens,
             placement=placement, emulate=True if args.emulate else None,
-            bandwidth=bandwidth, total_bandwidth_hz=total_bandwidth_hz))
+            bandwidth=bandwidth, total_bandwidth_hz=total_bandwidth_hz,
+            options=tuple((k, v) for k, v in vars(args).items() if k not in ("func", "command"))))
     print_eval(args.out)
     print(f"records: {results}")
     failed = [f"{r['scenario']} θ={r['theta']:g}" for r in read_results(args.out)[done_before:]
@@ -196,8 +209,29 @@ def print_eval(folder: str) -> None:
         by_scenario.setdefault(row["scenario"], []).append(row)
     for rows in by_scenario.values():
         print(markdown(sorted(rows, key=lambda r: r["theta"])) + "\n")
-    for path in write_tables(folder) + draw(folder):
+    for path in write_tables(folder) + draw(folder) + [write_report_html(folder)]:
         print(f"wrote {path}")
+
+
+def write_report_html(folder: str) -> str:
+    """FOLDER/report.html (`report_html`) from its records and the Fig. 3 PNGs `draw` wrote
+    there, staged then renamed into place; its path. Raises OSError, TestbedError."""
+    from common.staging import write_file_atomic
+    from testbed.experiments import report_html
+    from testbed.experiments.report import read_results
+
+    rows = read_results(folder)
+    figures = {}
+    for name in dict.fromkeys(r["scenario"] for r in rows):
+        try:
+            with open(os.path.join(folder, report_html.fig3_name(name)), "rb") as f:
+                figures[report_html.fig3_name(name)] = f.read()
+        except FileNotFoundError:
+            pass  # the page says so
+    path = os.path.join(folder, "report.html")
+    page = report_html.page(rows, figures, title=os.path.abspath(folder))
+    write_file_atomic(path, page.encode())
+    return path
 
 
 def cmd_report(args) -> int:
@@ -275,6 +309,7 @@ def build_parser() -> argparse.ArgumentParser:
                    "for KL(θ=0 || θ) and top-1 agreement with θ = 0 (default 1024; 0: off)")
     p.add_argument("--out", required=True, metavar="DIR")
     add_placement_args(p)
+    add_bandwidth_args(p)
     p.set_defaults(func=cmd_sweep)
 
     p = sub.add_parser("eval", help="lm-eval tasks and token latency per θ x scenario "
@@ -309,12 +344,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help="with --roster: a `paper` scenario's emulated model sets the links' "
                    "wire time (the boxes still compute at their own speed); on our own agents "
                    "it always does, and paces their compute too")
-    p.add_argument("--bandwidth", metavar="POLICIES",
-                   help="compare a shared cell's policies in one interleaved run, comma-"
-                   "separated: static,shared,joint (our agents on loopback behind one cell "
-                   "process; a [paper] scenario)")
-    p.add_argument("--cell-mhz", type=float, metavar="MHZ",
-                   help="with --bandwidth: the cell's total bandwidth (default: the scenario's)")
+    add_bandwidth_args(p)
     p.set_defaults(func=cmd_eval)
 
     p = sub.add_parser("report", help="table and figures (PNG) of a sweep's or an eval's "

@@ -248,3 +248,78 @@ def _wait_ready(pid: int, log: str) -> None:
             raise TestbedError(f"the cell exited: {log_tail(log)}")
         time.sleep(READY_POLL_S)
     raise TestbedError(f"the cell did not come up within {CELL_READY_S:g} s (see {log})")
+
+
+class CellPolicies:
+    """The shared cell's side of an experiment (eval, sweep): switches the policy (the cell's,
+    the joint allocator's, the runtime's selection latencies, the model's) and keeps what each
+    policy used, for its records. Under `joint` the runtime's WLR selects on the allocation's
+    latencies (MoeRuntime.box_latency_override; θ = 0 never reads them) and the layer's
+    allocation goes to the cell before its requests (MoeRuntime.before_dispatch)."""
+
+    def __init__(self, run, pacing: dict, modeled):
+        from testbed.experiments.joint_alloc import JointAllocator
+
+        runtime = run.session.runtime
+        groups = run.bed.expert_groups
+        link_of_box = [groups.index(tuple(sorted(agent.experts)))
+                       if tuple(sorted(agent.experts)) in groups else None
+                       for agent in runtime.table.agents]
+        self.bed, self.modeled, self.runtime = run.bed, modeled, runtime
+        self.allocator = JointAllocator(run.bed, link_of_box, runtime.table.request_bytes,
+                                        pacing, base_latency_s=runtime.box_latency_s)
+        runtime.before_dispatch = self.allocator
+        self.ledger = ShareLedger(run.bed)
+        self.policy: str | None = None
+        self.counts: dict[str, dict[str, int]] = {}  # policy -> the allocator's counters
+        self._at_switch = {"sent": 0, "unchanged": 0, "layers": 0}
+        self._reported: dict[str, dict[str, int]] = {}  # policy -> counts at the last fields
+
+    def set_policy(self, policy: str) -> None:
+        if policy == self.policy:
+            return
+        self._count()
+        self.policy = policy
+        self.ledger.switch(policy)
+        self.bed.set_policy(policy)
+        joint = policy == "joint"
+        self.allocator.active = joint
+        self.runtime.box_latency_override = self.allocator.box_latencies if joint else None
+        if self.modeled is not None:
+            self.modeled.bandwidth = policy
+
+    def _count(self) -> None:
+        """Charge the allocator's counters since the last switch to the policy that ran."""
+        a = self.allocator
+        now = {"sent": a.sent, "unchanged": a.unchanged, "layers": a.layers}
+        if self.policy is not None:
+            mine = self.counts.setdefault(self.policy, dict.fromkeys(now, 0))
+            for key, value in now.items():
+                mine[key] += value - self._at_switch[key]
+        self._at_switch = now
+
+    def fields(self, policy: str, since_last: bool = False) -> dict:
+        """The record's cell fields for POLICY (after its runs): the allocator's counts over
+        the whole run, or SINCE_LAST call for POLICY (a sweep's record per θ)."""
+        self.ledger.switch(None)  # the last policy's bytes counted
+        self._count()
+        counts = dict(self.counts.get(policy) or {}) if policy == "joint" else None
+        if counts is not None and since_last:
+            before = self._reported.get(policy, {})
+            self._reported[policy] = dict(counts)
+            counts = {key: value - before.get(key, 0) for key, value in counts.items()}
+        return {"bandwidth": policy,
+                "cell_bandwidth_hz": self.bed.paper.channel.total_bandwidth_hz,
+                "cell_slowdown": self.bed.slowdown,
+                "shares": self.ledger.mean_shares(policy),
+                "joint_allocations_sent": (counts or {}).get("sent", 0)
+                if policy == "joint" else None,
+                "joint_layers_allocated": (counts or {}).get("layers", 0)
+                if policy == "joint" else None,
+                "joint_mean_shares_sent": self.allocator.mean_shares()
+                if policy == "joint" else None,
+                "cell_errors": list(self.bed.errors)}
+
+    def close(self) -> None:
+        self.runtime.box_latency_override = None
+        self.allocator.close()

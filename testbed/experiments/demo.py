@@ -7,7 +7,9 @@ without shaping only where neither works); `testbed eval` at θ = 0, 0.1, 0.2, 0
 measured and modeled, with intervals, a multiple-choice task scored by lm-eval through the
 distributed model, and KL(θ=0 || θ) and top-1 agreement with θ = 0 over held-out text, with
 intervals (16 items cannot rank θs; 1,008 next-token distributions can); the table, the
-figure, and everything torn down.
+figure, and everything torn down. Then the shared cell (issue 23): the same 8 agents' links
+through one 20 MHz cell, `static`, `shared` and `joint` interleaved at θ = 0 over fewer
+prompts and tokens (latency only), and their table.
 """
 
 from __future__ import annotations
@@ -16,8 +18,8 @@ import os
 
 from shard_tool.split import split
 from testbed.experiments.cpu_share import base_station_threads
-from testbed.experiments.eval_report import draw, markdown, write_tables
-from testbed.experiments.evaluate import EvalConfig, run_eval
+from testbed.experiments.eval_report import draw, markdown, policy_table, write_tables
+from testbed.experiments.evaluate import LATENCY_PROMPTS, EvalConfig, run_eval
 from testbed.experiments.report import read_results
 from testbed.models.make_model import ModelSpec, make_model
 
@@ -28,6 +30,10 @@ TRAINED_MODEL = os.path.join(DATA_DIR, "tiny-mixtral")
 DEMO_THETAS = (0.0, 0.1, 0.2, 0.3)
 DEMO_MC_ITEMS = 16  # lm-eval items per θ: enough to show the path, not to rank θs (see README)
 DEMO_TOKENS = 24
+CELL_POLICIES = ("static", "shared", "joint")
+CELL_BANDWIDTH_HZ = 20e6  # the issue's 20 MHz: where the policies differ most
+CELL_PROMPTS = 4  # x CELL_TOKENS per policy: the cell's table in well under a minute
+CELL_TOKENS = 10
 
 
 def run_demo(out: str, scenario: str = "paper") -> int:
@@ -60,8 +66,26 @@ def run_demo(out: str, scenario: str = "paper") -> int:
     for path in write_tables(results_dir) + draw(results_dir):
         print(f"wrote {path}")
     print(f"records: {os.path.join(results_dir, 'results.jsonl')}")
+    print()
+    print(cell_table(shards, os.path.join(out, "cell"), scenario, manifest.num_experts))
     print(serve_hint(shards, manifest.num_experts))
     return 0
+
+
+def cell_table(shards: str, results_dir: str, scenario: str, num_agents: int) -> str:
+    """The shared cell's three policies at θ = 0 (latency only), as a markdown table."""
+    if os.path.exists(os.path.join(results_dir, "results.jsonl")):
+        os.remove(os.path.join(results_dir, "results.jsonl"))
+    print(f"shared cell: {CELL_BANDWIDTH_HZ / 1e6:g} MHz, {', '.join(CELL_POLICIES)} "
+          f"interleaved, {CELL_PROMPTS} prompts x {CELL_TOKENS} tokens each, θ = 0")
+    run_eval(EvalConfig(shards=shards, out=results_dir, scenario=scenario, thetas=(0.0,),
+                        tasks=(), prompts=LATENCY_PROMPTS[:CELL_PROMPTS],
+                        max_new_tokens=CELL_TOKENS, num_agents=num_agents,
+                        divergence_text=None, bandwidth=CELL_POLICIES,
+                        total_bandwidth_hz=CELL_BANDWIDTH_HZ))
+    rows = read_results(results_dir)
+    return "\n".join([f"### shared cell, {CELL_BANDWIDTH_HZ / 1e6:g} MHz ({scenario})", "",
+                      policy_table(rows), "", f"records: {results_dir}/results.jsonl"])
 
 
 def serve_hint(shards: str, num_agents: int) -> str:

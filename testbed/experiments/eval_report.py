@@ -136,6 +136,25 @@ def markdown(rows: list[dict]) -> str:
     return "\n".join(lines)
 
 
+def policy_table(rows: list[dict]) -> str:
+    """A shared cell's policies side by side (issue 23), markdown: per (θ, policy) the
+    measured median token latency with its 95 % interval, its change against the first
+    policy, the modeled median, and whether the greedy tokens match the first policy's."""
+    lines = ["| θ | bandwidth | measured median ms [95%] | vs first % [95%] | modeled median ms "
+             "| same tokens |", "|---|---|---|---|---|---|"]
+    first: dict[float, dict] = {}
+    for r in rows:
+        ref = first.setdefault(r["theta"], r)
+        change = (r.get("change_vs_first_pct") or {}).get("measured")
+        same = "-" if r.get("tokens_sha256") is None else \
+            ("yes" if r["tokens_sha256"] == ref.get("tokens_sha256") else "NO")
+        lines.append(f"| {r['theta']:g} | {r.get('bandwidth') or '-'} | "
+                     f"{_ci(r['median_token_ms'])} | "
+                     f"{_ci(change, '+.1f') if r is not ref else ''} | "
+                     f"{_value(r.get('modeled_median_token_ms'))} | {same} |")
+    return "\n".join(lines)
+
+
 def write_tables(folder: str) -> list[str]:
     """table-SCENARIO.md and .csv for each scenario in folder/results.jsonl; their paths."""
     paths = []
@@ -159,10 +178,13 @@ def draw(folder: str) -> list[str]:
     top-1 agreement with θ = 0 where every row has them."""
     paths = []
     for name, rows in _by_scenario(read_results(folder)).items():
+        policies = list(dict.fromkeys(r["bandwidth"] for r in rows if r.get("bandwidth")))
+        if policies:  # a shared cell: θ on x, one measured and one modeled line per policy
+            paths.append(_draw_policies(folder, name, rows, policies))
+            continue
         tasks = sorted({t for r in rows for t in (r.get("tasks") or {})
                         if not t.startswith("_")}) or [None]
-        labels = [f"{r['theta']:g}" + (f" {r['bandwidth']}" if r.get("bandwidth") else "")
-                  for r in rows]
+        labels = [f"{r['theta']:g}" for r in rows]
         median = [r["median_token_ms"] for r in rows]
         more = []
         if all(r.get("modeled_median_token_ms") for r in rows):
@@ -187,6 +209,16 @@ def draw(folder: str) -> list[str]:
                                   panel_in=(4.6, 3.6), divergence=kl, legend_fontsize=7,
                                   suptitle=f"{name} ({rows[0]['backend']}{emulated})"))
     return paths
+
+
+def _draw_policies(folder: str, name: str, rows: list[dict], policies: list[str]) -> str:
+    """fig3-SCENARIO.png for a shared cell's policies: measured median token latency per
+    policy (solid) and the modeled one (dashed), against θ."""
+    panel = figures.policy_panel(rows, "shared cell: " + ", ".join(policies))
+    emulated = f", emulating {rows[0]['emulated']}" if rows[0].get("emulated") else ""
+    return figures.fig3(os.path.join(folder, f"fig3-{name}.png"), [panel], panel_in=(5.2, 3.8),
+                        legend_fontsize=7,
+                        suptitle=f"{name} ({rows[0]['backend']}{emulated})")
 
 
 def _task_bars(rows: list[dict], task: str | None) -> figures.Bars | None:

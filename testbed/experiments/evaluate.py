@@ -32,6 +32,7 @@ from basestation.generate import generate
 from testbed import scenarios
 from testbed.experiments import divergence, harness, pass_counts
 from testbed.experiments.beds import Placement
+from testbed.experiments.cell_bed import CellPolicies
 from testbed.experiments.harness import DEFAULT_PROMPTS, HELDOUT_TEXT, TESTBED_DIR
 from testbed.experiments.stats import bootstrap, relative_change
 from testbed.experiments.step_waits import StepWaits, observers
@@ -72,6 +73,8 @@ class EvalConfig:
     # our agents on loopback behind one cell process (cell_bed), a `[paper]` scenario only
     bandwidth: tuple[str, ...] = ()
     total_bandwidth_hz: float | None = None  # the cell's B (default: the scenario's)
+    # the `testbed eval` options as parsed, kept in every record (report.html's command line)
+    options: tuple[tuple[str, object], ...] = ()
 
     @property
     def emulating(self) -> bool:
@@ -98,8 +101,9 @@ def run_eval(config: EvalConfig) -> str:
         # real boxes compute at their own speed: nothing paces them
         pacing = {} if run.real_boxes or not config.emulating else \
             scenarios.agent_pacing_us(scenario, run.num_agents)
-        cell = _Cell(run, pacing, modeled) if config.bandwidth else None
+        cell = CellPolicies(run, pacing, modeled) if config.bandwidth else None
         base = dict(run.record("eval"), description=scenario.description,
+                    eval_options=dict(config.options) or None,
                     emulated=scenario.paper.emulate.name
                     if config.emulating and scenario.paper and scenario.paper.emulate else None,
                     pace_us={str(a): {"per_call": round(call, 1), "per_token": round(token, 1)}
@@ -111,6 +115,8 @@ def run_eval(config: EvalConfig) -> str:
         policies = config.bandwidth or (None,)
         samples = _latency_interleaved(session, prompt_ids, config, modeled, waits,
                                        policies, cell.set_policy if cell else None)
+        if cell is not None:  # the quality passes run under the first policy (θ > 0: joint
+            cell.set_policy(policies[0])  # selects otherwise), as the records say
         reference = reference_counts = None
         if config.divergence_text:
             _say(config, f"divergence: θ = 0 reference over {config.divergence_tokens} "
@@ -123,7 +129,7 @@ def run_eval(config: EvalConfig) -> str:
                 for policy in policies:
                     row = dict(base, theta=theta, exact=config.exact)
                     if cell is not None:
-                        row.update(cell.fields(policy))
+                        row.update(cell.fields(policy), quality_bandwidth=policies[0])
                         # the tokens of every prompt, as a digest: at θ = 0 every policy's
                         # must be the same (bandwidth changes time, never the answer)
                         row["tokens_sha256"] = hashlib.sha256(json.dumps(
@@ -134,50 +140,8 @@ def run_eval(config: EvalConfig) -> str:
                     append(make_record(row, samples[(policy, theta)], first, quality,
                                        quality_counts))
         if cell is not None:
-            cell.allocator.close()
+            cell.close()
     return run.results_path
-
-
-class _Cell:
-    """The shared cell's side of an eval: switches the policy (the cell's, the joint
-    allocator's, the model's) and keeps what each policy used, for its records."""
-
-    def __init__(self, run, pacing: dict, modeled):
-        from testbed.experiments.cell_bed import ShareLedger
-        from testbed.experiments.joint_alloc import JointAllocator
-
-        runtime = run.session.runtime
-        groups = run.bed.expert_groups
-        link_of_box = [groups.index(tuple(sorted(agent.experts)))
-                       if tuple(sorted(agent.experts)) in groups else None
-                       for agent in runtime.table.agents]
-        self.bed, self.modeled = run.bed, modeled
-        self.allocator = JointAllocator(run.bed, link_of_box, runtime.table.request_bytes,
-                                        pacing)
-        runtime.before_dispatch = self.allocator
-        self.ledger = ShareLedger(run.bed)
-        self.policy: str | None = None
-
-    def set_policy(self, policy: str) -> None:
-        if policy == self.policy:
-            return
-        self.policy = policy
-        self.ledger.switch(policy)
-        self.bed.set_policy(policy)
-        self.allocator.active = policy == "joint"
-        if self.modeled is not None:
-            self.modeled.bandwidth = policy
-
-    def fields(self, policy: str) -> dict:
-        self.ledger.switch(None)  # the last policy's bytes counted
-        return {"bandwidth": policy,
-                "cell_bandwidth_hz": self.bed.paper.channel.total_bandwidth_hz,
-                "cell_slowdown": self.bed.slowdown,
-                "shares": self.ledger.mean_shares(policy),
-                "joint_allocations_sent": self.allocator.sent if policy == "joint" else None,
-                "joint_mean_shares_sent": self.allocator.mean_shares()
-                if policy == "joint" else None,
-                "cell_errors": list(self.bed.errors)}
 
 
 def make_record(base: dict, sample: dict, first: dict, quality: dict,

@@ -11,6 +11,8 @@ from dataclasses import dataclass
 BAR_COLOR = "#8fb3d9"
 LATENCY_COLOR = "#c0392b"
 LATENCY_BAND_ALPHA = 0.2
+# a shared cell's bandwidth policies (issue 23), one colour each across figures
+POLICY_COLORS = {"static": "#7f8c8d", "shared": "#2980b9", "joint": "#c0392b"}
 DPI = 120
 
 
@@ -53,6 +55,33 @@ class DivergencePanel:
     kl_nats: list[dict]
     top1_agreement: list[dict]
     positions: int
+
+
+def policy_series(rows: list[dict], key: str, fmt: str, label: str) -> list[Series]:
+    """One latency line per shared-cell policy (the rows' `bandwidth`, in order of first
+    appearance) over the rows' θs (ROWS sorted by θ); KEY a number or an interval's
+    {"value"}. A policy missing a figure at some θ gets no line."""
+    policies = list(dict.fromkeys(r["bandwidth"] for r in rows if r.get("bandwidth")))
+    out = []
+    for policy in policies:
+        values = [r.get(key) for r in rows if r.get("bandwidth") == policy]
+        if len(values) * len(policies) != len(rows) or any(v is None for v in values):
+            continue
+        out.append(Series([v["value"] if isinstance(v, dict) else v for v in values], fmt,
+                          POLICY_COLORS.get(policy, "#2c3e50"), f"{label} {policy}"))
+    return out
+
+
+def policy_panel(rows: list[dict], title: str) -> Panel:
+    """A Fig. 3 panel of a shared cell's policies (issue 23): the median token latency per
+    policy measured (solid) and modeled (dashed) against θ; ROWS sorted by θ."""
+    first = [r for r in rows if r.get("bandwidth") == rows[0].get("bandwidth")]
+    measured = policy_series(rows, "median_token_ms", "o-", "measured")
+    modeled = policy_series(rows, "modeled_median_token_ms", "s--", "modeled")
+    lines = measured + modeled
+    return Panel(labels=[f"{r['theta']:g}" for r in first], latency=lines[0],
+                 more=tuple(lines[1:]), latency_axis_label="median token latency (ms)",
+                 title=title)
 
 
 def pyplot():

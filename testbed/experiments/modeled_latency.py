@@ -18,6 +18,8 @@ import torch
 from basestation.channel_model import EmulatedModel, modeled_latency_s, modeled_token_latency_s
 from testbed.scenarios import PaperChannel, paper_rates_bits_per_s
 
+POLICY_MEMO_MAX = 4096  # called sets remembered (all epochs) before starting afresh
+
 
 class ModeledLatency:
     def __init__(self, paper: PaperChannel, emulated: EmulatedModel, num_agents: int,
@@ -35,6 +37,7 @@ class ModeledLatency:
         self.bandwidth: str | None = None
         self._demands_epoch = -1
         self._demands: dict | None = None
+        self._policy_memo: dict = {}  # (epoch, policy, called) -> policy_device_s's answer
 
     def device_latency_s(self, epoch: int) -> np.ndarray:
         """[agents] Eq. 6 for one token at this epoch (agent i is the paper's device i mod Q)."""
@@ -82,6 +85,13 @@ class ModeledLatency:
         """[agents] each called box's time for this layer under self.bandwidth (others 0)."""
         from basestation.bandwidth import allocate, shared_times, static_times
 
+        # the same called set recurs within an epoch: solve it once (this observer's time is
+        # counted in the measured step, and joint's solve costs more than the others')
+        key = (epoch, self.bandwidth, frozenset(called))
+        if key in self._policy_memo:
+            return self._policy_memo[key]
+        if len(self._policy_memo) > POLICY_MEMO_MAX:
+            self._policy_memo.clear()
         rule = {"static": static_times, "shared": shared_times, "joint": allocate}[self.bandwidth]
         out = np.zeros(self.num_agents)
         if called:
@@ -89,6 +99,7 @@ class ModeledLatency:
                          self.paper.channel.total_bandwidth_hz).times_s
             for box, time_s in times.items():
                 out[box] = time_s
+        self._policy_memo[key] = out
         return out
 
     def step_totals_s(self) -> list[float]:

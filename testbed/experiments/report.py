@@ -60,7 +60,8 @@ def table(rows: list[dict]) -> str:
         kl = r.get("divergence") or {}
         # in records without "divergence", "agreement" is the generated tokens' agreement
         generated = r.get("generated_agreement", None if kl else r.get("agreement"))
-        lines.append(f"{r['scenario']:<13} {r['theta']:>5.2f} {fmt('perplexity', '8.2f'):>8} "
+        name = r["scenario"] + (f"/{r['bandwidth']}" if r.get("bandwidth") else "")
+        lines.append(f"{name:<13} {r['theta']:>5.2f} {fmt('perplexity', '8.2f'):>8} "
                      f"{fmt('top1_accuracy', '6.3f'):>6} {fmt('mc_accuracy', '6.3f'):>6} "
                      f"{_interval(kl.get('kl_nats'), '.4f'):>26} "
                      f"{_interval(kl.get('top1_agreement'), '.3f'):>21} "
@@ -108,6 +109,9 @@ def draw(folder: str) -> list[str]:
         latency_axis_label="median token latency (ms)",
         title=f"{scenario} ({srows[0]['backend']})")
         for scenario, srows in by_scenario.items()]
+    if any(r.get("bandwidth") for r in rows):  # a shared cell (issue 23): a line per policy
+        panels = [figures.policy_panel(srows, f"{scenario} ({srows[0]['backend']})")
+                  for scenario, srows in by_scenario.items()]
     quality_png = figures.fig3(os.path.join(folder, "quality.png"), panels, panel_in=(5, 3.8))
     return [quality_png, _draw_drops(os.path.join(folder, "drops.png"), by_scenario)]
 

@@ -41,6 +41,7 @@ from testbed.links.cell_policy import (
     FluidPool,
     accept_allocation,
     format_allocation,
+    frame_allocation,
     parse_allocation,
     pool_shares,
     rate_bits_per_s,
@@ -203,6 +204,10 @@ class AllocationSender:
     def send(self, seq: int, shares: dict[int, float]) -> None:
         """Raises OSError."""
         self.sock.sendto(format_allocation(seq, shares), self.address)
+
+    def send_encoded(self, seq: int, shares_json: bytes) -> None:
+        """Shares encoded once by cell_policy.format_shares. Raises OSError."""
+        self.sock.sendto(frame_allocation(seq, shares_json), self.address)
 
     def close(self) -> None:
         self.sock.close()

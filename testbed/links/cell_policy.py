@@ -92,8 +92,17 @@ def snr_hz_for(rate_bits_per_s_wanted: float, bandwidth_hz: float) -> float:
 
 def format_allocation(seq: int, shares: dict[int, float]) -> bytes:
     """The datagram that tells a cell the joint shares: {"seq": N, "shares": {"0": 0.75, ...}}."""
-    return json.dumps({"seq": int(seq),
-                       "shares": {str(int(k)): float(v) for k, v in shares.items()}}).encode()
+    return frame_allocation(seq, format_shares(shares))
+
+
+def format_shares(shares: dict[int, float]) -> bytes:
+    """The "shares" part of an allocation datagram, to encode once and send with many seqs."""
+    return json.dumps({str(int(k)): float(v) for k, v in shares.items()}).encode()
+
+
+def frame_allocation(seq: int, shares_json: bytes) -> bytes:
+    """The datagram of SEQ and shares already encoded by format_shares."""
+    return b'{"seq": %d, "shares": %s}' % (int(seq), shares_json)
 
 
 def parse_allocation(datagram: bytes, num_links: int) -> tuple[int, dict[int, float]]:
