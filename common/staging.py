@@ -87,3 +87,29 @@ def _move_into_place(staging: str, dest: str, force: bool) -> None:
         os.rmdir(trash)
         raise
     shutil.rmtree(trash, ignore_errors=True)
+
+
+def write_file_atomic(path: str, data: bytes) -> None:
+    """PATH holds DATA whole, or what it held before: DATA goes to a staged file beside PATH
+    (same file system; the mode `open` gives under the umask), which is then renamed over it.
+    On any exception, Ctrl-C included, the staged file is removed. Raises OSError."""
+    parent, name = os.path.split(os.path.abspath(path))
+    for _ in range(NAME_TRIES):
+        staging = os.path.join(parent, f".{name}.{PARTIAL_TAG}-{secrets.token_hex(4)}")
+        try:
+            fd = os.open(staging, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666)
+        except FileExistsError:
+            continue
+        break
+    else:
+        raise FileExistsError(f"{parent}: no free name for .{name}.{PARTIAL_TAG}-*")
+    try:
+        with os.fdopen(fd, "wb") as f:
+            f.write(data)
+        os.replace(staging, path)
+    except BaseException:
+        try:
+            os.unlink(staging)
+        except FileNotFoundError:
+            pass
+        raise
