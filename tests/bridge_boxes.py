@@ -26,6 +26,7 @@ from waiting import wait_until
 AGENT_PORT = 5600
 START_TIMEOUT_S = 90.0  # N agents importing torch on a busy 2-core machine
 SUBNET_PREFIX = "10.219"  # 10.219.N.0/24, N picked free (concurrent runs get their own)
+SUBNET_TRIES = 20
 
 
 def _ip(*args: str, check: bool = True) -> subprocess.CompletedProcess:
@@ -53,13 +54,10 @@ class BridgeBoxes:
 
         self.split, self.workdir, self.keyed = split, str(workdir), keyed
         self.agent_args = agent_args
-        self.tag = os.urandom(2).hex()
+        self.tag = os.urandom(3).hex()
         self.dev = f"wdbr{self.tag}"
-        self.prefix = _free_subnet()
-        self.host_address = f"{self.prefix}.1"
         self.experts = split_experts(load_manifest(split).num_experts, num_agents)
-        self.addresses = [f"{self.prefix}.{i + 2}" for i in range(num_agents)]
-        self.endpoints = [f"tcp://{a}:{AGENT_PORT}" for a in self.addresses]
+        self._use_subnet(_free_subnet())
         self.namespaces = [f"wdbox{self.tag}{i}" for i in range(num_agents)]
         self.procs: list[subprocess.Popen] = []
         self.roster = os.path.join(self.workdir, "roster.toml")
@@ -83,9 +81,28 @@ class BridgeBoxes:
     def __exit__(self, *exc) -> None:
         self.close()
 
+    def _use_subnet(self, prefix: str) -> None:
+        self.prefix = prefix
+        self.host_address = f"{prefix}.1"
+        self.addresses = [f"{prefix}.{i + 2}" for i in range(len(self.experts))]
+        self.endpoints = [f"tcp://{a}:{AGENT_PORT}" for a in self.addresses]
+
+    def _claim_subnet(self) -> None:
+        """Our /24 on the bridge, and only ours: a run beside this one (another clone's suite)
+        may have picked the same free one at the same moment; then both pick again."""
+        for _ in range(SUBNET_TRIES):
+            _ip("addr", "add", f"{self.host_address}/24", "dev", self.dev)
+            holders = [line.split()[1] for line in _ip("-o", "-4", "addr", "show").stdout
+                       .splitlines() if f" {self.prefix}." in line]
+            if holders == [self.dev]:
+                return
+            _ip("addr", "del", f"{self.host_address}/24", "dev", self.dev)
+            self._use_subnet(_free_subnet())
+        raise RuntimeError(f"no {SUBNET_PREFIX}.N.0/24 of our own in {SUBNET_TRIES} tries")
+
     def _network(self) -> None:
         _ip("link", "add", self.dev, "type", "bridge")
-        _ip("addr", "add", f"{self.host_address}/24", "dev", self.dev)
+        self._claim_subnet()
         _ip("link", "set", self.dev, "up")
         for i, ns in enumerate(self.namespaces):
             port = f"wdbp{self.tag}{i}"

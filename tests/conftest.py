@@ -3,13 +3,28 @@
 from __future__ import annotations
 
 import os
+import shutil
 import sys
+import tempfile
 
 import pytest
 
-from testbed.models.make_model import ModelSpec, make_model
+# This run's own testbed state folders, so a second `make test` beside this one (CI runs two
+# clones as root) never shares /tmp/wdmoe-testbed or /run/wdmoe/shape with it. Set here, before
+# any test module imports testbed.links.state: its DEFAULT_STATE_DIR is read at import time.
+# Processes the tests start (`testbed …` CLIs) inherit them.
+RUN_STATE_DIR = tempfile.mkdtemp(prefix="wdmoe-tests-")
+os.environ["WDMOE_TESTBED_STATE"] = os.path.join(RUN_STATE_DIR, "testbed")
+os.environ["WDMOE_SHAPE_STATE"] = os.path.join(RUN_STATE_DIR, "shape")
+
+from testbed.models.make_model import ModelSpec, make_model  # noqa: E402
 
 REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def pytest_unconfigure(config) -> None:
+    """RUN_STATE_DIR goes when pytest ends (after a --collect-only too)."""
+    shutil.rmtree(RUN_STATE_DIR, ignore_errors=True)
 
 
 @pytest.fixture(scope="session")

@@ -27,7 +27,7 @@ from agent_fixtures import (  # noqa: F401
 )
 from test_agent_limits import rss_mib
 from test_agent_math import assert_close_rel
-from waiting import wait_until
+from waiting import hold_for, wait_until
 
 from edge_agent.expert_math import expert_forward
 from edge_agent.shards import load_experts
@@ -250,7 +250,8 @@ def test_dial_in_port_survives_floods_and_hang_ups(start_agent, tiny_split):
         peak = rss_mib(bs.proc.pid)
         # part of the attack, not synchronisation: the abort came on the first read after
         # libzmq had noticed a hang-up (no event of the other process reaches the test)
-        time.sleep(1.5)
+        hold_for(lambda: bs.proc.poll() is None, 1.5, interval_s=0.05,
+                 what="the dial-in base station alive")
         bs.assert_alive()
         ok = bs.ask("check 0,1", "ok")  # reads what is left, then the real agent computes
         after = rss_mib(bs.proc.pid)

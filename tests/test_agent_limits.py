@@ -19,7 +19,7 @@ import torch
 import zmq
 import zmtp_raw
 from agent_fixtures import start_agent  # noqa: F401
-from waiting import wait_until
+from waiting import hold_for, wait_until
 
 from wire import protocol as P
 from wire.client import AgentClient
@@ -163,8 +163,7 @@ def test_a_peer_that_fills_its_queue_and_hangs_up_does_not_abort_the_agent(start
         ctx.term()
         # the thing under test, not synchronisation: the abort came at the agent's next
         # heartbeats after the hang-up (HEARTBEAT_INTERVAL_S 0.2), so several must pass
-        time.sleep(1.0)
-        assert agent.alive(), agent_log(agent)
+        hold_for(agent.alive, 1.0, interval_s=0.05, what=lambda: agent_log(agent))
     assert ping_s(agent.endpoint, timeout_s=30) < 30
 
 
@@ -230,8 +229,7 @@ def test_connections_beyond_the_cap_are_cut_idle_first(start_agent, tiny_split):
                        what="13 of 20 idle connections cut (cap 8, one real client)")
             # an observation window, not synchronisation: nothing marks "no further cut", so
             # ten watchdog passes (50 ms) get the chance to make one; under load, fewer
-            time.sleep(0.5)
-            assert count_cuts() == 13  # no more than needed
+            hold_for(lambda: count_cuts() == 13, 0.5, what="no more cuts than needed")
             assert client.call(peer, P.PING, timeout_s=2.0).kind == P.PONG
         finally:
             for sock in monitors + idle:

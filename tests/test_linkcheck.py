@@ -302,8 +302,9 @@ def test_keyed_boxes_are_reached_through_the_rosters_keys(tiny_split, tmp_path):
     from bridge_boxes import BridgeBoxes
 
     with BridgeBoxes(tiny_split, num_agents=2, workdir=tmp_path) as boxes:
+        # a deadline only bounds a hang: this one holds with another suite beside this one
         measures = measure_links(boxes.roster, **{**QUICK, "calls": 3,
-                                                  "transfer_bytes": 256 << 10})
+                                                  "transfer_bytes": 256 << 10, "timeout_s": 30.0})
     assert [m.endpoint for m in measures] == boxes.endpoints
     assert all(m.answered and m.rtt_p50_ms > 0 and m.down_mbit > 0 and m.up_mbit > 0
                for m in measures), measures

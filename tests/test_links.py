@@ -25,7 +25,7 @@ from waiting import wait_until
 
 from testbed.links import cli as links_cli
 from testbed.links import control as links
-from testbed.links import userns
+from testbed.links import netns, userns
 from testbed.links.cli import parse_ms, parse_pct, parse_rate_mbit
 from testbed.links.control import LinkShape, TestbedError
 from testbed.links.plan import (
@@ -349,13 +349,30 @@ def _out(*cmd: str) -> str:
 # a testbed's namespace (wdm-TAG-I) or veth (wdmTAGhI, wdmTAGnI), and its /24 slot (plan.py)
 TESTBED_NAME = re.compile(r"wdm-?([0-9a-f]{4})(?:-\d|[hn]\d)")
 TESTBED_SLOT = re.compile(r"\b10\.213\.(\d+)\.")
+# what other tests (of this run or of one beside it) make meanwhile and never the links
+# testbed: boxes on a bridge (tests/bridge_boxes.py), `testbed shape`'s IFB and netem probe
+OTHER_TESTS_NAME = re.compile(r"\bwd(?:br|bp|box|ifb|prb)[0-9a-f]")
+OTHER_TESTS_TABLE = re.compile(r"^table \S+ wdmoe_shape_")  # `testbed shape`'s, on the host
+
+
+def _without_other_tables(ruleset: str) -> str:
+    """The nft ruleset less the tables of `testbed shape` (the links testbed makes its own
+    tables inside its namespaces only)."""
+    kept, keep = [], True
+    for line in ruleset.splitlines():
+        if line.startswith("table "):
+            keep = not OTHER_TESTS_TABLE.match(line)
+        if keep:
+            kept.append(line)
+    return "\n".join(kept)
 
 
 def host_snapshot(*mine: str, state: dict | None = None) -> dict:
     """What up/down could leave behind: namespaces, links, qdiscs, routes, rules, and processes
     whose command line names one of `mine` (other tests may run agents of their own). Lines
-    naming another testbed than `state`'s (its tag or slot) are left out: a test run beside
-    this one makes its own and takes them down again at any time."""
+    naming another testbed than `state`'s (its tag or slot), or what other tests make (bridges,
+    IFBs, `testbed shape`'s tables), are left out: a test run beside this one, or a whole suite
+    in another clone, makes its own and takes them down again at any time."""
     tag, slot = (state["tag"], str(state["slot"])) if state else (None, None)
     if state and state["mode"] != links.ROOT:  # its slot is inside its user namespace
         slot = None
@@ -363,7 +380,8 @@ def host_snapshot(*mine: str, state: dict | None = None) -> dict:
     def lines(text: str) -> list[str]:
         return sorted(line for line in text.splitlines()
                       if all(m.group(1) == tag for m in TESTBED_NAME.finditer(line))
-                      and all(m.group(1) == slot for m in TESTBED_SLOT.finditer(line)))
+                      and all(m.group(1) == slot for m in TESTBED_SLOT.finditer(line))
+                      and not OTHER_TESTS_NAME.search(line))
 
     procs = sorted(line for line in _out("ps", "-ww", "-eo", "pid,args").splitlines()
                    if any(m in line for m in mine))
@@ -373,7 +391,8 @@ def host_snapshot(*mine: str, state: dict | None = None) -> dict:
                                      _out(tool("ip"), "-o", "link").splitlines())),
             "qdiscs": lines(_out(tool("tc"), "qdisc", "show")),
             "routes": lines(_out(tool("ip"), "route", "show", "table", "all")),
-            "nft": lines(_out(tool("nft"), "list", "ruleset") if tool("nft") != "nft" else ""),
+            "nft": lines(_without_other_tables(_out(tool("nft"), "list", "ruleset"))
+                         if tool("nft") != "nft" else ""),
             "processes": procs}
 
 
@@ -541,6 +560,22 @@ def test_down_cleans_up_after_up_is_killed(tiny_split, tmp_path, mode, kill_poin
     assert any(r.startswith("process") for r in removed)
     assert host_snapshot(tiny_split, state_dir, state=states[-1]) == before
     assert links.down(state_dir) == []
+
+
+@pytest.mark.root
+@pytest.mark.skipif(not links.is_root(), reason="needs root: a route on this machine")
+def test_a_slot_another_testbed_fenced_first_is_not_claimed():
+    """Regression: two `up` at once (two test suites on one machine) picked the same lowest
+    free /24; the second's fence failed, and its cleanup removed the first one's route. The
+    fence is the claim: refused once made. Slot 255, which no testbed reaches here."""
+    slot, route = 255, "10.213.255.0/24"
+    assert route not in netns.our_routes(())
+    try:
+        assert netns.fence_slot((), slot)
+        assert not netns.fence_slot((), slot)
+    finally:
+        netns.ip((), "route", "del", "unreachable", route, check=False)
+    assert route not in netns.our_routes(())
 
 
 # -- shaped: the shaping is what was asked---------------------------------------------------

@@ -31,3 +31,21 @@ def wait_until(predicate: Callable[[], T], timeout_s: float = DEFAULT_TIMEOUT_S,
             name = name or getattr(predicate, "__name__", repr(predicate))
             pytest.fail(f"waited {timeout_s} s for {name}; last value {value!r}")
         time.sleep(interval_s)
+
+
+def hold_for(predicate: Callable[[], object], window_s: float,
+             interval_s: float = DEFAULT_INTERVAL_S,
+             what: str | Callable[[], str] | None = None) -> None:
+    """The negative of wait_until, for "nothing bad happens within the window" (a crash that
+    would come at a later heartbeat, a cut that must not follow): poll `predicate()` through
+    `window_s` and fail the test naming `what` at its first falsy value, not at the end."""
+    deadline = time.monotonic() + window_s
+    while True:
+        value = predicate()
+        if not value:
+            name = what() if callable(what) else what
+            name = name or getattr(predicate, "__name__", repr(predicate))
+            pytest.fail(f"{name} stopped holding within {window_s} s; value {value!r}")
+        if time.monotonic() >= deadline:
+            return
+        time.sleep(interval_s)

@@ -27,7 +27,7 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 
 from testbed.links import down as links_down
-from testbed.links import shaping, userns
+from testbed.links import netns, shaping, userns
 from testbed.links import up as links_up
 from testbed.links.plan import (
     AGENT_INNER_PORT,
@@ -191,8 +191,18 @@ def up(shards: str, num_agents: int, shapes: dict[int, LinkShape] | None = None,
                    agent_args=agent_args, mode=mode,
                    unshaped_reason=link_mode()[1] if mode == LOOPBACK else None,
                    shards=shards, state_dir=state_dir, roster_path=roster_path,
-                   tag=os.urandom(2).hex())
+                   tag=_unused_tag(mode))
     return _make(plan, timeout_s, secure)
+
+
+def _unused_tag(mode: str) -> str:
+    """A random tag that no namespace or veth on this host carries (as root): `down` removes
+    whatever has its tag, so a testbed up beside this one must never share it."""
+    taken = " ".join(netns.list_netns(()) + netns.list_links(())) if mode == ROOT else ""
+    while True:
+        tag = os.urandom(2).hex()
+        if f"{NS_PREFIX}{tag}-" not in taken and f"{LINK_PREFIX}{tag}" not in taken:
+            return tag
 
 
 def _make(plan: UpPlan, timeout_s: float, secure: bool) -> Testbed:

@@ -49,9 +49,17 @@ def free_slot(enter: Sequence[str]) -> int:
     raise TestbedError(f"no free /24 left in {SUBNET}.0.0/16 (run `testbed down --all`)")
 
 
-def fence_slot(enter: Sequence[str], slot: int) -> None:
-    """Traffic for a vanished veth must not follow the default route out of this machine."""
-    ip(enter, "route", "add", "unreachable", f"{SUBNET}.{slot}.0/24")
+def fence_slot(enter: Sequence[str], slot: int) -> bool:
+    """Traffic for a vanished veth must not follow the default route out of this machine.
+    The route is also the slot's claim: False when another testbed, started at the same time,
+    fenced it first. Raises TestbedError when ip fails otherwise."""
+    added = ip(enter, "route", "add", "unreachable", f"{SUBNET}.{slot}.0/24", check=False)
+    if added.returncode and "File exists" in added.stderr:
+        return False
+    if added.returncode:
+        detail = added.stderr.strip().splitlines() or [f"exit {added.returncode}"]
+        raise TestbedError(f"ip route add unreachable {SUBNET}.{slot}.0/24: {detail[0]}")
+    return True
 
 
 def make_link(enter: Sequence[str], agent: dict) -> None:

@@ -18,6 +18,7 @@ from testbed.links.plan import (
     AGENT_INNER_PORT,
     AGENT_PORT,
     LOCALHOST,
+    SUBNET,
     USERNS,
     UpPlan,
     backend_name,
@@ -129,10 +130,17 @@ def make_namespaced_agents(plan: UpPlan, state: dict) -> None:
     this kernel allows, then each agent's processes. Raises TestbedError."""
     state_dir = plan.state_dir
     enter = start_holder(state_dir, state) if plan.mode == USERNS else ()
-    slot = netns.free_slot(enter)
-    state["slot"] = slot
-    save_state(state_dir, state)
-    netns.fence_slot(enter, slot)
+    for _ in range(256):  # another testbed may claim the same free slot at once: the next
+        slot = netns.free_slot(enter)
+        state["slot"] = slot
+        save_state(state_dir, state)
+        if netns.fence_slot(enter, slot):
+            break
+        state["slot"] = None  # the other testbed's: never ours to remove
+        save_state(state_dir, state)
+    else:
+        raise TestbedError(f"no /24 of {SUBNET}.0.0/16 could be claimed (run `testbed down "
+                           "--all`)")
     for agent in plan_namespaced_agents(plan, slot):
         state["agents"].append(agent)
         save_state(state_dir, state)
