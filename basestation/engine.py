@@ -69,7 +69,15 @@ class _Run:
     decoders: list[ChoiceDecoder]
     latencies_ms: list[list[float]]
     live: set[str] = field(default_factory=set)  # continuous-batching ids still decoding
+    # per choice and token, as latencies_ms: the wait on agents (ms), the step's slowest agent
+    waits_ms: list[list[float]] = field(init=False)
+    slowest: list[list[str | None]] = field(init=False)
+    first_token_s: float | None = None  # time.monotonic() of its first token
     done: bool = False  # its last event (Finished or Failed) sent, or it was cancelled
+
+    def __post_init__(self):
+        self.waits_ms = [[] for _ in self.latencies_ms]
+        self.slowest = [[] for _ in self.latencies_ms]
 
 
 @dataclass(eq=False)
@@ -78,6 +86,7 @@ class _Sequence:
     index: int
     sampler: RowSampler
     last_s: float
+    last_wait_s: float = 0.0  # the dispatcher's wait clock (MoeStats.network_s) at last_s
 
 
 class Engine:
@@ -108,6 +117,7 @@ class Engine:
         self._hooks = []
         self._step = contextlib.ExitStack()  # the batch plan of the step being decoded
         self._restarts = 0
+        self.live = None  # a live_tap.LiveTap, told of each batched step (serve's dashboard)
         self._thread = threading.Thread(target=self._loop, name="admission", daemon=True)
 
     # --- called from any thread -----------------------------------------------------------------
@@ -276,7 +286,8 @@ class Engine:
                 self.metrics.cancelled += 1
                 return
             self._runs[request.id] = run
-            now = time.perf_counter()
+            now, wait_s = time.perf_counter(), runtime.stats.network_s
+            self.metrics.theta.observe(params.theta)
             for index, (ids, budget) in enumerate(zip(prompts, budgets)):
                 if budget == 0:
                     run.decoders[index].finish_reason = "length"
@@ -284,7 +295,7 @@ class Engine:
                 cb_id = f"{request.id}:{index}"
                 sampler = RowSampler(generation, Sampling(params.temperature, params.top_p,
                                                           params.seed), stream=index)
-                self._sequences[cb_id] = _Sequence(run, index, sampler, now)
+                self._sequences[cb_id] = _Sequence(run, index, sampler, now, wait_s)
                 run.live.add(cb_id)
                 self._manager.add_request(ids, request_id=cb_id, max_new_tokens=budget,
                                           eos_token_id=eos)
@@ -408,6 +419,10 @@ class Engine:
         counts = torch.tensor(lengths)
         theta = thetas[0] if len(set(thetas)) == 1 else \
             torch.repeat_interleave(torch.tensor(thetas, dtype=torch.float64), counts)
+        mean_theta = sum(t * n for t, n in zip(thetas, lengths)) / max(sum(lengths), 1)
+        self.metrics.theta_in_use = mean_theta
+        if self.live is not None:
+            self.live.step_started(sum(lengths), max(lengths, default=0) > 1, mean_theta)
         self._step.enter_context(runtime.batch(
             theta=theta, ledgers=ledgers,
             owners=torch.repeat_interleave(torch.tensor(owners), counts)))
@@ -416,6 +431,8 @@ class Engine:
     def _after_forward(self, module, args, kwargs, output):
         """Forward hook (run also when the forward raised): the step's batch plan ends."""
         self._step.close()
+        if self.live is not None:
+            self.live.step_ended()  # a step it was not told of is ignored
         return None
 
     def _step_failed(self, cb_ids: list[str], error: Exception) -> None:
@@ -454,10 +471,19 @@ class Engine:
             self._lose(run)
             return greedy(logits)
         token = sequence.sampler.pick(logits)
-        now = time.perf_counter()
-        run.latencies_ms[sequence.index].append((now - sequence.last_s) * 1e3)
-        self.metrics.token_latency.observe(now - sequence.last_s)
-        sequence.last_s = now
+        now, wait_s = time.perf_counter(), self.session.runtime.stats.network_s
+        latencies = run.latencies_ms[sequence.index]
+        metrics = self.metrics
+        (metrics.decode_latency if latencies else metrics.prefill_latency).observe(
+            now - sequence.last_s)
+        if run.first_token_s is None:
+            run.first_token_s = time.monotonic()
+            metrics.time_to_first_token.observe(run.first_token_s - run.request.submitted_s)
+        latencies.append((now - sequence.last_s) * 1e3)
+        run.waits_ms[sequence.index].append((wait_s - sequence.last_wait_s) * 1e3)
+        run.slowest[sequence.index].append(self.live.last_slowest() if self.live is not None else None)
+        metrics.token_latency.observe(now - sequence.last_s)
+        sequence.last_s, sequence.last_wait_s = now, wait_s
         decoder = run.decoders[sequence.index]
         delta, reason = decoder.add(token, logits)
         if delta and run.request.job.stream:
@@ -509,6 +535,9 @@ class Engine:
         wdmoe = {
             "theta": run.request.job.params.theta,
             "token_latency_ms": [round(t, 3) for per in run.latencies_ms for t in per],
+            "time_to_first_token_ms": round((run.first_token_s - run.request.submitted_s) * 1e3,
+                                            3) if run.first_token_s is not None else None,
+            "per_token": per_token(run.latencies_ms, run.waits_ms, run.slowest),
             "expert_calls": ledger.expert_calls,
             "experts_dropped": ledger.experts_dropped,
             "fault_drops": ledger.fault_drops,  # of experts_dropped: lost to a fault, not θ
@@ -518,6 +547,18 @@ class Engine:
         }
         return Finished(choices=choices, prompt_tokens=run.prompt_tokens,
                         completion_tokens=completion_tokens, wdmoe=wdmoe)
+
+
+def per_token(latencies_ms: list[list[float]], waits_ms: list[list[float]],
+              slowest: list[list[str | None]]) -> dict:
+    """A request's tokens (choice after choice, as token_latency_ms), each: its time, the
+    base station's own part, the wait on agents and the slowest agent of its step."""
+    total = [t for per in latencies_ms for t in per]
+    waits = [w for per in waits_ms for w in per]
+    return {"total_ms": [round(t, 3) for t in total],
+            "base_station_ms": [round(max(t - w, 0.0), 3) for t, w in zip(total, waits)],
+            "wait_ms": [round(w, 3) for w in waits],
+            "slowest": [s for per in slowest for s in per]}
 
 
 def internal_error(error: Exception, where: str = "") -> GenerationFailed:

@@ -1,6 +1,6 @@
 """The HTTP edge of `basestation serve`: what stands between a socket and a route.
 
-- `EdgeApp` (ASGI): the api key, the body read whole under a size limit and a deadline (413 and
+- `EdgeApp` (ASGI): the api key (not asked on open paths and under open prefixes), the body read whole under a size limit and a deadline (413 and
   408 before any parsing), and response counters keyed by route.
 - `protocol_class`: uvicorn's h11 protocol with a header deadline and a connection cap, which
   uvicorn lacks (its keep-alive timer starts only after a first response).
@@ -34,9 +34,9 @@ class EdgeApp:
 
     def __init__(self, app, routes: tuple[str, ...], limits: L.HttpLimits,
                  api_key: str | None, open_paths: tuple[str, ...],
-                 responses: dict[tuple[str, int], int]):
+                 responses: dict[tuple[str, int], int], open_prefixes: tuple[str, ...] = ()):
         self.app, self.routes, self.limits = app, routes, limits
-        self.api_key, self.open_paths = api_key, open_paths
+        self.api_key, self.open_paths, self.open_prefixes = api_key, open_paths, open_prefixes
         self.responses = responses
 
     async def __call__(self, scope, receive, send):
@@ -50,8 +50,7 @@ class EdgeApp:
             await send(message)
 
         try:
-            if self.api_key and scope["path"] not in self.open_paths \
-                    and not self._authorized(scope):
+            if self.api_key and not self._open(scope["path"]) and not self._authorized(scope):
                 await _error(ApiError(
                     401, "Incorrect API key provided (send Authorization: Bearer KEY)",
                     code="invalid_api_key"))(scope, receive, counting_send)
@@ -65,8 +64,15 @@ class EdgeApp:
             else:
                 await self.app(scope, receive, counting_send)
         finally:
-            key = (L.route_label(scope["path"], self.routes), status.get("code", 0))
+            path = scope["path"]
+            # the dashboard's files: one label, whatever the name (junk names cannot grow it)
+            label = next((p + "*" for p in self.open_prefixes if path.startswith(p)), None) \
+                or L.route_label(path, self.routes)
+            key = (label, status.get("code", 0))
             self.responses[key] = self.responses.get(key, 0) + 1
+
+    def _open(self, path: str) -> bool:
+        return path in self.open_paths or path.startswith(self.open_prefixes)
 
     def _authorized(self, scope) -> bool:
         header = dict(scope["headers"]).get(b"authorization", b"").decode("latin-1")

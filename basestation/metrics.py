@@ -12,6 +12,9 @@ from dataclasses import dataclass, field
 # token latency buckets, seconds: loopback decode is ~ms per token, shaped links ~100s of ms
 TOKEN_LATENCY_BUCKETS_S = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0)
 BATCH_SEQUENCES_BUCKETS = (1, 2, 4, 8, 16, 32, 64)  # sequences in one forward pass
+# time to first token, seconds: queueing and prefill of long prompts over slow links included
+FIRST_TOKEN_BUCKETS_S = (0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0)
+THETA_BUCKETS = (0.0, 0.05, 0.1, 0.2, 0.3, 0.5, 0.7, 1.0)  # the requests' θ (0: exact top-k)
 
 
 @dataclass
@@ -27,12 +30,14 @@ class Histogram:
         self.counts[bisect.bisect_left(self.bounds, value)] += 1
         self.total += value
 
-    def lines(self, name: str) -> list[str]:
+    def lines(self, name: str, labels: str = "") -> list[str]:
+        """The exposition lines; `labels`: more labels, as 'phase="decode"'."""
         out, running = [], 0
+        more, own = (labels + ",", "{" + labels + "}") if labels else ("", "")
         for bound, count in zip((*map(_num, self.bounds), "+Inf"), self.counts):
             running += count
-            out.append(f'{name}_bucket{{le="{bound}"}} {running}')
-        return out + [f"{name}_sum {_num(self.total)}", f"{name}_count {running}"]
+            out.append(f'{name}_bucket{{{more}le="{bound}"}} {running}')
+        return out + [f"{name}_sum{own} {_num(self.total)}", f"{name}_count{own} {running}"]
 
 
 @dataclass
@@ -47,6 +52,13 @@ class EngineMetrics:
     token_latency: Histogram = field(default_factory=Histogram)
     batch_sequences: Histogram = field(
         default_factory=lambda: Histogram(bounds=BATCH_SEQUENCES_BUCKETS))
+    # a request's first token (the prefill's) and the tokens after it (decode), kept apart
+    prefill_latency: Histogram = field(default_factory=Histogram)
+    decode_latency: Histogram = field(default_factory=Histogram)
+    time_to_first_token: Histogram = field(
+        default_factory=lambda: Histogram(bounds=FIRST_TOKEN_BUCKETS_S))
+    theta: Histogram = field(default_factory=lambda: Histogram(bounds=THETA_BUCKETS))
+    theta_in_use: float = 0.0  # the last forward step's θ (mean over its tokens)
 
 
 def _num(value: float) -> str:
@@ -74,9 +86,12 @@ MOE_COUNTERS = (
 
 
 def render(engine: EngineMetrics, http_responses: dict[tuple[str, int], int], queue_depth: int,
-           agents: list[dict], moe: dict | None = None) -> str:
+           agents: list[dict], moe: dict | None = None, slots: tuple[int, int] | None = None
+           ) -> str:
     """The /metrics page: requests, tokens, token latency, queue, the MoE counters (`moe`: the
-    fields of dispatch.MoeStats) and every agent's figures (dicts of AgentLink.figures())."""
+    fields of dispatch.MoeStats) and every agent's figures (dicts of AgentLink.figures()).
+    `slots`: (routed, computed) top-k slots of every layer so far (the live recorder's), the
+    denominators of the drop rates."""
     lines: list[str] = []
 
     def metric(name: str, kind: str, help_: str, samples: list[tuple[str, float]]) -> None:
@@ -97,6 +112,26 @@ def render(engine: EngineMetrics, http_responses: dict[tuple[str, int], int], qu
     metric("wdmoe_queue_depth", "gauge", "requests waiting for the engine", [("", queue_depth)])
     for name, help_, key in MOE_COUNTERS if moe is not None else ():
         metric(name, "counter", help_, [("", moe[key])])
+    if slots is not None:  # drop rate: rate(experts_dropped) / rate(slots_routed)
+        metric("wdmoe_expert_slots_routed_total", "counter",
+               "top-k slots the routers chose, every MoE layer", [("", slots[0])])
+        metric("wdmoe_expert_slots_computed_total", "counter",
+               "top-k slots computed in the end (after theta and faults)", [("", slots[1])])
+    metric("wdmoe_theta_in_use", "gauge", "theta of the last forward step (mean over its "
+           "tokens)", [("", engine.theta_in_use)])
+    lines.extend(["# HELP wdmoe_request_theta theta of the requests admitted",
+                  "# TYPE wdmoe_request_theta histogram"])
+    lines.extend(engine.theta.lines("wdmoe_request_theta"))
+    lines.extend(["# HELP wdmoe_time_to_first_token_seconds from a request's arrival to its "
+                  "first token", "# TYPE wdmoe_time_to_first_token_seconds histogram"])
+    lines.extend(engine.time_to_first_token.lines("wdmoe_time_to_first_token_seconds"))
+    lines.extend(["# HELP wdmoe_token_phase_latency_seconds time per token: a sequence's "
+                  "first (phase prefill, from its admission) and the rest (phase decode)",
+                  "# TYPE wdmoe_token_phase_latency_seconds histogram"])
+    lines.extend(engine.prefill_latency.lines("wdmoe_token_phase_latency_seconds",
+                                              'phase="prefill"'))
+    lines.extend(engine.decode_latency.lines("wdmoe_token_phase_latency_seconds",
+                                             'phase="decode"'))
     lines.extend([("# HELP wdmoe_token_latency_seconds time per generated token (the first "
                    "includes the prefill)"), "# TYPE wdmoe_token_latency_seconds histogram"])
     lines.extend(engine.token_latency.lines("wdmoe_token_latency_seconds"))

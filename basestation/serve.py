@@ -1,6 +1,7 @@
 """`basestation serve`: the OpenAI API (chat, completions, models) over the engine, plus /health,
 /metrics (Prometheus) and /stats (JSON: per-agent figures, memory-budgeted agents' cache hits,
-misses and stalls included, and the MoE layers' counters).
+misses and stalls included, and the MoE layers' counters), and the live dashboard: the page at
+`/`, its state at /v1/wdmoe/state and /v1/wdmoe/events (live_routes.py).
 
 `http_edge` reads each body whole under its limits; handlers parse it, check it and tokenize it
 on a worker thread (a 4 MiB prompt takes seconds: never on the event loop or the engine's
@@ -31,9 +32,14 @@ from basestation.engine import Engine
 from basestation.engine_errors import EngineError
 from basestation.http_edge import EdgeApp, protocol_class, raise_fd_limit
 from basestation.jobs import Accepted, Delta, Failed, Finished, Job, Request
+from basestation.live_routes import LiveRoutes
+from basestation.live_tap import LiveTap
 
 DISCONNECT_CHECK_S = 0.25  # how often a non-streamed request checks that its client is there
-OPEN_PATHS = ("/health",)  # answered without the api key (load balancers)
+# answered without the api key: /health (load balancers), the dashboard's page and its static
+# files (they carry no data: the page asks for the key and sends it with its data requests)
+OPEN_PATHS = ("/health", "/")
+OPEN_PREFIXES = ("/dashboard/",)
 
 
 def http_error(error: api.ApiError | EngineError) -> api.ApiError:
@@ -65,8 +71,17 @@ class Server:
         self.responses: dict[tuple[str, int], int] = {}
         self._workers = ThreadPoolExecutor(limits.prepare_workers, thread_name_prefix="prepare")
         self._preparing = 0  # bodies given to the workers and not yet back (event loop only)
+        self.stopping = False  # set when the server shuts down: the event streams end
+        self.live: LiveTap | None = None  # the dashboard's recorder, attached by app()
 
     def app(self) -> EdgeApp:
+        """The ASGI app; attaches the live recorder to the engine's runtime (once)."""
+        if self.live is None:
+            engine = self.engine
+            self.live = LiveTap(engine.session.runtime,
+                                max(engine.session.base.moe_layers, default=-1) + 1,
+                                self.model_id, engine.defaults.theta).attach()
+            engine.live = self.live
         routes = [
             Route("/health", self.health),
             Route("/metrics", self.metrics),
@@ -74,9 +89,10 @@ class Server:
             Route("/v1/models", self.models),
             Route("/v1/chat/completions", self.chat, methods=["POST"]),
             Route("/v1/completions", self.completions, methods=["POST"]),
+            *LiveRoutes(self.live, lambda: self.stopping).routes(),
         ]
         edge = EdgeApp(Starlette(routes=routes), tuple(r.path for r in routes), self.limits,
-                       self.api_key, OPEN_PATHS, self.responses)
+                       self.api_key, OPEN_PATHS, self.responses, OPEN_PREFIXES)
         return edge
 
     def close(self) -> None:
@@ -95,8 +111,10 @@ class Server:
 
     async def metrics(self, request: HttpRequest) -> Response:
         runtime = self.engine.session.runtime
+        recorder = self.live.recorder if self.live is not None else None
         text = M.render(self.engine.metrics, dict(self.responses), self.engine.queue_depth,
-                        runtime.agent_figures(), dataclasses.asdict(runtime.stats))
+                        runtime.agent_figures(), dataclasses.asdict(runtime.stats),
+                        (recorder.slots_routed, recorder.slots_computed) if recorder else None)
         return PlainTextResponse(text, media_type="text/plain; version=0.0.4")
 
     async def stats(self, request: HttpRequest) -> Response:
@@ -326,11 +344,19 @@ def run_server(engine: Engine, model_id: str, host: str, port: int,
     max_connections = L.connection_cap(raise_fd_limit(), limits)
     config = uvicorn.Config(server.app(), log_level="warning", timeout_graceful_shutdown=3,
                             lifespan="off", http=protocol_class(limits, max_connections))
+    userver = uvicorn.Server(config)
+    original_exit = userver.handle_exit
+
+    def handle_exit(sig, frame) -> None:  # the event streams end first, then uvicorn waits
+        server.stopping = True
+        original_exit(sig, frame)
+
+    userver.handle_exit = handle_exit
     engine.start()
     print(f"basestation serve ready: http://{host}:{bound_port}/v1 model {model_id} "
           f"({len(engine.session.agents)} agents)", flush=True)
     try:
-        uvicorn.Server(config).run(sockets=[sock])
+        userver.run(sockets=[sock])
     finally:
         server.close()
         engine.stop()

@@ -4,13 +4,18 @@ loopback without shaping when not root), plus one `basestation generate` alone o
 as the baseline a single request must not fall behind.
 
     .venv/bin/python bench/serve.py [--model DIR] [--clients 1,2,4,8,16] [--tokens 32]
-                                    [--delay-ms 10] [--agents 6]
+                                    [--delay-ms 10] [--agents 6] [--page-rounds N]
 
 Each client sends one /v1/completions request (greedy, ignore_eos, `--tokens` new tokens) and the
 bench times from the first send to the last answer. The server decodes concurrent requests
 together (one forward pass, one request per agent per layer, per step), so the aggregate rate
 should grow almost linearly until the base station's own compute per step catches up with the
 links' round trips.
+
+`--page-rounds N` adds the dashboard's cost (issue 25): N rounds, each one client's rate with no
+page open, then with what an open page keeps running on the server (a reader of
+/v1/wdmoe/events at the page's 1 s interval, and one /v1/wdmoe/state), alternating, and the
+median ratio.
 """
 
 from __future__ import annotations
@@ -20,6 +25,7 @@ import json
 import os
 import shutil
 import socket
+import statistics
 import subprocess
 import sys
 import tempfile
@@ -88,6 +94,47 @@ def aggregate_tokens_per_s(port: int, clients: int, tokens: int) -> float:
     return sum(done) / elapsed
 
 
+class PageReader:
+    """What an open dashboard asks of the server: /v1/wdmoe/state once, then the event stream
+    read to the end (the server sends a snapshot every interval)."""
+
+    def __init__(self, port: int):
+        self.port, self.events, self._response = port, 0, None
+        self._thread = threading.Thread(target=self._read, daemon=True)
+
+    def __enter__(self) -> PageReader:
+        with urllib.request.urlopen(f"http://127.0.0.1:{self.port}/v1/wdmoe/state",
+                                    timeout=30) as reply:
+            json.load(reply)
+        self._response = urllib.request.urlopen(
+            f"http://127.0.0.1:{self.port}/v1/wdmoe/events?interval_s=1", timeout=30)
+        self._thread.start()
+        return self
+
+    def _read(self) -> None:
+        try:
+            for line in self._response:
+                if line.startswith(b"event: state"):
+                    self.events += 1
+        except (OSError, ValueError):
+            pass  # closed by __exit__
+
+    def __exit__(self, *exc) -> None:
+        self._response.close()
+        self._thread.join(5)
+
+
+def page_cost(port: int, tokens: int, rounds: int) -> tuple[list[float], list[float], int]:
+    """One client's tokens/s without and with a page open, alternating; the events read."""
+    without, with_page, events = [], [], 0
+    for _ in range(rounds):
+        without.append(aggregate_tokens_per_s(port, 1, tokens))
+        with PageReader(port) as page:
+            with_page.append(aggregate_tokens_per_s(port, 1, tokens))
+        events += page.events
+    return without, with_page, events
+
+
 def generate_alone_tokens_per_s(shards: str, roster: str, tokens: int, threads: int) -> float:
     result = subprocess.run([sys.executable, "-m", "basestation", "generate", "--shards", shards,
                              "--agents", roster, "--prompt", PROMPT, "--max-new-tokens",
@@ -107,6 +154,8 @@ def main() -> None:
     parser.add_argument("--tokens", type=int, default=32)
     parser.add_argument("--agents", type=int, default=6)
     parser.add_argument("--delay-ms", type=float, default=10.0, help="one way, every link")
+    parser.add_argument("--page-rounds", type=int, default=0,
+                        help="also measure an open dashboard's cost: N alternating rounds")
     args = parser.parse_args()
     counts = [int(c) for c in args.clients.split(",")]
 
@@ -128,6 +177,7 @@ def main() -> None:
         server = start_server(shards, bed.roster_path, port, threads)
         one_request(port, 4)  # warm up the links
         rates = {n: aggregate_tokens_per_s(port, n, args.tokens) for n in counts}
+        page = page_cost(port, args.tokens, args.page_rounds) if args.page_rounds else None
     finally:
         if server is not None:
             server.terminate()
@@ -143,6 +193,13 @@ def main() -> None:
         print(f"{n:3d} concurrent clients          {rates[n]:8.1f} tokens/s aggregate   "
               f"{rates[n] / base:5.2f}x {counts[0]} client(s)")
     print(f"one client vs generate alone: {rates[counts[0]] / alone:.2f}x")
+    if page:
+        without, with_page, events = page
+        ratios = sorted(w / o for w, o in zip(with_page, without))
+        print(f"dashboard open ({len(without)} alternating rounds, {events} state events read): "
+              f"1 client {statistics.median(without):.1f} tokens/s without, "
+              f"{statistics.median(with_page):.1f} with; median ratio "
+              f"{statistics.median(ratios):.3f} (rounds {', '.join(f'{r:.3f}' for r in ratios)})")
 
 
 if __name__ == "__main__":
