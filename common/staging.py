@@ -89,10 +89,12 @@ def _move_into_place(staging: str, dest: str, force: bool) -> None:
     shutil.rmtree(trash, ignore_errors=True)
 
 
-def write_file_atomic(path: str, data: bytes) -> None:
+def write_file_atomic(path: str, data: bytes, durable: bool = False) -> None:
     """PATH holds DATA whole, or what it held before: DATA goes to a staged file beside PATH
-    (same file system; the mode `open` gives under the umask), which is then renamed over it.
-    On any exception, Ctrl-C included, the staged file is removed. Raises OSError."""
+    (same file system; the mode `open` gives under the umask; a random name, so writers at
+    the same time never share one), which is then renamed over it. durable: on disk before
+    the rename (fsync), for what must survive a power cut. On any exception, Ctrl-C included,
+    the staged file is removed. Raises OSError."""
     parent, name = os.path.split(os.path.abspath(path))
     for _ in range(NAME_TRIES):
         staging = os.path.join(parent, f".{name}.{PARTIAL_TAG}-{secrets.token_hex(4)}")
@@ -106,6 +108,9 @@ def write_file_atomic(path: str, data: bytes) -> None:
     try:
         with os.fdopen(fd, "wb") as f:
             f.write(data)
+            if durable:
+                f.flush()
+                os.fsync(f.fileno())
         os.replace(staging, path)
     except BaseException:
         try:

@@ -37,6 +37,7 @@ import shutil
 from dataclasses import dataclass, replace
 
 from common.errors import ShardError
+from common.staging import write_file_atomic
 from shard_tool.manifest import (
     MANIFEST_NAME,
     FileEntry,
@@ -100,12 +101,7 @@ def session_over(session: _Session, now_s: float) -> str | None:
 
 
 def _write_atomic(path: str, data: bytes) -> None:
-    tmp = path + ".tmp"
-    with open(tmp, "wb") as f:
-        f.write(data)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
+    write_file_atomic(path, data, durable=True)
 
 
 def _fsync_dir(path: str) -> None:

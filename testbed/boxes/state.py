@@ -11,6 +11,7 @@ import json
 import os
 import shutil
 
+from common.staging import write_file_atomic
 from testbed.links.spec import TestbedError
 
 STATE_ENV = "WDMOE_SHAPE_STATE"
@@ -50,10 +51,8 @@ def load_state(state_dir: str, dev: str) -> dict | None:
 
 
 def save_state(state_dir: str, state: dict) -> None:
-    path = state_file(state_dir, state["dev"])
-    with open(path + ".tmp", "w") as f:
-        json.dump(state, f, indent=1)
-    os.replace(path + ".tmp", path)  # a crash leaves the old state or the new, never half
+    # a crash leaves the old state or the new, never half
+    write_file_atomic(state_file(state_dir, state["dev"]), json.dumps(state, indent=1).encode())
 
 
 def record_step(state: dict, state_dir: str, key: str, value) -> None:

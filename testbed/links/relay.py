@@ -29,6 +29,8 @@ import sys
 import threading
 import time
 
+from common.staging import write_file_atomic
+
 CHUNK_BYTES = 256 * 1024  # one recv; big enough that tens of MB/s cost few wake-ups
 MAX_QUEUED_BYTES = 64 * 1024 * 1024  # per direction; beyond this the reader stops reading
 SETTINGS_POLL_S = 0.01  # how soon a changed settings file takes effect (a stat per poll)
@@ -72,10 +74,7 @@ def write_json_settings(path: str, fields: dict, wait: bool) -> bool:
 
 def write_json_atomic(path: str, data: dict) -> None:
     """Readers see the old file or the new one, never half of one. Raises OSError."""
-    tmp = f"{path}.tmp{os.getpid()}"
-    with open(tmp, "w") as f:
-        json.dump(data, f)
-    os.replace(tmp, path)
+    write_file_atomic(path, json.dumps(data).encode())
 
 
 def read_if_changed(path: str, seen: tuple | None) -> tuple[dict | None, tuple | None]:
@@ -98,10 +97,7 @@ def read_if_changed(path: str, seen: tuple | None) -> tuple[dict | None, tuple |
 
 def confirm_applied(path: str, token: str) -> None:
     """Tell write_json_settings(wait=True) that the settings with TOKEN are in force."""
-    tmp = applied_path(path) + ".tmp"
-    with open(tmp, "w") as f:
-        f.write(token)
-    os.replace(tmp, applied_path(path))
+    write_file_atomic(applied_path(path), token.encode())
 
 
 class Settings:

@@ -6,6 +6,7 @@ from __future__ import annotations
 import json
 import os
 
+from common.staging import write_file_atomic
 from testbed.links.plan import LOOPBACK, ROOT
 from testbed.links.spec import LinkShape, TestbedError
 
@@ -33,11 +34,7 @@ def load_state(state_dir: str) -> dict | None:
 
 
 def save_state(state_dir: str, state: dict) -> None:
-    path = state_path(state_dir)
-    tmp = path + ".tmp"
-    with open(tmp, "w") as f:
-        json.dump(state, f, indent=1)
-    os.replace(tmp, path)
+    write_file_atomic(state_path(state_dir), json.dumps(state, indent=1).encode())
 
 
 def require_state(state_dir: str) -> dict:
