@@ -116,8 +116,8 @@ class PageReader:
             for line in self._response:
                 if line.startswith(b"event: state"):
                     self.events += 1
-        except (OSError, ValueError):
-            pass  # closed by __exit__
+        except (OSError, ValueError, AttributeError):
+            pass  # closed by __exit__ (http.client drops its file mid-read: AttributeError)
 
     def __exit__(self, *exc) -> None:
         self._response.close()
