@@ -1,7 +1,8 @@
 """`basestation chat`: a REPL over the tokenizer's chat template, tokens streamed as they come.
 
 Commands: /theta X, /temperature X|default, /stats, /devices, /reset, /quit. Ctrl-C stops the
-current answer only.
+current answer only. With --latency-target-ms each answer picks θ per token to hold its mean
+token latency on the target (a fresh controller per answer); /theta X sets θ instead.
 """
 
 from __future__ import annotations
@@ -29,10 +30,13 @@ def run_chat(session, args, read=input, write=print) -> int:
     tokenizer = session.base.tokenizer
     context = context_length(session.base.config, tokenizer)
     theta = session.theta  # this conversation's θ; /theta changes it
+    target_ms = getattr(args, "latency_target_ms", None)  # in place of θ; /theta ends it
     temperature = args.temperature  # None: the model's sampling defaults; 0: greedy
     messages: list[dict] = []
     totals = {"tokens": 0, "seconds": 0.0, "calls": 0, "dropped": 0, "faults": 0}
-    write(f"connected to {len(session.agents)} agents, theta {theta:g}. {HELP}")
+    write(f"connected to {len(session.agents)} agents, " + (
+        f"latency target {target_ms:g} ms" if target_ms is not None else f"theta {theta:g}")
+        + f". {HELP}")
     while True:
         try:
             line = read("you> ").strip()
@@ -56,7 +60,7 @@ def run_chat(session, args, read=input, write=print) -> int:
                 except ValueError:
                     write("usage: /theta X with 0 <= X <= 1")
                     continue
-                theta = new_theta
+                theta, target_ms = new_theta, None
                 write(f"theta = {theta:g}")
             elif command == "/temperature":
                 try:
@@ -96,7 +100,8 @@ def run_chat(session, args, read=input, write=print) -> int:
         sys.stdout.flush()
         result: GenerationResult = generate(
             session, input_ids, args.max_new_tokens, temperature, args.ignore_eos,
-            on_text=lambda piece: (sys.stdout.write(piece), sys.stdout.flush()), theta=theta)
+            on_text=lambda piece: (sys.stdout.write(piece), sys.stdout.flush()), theta=theta,
+            latency_target_ms=target_ms)
         write("")
         write(result.summary())
         messages.append({"role": "assistant", "content": result.text})

@@ -9,6 +9,7 @@ import signal
 import socket
 import sys
 
+from basestation.latency_target import MAX_TARGET_MS
 from basestation.roster import RosterError, build_roster
 from common.cli_args import (
     ArgumentParser,
@@ -19,6 +20,8 @@ from common.cli_args import (
     user_error,
 )
 from common.errors import ShardError
+
+THETA_DEFAULT = 0.0  # never drop
 
 
 class ExpertsLost(Exception):
@@ -49,7 +52,7 @@ def add_roster_args(p: argparse.ArgumentParser) -> None:
 def add_session_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--shards", required=True, metavar="DIR", help="split folder (shard_tool)")
     add_roster_args(p)
-    p.add_argument("--theta", type=number(0, 1), default=0.0,
+    p.add_argument("--theta", type=number(0, 1), default=THETA_DEFAULT,
                    help="WLR drop threshold (0: never drop)")
     p.add_argument("--latency", choices=("measured", "model"), default="measured",
                    help="measured links (default) or the paper's modeled channel")
@@ -101,6 +104,17 @@ def add_model_args(p: argparse.ArgumentParser, sample_by_default: bool = False) 
         p.add_argument("--temperature", type=temperature, default=0.0,
                        help="0: greedy")
     p.add_argument("--ignore-eos", action="store_true")
+    p.add_argument("--latency-target-ms", type=number(0, MAX_TARGET_MS, above=True),
+                   metavar="MS", help="pick θ per token to hold the mean token latency on MS "
+                   "(in place of --theta; a target below what θ = 0.5 gives is met as well "
+                   "as it can be)")
+
+
+def _check_target(args) -> None:
+    """--latency-target-ms replaces --theta: both given is refused (RosterError)."""
+    if args.latency_target_ms is not None and args.theta != THETA_DEFAULT:
+        raise RosterError(f"--theta {args.theta:g} and --latency-target-ms "
+                          f"{args.latency_target_ms:g}: give one (the target picks θ per token)")
 
 
 def _open(args, roster=None):
@@ -160,6 +174,7 @@ def cmd_generate(args) -> int:
 
     if not args.prompt:
         raise RosterError("--prompt is empty: give the text to continue")
+    _check_target(args)
     roster = _roster(args)  # the quick checks first
     tokenizer, context = _model_limits(args.shards)
     # verbose=False: a prompt past the tokenizer's max length is refused below in one line
@@ -171,7 +186,8 @@ def cmd_generate(args) -> int:
     try:
         stream = None if args.json else (lambda piece: print(piece, end="", flush=True))
         result = generate(session, input_ids, args.max_new_tokens, args.temperature,
-                          args.ignore_eos, on_text=stream, exact=args.exact)
+                          args.ignore_eos, on_text=stream, exact=args.exact,
+                          latency_target_ms=args.latency_target_ms)
         if args.exact and result.fault_drops:
             if stream is not None:
                 print()
@@ -197,6 +213,7 @@ def _lost(result) -> str:
 def cmd_chat(args) -> int:
     from basestation.chat import run_chat
 
+    _check_target(args)
     roster = _roster(args)  # the quick checks first
     _, context = _model_limits(args.shards)
     if args.max_new_tokens >= context:  # every answer needs at least one prompt token

@@ -6,7 +6,9 @@ MoE layer sends one request per agent carrying all of them. transformers' contin
 long prompts prefilled in chunks, finished and cancelled sequences leaving. We plug into it at
 two points:
 - a forward pre-hook maps the batch's tokens to their requests, so the MoE layers drop with
-  each request's θ and charge each request's own calls and drops (`ledger.py`);
+  each request's θ and charge each request's own calls and drops (`ledger.py`); a request
+  with a latency target gets, per sequence and step, the θ its controller picks
+  (`latency_target.py`), told each token's measured latency in `_advance`;
 - a continuous-batching logits processor (`sampler.BatchSampler`) picks every row's token with
   that request's own sampling and seed, and streams text, stop strings and logprobs.
 
@@ -44,6 +46,8 @@ from basestation.engine_errors import (
 )
 from basestation.generate import Sampling, prompt_logits
 from basestation.jobs import Accepted, Delta, Failed, Finished, Job, Request, emit
+from basestation.latency_target import Pacer, mean_theta, start
+from basestation.latency_target import report as target_report
 from basestation.ledger import RequestLedger, lost_message
 from basestation.metrics import EngineMetrics
 from basestation.openai_api import Defaults, completion_budget
@@ -73,6 +77,8 @@ class _Run:
     waits_ms: list[list[float]] = field(init=False)
     slowest: list[list[str | None]] = field(init=False)
     first_token_s: float | None = None  # time.monotonic() of its first token
+    # per choice, its latency target's controller; None: the request gave θ, not a target
+    pacers: list[Pacer] | None = None
     done: bool = False  # its last event (Finished or Failed) sent, or it was cancelled
 
     def __post_init__(self):
@@ -270,6 +276,8 @@ class Engine:
         emit(request, Accepted(prompt_tokens=prompt_tokens))
         runtime = self.session.runtime
         run = _Run(request, prompt_tokens, runtime.new_ledger(), [], [[] for _ in prompts])
+        if params.latency_target_ms is not None:
+            run.pacers = [Pacer(start(params.latency_target_ms)) for _ in prompts]
         for index, ids in enumerate(prompts):
             echo_text, prompt_lp = "", ([], [], [])
             if job.echo:
@@ -287,7 +295,8 @@ class Engine:
                 return
             self._runs[request.id] = run
             now, wait_s = time.perf_counter(), runtime.stats.network_s
-            self.metrics.theta.observe(params.theta)
+            if run.pacers is None:  # a target's θ is known when it finishes
+                self.metrics.theta.observe(params.theta)
             for index, (ids, budget) in enumerate(zip(prompts, budgets)):
                 if budget == 0:
                     run.decoders[index].finish_reason = "length"
@@ -413,8 +422,10 @@ class Engine:
                 owners.append(slot.setdefault(id(ledger), len(ledgers)))
                 if owners[-1] == len(ledgers):
                     ledgers.append(ledger)
-                thetas.append(sequence.run.request.job.params.theta if sequence
-                              else self.defaults.theta)
+                thetas.append(self.defaults.theta if sequence is None
+                              else sequence.run.request.job.params.theta
+                              if sequence.run.pacers is None
+                              else sequence.run.pacers[sequence.index].next_theta())
         self.metrics.batch_sequences.observe(len(batch))
         counts = torch.tensor(lengths)
         theta = thetas[0] if len(set(thetas)) == 1 else \
@@ -480,6 +491,8 @@ class Engine:
             run.first_token_s = time.monotonic()
             metrics.time_to_first_token.observe(run.first_token_s - run.request.submitted_s)
         latencies.append((now - sequence.last_s) * 1e3)
+        if run.pacers is not None:
+            run.pacers[sequence.index].token(latencies[-1])
         run.waits_ms[sequence.index].append((wait_s - sequence.last_wait_s) * 1e3)
         run.slowest[sequence.index].append(self.live.last_slowest() if self.live is not None else None)
         metrics.token_latency.observe(now - sequence.last_s)
@@ -532,8 +545,9 @@ class Engine:
         choices = tuple(decoder.choice() for decoder in run.decoders)
         completion_tokens = sum(c.completion_tokens for c in choices)
         ledger = run.ledger
+        params = run.request.job.params
         wdmoe = {
-            "theta": run.request.job.params.theta,
+            "theta": params.theta if run.pacers is None else mean_theta(run.pacers),
             "token_latency_ms": [round(t, 3) for per in run.latencies_ms for t in per],
             "time_to_first_token_ms": round((run.first_token_s - run.request.submitted_s) * 1e3,
                                             3) if run.first_token_s is not None else None,
@@ -545,6 +559,9 @@ class Engine:
             "failed_requests": ledger.failed_requests,
             "agents": ledger_figures(ledger, [a.figures() for a in self.session.agents]),
         }
+        if run.pacers is not None:
+            wdmoe["latency_target"] = target_report(params.latency_target_ms, run.pacers)
+            self.metrics.theta.observe(wdmoe["theta"])
         return Finished(choices=choices, prompt_tokens=run.prompt_tokens,
                         completion_tokens=completion_tokens, wdmoe=wdmoe)
 

@@ -1,11 +1,14 @@
 """Generation through the distributed model, with per-token timing and per-agent figures.
 
 Sampling, stopping and the KV cache are transformers' `generate`; a streamer timestamps each
-token as it comes (the first one includes the prefill).
+token as it comes (the first one includes the prefill). With a latency target, θ changes per
+token: hooks on the model run each forward pass inside `runtime.batch` at the θ the target's
+controller picks (`latency_target.py`), told each token's latency by the streamer.
 """
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import dataclasses
 import time
@@ -13,6 +16,9 @@ from dataclasses import dataclass, field
 from typing import Callable
 
 import torch
+
+from basestation.latency_target import Pacer, mean_theta, start
+from basestation.latency_target import report as target_report
 
 
 @dataclass
@@ -27,6 +33,10 @@ class GenerationResult:
     failed_requests: int  # agent requests that failed (no valid reply)
     agents: list[dict] = field(default_factory=list)
     interrupted: bool = False
+    # with a latency target: latency_target.report's figures (target_ms, achieved_mean_ms,
+    # thetas, feasible) and the mean θ its tokens ran at
+    latency_target: dict | None = None
+    mean_theta: float | None = None
     # raw logits of each generated token's step [V], when asked (output_logits); not in to_json
     step_logits: list[torch.Tensor] | None = field(default=None, repr=False)
 
@@ -49,7 +59,19 @@ class GenerationResult:
         return (f"[{len(self.token_ids)} tokens, {self.tokens_per_s:.1f} tokens/s, mean token "
                 f"latency {mean_ms:.1f} ms, experts dropped {self.experts_dropped} "
                 f"({share:.1f} %)" + faults_text(self.fault_drops, self.retries)
+                + target_text(self.latency_target, self.mean_theta)
                 + (", interrupted" if self.interrupted else "") + "]")
+
+
+def target_text(figures: dict | None, theta: float | None) -> str:
+    """", latency target 40 ms: achieved 41.2 ms at mean theta 0.21" for a summary line (", not
+    feasible" when even θ = 1/2 was too slow); empty without a target."""
+    if figures is None:
+        return ""
+    achieved = figures["achieved_mean_ms"]
+    return (f", latency target {figures['target_ms']:g} ms: achieved "
+            + ("-" if achieved is None else f"{achieved:.1f} ms") + f" at mean theta {theta:.3f}"
+            + ("" if figures["feasible"] else ", not feasible"))
 
 
 def faults_text(fault_drops: int, retries: int) -> str:
@@ -74,9 +96,11 @@ class StopOnFault:
 class TimingStreamer:
     """transformers streamer protocol (put/end): timestamps tokens, forwards text pieces."""
 
-    def __init__(self, tokenizer, on_text: Callable[[str], None] | None = None):
+    def __init__(self, tokenizer, on_text: Callable[[str], None] | None = None,
+                 on_latency: Callable[[float], None] | None = None):
         self.tokenizer = tokenizer
         self.on_text = on_text
+        self.on_latency = on_latency  # each token's latency (ms), as it comes
         self.token_ids: list[int] = []
         self.times_s: list[float] = []
         self._prompt_seen = False
@@ -90,6 +114,8 @@ class TimingStreamer:
             return
         self.token_ids.extend(value.reshape(-1).tolist())
         self.times_s.append(now)
+        if self.on_latency is not None:
+            self.on_latency((now - self.times_s[-2]) * 1e3)
         if self.on_text is not None:
             text = self.tokenizer.decode(self.token_ids, skip_special_tokens=True)
             if not text.endswith("\ufffd"):  # wait for a split multi-byte character
@@ -165,8 +191,11 @@ def generate(session, input_ids: torch.Tensor, max_new_tokens: int = 32,
              on_text: Callable[[str], None] | None = None,
              theta: float | None = None, *, sampling: Sampling | None = None,
              stopping_criteria: list | None = None,
-             output_logits: bool = False, exact: bool = False) -> GenerationResult:
-    """Run generation at this request's θ (default: the session's); Ctrl-C ends it early
+             output_logits: bool = False, exact: bool = False,
+             latency_target_ms: float | None = None) -> GenerationResult:
+    """Run generation at this request's θ (default: the session's), or with
+    `latency_target_ms` at the θ per token that holds the mean token latency on it (the
+    result's latency_target says how it went); Ctrl-C ends it early
     (the result says so). `temperature` None samples with the model's generation_config;
     `sampling`, when given, replaces `temperature` (its None fields keep the model's);
     `stopping_criteria` are transformers StoppingCriteria; `output_logits` keeps each step's
@@ -175,7 +204,9 @@ def generate(session, input_ids: torch.Tensor, max_new_tokens: int = 32,
     base = session.base
     runtime = session.runtime
     before = dataclasses.replace(runtime.stats)
-    streamer = TimingStreamer(base.tokenizer, on_text)
+    pacer = Pacer(start(latency_target_ms)) if latency_target_ms is not None else None
+    streamer = TimingStreamer(base.tokenizer, on_text,
+                              on_latency=pacer.token if pacer is not None else None)
     config = copy.deepcopy(base.model.generation_config)
     config.max_new_tokens = max_new_tokens
     config.pad_token_id = base.tokenizer.eos_token_id
@@ -206,8 +237,9 @@ def generate(session, input_ids: torch.Tensor, max_new_tokens: int = 32,
     interrupted = False
     output = None
     try:
-        with torch.inference_mode(), runtime.batch(theta=session.theta if theta is None
-                                                   else theta):
+        plan = paced(base.model, runtime, pacer) if pacer is not None else \
+            runtime.batch(theta=session.theta if theta is None else theta)
+        with torch.inference_mode(), plan:
             output = base.model.generate(input_ids.to(base.device), generation_config=config,
                                          streamer=streamer,
                                          attention_mask=torch.ones_like(input_ids), **extra)
@@ -226,8 +258,34 @@ def generate(session, input_ids: torch.Tensor, max_new_tokens: int = 32,
         failed_requests=stats.failed_requests - before.failed_requests,
         agents=[a.figures() for a in session.agents],
         interrupted=interrupted,
+        latency_target=target_report(latency_target_ms, [pacer]) if pacer is not None
+        else None,
+        mean_theta=mean_theta([pacer]) if pacer is not None else None,
         step_logits=[step[0].float().cpu() for step in output.logits][: len(token_ids)]
         if output_logits and output is not None else None)
+
+
+@contextlib.contextmanager
+def paced(model, runtime, pacer: Pacer):
+    """Inside, each forward pass of `model` runs at the θ `pacer` picks for it, as serve's
+    engine does it: a pre-hook enters `runtime.batch`, a hook that runs also when the forward
+    raised leaves it."""
+    step = contextlib.ExitStack()
+
+    def before(module, args, kwargs):
+        step.enter_context(runtime.batch(theta=pacer.next_theta()))
+
+    def after(module, args, kwargs, output):
+        step.close()
+
+    hooks = [model.register_forward_pre_hook(before, with_kwargs=True),
+             model.register_forward_hook(after, with_kwargs=True, always_call=True)]
+    try:
+        yield
+    finally:
+        for hook in hooks:
+            hook.remove()
+        step.close()
 
 
 def prompt_logits(session, input_ids: torch.Tensor, theta: float | None = None,

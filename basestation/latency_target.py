@@ -23,11 +23,12 @@ well as it can be (θ = 1/2) and `Choice.feasible` says so; never an error.
 
 from __future__ import annotations
 
-from dataclasses import dataclass, replace
+from dataclasses import dataclass, field, replace
 from typing import NamedTuple
 
 THETA_LADDER = tuple(round(0.05 * i, 2) for i in range(11))  # 0, 0.05, ..., 0.5
 EWMA_GAIN = 0.3  # weight of the newest token at its θ: links move within a few tokens
+MAX_TARGET_MS = 600_000.0  # ten minutes a token: beyond it a target is a typo, not a wish
 
 
 class Choice(NamedTuple):
@@ -103,3 +104,52 @@ def observe(state: TargetState, theta: float, latency_ms: float) -> TargetState:
     measured = state.measured_ms[:level] + (new,) + state.measured_ms[level + 1:]
     return replace(state, tokens=state.tokens + 1, spent_ms=state.spent_ms + latency_ms,
                    measured_ms=measured)
+
+
+@dataclass
+class Pacer:
+    """One sequence's controller over its tokens, for the loops that decode (serve's engine,
+    generate): `next_theta` before each forward step, `token` after each token with its
+    measured latency. Holds no clock. The first token is not observed: its latency is the
+    prompt's prefill (and, in serve, its wait in the queue), not what a token costs."""
+
+    state: TargetState
+    choice: Choice | None = None  # the last step's
+    thetas: list[float] = field(default_factory=list)  # per token, the θ it was decoded at
+    verdicts: list[bool] = field(default_factory=list)  # per token, Choice.feasible
+
+    def next_theta(self) -> float:
+        self.choice = choose(self.state)
+        return self.choice.theta
+
+    def token(self, latency_ms: float) -> None:
+        choice = self.choice if self.choice is not None else choose(self.state)
+        self.thetas.append(choice.theta)
+        self.verdicts.append(choice.feasible)
+        if len(self.thetas) > 1:
+            self.state = observe(self.state, choice.theta, latency_ms)
+
+
+def steady_feasible(verdicts: list[bool]) -> bool:
+    """Whether a sequence met its target as far as the controller knew: False when it said
+    infeasible for any token of the second half (the first half learns the link; one slow
+    token at the floor early on is not a verdict)."""
+    return all(verdicts[len(verdicts) // 2:])
+
+
+def report(target_ms: float, pacers: list[Pacer]) -> dict:
+    """A request's `latency_target` figures over its sequences (choice after choice):
+    achieved_mean_ms is the mean of the tokens the controller steered (each sequence's first
+    excluded), None when there were none."""
+    tokens = sum(p.state.tokens for p in pacers)
+    spent_ms = sum(p.state.spent_ms for p in pacers)
+    return {"target_ms": target_ms,
+            "achieved_mean_ms": round(spent_ms / tokens, 3) if tokens else None,
+            "thetas": [t for p in pacers for t in p.thetas],
+            "feasible": all(steady_feasible(p.verdicts) for p in pacers)}
+
+
+def mean_theta(pacers: list[Pacer]) -> float:
+    """The mean θ a request's tokens were decoded at (0 before any token)."""
+    thetas = [t for p in pacers for t in p.thetas]
+    return round(sum(thetas) / len(thetas), 4) if thetas else 0.0

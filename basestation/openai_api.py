@@ -5,8 +5,9 @@ directly. Every rejection is one `ApiError` carrying the HTTP status and OpenAI'
 `api_error` is the one place where the engine's own errors (`engine_errors`) get theirs.
 Unknown fields are ignored, as OpenAI's own clients send many; features that would change the
 answer and are not implemented (n > 1, chat logprobs) are refused rather than ignored. Our own
-fields: `theta`, `ignore_eos`, and `exact` (fail with 503 `expert_lost` when an expert is lost
-to a fault rather than answer without it).
+fields: `theta`, `latency_target_ms` (θ picked per token to hold the mean token latency on
+it; not with `theta`), `ignore_eos`, and `exact` (fail with 503 `expert_lost` when an expert is
+lost to a fault rather than answer without it).
 """
 
 from __future__ import annotations
@@ -23,6 +24,7 @@ from basestation.engine_errors import (
     GenerationFailed,
     Overloaded,
 )
+from basestation.latency_target import MAX_TARGET_MS
 
 MAX_LOGPROBS = 20  # top alternatives per token a request may ask for
 MAX_STOP_STRINGS = 16
@@ -101,6 +103,8 @@ class Params:
     # fail the request (503 expert_lost) rather than answer without an expert lost to a fault;
     # θ's drops are the request's own choice and never fail it
     exact: bool = False
+    # θ per token from this target (latency_target.py), in place of `theta`; None: `theta`
+    latency_target_ms: float | None = None
 
 
 @dataclass(frozen=True)
@@ -130,10 +134,12 @@ def _number(body: dict, name: str, low: float, high: float) -> float | None:
     value = body.get(name)
     if value is None:
         return None
-    if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
+    # an int is finite however long (math.isfinite overflowed on a 400-digit one: a 500)
+    if isinstance(value, bool) or not isinstance(value, (int, float)) \
+            or (isinstance(value, float) and not math.isfinite(value)):
         raise invalid(name, f"expected a number, got {_shown(value)}")
     if not low <= value <= high:
-        raise invalid(name, f"{value!r} is outside [{low:g}, {high:g}]")
+        raise invalid(name, f"{_shown(value)} is outside [{low:g}, {high:g}]")
     return float(value)
 
 
@@ -205,6 +211,9 @@ def _params(body: dict, defaults: Defaults, max_tokens_low: int, *names: str) ->
         if value is not None:
             max_tokens = value
     theta = _number(body, "theta", 0.0, 1.0)
+    target_ms = _latency_target(body)
+    if theta is not None and target_ms is not None:
+        raise invalid("latency_target_ms", "give theta or latency_target_ms, not both")
     temperature = _number(body, "temperature", 0.0, 2.0)
     if temperature is not None and temperature < MIN_TEMPERATURE:
         temperature = 0.0
@@ -212,7 +221,23 @@ def _params(body: dict, defaults: Defaults, max_tokens_low: int, *names: str) ->
                   top_p=_number(body, "top_p", 1e-9, 1.0),
                   seed=_integer(body, "seed", *SEED_RANGE), stop=_stop(body),
                   ignore_eos=_flag(body, "ignore_eos"),
-                  theta=defaults.theta if theta is None else theta, exact=_flag(body, "exact"))
+                  # a target starts exact (θ = 0) and its controller takes it from there
+                  theta=0.0 if target_ms is not None else defaults.theta if theta is None
+                  else theta, exact=_flag(body, "exact"), latency_target_ms=target_ms)
+
+
+def _latency_target(body: dict) -> float | None:
+    value = body.get("latency_target_ms")
+    if value is None:
+        return None
+    # an int is finite however long (math.isfinite would overflow on a 400-digit one)
+    if isinstance(value, bool) or not isinstance(value, (int, float)) \
+            or (isinstance(value, float) and not math.isfinite(value)):
+        raise invalid("latency_target_ms", f"expected a number, got {_shown(value)}")
+    if not 0 < value <= MAX_TARGET_MS:
+        raise invalid("latency_target_ms", f"{_shown(value)}: must be > 0 and <= "
+                      f"{MAX_TARGET_MS:g}")
+    return float(value)
 
 
 def _object(body) -> dict:
