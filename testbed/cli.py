@@ -209,29 +209,10 @@ def print_eval(folder: str) -> None:
         by_scenario.setdefault(row["scenario"], []).append(row)
     for rows in by_scenario.values():
         print(markdown(sorted(rows, key=lambda r: r["theta"])) + "\n")
+    from testbed.experiments.report_page import write_report_html
+
     for path in write_tables(folder) + draw(folder) + [write_report_html(folder)]:
         print(f"wrote {path}")
-
-
-def write_report_html(folder: str) -> str:
-    """FOLDER/report.html (`report_html`) from its records and the Fig. 3 PNGs `draw` wrote
-    there, staged then renamed into place; its path. Raises OSError, TestbedError."""
-    from common.staging import write_file_atomic
-    from testbed.experiments import report_html
-    from testbed.experiments.report import read_results
-
-    rows = read_results(folder)
-    figures = {}
-    for name in dict.fromkeys(r["scenario"] for r in rows):
-        try:
-            with open(os.path.join(folder, report_html.fig3_name(name)), "rb") as f:
-                figures[report_html.fig3_name(name)] = f.read()
-        except FileNotFoundError:
-            pass  # the page says so
-    path = os.path.join(folder, "report.html")
-    page = report_html.page(rows, figures, title=os.path.abspath(folder))
-    write_file_atomic(path, page.encode())
-    return path
 
 
 def cmd_report(args) -> int:

@@ -21,6 +21,7 @@ from testbed.experiments.cpu_share import base_station_threads
 from testbed.experiments.eval_report import draw, markdown, policy_table, write_tables
 from testbed.experiments.evaluate import LATENCY_PROMPTS, EvalConfig, run_eval
 from testbed.experiments.report import read_results
+from testbed.experiments.report_page import write_report_html
 from testbed.models.make_model import ModelSpec, make_model
 
 TESTBED_DIR = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))  # testbed/
@@ -63,7 +64,7 @@ def run_demo(out: str, scenario: str = "paper") -> int:
     rows = sorted(read_results(results_dir), key=lambda r: r["theta"])
     print()
     print(markdown(rows))
-    for path in write_tables(results_dir) + draw(results_dir):
+    for path in write_tables(results_dir) + draw(results_dir) + [write_report_html(results_dir)]:
         print(f"wrote {path}")
     print(f"records: {os.path.join(results_dir, 'results.jsonl')}")
     print()
