@@ -18,10 +18,12 @@ import torch
 
 from basestation.channel_model import comm_bytes
 from basestation.ledger import RequestLedger
-from basestation.link_estimator import LinkSample
+from basestation.link_estimator import LinkSample, update
 from basestation.liveness import AgentLink
 
 log = logging.getLogger("basestation")
+
+ASSIGN_CACHE_SETS = 1024  # expert sets whose assignment is kept (AgentTable.assign)
 
 
 @dataclass
@@ -75,6 +77,7 @@ class AgentTable:
         self.stats = MoeStats()
         self.liveness_changes = 0  # agents turned dead or back alive
         self._boxes: Boxes | None = None
+        self._assigned: dict[tuple[int, ...], tuple] = {}  # assign's, for the liveness now
 
     def request_bytes(self, tokens: int) -> int:
         """Bytes of a request carrying `tokens` activations, and of its reply (Eq. 5)."""
@@ -106,7 +109,20 @@ class AgentTable:
     def assign(self, experts) -> tuple[dict[int, tuple[AgentLink, list[int]]], list[int],
                                         set[int]]:
         """Experts (ascending) -> ({id(agent): (agent, its experts)} for live holders, the
-        experts the fallback computes, the experts no one can compute)."""
+        experts the fallback computes, the experts no one can compute: a new set, the others
+        are shared and read only). Cached per expert set until an agent dies or comes back:
+        decode asks for the same few sets layer after layer."""
+        key = tuple(experts)
+        assigned = self._assigned.get(key)
+        if assigned is None:
+            if len(self._assigned) >= ASSIGN_CACHE_SETS:  # prefill's sets are many: bounded
+                self._assigned.clear()
+            by_agent, local, unheld = self._assign(key)
+            assigned = self._assigned[key] = (by_agent, local, frozenset(unheld))
+        return assigned[0], assigned[1], set(assigned[2])
+
+    def _assign(self, experts) -> tuple[dict[int, tuple[AgentLink, list[int]]], list[int],
+                                         set[int]]:
         by_agent: dict[int, tuple[AgentLink, list[int]]] = {}
         local: list[int] = []
         unheld: set[int] = set()
@@ -130,6 +146,7 @@ class AgentTable:
         self.stats.failed_requests += 1
         if agent.mark_failed(now_s):
             self._boxes = None
+            self._assigned = {}
             self.liveness_changes += 1
             log.warning("agent %s failed (%s): its experts are dropped until it answers again",
                         agent.name, why)
@@ -137,11 +154,15 @@ class AgentTable:
     def answered(self, agent: AgentLink, sample: LinkSample, cache) -> None:
         """A valid expert reply: the link estimate learns, the counters count. `cache`: the
         reply's cache figures (a memory-budgeted agent's), else None."""
-        agent.learn(sample)
-        agent.calls += sample.tokens
+        tokens = sample.tokens
+        if tokens and agent.cold_replies:  # AgentLink.learn inlined (it runs per reply)
+            agent.cold_replies -= 1
+        else:
+            agent.state = update(agent.state, sample)
+        agent.calls += tokens
         agent.compute_s_total += sample.compute_s
         agent.last_used_s = sample.time_s
-        self.stats.expert_calls += sample.tokens
+        self.stats.expert_calls += tokens
         if cache is not None:
             agent.cache = cache  # parsed by the reply's decode (protocol.cache_figures)
 
@@ -151,6 +172,7 @@ class AgentTable:
             agent.alive = True
             agent.backoff.reset(now_s)
             self._boxes = None
+            self._assigned = {}
             self.liveness_changes += 1
 
     def count_drops(self, dropped: list[int], held: list[bool] | None) -> None:

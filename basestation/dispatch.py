@@ -21,11 +21,12 @@ import time
 from dataclasses import dataclass
 from typing import NamedTuple
 
+import numpy as np
 import torch
 
 from basestation import link_estimator as links
 from basestation.agents import AgentTable, MoeStats
-from basestation.liveness import AgentLink, Prober, sane_compute_s
+from basestation.liveness import CLOCK_SLACK_S, AgentLink, Prober, sane_compute_s
 from basestation.routing import ExpertOutput, Groups
 from edge_agent.expert_math import expert_forward
 from wire import messages as M
@@ -50,10 +51,16 @@ class _Pending:
     sent_s: float
     nbytes: int
     tokens: int
-    expected_by_s: float  # the estimate's deadline: past it, the agent is looked at
+    # the estimate's deadline: past it, the agent is looked at (once late: the next look at
+    # its connection, LATE_LOOK_S after the last). Until `estimated`, the least
+    # deadline any estimate gives (sent_s + the floor): a reply almost always comes first, so
+    # the estimate's own is worked out only when that passes (_estimate)
+    expected_by_s: float
     cap_s: float  # the longest a request of this size is waited for, whatever the estimate
     request: torch.Tensor  # [n, H] what was sent: the bounds of its reply rows (refused)
+    state: links.LinkState  # the agent's estimate when sent, for its deadline
     late: bool = False
+    estimated: bool = False
 
 
 _WIDE_FLOATS = (torch.float32, torch.float64)  # dtypes whose norm needs no wider sum
@@ -83,12 +90,22 @@ def out_of_bounds(y: torch.Tensor, bound: torch.Tensor | float) -> bool:
 
 
 _GAIN = torch.tensor(MAX_EXPERT_GAIN)  # the bound of a row whose input's norm is at most 1
+# a row whose sum of squares is under this is within MAX_EXPERT_GAIN however vector_norm rounds
+# its float32 sum (at most ~n * 2^-24 relative, n = H: 1e-3 covers H up to ~16000)
+_CLEARLY_WITHIN_GAIN_SQUARED = (MAX_EXPERT_GAIN * (1 - 1e-3)) ** 2
 
 
 def refused(y: torch.Tensor, request: torch.Tensor) -> bool:
     """out_of_bounds(y, reply_bounds(request)), looking at the request only when a reply row
     is over MAX_EXPERT_GAIN, the least bound of any row (an input's norm is floored at 1)."""
     if y.shape[0] == 1:  # decode: _norms inlined, on a Python float (called per reply)
+        if y.dtype == torch.float32 and y.is_cpu and not y.requires_grad:
+            # numpy's sum of squares, in float64 (float32 squares cannot overflow it: no
+            # warning for a rogue's 1e30), is ~1 us cheaper than vector_norm; it rounds
+            # otherwise, so it only lets through rows far inside the bound (NaN, inf fall through)
+            row = y.numpy()[0].astype(np.float64)
+            if row.dot(row) <= _CLEARLY_WITHIN_GAIN_SQUARED:
+                return False
         norm = float(torch.linalg.vector_norm(y) if y.dtype in _WIDE_FLOATS else
                      torch.linalg.vector_norm(y, dtype=torch.float32))
         if norm <= MAX_EXPERT_GAIN:
@@ -109,14 +126,14 @@ def give_up_reason(now_s: float, cap_s: float, connected) -> str | None:
     return None
 
 
-def _next_look_s(pending, now_s: float) -> float:
-    """When the gather must next look at its pending requests: the earliest estimate's
-    deadline, or soon when one is already late (to notice a connection that went away)."""
+def _next_wake_s(pending) -> float:
+    """When the gather must next look at its pending requests: the earliest `expected_by_s`
+    (an estimate's deadline; for a late request, its next look at the connection, LATE_LOOK_S
+    after the last) or cap. Taken again only when the pending requests change."""
     wake_s = math.inf
     for entry in pending:
-        look_s = entry.expected_by_s if not entry.late else now_s + LATE_LOOK_S
-        if look_s < wake_s:
-            wake_s = look_s
+        if entry.expected_by_s < wake_s:
+            wake_s = entry.expected_by_s
         if entry.cap_s < wake_s:
             wake_s = entry.cap_s
     return wake_s
@@ -142,7 +159,8 @@ class Dispatcher:
         self.wire_dtype = wire_dtype
         self.stats: MoeStats = table.stats
         self.hidden_size = table.hidden_size
-        self._caps_s: dict[int, float] = {}  # request rows -> its deadline cap (deadline_cap_s)
+        # request rows -> (its bytes each way, its deadline cap: deadline_cap_s)
+        self._sizes: dict[int, tuple[int, float]] = {}
 
     def run(self, layer: int, x: torch.Tensor, groups: Groups, hints: dict | None = None
             ) -> Gathered:
@@ -156,7 +174,10 @@ class Dispatcher:
         hints = dict(hints) if hints else None  # taken as they are sent
         pending: dict[int, _Pending] = {}
         probe_replies: list = []
-        start = time.perf_counter()
+        # bound once: this runs per layer call, the loops per request and reply
+        perf_counter, client, sizes = time.perf_counter, self.client, self._sizes
+        send_expert, wire_dtype = client.send_expert, self.wire_dtype
+        start = perf_counter()
         decode = x.shape[0] == 1
         for agent, experts in by_agent.values():
             if decode and len(experts) == 1:
@@ -168,60 +189,63 @@ class Dispatcher:
                     torch.cat([groups[e][0] for e in experts])
                 request, n_rows = x[rows], rows.shape[0]
             hint = hints.pop(id(agent), None) if hints else None
-            sent_s = time.perf_counter()  # before the send: the agent may answer before it returns
+            sent_s = perf_counter()  # before the send: the agent may answer before it returns
             try:
-                request_id = self.client.send_expert(
-                    agent.peer, layer, request, counts, wire_dtype=self.wire_dtype,
-                    prefetch=hint[1] if hint is not None else None)
+                request_id = send_expert(agent.peer, layer, request, counts, wire_dtype=wire_dtype,
+                                         prefetch=hint[1] if hint is not None else None)
             except PeerUnreachable:
-                table.fail(agent, "unreachable", time.perf_counter())
+                table.fail(agent, "unreachable", perf_counter())
                 failed.update(experts)
                 continue
-            nbytes = table.request_bytes(n_rows)
-            cap_s = self._caps_s.get(n_rows)
-            if cap_s is None:  # a function of the request's size alone: once per size
-                cap_s = self._caps_s[n_rows] = links.deadline_cap_s(nbytes, nbytes, n_rows, 1)
-            pending[request_id] = _Pending(
-                agent, counts, sent_s, nbytes, n_rows,
-                sent_s + links.deadline_s(agent.state, nbytes, nbytes, n_rows, 1,
-                                          links.DEFAULT_CONFIG, cap_s),
-                sent_s + cap_s, request)
+            size = sizes.get(n_rows)
+            if size is None:  # functions of the request's size alone: once per size
+                nbytes = table.request_bytes(n_rows)
+                cap_s = links.deadline_cap_s(nbytes, nbytes, n_rows, 1)
+                # deadline_s is never under its floor, nor over the cap
+                size = sizes[n_rows] = (nbytes, cap_s, min(links.DEFAULT_CONFIG.deadline_floor_s,
+                                                           cap_s))
+            nbytes, cap_s, soonest_s = size
+            pending[request_id] = _Pending(agent, counts, sent_s, nbytes, n_rows,
+                                           sent_s + soonest_s, sent_s + cap_s, request,
+                                           agent.state)
         if hints:
             self._send_prefetch(hints)
         outputs: list[ExpertOutput] = []
         for expert in local:  # outage fallback: compute here while the agents work
             outputs.append(self._compute_locally(layer, x, expert, groups[expert]))
+        recv, in_probes = client.recv, self.probes_in_flight
+        wake_s = _next_wake_s(pending.values())
         while pending:
-            now_s = time.perf_counter()
-            look_s = _next_look_s(pending.values(), now_s)
-            if now_s >= look_s:  # also while replies keep coming
+            now_s = perf_counter()
+            if now_s >= wake_s:  # also while replies keep coming
+                if self._estimate(pending.values()):  # the floor passed: the real deadlines
+                    wake_s = _next_wake_s(pending.values())
+                    continue
                 self._look_at_late(pending, failed, now_s)
+                wake_s = _next_wake_s(pending.values())
                 continue
-            reply = self.client.recv(look_s - now_s)
+            reply = recv(wake_s - now_s)
             if reply is None:
                 continue
-            arrived_s = time.perf_counter()
+            arrived_s = perf_counter()
             request_id = reply.header.get("id")  # Reply.id, without the property's call
-            if request_id in self.probes_in_flight:
+            if request_id in in_probes:
                 probe_replies.append((reply, arrived_s))
                 continue
             # the pending request it answers, from the agent asked (no longer pending then)
             entry = pending.get(request_id) if request_id is not None else None
             if entry is None or reply.peer != entry.agent.peer:
-                self.client.count_late()  # late, or not from the agent asked: ignored
+                client.count_late()  # late, or not from the agent asked: ignored
                 continue
             del pending[request_id]
-            checked = self._check(reply, entry.tokens, arrived_s - entry.sent_s, entry.request)
-            if isinstance(checked, str):
+            if pending:
+                wake_s = _next_wake_s(pending.values())
+            y = self._take(reply, entry, arrived_s)
+            if isinstance(y, str):
                 self.stats.invalid_replies += 1
-                table.fail(entry.agent, checked, arrived_s)
+                table.fail(entry.agent, y, arrived_s)
                 failed.update(e for e, _ in entry.counts)
                 continue
-            y, compute_s = checked
-            nbytes = entry.nbytes
-            table.answered(entry.agent, links.LinkSample(  # positional: half the cost
-                arrived_s - entry.sent_s, compute_s, nbytes, nbytes, entry.tokens, 1, arrived_s),
-                reply.message.cache)
             if y.dtype != x.dtype:
                 y = y.to(x.dtype)
             counts = entry.counts
@@ -233,8 +257,20 @@ class Dispatcher:
             for (expert, _), part in zip(counts, y.split([n for _, n in counts])):
                 token_idx, slot = groups[expert]
                 outputs.append((expert, token_idx, slot, part))
-        self.stats.network_s += time.perf_counter() - start
+        self.stats.network_s += perf_counter() - start
         return Gathered(outputs, failed, probe_replies)
+
+    def _estimate(self, entries) -> bool:
+        """Give the entries still holding the floor their estimate's deadline (the one the
+        estimate at the send gives); returns whether there were any."""
+        changed = False
+        for entry in entries:
+            if not entry.estimated:
+                nbytes, cap_s, _ = self._sizes[entry.tokens]
+                entry.expected_by_s = entry.sent_s + links.deadline_s(
+                    entry.state, nbytes, nbytes, entry.tokens, 1, links.DEFAULT_CONFIG, cap_s)
+                entry.estimated = changed = True
+        return changed
 
     def _send_prefetch(self, hints: dict) -> None:
         """The hints of agents this layer does not call, as PREFETCH messages."""
@@ -269,29 +305,39 @@ class Dispatcher:
                 if not entry.late:
                     entry.late = True
                     self.stats.late_replies_waited += 1
+                # looked at again soon: a connection that goes while it is late is noticed
+                # within LATE_LOOK_S, not at the cap
+                entry.expected_by_s = now_s + LATE_LOOK_S
                 continue
             del pending[request_id]
             self.table.fail(entry.agent, why, now_s)
             failed.update(e for e, _ in entry.counts)
 
-    def _check(self, reply, tokens: int, round_trip_s: float, request: torch.Tensor
-               ) -> tuple[torch.Tensor, float] | str:
-        """The reply's [n, H] tensor and compute seconds, or why it is not a valid answer to
-        this request."""
+    def _take(self, reply, entry: _Pending, arrived_s: float) -> torch.Tensor | str:
+        """The reply's [n, H] tensor, the agent's estimate and counters taught by it (one call
+        per reply: decode has the base station's tightest budget); or why it is not a valid
+        answer to this request, nothing learnt."""
         try:
             message = reply.message  # decoded once, every field checked (wire/messages.py)
         except (P.ProtocolError, ValueError, TypeError, RuntimeError) as e:
             return f"malformed {reply.kind} reply ({e})"
         if not isinstance(message, M.ExpertReply):
             return f"{reply.kind} reply: {str(getattr(message, 'message', ''))[:80]}"
-        compute_s = sane_compute_s(message.compute_s, round_trip_s)
-        if compute_s is None:
-            return f"compute_s {str(message.compute_s)[:20]} is not believable"
+        round_trip_s = arrived_s - entry.sent_s
+        compute_s = message.compute_s
+        # sane_compute_s inlined for a float (NaN and inf fail the comparisons), else called
+        if type(compute_s) is not float or not 0.0 <= compute_s <= round_trip_s + CLOCK_SLACK_S:
+            compute_s = sane_compute_s(compute_s, round_trip_s)
+            if compute_s is None:
+                return f"compute_s {str(message.compute_s)[:20]} is not believable"
         y = message.tensor
         rows, width = y.shape  # [n, H]: the decode made it two-dimensional
-        if rows != tokens or width != self.hidden_size:
-            return f"shape {list(y.shape)}, asked for {[tokens, self.hidden_size]}"
-        if refused(y, request):
+        if rows != entry.tokens or width != self.hidden_size:
+            return f"shape {list(y.shape)}, asked for {[entry.tokens, self.hidden_size]}"
+        if refused(y, entry.request):
             return ("values a layer cannot produce (non-finite, or a row over "
                     f"{MAX_EXPERT_GAIN:g}x its input's norm)")
-        return y, compute_s
+        nbytes = entry.nbytes
+        self.table.answered(entry.agent, links.LinkSample(  # positional: half the cost
+            round_trip_s, compute_s, nbytes, nbytes, rows, 1, arrived_s), message.cache)
+        return y

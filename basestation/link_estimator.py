@@ -116,20 +116,24 @@ def _ewma(old: float, sample: float, gain: float, first: bool) -> float:
 def update(
     state: LinkState, sample: LinkSample, config: LinkEstimatorConfig = DEFAULT_CONFIG
 ) -> LinkState:
-    """The state after one sample. Throughput first (from the old base RTT), then the base RTT."""
-    network_s = max(sample.round_trip_s - sample.compute_s, 0.0)
-    payload_bytes = sample.request_bytes + sample.reply_bytes
+    """The state after one sample. Throughput first (from the old base RTT), then the base RTT.
+    (Runs for every reply: both tuples are unpacked once, and `b if b > a else a` is max(a, b)
+    without the call, NaN included.)"""
+    (srtt_s, rttvar_s, throughput, compute, samples, throughput_samples, compute_samples,
+     _) = state
+    round_trip_s, compute_s, request_bytes, reply_bytes, tokens, experts, time_s = sample
+    network_s = round_trip_s - compute_s
+    network_s = 0.0 if 0.0 > network_s else network_s
+    payload_bytes = request_bytes + reply_bytes
 
     # Throughput: transfer = network - base RTT, trusted only once the base RTT is a measurement
     # and the transfer clears the RTT's own noise. Independently, if the bytes moved faster than
     # the current estimate allows, bytes / network is a sure lower bound: take it.
-    throughput = state.throughput_bytes_per_s
-    throughput_samples = state.throughput_samples
     if payload_bytes > 0:
-        transfer_s = network_s - state.srtt_s
-        noise_s = max(config.rttvar_k * state.rttvar_s, config.min_transfer_s)
+        transfer_s = network_s - srtt_s
+        noise_s = max(config.rttvar_k * rttvar_s, config.min_transfer_s)
         rate_sample = None
-        if state.samples > 0 and transfer_s > noise_s:
+        if samples > 0 and transfer_s > noise_s:
             rate_sample = payload_bytes / transfer_s
         elif network_s > 0 and payload_bytes / throughput > network_s:
             rate_sample = payload_bytes / network_s
@@ -142,24 +146,23 @@ def update(
             throughput_samples += 1
 
     # Base RTT: what is left of the network time after the transfer (RFC 6298 Section 2).
-    rtt_sample = max(network_s - payload_bytes / throughput, 0.0)
-    if state.samples == 0:
+    rtt_sample = network_s - payload_bytes / throughput
+    rtt_sample = 0.0 if 0.0 > rtt_sample else rtt_sample
+    if samples == 0:
         srtt, rttvar = rtt_sample, rtt_sample / 2
     else:
-        rtt_sample = min(rtt_sample, config.max_step_ratio * (state.srtt_s + state.rttvar_s)
-                         + config.min_transfer_s)
+        rtt_cap_s = config.max_step_ratio * (srtt_s + rttvar_s) + config.min_transfer_s
+        rtt_sample = rtt_cap_s if rtt_cap_s < rtt_sample else rtt_sample  # min(sample, cap)
         beta = config.rttvar_beta
-        alpha = config.recovery_alpha if rtt_sample < state.srtt_s else config.rtt_alpha
-        rttvar = (1 - beta) * state.rttvar_s + beta * abs(state.srtt_s - rtt_sample)
-        srtt = (1 - alpha) * state.srtt_s + alpha * rtt_sample
+        alpha = config.recovery_alpha if rtt_sample < srtt_s else config.rtt_alpha
+        rttvar = (1 - beta) * rttvar_s + beta * abs(srtt_s - rtt_sample)
+        srtt = (1 - alpha) * srtt_s + alpha * rtt_sample
 
     # Compute speed: seconds per (token, expert) pair, from the agent's own timing.
-    compute = state.compute_s_per_token_expert
-    compute_samples = state.compute_samples
-    pairs = sample.tokens * sample.experts
+    pairs = tokens * experts
     if pairs > 0:
         first = compute_samples == 0
-        per_pair_s = sample.compute_s / pairs
+        per_pair_s = compute_s / pairs
         if not first:
             per_pair_s = min(per_pair_s, config.max_step_ratio * compute)
         gain = config.recovery_alpha if per_pair_s < compute else config.compute_alpha
@@ -167,8 +170,8 @@ def update(
         compute_samples += 1
 
     # every field anew, in LinkState's field order (positional: keywords cost a third more)
-    return LinkState(srtt, rttvar, throughput, compute, state.samples + 1, throughput_samples,
-                     compute_samples, sample.time_s)
+    return LinkState(srtt, rttvar, throughput, compute, samples + 1, throughput_samples,
+                     compute_samples, time_s)
 
 
 def expected_time_s(
@@ -193,7 +196,10 @@ def deadline_s(
     estimate, at least the floor, at most `deadline_cap_s` of this request (`cap_s`, when the
     caller has it already: it depends on the request alone)."""
     transfer_s = (request_bytes + reply_bytes) / state.throughput_bytes_per_s
-    rest_s = expected_time_s(state, request_bytes, reply_bytes, tokens, experts) - transfer_s
+    # expected_time_s(...) - transfer_s, its sum spelt out in its order (the same float): this
+    # runs for every request sent
+    rest_s = (state.srtt_s + transfer_s
+              + state.compute_s_per_token_expert * tokens * experts) - transfer_s
     bound = (rest_s * (1 + config.deadline_slack_ratio)
              + transfer_s * config.deadline_transfer_ratio + config.rttvar_k * state.rttvar_s)
     if cap_s is None:

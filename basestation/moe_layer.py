@@ -86,6 +86,12 @@ class MoeRuntime:
         # before_dispatch(layer, box_of_expert, experts, keep): called after selection, before
         # the layer's requests leave (the testbed's shared cell takes its allocation here)
         self.before_dispatch = None
+        # on_computed(layer, experts [T, K], final experts [T, K], computed [T, K]): after the
+        # replies and any retry, which slots were computed in the end (the live dashboard)
+        self.on_computed = None
+        # box_latency_override(layer, boxes, experts, weights, theta) -> [B] latencies for the
+        # selector in place of box_latency_s (the testbed's joint cell: WLR on its allocation)
+        self.box_latency_override = None
         # memory-budgeted agents (info has memory_budget) get prefetch hints (set_prefetch; on
         # when there are any); the table keeps their replies' cache figures (AgentLink.cache)
         self.predictor = RoutePredictor(table.num_experts)
@@ -147,22 +153,31 @@ class MoeRuntime:
         """x [T, H]; the router's experts [T, K] and weights [T, K] -> the experts' weighted
         sum [T, H]."""
         plan, boxes = self._plan, self.table.boxes()
+        # decode-sized routing on the CPU is read as Python lists once, for the selector, the
+        # grouping and the drop count (each would otherwise convert the tensor again)
+        rows = experts.tolist() if experts.numel() <= SMALL_SELECTION and experts.is_cpu \
+            else None
         hints = self._hints(layer, experts) if self.prefetching else None
-        t = self.box_latency_s(boxes, experts) if plan.dropping else None
+        t = None
+        if plan.dropping:  # an override (the testbed's joint cell) selects on its own model
+            t = self.box_latency_s(boxes, experts, rows) if self.box_latency_override is None \
+                else self.box_latency_override(layer, boxes, experts, weights, plan.theta)
         selection = select(experts, weights, boxes.box_of_expert, t,
-                           plan.theta if plan.dropping else 0.0, boxes.available)
+                           plan.theta if plan.dropping else 0.0, boxes.available, rows)
         if plan.dropping or boxes.available is not None:  # else nothing was dropped
-            self._count_drops(selection, boxes)
+            self._count_drops(selection, boxes, rows)
         if self.on_selection is not None:
             self.on_selection(layer, boxes.box_of_expert, experts, selection.keep)
         if self.before_dispatch is not None:
             self.before_dispatch(layer, boxes.box_of_expert, experts, selection.keep)
         outputs, failed, probe_replies = self.dispatcher.run(
-            layer, x, group_by_expert(experts, selection.keep), hints)
+            layer, x, group_by_expert(experts, selection.keep, rows), hints)
         faults, boxes_now = None, boxes  # no fault: no accounting beyond the calls
         if failed:
             selection, outputs, faults, boxes_now = self._after_failures(
                 layer, x, selection, weights, failed, outputs, boxes, probe_replies)
+        if self.on_computed is not None:
+            self.on_computed(layer, experts, selection.experts, selection.keep)
         out = combine(x.shape[0], x.shape[1], x.dtype, selection.weights, outputs)
         self.prober.after_layer(probe_replies, time.perf_counter())
         if plan.ledgers is not None:
@@ -180,17 +195,21 @@ class MoeRuntime:
         self.hints_sent += len(hints)
         return hints
 
-    def box_latency_s(self, boxes: Boxes, experts: torch.Tensor) -> torch.Tensor | list[float]:
+    def box_latency_s(self, boxes: Boxes, experts: torch.Tensor,
+                      rows_experts: list[list[int]] | None = None
+                      ) -> torch.Tensor | list[float]:
         """[B] expected seconds for each box to return this layer's request, if every top-k
         slot were kept (what the selector weighs a box by); a list of floats for selections
-        of at most SMALL_SELECTION slots on the CPU (decode)."""
+        of at most SMALL_SELECTION slots on the CPU (decode). rows_experts: experts.tolist(),
+        when the caller has it."""
         table = self.table
         num_boxes = len(table.agents) + 1
         few = experts.numel() <= SMALL_SELECTION and experts.device.type == "cpu"
         if few:  # decode: count on Python ints, and hand the selector a list (no tensor ops)
             pairs, box_of = [0] * num_boxes, boxes.box_list
-            for expert in experts.view(-1).tolist():
-                pairs[box_of[expert]] += 1
+            for row in rows_experts if rows_experts is not None else experts.tolist():
+                for expert in row:
+                    pairs[box_of[expert]] += 1
         else:
             pairs = torch.bincount(boxes.box_of_expert.to(experts.device)[experts.reshape(-1)],
                                    minlength=num_boxes).tolist()
@@ -214,8 +233,13 @@ class MoeRuntime:
             return t  # select() takes a list for selections this small
         return torch.tensor(t, dtype=torch.float64)
 
-    def _count_drops(self, selection: Selection, boxes: Boxes) -> None:
-        if selection.experts.numel() <= SMALL_SELECTION:  # decode: two lists, no indexing
+    def _count_drops(self, selection: Selection, boxes: Boxes,
+                     rows_experts: list[list[int]] | None = None) -> None:
+        """rows_experts: selection.experts.tolist(), when the caller has it."""
+        if rows_experts is not None:  # decode: lists, no indexing
+            dropped = [e for row_e, row_d in zip(rows_experts, selection.dropped.tolist())
+                       for e, d in zip(row_e, row_d) if d]
+        elif selection.experts.numel() <= SMALL_SELECTION:
             dropped = [e for e, d in zip(selection.experts.view(-1).tolist(),
                                          selection.dropped.view(-1).tolist()) if d]
         else:

@@ -21,17 +21,21 @@ Groups = dict[int, tuple[torch.Tensor, torch.Tensor]]
 ExpertOutput = tuple[int, torch.Tensor, torch.Tensor, torch.Tensor]
 
 
-def group_by_expert(experts: torch.Tensor, keep: torch.Tensor) -> Groups:
+def group_by_expert(experts: torch.Tensor, keep: torch.Tensor,
+                    rows_experts: list[list[int]] | None = None) -> Groups:
     """The kept (token, slot) pairs of each expert, in ascending expert id; within an expert
     slot-major then token order, as transformers' eager experts loop takes them (the rows of a
     matmul can round differently at other positions, so the order is part of bit-exactness).
-    experts, keep: [T, K]."""
-    if keep.shape[0] == 1 and keep.device.type == "cpu":  # decode: one token, cached indices
+    experts, keep: [T, K]; rows_experts: experts.tolist() when the caller has it."""
+    if keep.shape[0] == 1 and keep.is_cpu:  # decode: one token, cached indices
+        row_experts = rows_experts[0] if rows_experts is not None else experts.tolist()[0]
         return {expert: (_ZERO, _SLOTS[slot]) for expert, slot in sorted(
-            (e, s) for s, (e, k) in enumerate(zip(experts.tolist()[0], keep.tolist()[0])) if k)}
+            (e, s) for s, (e, k) in enumerate(zip(row_experts, keep.tolist()[0])) if k)}
     if keep.numel() <= PYTHON_GROUPING_PAIRS:  # a few tokens
         lists: dict[int, tuple[list[int], list[int]]] = {}
-        rows_experts, rows_keep = experts.tolist(), keep.tolist()
+        if rows_experts is None:
+            rows_experts = experts.tolist()
+        rows_keep = keep.tolist()
         for slot in range(keep.shape[1]):
             for token, (row_experts, row_keep) in enumerate(zip(rows_experts, rows_keep)):
                 if row_keep[slot]:

@@ -107,9 +107,11 @@ def _kept(rows_keep: list[list[bool]], shape: torch.Size) -> tuple[torch.Tensor,
 
 def _select_few(experts: torch.Tensor, weights: torch.Tensor, box_of_expert: torch.Tensor,
                 box_latency_s: torch.Tensor | list[float], theta: float | torch.Tensor,
-                available: torch.Tensor | None) -> Selection:
+                available: torch.Tensor | None, rows_experts: list[list[int]] | None
+                ) -> Selection:
     """`select` token by token on Python floats (float64, like the tensor path)."""
-    rows_experts = experts.tolist()
+    if rows_experts is None:
+        rows_experts = experts.tolist()
     num_experts = box_of_expert.shape[0]
     if any(not 0 <= e < num_experts for row in rows_experts for e in row):
         raise ValueError(f"expert ids outside 0..{num_experts - 1}")
@@ -169,6 +171,7 @@ def select(
     box_latency_s: torch.Tensor | list[float],
     theta: float | torch.Tensor,
     available: torch.Tensor | None = None,
+    rows_experts: list[list[int]] | None = None,
 ) -> Selection:
     """Algorithm 1 over boxes, for every token at once.
 
@@ -182,12 +185,15 @@ def select(
         of several requests in one batch, each with its own θ); theta <= 0 never drops.
     available: optional [E] bool; slots of unavailable experts are dropped first (no box can
         serve them) and do not count as boxes.
+    rows_experts: experts.tolist(), when the caller has it (decode reads the routing as Python
+        lists once, for the selector, the grouping and the accounting).
     """
     if experts.shape != weights.shape or experts.dim() != 2:
         raise ValueError(f"experts {tuple(experts.shape)} and weights {tuple(weights.shape)} "
                          "must both be [T, K]")
     if experts.numel() <= SMALL_SELECTION and experts.device.type == "cpu":
-        return _select_few(experts, weights, box_of_expert, box_latency_s, theta, available)
+        return _select_few(experts, weights, box_of_expert, box_latency_s, theta, available,
+                           rows_experts)
     num_experts = box_of_expert.shape[0]
     if experts.numel() and not (0 <= int(experts.min()) and int(experts.max()) < num_experts):
         raise ValueError(f"expert ids outside 0..{num_experts - 1}")

@@ -83,3 +83,48 @@ def test_an_agent_stopped_for_seconds_is_waited_for_and_theta_0_stays_exact(star
     assert stalled.experts_dropped == 0 and stalled.fault_drops == 0
     assert waited >= 1  # the stop did land on a request, which was waited for
     assert all(a["failures"] == 0 and a["alive"] for a in stalled.agents), stalled.agents
+
+
+@pytest.mark.integration
+def test_a_late_agent_whose_connection_goes_is_given_up_then_not_at_the_cap(start_agent,
+                                                                          tiny_split, caplog):
+    """Regression: once a request was late, the gather never looked at its connection again, so
+    an agent killed while late was given up only at the cap of its request (>= 6 s)."""
+    from waiting import wait_until
+
+    from basestation.generate import generate
+
+    agents = _two_agents(start_agent, tiny_split)
+    victim = agents[1].proc.pid
+    session = _session(tiny_split, agents)
+    stats = session.runtime.stats
+    killer = None
+    try:
+        ids = session.base.tokenizer(PROMPT, return_tensors="pt").input_ids
+        pieces = []
+        waited_before = stats.late_replies_waited
+
+        def kill_once_late():
+            wait_until(lambda: stats.late_replies_waited > waited_before, 30,
+                       what="the stopped agent's request to be late")
+            os.kill(victim, signal.SIGKILL)
+
+        def stop_after_a_few(piece):
+            nonlocal killer
+            pieces.append(piece)
+            if len(pieces) == 3:
+                os.kill(victim, signal.SIGSTOP)
+                killer = threading.Thread(target=kill_once_late)
+                killer.start()
+
+        with caplog.at_level("WARNING", logger="basestation"):
+            result = generate(session, ids, max_new_tokens=8, ignore_eos=True,
+                              on_text=stop_after_a_few)
+    finally:
+        if killer is not None:
+            killer.join()
+        session.close()
+    assert killer is not None, "the generation never reached its third token"
+    assert result.fault_drops > 0
+    reasons = [r.getMessage() for r in caplog.records if "failed (" in r.getMessage()]
+    assert reasons and all("its connection is gone" in r for r in reasons), reasons
