@@ -75,8 +75,20 @@ def check_answered(links: Sequence[dict]) -> None:
                                f"{error}")
 
 
-def _fmt(value, unit: str) -> str:
+def quantity(value, unit: str) -> str:
+    """Three significant digits and the unit, '-' for none (every link table's cells)."""
     return "-" if value is None else f"{value:.3g} {unit}"
+
+
+def measured_cells(link: dict) -> tuple[str, str]:
+    """A link's measured RTT ('p50 / p95') and rates ('down / up') cells, or that it did not
+    answer."""
+    if not link.get("answered", True):
+        return "did not answer", "-"
+    return (f"{quantity(link.get('measured_rtt_ms'), 'ms')} / "
+            f"{quantity(link.get('measured_rtt_p95_ms'), 'ms')}",
+            f"{quantity(link.get('measured_down_mbit'), 'Mbit/s')} / "
+            f"{quantity(link.get('measured_up_mbit'), 'Mbit/s')}")
 
 
 def links_lines(links: Sequence[dict], backend: str, real_boxes: bool = False,
@@ -91,13 +103,7 @@ def links_lines(links: Sequence[dict], backend: str, real_boxes: bool = False,
              "| link | agent | asked | asked RTT | measured RTT p50 / p95 | down / up measured |",
              "|---|---|---|---|---|---|"]
     for link in links:
-        if not link.get("answered", True):
-            measured, rates = "did not answer", "-"
-        else:
-            measured = (f"{_fmt(link.get('measured_rtt_ms'), 'ms')} / "
-                        f"{_fmt(link.get('measured_rtt_p95_ms'), 'ms')}")
-            rates = (f"{_fmt(link.get('measured_down_mbit'), 'Mbit/s')} / "
-                     f"{_fmt(link.get('measured_up_mbit'), 'Mbit/s')}")
+        measured, rates = measured_cells(link)
         lines.append(f"| {link['index']} | {link['endpoint']} | {link['asked']} | "
-                     f"{_fmt(link['asked_rtt_ms'], 'ms')} | {measured} | {rates} |")
+                     f"{quantity(link['asked_rtt_ms'], 'ms')} | {measured} | {rates} |")
     return lines

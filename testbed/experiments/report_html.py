@@ -15,7 +15,7 @@ from collections.abc import Mapping, Sequence
 from html import escape
 
 from testbed.experiments import eval_report
-from testbed.experiments.link_record import links_lines
+from testbed.experiments.link_record import links_lines, measured_cells, quantity
 from testbed.experiments.pass_counts import COUNTERS, exact_failure
 
 # the Table I columns that say what a row lost (their cells are copied, not recomputed)
@@ -152,11 +152,6 @@ def _losses(rows: list[dict], header: list[str], cells: list[list[str]],
     return _table(out_header, out_cells, failed)
 
 
-def _quantity(value, unit: str) -> str:
-    """As links_lines prints it: three significant digits and the unit, '-' for none."""
-    return "-" if value is None else f"{value:.3g} {unit}"
-
-
 def _links(row: dict) -> str:
     """The Markdown's link table (its columns first, the same cells), then what it leaves
     out: the throughput asked, the agent's compute, whether it answered, the relay dialed."""
@@ -171,20 +166,14 @@ def _links(row: dict) -> str:
     cells = []
     for link in links:
         answered = link.get("answered", True)
-        if not answered:
-            measured, rates = "did not answer", "-"
-        else:
-            measured = (f"{_quantity(link.get('measured_rtt_ms'), 'ms')} / "
-                        f"{_quantity(link.get('measured_rtt_p95_ms'), 'ms')}")
-            rates = (f"{_quantity(link.get('measured_down_mbit'), 'Mbit/s')} / "
-                     f"{_quantity(link.get('measured_up_mbit'), 'Mbit/s')}")
+        measured, rates = measured_cells(link)
         error = (link.get("measured") or {}).get("error")
         cells.append([
             str(link["index"]), str(link["endpoint"]), str(link["asked"]),
-            _quantity(link.get("asked_rtt_ms"), "ms"), measured, rates,
-            f"{_quantity(link.get('asked_down_mbit'), 'Mbit/s')} / "
-            f"{_quantity(link.get('asked_up_mbit'), 'Mbit/s')}",
-            _quantity(link.get("compute_us_per_token"), "µs"),
+            quantity(link.get("asked_rtt_ms"), "ms"), measured, rates,
+            f"{quantity(link.get('asked_down_mbit'), 'Mbit/s')} / "
+            f"{quantity(link.get('asked_up_mbit'), 'Mbit/s')}",
+            quantity(link.get("compute_us_per_token"), "µs"),
             "yes" if answered else f"no: {error or 'no answer'}",
             str(link.get("dialed") or "-"),
             ",".join(str(e) for e in link.get("experts") or []) or "-"])
