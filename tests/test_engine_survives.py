@@ -211,7 +211,7 @@ def test_a_failure_in_one_sequence_fails_only_its_request(engine):
     with engine._manager.pause():  # all three admitted before the first step
         asks = [Ask(engine, p, tokens=8, stream=True) for p in PROMPTS]
         victim = asks[2]
-        wait_until(lambda: all(a.cb_id in engine._sequences for a in asks), what="admitted")
+        wait_until(lambda: admitted(engine, asks), what="admitted")
         row_sampler = engine._sequences[victim.cb_id].sampler
         calls = []
 
@@ -237,6 +237,14 @@ def test_a_failure_in_one_sequence_fails_only_its_request(engine):
     assert_clean_and_alive(engine)
 
 
+def admitted(engine, asks) -> bool:
+    """Every ask is the engine's and queued in the library, with the loop paused: the next step
+    takes them all. (The engine records a sequence before it hands it to the library, so its
+    table alone said "admitted" too early: under load the first step took one request.)"""
+    return (all(a.cb_id in engine._sequences for a in asks)
+            and engine._manager.input_queue.qsize() >= len(asks))
+
+
 @pytest.fixture
 def failing_forward(engine):
     """arm() makes the model's next forward (one batched step) raise."""
@@ -256,7 +264,7 @@ def test_a_failed_batched_step_fails_its_requests_and_the_engine_goes_on(engine,
                                                                          failing_forward):
     with engine._manager.pause():
         asks = [Ask(engine, p, tokens=6) for p in PROMPTS[:2]]
-        wait_until(lambda: all(a.cb_id in engine._sequences for a in asks), what="admitted")
+        wait_until(lambda: admitted(engine, asks), what="admitted")
         failing_forward(True)
     for a in asks:
         outcome = a.outcome()
@@ -280,7 +288,7 @@ def test_a_generation_loop_that_died_anyway_is_started_again(engine, failing_for
 
     with engine._manager.pause():
         ask = Ask(engine, PROMPTS[0], tokens=6)
-        wait_until(lambda: ask.cb_id in engine._sequences, what="admitted")
+        wait_until(lambda: admitted(engine, [ask]), what="admitted")
         monkeypatch.setattr(processor, "handle_batch_error", broken_clean_up)
         failing_forward(True)
     outcome = ask.outcome()
@@ -416,8 +424,7 @@ def test_a_cancelled_request_leaves_and_sends_nothing_more(engine):
     cancelled_before = engine.metrics.cancelled
     with engine._manager.pause():
         gone, kept = Ask(engine, PROMPTS[0], tokens=12), Ask(engine, PROMPTS[1], tokens=12)
-        wait_until(lambda: gone.cb_id in engine._sequences and kept.cb_id in engine._sequences,
-                   what="admitted")
+        wait_until(lambda: admitted(engine, [gone, kept]), what="admitted")
         engine.cancel(gone.request)
     assert isinstance(kept.outcome(), Finished)
     assert engine.metrics.cancelled == cancelled_before + 1
