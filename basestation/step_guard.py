@@ -36,24 +36,33 @@ def guard_steps(manager, on_failure: Callable[[list[str], Exception], None]) -> 
         try:
             return body(processor, bootstrapping)
         except Exception as error:
-            on_failure(fail_step(processor, error, stepping[0]), error)
+            ids = step_request_ids(processor, stepping[0])
+            # ours first: the library's clean-up puts a FAILED output per request on its
+            # queue, which the engine's admission thread may read before on_failure runs and
+            # fail the request without saying a shared step raised
+            on_failure(ids, error)
+            fail_step(processor, error, stepping[0])
             return True
 
     manager._generation_step = guarded_step
     manager._generation_loop_body = guarded_body
 
 
-def fail_step(processor, error: Exception, scheduled: bool) -> list[str]:
-    """Fail, in the library, the requests a failed step concerns (see the module's docstring);
-    returns their ids."""
+def step_request_ids(processor, scheduled: bool) -> list[str]:
+    """The ids of the requests a failed step concerns (see the module's docstring)."""
     if scheduled:
-        ids = [future.state.request_id for future in processor.inputs_and_outputs.requests_in_batch]
+        return [future.state.request_id
+                for future in processor.inputs_and_outputs.requests_in_batch]
+    scheduler = processor.scheduler
+    return [*scheduler.active_requests, *scheduler.waiting_requests]
+
+
+def fail_step(processor, error: Exception, scheduled: bool) -> None:
+    """Fail, in the library, the requests a failed step concerns (step_request_ids)."""
+    if scheduled:
         processor.handle_batch_error(error)
     else:
-        scheduler = processor.scheduler
-        ids = [*scheduler.active_requests, *scheduler.waiting_requests]
         processor.fail_all_requests(error)
     # their KV cache is free again: as when a request finishes (update_batch), waiting ones may
     # be scheduled, though offloading had blocked them for want of room
     processor.scheduler.block_new_requests = False
-    return ids

@@ -279,7 +279,6 @@ def test_a_generation_loop_that_died_anyway_is_started_again(engine, failing_for
                                                              monkeypatch):
     """Should step_guard's own clean-up raise, the library ends its loop: the engine fails
     what it held and starts the loop again."""
-    processor = engine._manager.batch_processor
     restarts_before = engine._restarts
 
     def broken_clean_up(error):
@@ -289,12 +288,16 @@ def test_a_generation_loop_that_died_anyway_is_started_again(engine, failing_for
     with engine._manager.pause():
         ask = Ask(engine, PROMPTS[0], tokens=6)
         wait_until(lambda: admitted(engine, [ask]), what="admitted")
+        # the loop's processor (paused, so running: a restart makes a new one)
+        processor = engine._manager.batch_processor
         monkeypatch.setattr(processor, "handle_batch_error", broken_clean_up)
         failing_forward(True)
     outcome = ask.outcome()
     assert isinstance(outcome, Failed), outcome
     assert isinstance(outcome.error, GenerationFailed), outcome
-    assert engine._restarts == restarts_before + 1
+    # the step's failure reaches the request first (step_guard tells the engine before the
+    # library's clean-up), the restart after the loop ended
+    wait_until(lambda: engine._restarts == restarts_before + 1, what="the loop restarted")
     wait_until(engine.alive, what="the loop started again")
     assert_clean_and_alive(engine)
 
