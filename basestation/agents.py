@@ -1,9 +1,14 @@
 """What the base station knows about its agents, in one object that the others read.
 
-`AgentTable` owns the agents, which agent holds each expert, who is alive, the boxes table the
+`AgentTable` owns the agents, which agents hold each expert, who is alive, the boxes table the
 selector weighs (built once per liveness change, then cached), the local fallback, the
 per-agent counters and the MoE layers' shared counters (`MoeStats`). An agent dies or comes
 back only through `fail` and `revive`, which drop the cached boxes.
+
+An expert may have several holders (replicas, issue 24): the cached boxes table names the
+first live one; `route` picks, per layer call, the replica each expert's tokens go to from the
+agents' link estimates now (basestation/replicas.py), and `other_holder` is where a failed
+replica's tokens are sent again.
 
 Shape legend: E = experts, B = boxes (the agents in order, then the local fallback).
 """
@@ -20,6 +25,7 @@ from basestation.channel_model import comm_bytes
 from basestation.ledger import RequestLedger
 from basestation.link_estimator import LinkSample, update
 from basestation.liveness import AgentLink
+from basestation.replicas import BoxCost, spread
 
 log = logging.getLogger("basestation")
 
@@ -39,6 +45,7 @@ class MoeStats:
     late_replies_waited: int = 0  # requests past their estimate's deadline, waited for (alive)
     invalid_replies: int = 0  # replies refused by the checks (wrong peer, shape, NaN, ...)
     network_s: float = 0.0  # waiting for agents (wall time of the gathers)
+    replica_retries: int = 0  # (expert, tokens) parts sent again to another replica
 
 
 class Boxes(NamedTuple):
@@ -56,6 +63,20 @@ class Boxes(NamedTuple):
     held: list[bool] | None
 
 
+class Route(NamedTuple):
+    """One layer call's choice among replicas (AgentTable.route).
+
+    box_of_expert: [E] long and box_list the same as a list: the boxes table's, with each
+        replicated expert on the replica that takes the most of its tokens (what the selector
+        weighs its slots by).
+    parts: replicated expert -> [(agent, tokens)], its tokens' planned split, in order.
+    """
+
+    box_of_expert: torch.Tensor
+    box_list: list[int]
+    parts: dict[int, list[tuple[AgentLink, int]]]
+
+
 class AgentTable:
     """The agents of one base station, their experts and liveness; `fallback` is an
     edge_agent.shards.LoadedExperts (experts computed here while their agent is down) or None.
@@ -69,10 +90,15 @@ class AgentTable:
         self.element_bytes = element_bytes
         self.fallback = fallback
         self.local_box = len(agents)  # the box index of the local fallback
-        self.holder: dict[int, AgentLink] = {}  # expert -> the agent asked for it
+        self.holders: dict[int, tuple[AgentLink, ...]] = {}  # expert -> its agents, in order
         for agent in agents:
             for expert in agent.experts:
-                self.holder.setdefault(expert, agent)
+                self.holders[expert] = self.holders.get(expert, ()) + (agent,)
+        self.holder = {e: h[0] for e, h in self.holders.items()}  # the first, for its hints
+        self.replicated = frozenset(e for e, h in self.holders.items() if len(h) > 1)
+        for expert in self.replicated:  # counted per replica from the start (figures: 0s)
+            for agent in self.holders[expert]:
+                agent.replica_calls.setdefault(expert, 0)
         self.box_of_agent = {id(agent): b for b, agent in enumerate(agents)}
         self.stats = MoeStats()
         self.liveness_changes = 0  # agents turned dead or back alive
@@ -94,8 +120,8 @@ class AgentTable:
         if self._boxes is None:
             box, ok = [], []
             for expert in range(self.num_experts):
-                agent = self.holder.get(expert)
-                if agent is not None and agent.alive:
+                agent = self.live_holder(expert)
+                if agent is not None:
                     box.append(self.box_of_agent[id(agent)])
                     ok.append(True)
                 else:
@@ -127,8 +153,8 @@ class AgentTable:
         local: list[int] = []
         unheld: set[int] = set()
         for expert in experts:
-            agent = self.holder.get(expert)
-            if agent is not None and agent.alive:
+            agent = self.live_holder(expert)
+            if agent is not None:
                 entry = by_agent.get(id(agent))
                 if entry is None:
                     by_agent[id(agent)] = (agent, [expert])
@@ -140,6 +166,58 @@ class AgentTable:
                 unheld.add(expert)
         return by_agent, local, unheld
 
+    def live_holder(self, expert: int) -> AgentLink | None:
+        """The first live agent holding `expert`, or None."""
+        for agent in self.holders.get(expert, ()):
+            if agent.alive:
+                return agent
+        return None
+
+    def other_holder(self, expert: int, tried) -> AgentLink | None:
+        """A live holder of `expert` not among `tried` (ids of agents): where a failed replica's
+        tokens go next; the one with the lowest expected one-token time."""
+        best, best_s = None, 0.0
+        for agent in self.holders.get(expert, ()):
+            if agent.alive and id(agent) not in tried:
+                time_s = self.box_cost(agent).time_s(1)
+                if best is None or time_s < best_s:
+                    best, best_s = agent, time_s
+        return best
+
+    def box_cost(self, agent: AgentLink) -> BoxCost:
+        """The agent's request time model from its link estimate now: the round trip, then per
+        row its transfer both ways and its compute (link_estimator.expected_time_s, linear)."""
+        state = agent.state
+        row_bytes = 2 * self.request_bytes(1)
+        return BoxCost(state.srtt_s, row_bytes / state.throughput_bytes_per_s
+                       + state.compute_s_per_token_expert)
+
+    def route(self, demand: dict[int, int]) -> Route | None:
+        """demand: expert -> its tokens in this layer call. The replicas' split of the
+        replicated experts with two live holders or more (replicas.spread on the estimates
+        now), or None when no expert of `demand` has a choice."""
+        holders, boxes_of, costs = self.holders, self.box_of_agent, {}
+        live: dict[int, list[int]] = {}
+        choice = False
+        for expert in demand:
+            boxes = [boxes_of[id(a)] for a in holders.get(expert, ()) if a.alive]
+            if not boxes:  # the fallback or no one: no request, no load
+                continue
+            live[expert] = boxes
+            choice = choice or len(boxes) > 1
+            for box in boxes:
+                if box not in costs:
+                    costs[box] = self.box_cost(self.agents[box])
+        if not choice:
+            return None
+        plan = spread({e: demand[e] for e in live}, live, costs)
+        box_list = list(self.boxes().box_list)
+        parts = {}
+        for expert, shares in plan.items():
+            box_list[expert] = max(shares, key=lambda share: share[1])[0]
+            parts[expert] = [(self.agents[box], n) for box, n in shares]
+        return Route(torch.tensor(box_list), box_list, parts)
+
     def fail(self, agent: AgentLink, why: str, now_s: float) -> None:
         """A request to `agent` got no valid answer: count it, and mark the agent dead (the
         prober pings it back)."""
@@ -148,8 +226,8 @@ class AgentTable:
             self._boxes = None
             self._assigned = {}
             self.liveness_changes += 1
-            log.warning("agent %s failed (%s): its experts are dropped until it answers again",
-                        agent.name, why)
+            log.warning("agent %s failed (%s): its experts go to their other replicas, or are "
+                        "dropped, until it answers again", agent.name, why)
 
     def answered(self, agent: AgentLink, sample: LinkSample, cache) -> None:
         """A valid expert reply: the link estimate learns, the counters count. `cache`: the
@@ -175,14 +253,18 @@ class AgentTable:
             self._assigned = {}
             self.liveness_changes += 1
 
-    def count_drops(self, dropped: list[int], held: list[bool] | None) -> None:
+    def count_drops(self, dropped: list[int], held: list[bool] | None,
+                    box_list: list[int]) -> None:
         """The experts of the slots the selector dropped (one entry a slot); `held` (boxes'):
-        a slot of an expert with no live holder was lost to a fault, not dropped by θ."""
+        a slot of an expert with no live holder was lost to a fault, not dropped by θ;
+        box_list: the box each expert's slots were weighed on, charged the drop."""
         self.stats.experts_dropped += len(dropped)
         if held is not None:
             self.stats.fault_drops += sum(1 for expert in dropped if not held[expert])
-        for expert in dropped:
-            agent = self.holder.get(expert)
+        agents = self.agents
+        for expert in dropped:  # an expert on the local box: its first holder's (it is down)
+            box = box_list[expert]
+            agent = agents[box] if box < len(agents) else self.holder.get(expert)
             if agent is not None:
                 agent.drops += 1
 

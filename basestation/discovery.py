@@ -38,6 +38,10 @@ def open_links(roster: Roster) -> AgentClient:
     return client
 
 
+# once every expert has an agent, how long the rest of the roster (replicas) is waited for
+REPLICA_GRACE_S = 2.0
+
+
 def connect_agents(client: AgentClient, roster: Roster, fingerprint: str, num_experts: int,
                    wait_s: float, need_all: bool, progress: bool = True) -> list[AgentLink]:
     """Find every agent of the roster (and dial-ins) on `client` (from open_links), check it
@@ -49,10 +53,13 @@ def connect_agents(client: AgentClient, roster: Roster, fingerprint: str, num_ex
     missing = list(range(num_experts))
     deadline_s = time.monotonic() + wait_s
     shown = None
+    covered_s = None  # when every expert first had an agent
 
     def covered(answers: InfoAnswers) -> bool:
-        """Every expert has an agent; meanwhile the countdown. Raises RosterError."""
-        nonlocal missing, shown
+        """Every expert has an agent, and every roster agent answered (a replica), or
+        REPLICA_GRACE_S passed since the experts were covered; meanwhile the countdown.
+        Raises RosterError."""
+        nonlocal missing, shown, covered_s
         for peer, message in answers.errors.items():
             raise RosterError(f"{peer.decode()}: {message}")
         for peer, info in answers.infos.items():
@@ -74,13 +81,21 @@ def connect_agents(client: AgentClient, roster: Roster, fingerprint: str, num_ex
             shown = (int(left_s) + 1, tuple(missing))
             print(f"\rwaiting for experts {_ids(missing)} ({shown[0]} s left) ", end="",
                   file=sys.stderr, flush=True)
-        return not missing
+        if missing:
+            return False
+        covered_s = covered_s or time.monotonic()
+        return all(peer in found for peer in expected) or \
+            time.monotonic() - covered_s >= REPLICA_GRACE_S
 
     # an agent still waiting for a pushed shard answers, but not serving: it is asked again
     ask_info(client, expected, wait_s, ready=lambda info: bool(info.get("serving")),
              until=covered)
     if shown is not None:
         print(file=sys.stderr)
+    late = [peer.decode() for peer in expected if peer not in found]
+    if not missing and late:  # their experts have other holders: run without these replicas
+        print(f"basestation: no answer yet from {', '.join(late)}: running on the other "
+              "replicas of their experts", file=sys.stderr)
     if missing and need_all:
         silent = [e for e in roster.endpoints if e.encode() not in found]
         hint = f"; no answer from {', '.join(silent)}" if silent else ""
@@ -102,4 +117,6 @@ def _agent_from_info(name: str, peer: bytes, info: dict, fingerprint: str,
     if expected is not None and not set(expected) <= set(experts):
         raise RosterError(f"{name} hosts experts {_ids(experts)}, the roster says "
                           f"{_ids(expected)}")
+    if expected is not None:  # it is asked for what the roster gives it: with replicas, an
+        experts = tuple(sorted(set(expected)))  # agent hosting more is not one for the rest
     return AgentLink(name=name, peer=peer, experts=experts, info=info)

@@ -11,6 +11,10 @@ agent is down are computed here when a local fallback holds them. Probe replies 
 same socket: the gather sets them aside for the prober (liveness.py), which takes them after
 the layer.
 
+With replicas (an expert on several agents), a layer's route (AgentTable.route) cuts each
+replicated expert's tokens over its replicas, and a request that fails is sent again, within the
+same gather, to another live replica of each of its experts before any of them counts as failed.
+
 Shape legend: T = tokens of the layer call, H = hidden, n = tokens of a request.
 """
 
@@ -19,6 +23,7 @@ from __future__ import annotations
 import math
 import time
 from dataclasses import dataclass
+from operator import itemgetter
 from typing import NamedTuple
 
 import numpy as np
@@ -27,12 +32,14 @@ import torch
 from basestation import link_estimator as links
 from basestation.agents import AgentTable, MoeStats
 from basestation.liveness import CLOCK_SLACK_S, AgentLink, Prober, sane_compute_s
+from basestation.replicas import cut
 from basestation.routing import ExpertOutput, Groups
 from edge_agent.expert_math import expert_forward
 from wire import messages as M
 from wire import protocol as P
 from wire.client import AgentClient, PeerUnreachable
 
+_EXPERT_OF_PART = itemgetter(0)  # of a (expert, token_idx, slot) part
 # how often a late request's agent is looked at (its connection), once past the estimate
 LATE_LOOK_S = 0.02
 # The largest believable gain of an expert: a reply row's norm over its input row's (floored at
@@ -61,6 +68,10 @@ class _Pending:
     state: links.LinkState  # the agent's estimate when sent, for its deadline
     late: bool = False
     estimated: bool = False
+    # [(expert, token_idx, slot)] of the request's rows when they are not whole groups (a
+    # route's cut, a replica's retry); None: `counts`' experts' whole groups
+    parts: list | None = None
+    tried: frozenset = frozenset()  # ids of the agents these rows were sent to before
 
 
 _WIDE_FLOATS = (torch.float32, torch.float64)  # dtypes whose norm needs no wider sum
@@ -162,13 +173,15 @@ class Dispatcher:
         # request rows -> (its bytes each way, its deadline cap: deadline_cap_s)
         self._sizes: dict[int, tuple[int, float]] = {}
 
-    def run(self, layer: int, x: torch.Tensor, groups: Groups, hints: dict | None = None
-            ) -> Gathered:
+    def run(self, layer: int, x: torch.Tensor, groups: Groups, hints: dict | None = None,
+            route: dict | None = None) -> Gathered:
         """x [T, H]; groups: expert -> (token_idx, slot). `hints`: id(agent) -> (agent, its
         PREFETCH fields), carried in the agent's EXPERT request when it gets one, else sent as
         a PREFETCH after the requests (an extra message before them would only delay them).
-        Returns the outputs, the experts whose request failed (their agent is then dead) and
-        the probe replies read meanwhile."""
+        `route`: replicated expert -> [(agent, tokens)], the split of its group over its
+        replicas (AgentTable.route's parts). Returns the outputs, the experts whose request
+        failed (their agent is then dead, and no other replica could take them) and the probe
+        replies read meanwhile."""
         table = self.table
         by_agent, local, failed = table.assign(groups)
         hints = dict(hints) if hints else None  # taken as they are sent
@@ -179,6 +192,9 @@ class Dispatcher:
         send_expert, wire_dtype = client.send_expert, self.wire_dtype
         start = perf_counter()
         decode = x.shape[0] == 1
+        if route:  # replicas: requests of cut groups, built apart (the plain path stays lean)
+            by_agent = self._send_routed(layer, x, groups, by_agent, route, hints, pending,
+                                         failed)
         for agent, experts in by_agent.values():
             if decode and len(experts) == 1:
                 request, n_rows = x, 1  # decode's one token needs no gather
@@ -195,16 +211,11 @@ class Dispatcher:
                                          prefetch=hint[1] if hint is not None else None)
             except PeerUnreachable:
                 table.fail(agent, "unreachable", perf_counter())
-                failed.update(experts)
+                self._resend(layer, x, [(e, *groups[e]) for e in experts], frozenset(
+                    (id(agent),)), pending, failed)
                 continue
             size = sizes.get(n_rows)
-            if size is None:  # functions of the request's size alone: once per size
-                nbytes = table.request_bytes(n_rows)
-                cap_s = links.deadline_cap_s(nbytes, nbytes, n_rows, 1)
-                # deadline_s is never under its floor, nor over the cap
-                size = sizes[n_rows] = (nbytes, cap_s, min(links.DEFAULT_CONFIG.deadline_floor_s,
-                                                           cap_s))
-            nbytes, cap_s, soonest_s = size
+            nbytes, cap_s, soonest_s = size if size is not None else self._size(n_rows)
             pending[request_id] = _Pending(agent, counts, sent_s, nbytes, n_rows,
                                            sent_s + soonest_s, sent_s + cap_s, request,
                                            agent.state)
@@ -221,7 +232,8 @@ class Dispatcher:
                 if self._estimate(pending.values()):  # the floor passed: the real deadlines
                     wake_s = _next_wake_s(pending.values())
                     continue
-                self._look_at_late(pending, failed, now_s)
+                for entry in self._look_at_late(pending, now_s):
+                    self._resend_entry(layer, x, groups, entry, pending, failed)
                 wake_s = _next_wake_s(pending.values())
                 continue
             reply = recv(wake_s - now_s)
@@ -244,11 +256,19 @@ class Dispatcher:
             if isinstance(y, str):
                 self.stats.invalid_replies += 1
                 table.fail(entry.agent, y, arrived_s)
-                failed.update(e for e, _ in entry.counts)
+                self._resend_entry(layer, x, groups, entry, pending, failed)
+                wake_s = _next_wake_s(pending.values())
                 continue
             if y.dtype != x.dtype:
                 y = y.to(x.dtype)
             counts = entry.counts
+            if table.replicated:
+                entry.agent.count_replica_calls(counts, table.replicated)
+            if entry.parts is not None:  # rows not of whole groups: each part says whose
+                for (expert, token_idx, slot), part in zip(entry.parts,
+                                                           y.split([n for _, n in counts])):
+                    outputs.append((expert, token_idx, slot, part))
+                continue
             if len(counts) == 1:
                 expert = counts[0][0]
                 token_idx, slot = groups[expert]
@@ -259,6 +279,94 @@ class Dispatcher:
                 outputs.append((expert, token_idx, slot, part))
         self.stats.network_s += perf_counter() - start
         return Gathered(outputs, failed, probe_replies)
+
+    def _send_routed(self, layer: int, x: torch.Tensor, groups: Groups, by_agent: dict,
+                     route: dict, hints: dict | None, pending: dict, failed: set) -> dict:
+        """Send the requests of every agent given a part of a replicated expert's group: its
+        unreplicated experts' whole groups and its parts, cut by `route`. Returns by_agent
+        without them (the plain path sends the rest)."""
+        parts_of: dict[int, tuple] = {}  # id(agent) -> (agent, [(expert, token_idx, slot)])
+        for expert, shares in route.items():
+            group = groups.get(expert)
+            if group is None:  # the selector dropped every slot of it
+                continue
+            token_idx, slot = group
+            for agent, begin, end in cut(int(token_idx.shape[0]), shares):
+                entry = parts_of.setdefault(id(agent), (agent, []))
+                entry[1].append((expert, token_idx[begin:end], slot[begin:end]))
+        if not parts_of:
+            return by_agent
+        rest = {}
+        for key, (agent, experts) in by_agent.items():
+            mine = [e for e in experts if e not in route]
+            if key in parts_of:
+                parts_of[key][1].extend((e, *groups[e]) for e in mine)
+            elif mine:
+                rest[key] = (agent, mine)
+        for key, (agent, parts) in parts_of.items():
+            parts.sort(key=_EXPERT_OF_PART)  # ascending ids, as the plain path sends them
+            hint = hints.pop(key, None) if hints else None
+            self._send_parts(layer, x, agent, parts, frozenset(), pending, failed, hint)
+        return rest
+
+    def _send_parts(self, layer: int, x: torch.Tensor, agent: AgentLink, parts: list,
+                    tried: frozenset, pending: dict, failed: set, hint=None) -> None:
+        """One request to `agent` carrying `parts` [(expert, token_idx, slot)] back to back;
+        if it cannot be sent, the parts go to another replica (or count as failed)."""
+        rows = parts[0][1] if len(parts) == 1 else torch.cat([p[1] for p in parts])
+        request, n_rows = x[rows], int(rows.shape[0])
+        counts = [(expert, int(token_idx.shape[0])) for expert, token_idx, _ in parts]
+        sent_s = time.perf_counter()
+        try:
+            request_id = self.client.send_expert(
+                agent.peer, layer, request, counts, wire_dtype=self.wire_dtype,
+                prefetch=hint[1] if hint is not None else None)
+        except PeerUnreachable:
+            self.table.fail(agent, "unreachable", time.perf_counter())
+            self._resend(layer, x, parts, tried | {id(agent)}, pending, failed)
+            return
+        nbytes, cap_s, soonest_s = self._size(n_rows)
+        pending[request_id] = _Pending(agent, counts, sent_s, nbytes, n_rows, sent_s + soonest_s,
+                                       sent_s + cap_s, request, agent.state, parts=parts,
+                                       tried=tried)
+
+    def _size(self, n_rows: int) -> tuple[int, float, float]:
+        """(bytes each way, cap, soonest deadline) of a request of n_rows: functions of its
+        size alone, worked out once per size (deadline_s is never under the floor, nor over
+        the cap)."""
+        size = self._sizes.get(n_rows)
+        if size is None:
+            nbytes = self.table.request_bytes(n_rows)
+            cap_s = links.deadline_cap_s(nbytes, nbytes, n_rows, 1)
+            size = self._sizes[n_rows] = (nbytes, cap_s, min(
+                links.DEFAULT_CONFIG.deadline_floor_s, cap_s))
+        return size
+
+    def _resend_entry(self, layer: int, x: torch.Tensor, groups: Groups, entry: _Pending,
+                      pending: dict, failed: set) -> None:
+        """A request that failed (its agent now marked dead): its rows to other replicas."""
+        parts = entry.parts if entry.parts is not None else \
+            [(e, *groups[e]) for e, _ in entry.counts]
+        self._resend(layer, x, parts, entry.tried | {id(entry.agent)}, pending, failed)
+
+    def _resend(self, layer: int, x: torch.Tensor, parts: list, tried: frozenset,
+                pending: dict, failed: set) -> None:
+        """Send each part [(expert, token_idx, slot)] to a live replica of its expert not yet
+        tried (one request per replica); an expert with none left has failed."""
+        table = self.table
+        if not table.replicated:
+            failed.update(expert for expert, _, _ in parts)
+            return
+        again: dict[int, tuple] = {}
+        for part in parts:
+            other = table.other_holder(part[0], tried)
+            if other is None:
+                failed.add(part[0])
+            else:
+                again.setdefault(id(other), (other, []))[1].append(part)
+        for agent, mine in again.values():
+            self.stats.replica_retries += len(mine)
+            self._send_parts(layer, x, agent, mine, tried, pending, failed)
 
     def _estimate(self, entries) -> bool:
         """Give the entries still holding the floor their estimate's deadline (the one the
@@ -290,12 +398,13 @@ class Dispatcher:
         self.stats.expert_calls += int(token_idx.numel())
         return expert, token_idx, slot, y.to(x.dtype)
 
-    def _look_at_late(self, pending: dict[int, _Pending], failed: set[int], now_s: float
-                      ) -> None:
+    def _look_at_late(self, pending: dict[int, _Pending], now_s: float) -> list[_Pending]:
         """Past its estimate's deadline a request is late, not lost: it is given up only when
         its agent's connection is gone (closed, reset, or silent past the heartbeat timeout)
         or at the cap of a request this size. A live agent is waited for; its reply, when it
-        comes, teaches the estimate, and WLR avoids it by policy from then on."""
+        comes, teaches the estimate, and WLR avoids it by policy from then on. Returns the
+        requests given up (their agents marked dead)."""
+        given_up = []
         for request_id, entry in list(pending.items()):
             if now_s < entry.expected_by_s:
                 continue
@@ -311,7 +420,8 @@ class Dispatcher:
                 continue
             del pending[request_id]
             self.table.fail(entry.agent, why, now_s)
-            failed.update(e for e, _ in entry.counts)
+            given_up.append(entry)
+        return given_up
 
     def _take(self, reply, entry: _Pending, arrived_s: float) -> torch.Tensor | str:
         """The reply's [n, H] tensor, the agent's estimate and counters taught by it (one call

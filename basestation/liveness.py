@@ -81,6 +81,14 @@ class AgentLink:
     # process, our socket) is many times slower than the next; taken as the estimate, it made
     # WLR avoid a healthy agent and, when deadlines decided, cost drops at θ = 0
     cold_replies: int = 1
+    # replicated expert -> its token computations done here (an expert on several agents)
+    replica_calls: dict = field(default_factory=dict)
+
+    def count_replica_calls(self, counts, replicated) -> None:
+        """counts: a reply's [(expert, tokens)]; the replicated ones are counted per expert."""
+        for expert, tokens in counts:
+            if expert in replicated:
+                self.replica_calls[expert] = self.replica_calls.get(expert, 0) + tokens
 
     def learn(self, sample: links.LinkSample) -> None:
         """Update the link estimate with one completed request; a cold expert reply teaches
@@ -99,7 +107,13 @@ class AgentLink:
             "compute_us_per_token": round(self.state.compute_s_per_token_expert * 1e6, 2),
             "calls": self.calls, "drops": self.drops, "failures": self.failures,
             "probes": self.probes, "device": self._device(),
-        } | cache_summary(self.cache or self._info().get("memory_budget"))
+        } | self._replica_figures() | cache_summary(self.cache or self._info().get("memory_budget"))
+
+    def _replica_figures(self) -> dict:
+        """Calls of each replicated expert this agent served (issue 24), when it holds one."""
+        if not self.replica_calls:
+            return {}
+        return {"replica_calls": {str(e): n for e, n in sorted(self.replica_calls.items())}}
 
     def _info(self) -> dict:
         return self.info if isinstance(self.info, dict) else {}

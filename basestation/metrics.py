@@ -82,6 +82,8 @@ MOE_COUNTERS = (
     ("wdmoe_late_replies_waited_total", "agent requests past their estimate's deadline, "
      "waited for because the agent was still connected (slow, not dead)",
      "late_replies_waited"),
+    ("wdmoe_replica_retries_total", "token groups of a failed agent sent again to another "
+     "replica of their expert (not dropped)", "replica_retries"),
 )
 
 
@@ -169,4 +171,11 @@ def render(engine: EngineMetrics, http_responses: dict[tuple[str, int], int], qu
         metric(name, kind, help_, [((f'{{agent="{_label(a["address"])}",experts="'
                                      f'{",".join(map(str, a["experts"]))}"}}'), float(a[key]))
                                    for a in rows])
+    replicas = [(a, expert, n) for a in agents
+                for expert, n in (a.get("replica_calls") or {}).items()]
+    if replicas:  # experts on several agents (issue 24): who served each, from its figures
+        metric("wdmoe_replica_calls_total", "counter", "token computations of a replicated "
+               "expert, per agent holding it",
+               [(f'{{agent="{_label(a["address"])}",expert="{_label(str(expert))}"}}', float(n))
+                for a, expert, n in replicas])
     return "\n".join(lines) + "\n"

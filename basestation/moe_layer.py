@@ -35,6 +35,7 @@ from basestation.dispatch import Dispatcher
 from basestation.ledger import LayerFaults, RequestLedger, charge
 from basestation.liveness import AgentLink, Prober
 from basestation.prefetch import HintPlans, PrefetchConfig, RoutePredictor
+from basestation.replicas import cut
 from basestation.routing import group_by_expert
 from basestation.selector import SMALL_SELECTION, Selection, select
 
@@ -92,6 +93,9 @@ class MoeRuntime:
         # box_latency_override(layer, boxes, experts, weights, theta) -> [B] latencies for the
         # selector in place of box_latency_s (the testbed's joint cell: WLR on its allocation)
         self.box_latency_override = None
+        # popularity: a basestation.popularity.Popularity counting every layer's router slots
+        # (serve/generate --popularity-out, the planner's --text), else None
+        self.popularity = None
         # memory-budgeted agents (info has memory_budget) get prefetch hints (set_prefetch; on
         # when there are any); the table keeps their replies' cache figures (AgentLink.cache)
         self.predictor = RoutePredictor(table.num_experts)
@@ -158,6 +162,14 @@ class MoeRuntime:
         rows = experts.tolist() if experts.numel() <= SMALL_SELECTION and experts.is_cpu \
             else None
         hints = self._hints(layer, experts) if self.prefetching else None
+        if self.popularity is not None:
+            self.popularity.add(layer, experts, rows)
+        route = None
+        if self.table.replicated:  # replicas: which one takes each expert's tokens, now
+            route = self.table.route(_demand(experts, rows))
+            if route is not None:
+                boxes = boxes._replace(box_of_expert=route.box_of_expert,
+                                       box_list=route.box_list)
         t = None
         if plan.dropping:  # an override (the testbed's joint cell) selects on its own model
             t = self.box_latency_s(boxes, experts, rows) if self.box_latency_override is None \
@@ -170,8 +182,9 @@ class MoeRuntime:
             self.on_selection(layer, boxes.box_of_expert, experts, selection.keep)
         if self.before_dispatch is not None:
             self.before_dispatch(layer, boxes.box_of_expert, experts, selection.keep)
-        outputs, failed, probe_replies = self.dispatcher.run(
-            layer, x, group_by_expert(experts, selection.keep, rows), hints)
+        groups = group_by_expert(experts, selection.keep, rows)
+        outputs, failed, probe_replies = self.dispatcher.run(layer, x, groups, hints) \
+            if route is None else self.dispatcher.run(layer, x, groups, hints, route.parts)
         faults, boxes_now = None, boxes  # no fault: no accounting beyond the calls
         if failed:
             selection, outputs, faults, boxes_now = self._after_failures(
@@ -181,7 +194,11 @@ class MoeRuntime:
         out = combine(x.shape[0], x.shape[1], x.dtype, selection.weights, outputs)
         self.prober.after_layer(probe_replies, time.perf_counter())
         if plan.ledgers is not None:
-            self._charge(plan, experts, boxes, boxes_now, selection, faults)
+            split = None  # a replicated expert's tokens over several boxes: each slot's own
+            if route is not None and any(len(p) > 1 for p in route.parts.values()):
+                split = self._split_boxes(route, groups,
+                                          boxes.box_of_expert.to(experts.device)[experts])
+            self._charge(plan, experts, boxes, boxes_now, selection, faults, split)
         return out
 
     def _hints(self, layer: int, experts: torch.Tensor) -> dict[int, tuple[AgentLink, dict]]:
@@ -244,11 +261,25 @@ class MoeRuntime:
                                          selection.dropped.view(-1).tolist()) if d]
         else:
             dropped = selection.experts[selection.dropped].tolist()
-        self.table.count_drops(dropped, boxes.held)
+        self.table.count_drops(dropped, boxes.held, boxes.box_list)
+
+    def _split_boxes(self, route, groups, slot_box: torch.Tensor) -> torch.Tensor:
+        """[T, K] the box each slot was sent to, where a route cut an expert's group over its
+        replicas (as Dispatcher._send_routed cuts it); slot_box: each slot's expert's box."""
+        slot_box = slot_box.clone()
+        box_of_agent = self.table.box_of_agent
+        for expert, shares in route.parts.items():
+            if expert in groups:
+                token_idx, slot = groups[expert]
+                for agent, begin, end in cut(int(token_idx.shape[0]), shares):
+                    slot_box[token_idx[begin:end], slot[begin:end]] = box_of_agent[id(agent)]
+        return slot_box
 
     def _charge(self, plan: BatchPlan, experts: torch.Tensor, boxes: Boxes, boxes_now: Boxes,
-                final: Selection, faults: LayerFaults | None) -> None:
-        """Charge this call to the plan's ledgers; boxes_now: the boxes after any failure."""
+                final: Selection, faults: LayerFaults | None,
+                split: torch.Tensor | None = None) -> None:
+        """Charge this call to the plan's ledgers; boxes_now: the boxes after any failure;
+        split: [T, K] each slot's box where a route cut groups over replicas."""
         down_boxes = ()
         if boxes.available is not None:
             faults = with_unheld(faults, experts, boxes.available)
@@ -258,8 +289,12 @@ class MoeRuntime:
         # no-ops on the CPU; on a GPU the slots' tensors live there
         box_of_expert = boxes.box_of_expert.to(experts.device)
         box_now = boxes_now.box_of_expert.to(experts.device)
-        charge(plan.ledgers, owners, box_of_expert[experts], box_now[final.experts], final.keep,
-               faults, down_boxes)
+        slot_box, final_box = box_of_expert[experts], box_now[final.experts]
+        if split is not None:
+            slot_box = split.to(experts.device)
+            if boxes_now is boxes:
+                final_box = slot_box
+        charge(plan.ledgers, owners, slot_box, final_box, final.keep, faults, down_boxes)
 
     def _after_failures(self, layer: int, x: torch.Tensor, selection: Selection,
                         router_weights: torch.Tensor, failed: set[int], outputs: list,
@@ -304,6 +339,18 @@ class MoeRuntime:
         stats.experts_dropped += n_failed - (n_retried - n_lost_again)
         stats.residual_only += int((~selection.keep.any(dim=-1)).sum())
         return selection, outputs, LayerFaults(lost, retry, failed_box), boxes_now
+
+
+def _demand(experts: torch.Tensor, rows: list[list[int]] | None) -> dict[int, int]:
+    """Expert -> its slots in this layer call (the router's, before any drop)."""
+    if rows is not None:
+        demand: dict[int, int] = {}
+        for row in rows:
+            for expert in row:
+                demand[expert] = demand.get(expert, 0) + 1
+        return demand
+    ids, counts = torch.unique(experts.reshape(-1), return_counts=True)
+    return dict(zip(ids.tolist(), counts.tolist()))
 
 
 def with_unheld(faults: LayerFaults | None, experts: torch.Tensor, available: torch.Tensor

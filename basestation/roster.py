@@ -11,7 +11,11 @@ agent's public key, and DIR/trusted/ holds the agents allowed to dial in. Roster
     "0-3" = "tcp://10.0.0.2:5600"
     "4-7" = { endpoint = "tcp://10.0.0.3:5600", public_key = "<the 40 Z85 characters>" }
     "8" = { endpoint = "tcp://10.0.0.4:5600", certificate = "keys/edge-4.key" }
+    "4-7" = ["tcp://10.0.0.3:5600", { endpoint = "tcp://10.0.0.5:5600", public_key = "…" }]
 The first form is a plain link; `certificate` and `keys` are paths relative to the roster file.
+An expert named for several agents (a list, as for 4-7 above, or in several entries) has
+replicas: each layer asks the one expected to answer first, and a failed one's tokens go to
+another (basestation/replicas.py, agents.py).
 """
 
 from __future__ import annotations
@@ -141,11 +145,21 @@ def read_roster_keys(path: str) -> str | None:
 def read_roster_agents(path: str) -> list[RosterAgent]:
     """A TOML roster: an [agents] table of "EXPERTS" = "tcp://HOST:PORT", or = { endpoint = …,
     public_key = "Z85" } or { endpoint = …, certificate = "PATH.key" } (relative to the roster
-    file). Raises RosterError."""
+    file), or a list of those (replicas: every agent in it holds EXPERTS). Raises
+    RosterError."""
     agents = _load_roster(path).get("agents")
     if not isinstance(agents, dict) or not agents:
         raise RosterError(f'{path}: needs an [agents] table, e.g. "3" = "tcp://10.0.0.3:5600"')
-    return [_roster_agent(path, spec, value) for spec, value in agents.items()]
+    found = []
+    for spec, value in agents.items():
+        if isinstance(value, list):
+            if not value:
+                raise RosterError(f"{path}: agent {spec!r}: an empty list (give the replicas' "
+                                  "endpoints)")
+            found += [_roster_agent(path, spec, one) for one in value]
+        else:
+            found.append(_roster_agent(path, spec, value))
+    return found
 
 
 def _roster_agent(path: str, spec: str, value) -> RosterAgent:
@@ -186,13 +200,16 @@ def format_roster(agents: Iterable[RosterAgent], comment: str | None = None,
     if keys is not None:
         lines += ["[basestation]", f"keys = {json.dumps(keys)}", ""]
     lines.append("[agents]")
+    by_spec: dict[str, list[str]] = {}  # TOML keys are unique: replicas share a list
     for agent in agents:
-        spec, endpoint = json.dumps(_ids(agent.experts)), json.dumps(agent.endpoint)
-        if agent.public_key is None:
-            lines.append(f"{spec} = {endpoint}")
-        else:  # TOML basic strings are JSON's for this text (Z85 has no quote or backslash)
-            lines.append(f"{spec} = {{ endpoint = {endpoint}, public_key = "
-                         f"{json.dumps(agent.public_key.decode())} }}")
+        endpoint = json.dumps(agent.endpoint)
+        # TOML basic strings are JSON's for this text (Z85 has no quote or backslash)
+        by_spec.setdefault(json.dumps(_ids(agent.experts)), []).append(
+            endpoint if agent.public_key is None else
+            f"{{ endpoint = {endpoint}, public_key = {json.dumps(agent.public_key.decode())} }}")
+    for spec, values in by_spec.items():
+        lines.append(f"{spec} = {values[0]}" if len(values) == 1 else
+                     f"{spec} = [{', '.join(values)}]")
     return "\n".join(lines) + "\n"
 
 
@@ -211,14 +228,8 @@ def build_roster(agent_flags: list[str], agents_file: str | None, listen: str | 
                           "or --listen tcp://0.0.0.0:PORT")
     endpoints: dict[str, tuple[int, ...]] = {}
     public_keys: dict[str, bytes] = {}
-    claimed: dict[int, str] = {}
-    for agent in entries:
+    for agent in entries:  # an expert given to several agents has replicas (agents.py)
         endpoint = agent.endpoint
-        for expert in agent.experts:
-            if expert in claimed and claimed[expert] != endpoint:
-                raise RosterError(f"expert {expert} is given to both {claimed[expert]} and "
-                                  f"{endpoint}")
-            claimed[expert] = endpoint
         endpoints[endpoint] = tuple(sorted(set(endpoints.get(endpoint, ())) | set(agent.experts)))
         if agent.public_key is not None and \
                 public_keys.setdefault(endpoint, agent.public_key) != agent.public_key:

@@ -1,0 +1,135 @@
+"""Replicas instead of drops (issue 24), end to end over real agent processes on loopback:
+a slow box whose experts also live on a fast agent costs nothing at θ = 0, and a replica
+killed mid-generation costs no expert.
+
+Timing checks compare runs made in the same test, interleaved, so a loaded machine moves them
+together; the windows are the issue's figure plus slack for a 2-core machine."""
+
+from __future__ import annotations
+
+import statistics
+
+import pytest
+from agent_fixtures import start_agent, start_module_agent  # noqa: F401
+from test_basestation import PROMPT, reference_tokens
+
+from basestation.generate import generate
+from basestation.session import build_roster, open_session
+
+pytestmark = pytest.mark.integration
+
+DELAY_S = 0.04  # the slow agent's sleep before each expert reply: the issue's 40 ms a call
+TOKENS = 16
+ROUNDS = 4  # interleaved runs of each roster
+
+
+@pytest.fixture(scope="module")
+def boxes(start_module_agent, tiny_split):  # noqa: F811
+    """Experts 0-3 on fast agent A; 4-7 on fast agent B and on agent S, slowed by DELAY_S."""
+    def agent(spec, *extra):
+        return start_module_agent("--expert", spec, "--shards", tiny_split,
+                                  "--bind", "tcp://127.0.0.1:*", *extra).endpoint
+    return {"A": agent("0-3"), "B": agent("4-7"),
+            "S": agent("4-7", "--fault", f"delay={DELAY_S}")}
+
+
+def _session(tiny_split, flags):
+    return open_session(tiny_split, build_roster(flags, None, None), dtype="float32",
+                        wait_s=20, progress=False)
+
+
+def test_a_slow_boxs_experts_on_a_fast_replica_cost_nothing_at_theta_zero(
+        boxes, tiny_split, tiny_checkpoint):
+    rosters = {
+        "replicas": [f"0-3={boxes['A']}", f"4-7={boxes['B']}", f"4-7={boxes['S']}"],
+        "no slow agent": [f"0-3={boxes['A']}", f"4-7={boxes['B']}"],
+        "replica removed": [f"0-3={boxes['A']}", f"4-7={boxes['S']}"],
+    }
+    sessions = {name: _session(tiny_split, flags) for name, flags in rosters.items()}
+    latencies = {name: [] for name in rosters}
+    try:
+        ids = sessions["replicas"].base.tokenizer(PROMPT, return_tensors="pt").input_ids
+        results = {}
+        for _ in range(ROUNDS):
+            for name, session in sessions.items():
+                result = generate(session, ids, max_new_tokens=TOKENS, ignore_eos=True)
+                # the first token carries the prompt
+                latencies[name].append(statistics.median(result.token_latency_ms[1:]))
+                results.setdefault(name, []).append(result)
+        figures = {a.name: a.figures() for a in sessions["replicas"].agents}
+    finally:
+        for session in sessions.values():
+            session.close()
+    reference = reference_tokens(tiny_checkpoint, PROMPT, TOKENS)
+    for name, runs in results.items():
+        for result in runs:  # θ = 0 is the exact model: every run, every roster
+            assert result.token_ids == reference, name
+            assert result.experts_dropped == 0 and result.fault_drops == 0, name
+    # each roster's best round: a burst of load on a shared machine slows some rounds, and
+    # the rounds are interleaved, so every roster had its quiet ones
+    median = {name: min(values) for name, values in latencies.items()}
+    # the issue's figure: within 20 % of the run without the slow agent (+2 ms: a loaded
+    # 2-core machine's noise on a ~5 ms token)
+    assert median["replicas"] <= 1.2 * median["no slow agent"] + 2.0, median
+    # without the replica the same run waits for the slow box, as before replicas
+    assert median["replica removed"] >= median["replicas"] + DELAY_S * 1e3 / 2, median
+    # the slow replica took almost nothing once measured; the fast one took the rest
+    slow_calls = sum(figures[boxes["S"]]["replica_calls"].values())
+    fast_calls = sum(figures[boxes["B"]]["replica_calls"].values())
+    assert fast_calls > 10 * max(slow_calls, 1), (fast_calls, slow_calls)
+
+
+def test_a_replica_killed_mid_generation_costs_no_expert(start_agent, tiny_split,  # noqa: F811
+                                                         tiny_checkpoint):
+    def agent(spec, *extra):
+        return start_agent("--expert", spec, "--shards", tiny_split,
+                           "--bind", "tcp://127.0.0.1:*", *extra)
+    # two replicas of 4-7: the victim the faster, so the route keeps choosing it until it dies
+    a, victim, other = agent("0-3"), agent("4-7"), agent("4-7", "--fault", "delay=0.005")
+    session = _session(tiny_split, [f"0-3={a.endpoint}", f"4-7={victim.endpoint}",
+                                    f"4-7={other.endpoint}"])
+    at_kill = []
+    try:
+        ids = session.base.tokenizer(PROMPT, return_tensors="pt").input_ids
+        by_name = {x.name: x for x in session.agents}
+        dead, survivor = by_name[victim.endpoint], by_name[other.endpoint]
+
+        def kill_after_a_few(piece):
+            if not at_kill and sum(dead.replica_calls.values()) >= 6:
+                victim.kill()  # SIGKILL: no goodbye
+                at_kill.append(sum(survivor.replica_calls.values()))
+
+        result = generate(session, ids, max_new_tokens=TOKENS, ignore_eos=True,
+                          on_text=kill_after_a_few)
+        stats = session.runtime.stats
+    finally:
+        session.close()
+    assert at_kill, "the faster replica was never used"
+    # every token used every expert the router chose: the other replica took them
+    assert result.token_ids == reference_tokens(tiny_checkpoint, PROMPT, TOKENS)
+    assert result.fault_drops == 0 and result.experts_dropped == 0
+    assert stats.residual_only == 0 and stats.fault_drops == 0
+    assert not dead.alive
+    assert sum(survivor.replica_calls.values()) > at_kill[0]
+
+
+def test_a_prompts_tokens_are_spread_over_equal_replicas_and_stay_exact(
+        start_agent, tiny_split, tiny_checkpoint):  # noqa: F811
+    def agent(spec):
+        return start_agent("--expert", spec, "--shards", tiny_split,
+                           "--bind", "tcp://127.0.0.1:*")
+    a, b, c = agent("0-7"), agent("4-7"), agent("4-7")
+    # experts 4-7 on all three: a prompt's tokens of each go to more than one of them
+    session = _session(tiny_split, [f"0-7={a.endpoint}", f"4-7={b.endpoint}",
+                                    f"4-7={c.endpoint}"])
+    try:
+        ids = session.base.tokenizer(PROMPT * 4, return_tensors="pt").input_ids
+        result = generate(session, ids, max_new_tokens=4, ignore_eos=True)
+        calls = {x.name: sum(x.replica_calls.values()) for x in session.agents}
+        ledger_calls = sum(x["calls"] for x in result.agents)
+    finally:
+        session.close()
+    assert result.token_ids == reference_tokens(tiny_checkpoint, PROMPT * 4, 4)
+    assert result.experts_dropped == 0
+    assert sum(1 for n in calls.values() if n > 0) >= 2, calls
+    assert ledger_calls == result.expert_calls
