@@ -9,6 +9,7 @@ import signal
 import socket
 import sys
 
+from basestation import plan_cli
 from basestation.latency_target import MAX_TARGET_MS
 from basestation.roster import RosterError, build_roster
 from common.cli_args import (
@@ -75,6 +76,9 @@ def add_session_args(p: argparse.ArgumentParser) -> None:
                    help="run with the experts that have no agent dropped")
     p.add_argument("--local-fallback", metavar="EXPERTS|all",
                    help="load these experts here too, used when their agent is down")
+    p.add_argument("--popularity-out", metavar="FILE", help="count the router's slots per "
+                   "(layer, expert) and write them here (JSON, for `basestation plan "
+                   "--popularity`): at the end; serve also every 60 s")
 
 
 MAX_TEMPERATURE = 10.0  # as chat's /temperature
@@ -124,6 +128,12 @@ def _open(args, roster=None):
     if not 0.0 <= args.theta <= 1.0:
         raise RosterError(f"--theta {args.theta}: must be in [0, 1]")
     roster = _roster(args) if roster is None else roster
+    if args.popularity_out:
+        from basestation.popularity import out_path_error
+
+        problem = out_path_error(args.popularity_out)
+        if problem:
+            raise RosterError(problem)
     if args.threads:
         import torch
 
@@ -136,7 +146,17 @@ def _open(args, roster=None):
                            progress=sys.stderr.isatty())
     if args.no_prefetch_hints:
         session.runtime.set_prefetch(False)
+    if args.popularity_out:
+        from basestation.popularity import Popularity
+
+        session.runtime.popularity = Popularity(session.runtime.table.num_experts)
     return session
+
+
+def _save_popularity(args, session) -> None:
+    """--popularity-out: the counts so far into the file (generate's and chat's end)."""
+    if args.popularity_out and session.runtime.popularity is not None:
+        session.runtime.popularity.save(args.popularity_out)
 
 
 def _roster(args):
@@ -198,7 +218,10 @@ def cmd_generate(args) -> int:
             print()
             print(result.summary(), file=sys.stderr)
     finally:
-        session.close()
+        try:
+            _save_popularity(args, session)
+        finally:
+            session.close()
     return 130 if result.interrupted else 0
 
 
@@ -223,7 +246,10 @@ def cmd_chat(args) -> int:
     try:
         return run_chat(session, args)
     finally:
-        session.close()
+        try:
+            _save_popularity(args, session)
+        finally:
+            session.close()
 
 
 def cmd_serve(args) -> int:
@@ -240,6 +266,11 @@ def cmd_serve(args) -> int:
         raise RosterError(f"--host {args.host} is reachable beyond this machine: give "
                           "--api-key KEY (clients send Authorization: Bearer KEY) or --insecure")
     session = _open(args)
+    writer = None
+    if args.popularity_out:
+        from basestation.popularity import PopularityWriter
+
+        writer = PopularityWriter(session.runtime.popularity, args.popularity_out).start()
     try:
         model_id = args.model_name or os.path.basename(os.path.abspath(args.shards))
         engine = Engine(session, Defaults(model_id=model_id, theta=args.theta,
@@ -256,7 +287,11 @@ def cmd_serve(args) -> int:
             raise RosterError(f"cannot listen on {args.host}:{args.port}: {e.strerror or e}") \
                 from None
     finally:
-        session.close()
+        try:
+            if writer is not None:
+                writer.close()  # the final counts
+        finally:
+            session.close()
     return 0
 
 
@@ -330,6 +365,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--name", default=f"basestation-{socket.gethostname()}",
                    help="file name of the keypair (default: basestation-HOSTNAME)")
     p.set_defaults(func=cmd_keygen)
+    plan_cli.add_parser(sub)
     return parser
 
 

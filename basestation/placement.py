@@ -11,7 +11,8 @@ measured speed in place of EPLB's equal GPUs:
 2. Pack: copies in falling load per copy, each onto the box with room that then finishes
    its load earliest (load x its seconds per unit), so a slow box takes the cold ones.
 3. Keep the count whose plan is shortest in the model below: copies that would not shorten
-   it are not made (memory stays free), and a hot expert's copies land on fast boxes.
+   it by MIN_GAIN are not made (memory stays free, and a slow box is not given a copy that
+   would take a sliver of a hot expert's load), and a hot expert's copies land on fast boxes.
 
 The model of a plan: an expert's tokens are spread over its copies in proportion to their
 boxes' speed (1 / seconds per unit of load), so every holder of expert e spends
@@ -24,6 +25,10 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
+
+# a plan with more copies is kept only if it is shorter by this share (of the box time where
+# the two plans first differ): a copy costs a box's memory and a push
+MIN_GAIN = 0.02
 
 
 class PlacementError(ValueError):
@@ -92,7 +97,7 @@ def plan_placement(load: list[float], boxes: list[BoxProfile],
             continue
         times = box_times_s(load, held, speed)
         key = sorted(times, reverse=True)
-        if best_key is None or _shorter(key, best_key):
+        if best_key is None or _shorter(key, best_key, MIN_GAIN):
             best, best_key = (held, times), key
     if best is None:
         raise PlacementError("the boxes' room cannot take one copy of every expert")
@@ -131,11 +136,12 @@ def box_times_s(load: list[float], held: list[set[int]], speed: list[float]) -> 
     return [sum(load[e] / speed_sum[e] for e in experts) for experts in held]
 
 
-def _shorter(a: list[float], b: list[float]) -> bool:
-    """a before b with the slowest box first, by more than rounding."""
+def _shorter(a: list[float], b: list[float], gain: float = 0.0) -> bool:
+    """a before b with the slowest box first: at the first box time where they differ by more
+    than rounding, a's is smaller than b's by more than `gain` of it."""
     for x, y in zip(a, b):
         if abs(x - y) > 1e-9 * max(1.0, abs(y)):
-            return x < y
+            return x < y * (1.0 - gain)
     return False
 
 

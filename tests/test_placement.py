@@ -95,3 +95,12 @@ def test_capacity_from_memory():
     assert capacity_from_memory(1e9, 3e9) == 0
     with pytest.raises(PlacementError):
         capacity_from_memory(1e9, 0)
+
+
+def test_a_copy_that_takes_a_sliver_on_a_slow_box_is_not_made():
+    # two fast boxes share the hot expert 0; a third copy on the 50x slower box would take
+    # 1/101 of its load: shorter on paper by under MIN_GAIN, so not made
+    boxes = [BoxProfile("a", 1.0, 3), BoxProfile("b", 1.0, 3), BoxProfile("slow", 50.0, 3)]
+    plan = plan_placement([10, 1, 1, 0.01], boxes)
+    assert plan.holders[0] == (0, 1) and plan.experts_of[2] == (3,)
+    assert plan.time_s == pytest.approx(6.0)  # 5.95 with the slivers: under 2 % shorter
