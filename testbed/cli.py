@@ -126,11 +126,35 @@ def add_bandwidth_args(p) -> None:
                    help="with --bandwidth: the cell's total bandwidth (default: the scenario's)")
 
 
-def _numbers(flag: str, value: str) -> tuple[float, ...]:
+def _numbers(flag: str, value: str, example: str = "0,0.1,0.2") -> tuple[float, ...]:
     try:
         return tuple(float(t) for t in value.split(","))
     except ValueError:
-        raise SystemExit(f"testbed: error: {flag} {value!r}: numbers like 0,0.1,0.2") from None
+        raise SystemExit(f"testbed: error: {flag} {value!r}: numbers like {example}") from None
+
+
+EVAL_THETAS = "0,0.1,0.2,0.3"  # `testbed eval`'s axis when neither --thetas nor targets
+
+
+def eval_axis(thetas: str | None, latency_targets: str | None) -> tuple[tuple[float, ...],
+                                                                         tuple[float, ...]]:
+    """`testbed eval`'s rows: (θs, latency targets in ms), one of them empty; SystemExit with
+    one line when both are given or a number is bad."""
+    from basestation.latency_target import MAX_TARGET_MS
+
+    if latency_targets is None:
+        found = _numbers("--thetas", thetas or EVAL_THETAS)
+        if any(not 0.0 <= t <= 1.0 for t in found):  # NaN fails this too
+            raise SystemExit(f"testbed: error: --thetas {thetas!r}: each within 0-1")
+        return found, ()
+    if thetas is not None:
+        raise SystemExit("testbed: error: --thetas and --latency-targets: give one axis, "
+                         "not both")
+    targets = _numbers("--latency-targets", latency_targets, "20,40,80")
+    if any(not 0.0 < t <= MAX_TARGET_MS for t in targets) or len(set(targets)) < len(targets):
+        raise SystemExit(f"testbed: error: --latency-targets {latency_targets!r}: distinct "
+                         f"milliseconds a token, each > 0 and at most {MAX_TARGET_MS:g}")
+    return (), targets
 
 
 def _bandwidth_args(args) -> tuple[tuple[str, ...], float | None]:
@@ -150,15 +174,16 @@ def _bandwidth_args(args) -> tuple[tuple[str, ...], float | None]:
 
 
 def cmd_eval(args) -> int:
+    from testbed.experiments.eval_report import row_label
     from testbed.experiments.evaluate import EvalConfig, run_eval
     from testbed.experiments.harness import HELDOUT_TEXT
     from testbed.experiments.pass_counts import exact_failure
     from testbed.experiments.report import read_results
     from testbed.links.control import TestbedError
 
-    thetas = _numbers("--thetas", args.thetas)
-    if any(not 0.0 <= t <= 1.0 for t in thetas):
-        raise SystemExit(f"testbed: error: --thetas {args.thetas!r}: each within 0-1")
+    thetas, latency_targets_ms = eval_axis(args.thetas, args.latency_targets)
+    if not latency_targets_ms and args.thetas is None:  # the default, kept in eval_options
+        args.thetas = EVAL_THETAS
     if args.limit is not None and args.limit < 1 or args.batch_size < 1 \
             or args.max_new_tokens < 2:
         raise SystemExit("testbed: error: --limit and --batch-size must be >= 1, "
@@ -168,6 +193,14 @@ def cmd_eval(args) -> int:
     tasks = tuple(t for t in args.tasks.split(",") if t)
     placement = _placement(args)
     bandwidth, total_bandwidth_hz = _bandwidth_args(args)
+    if bandwidth and latency_targets_ms:
+        raise SystemExit("testbed: error: --latency-targets: not with --bandwidth yet")
+    if args.popularity_out:
+        from basestation.popularity import out_path_error
+
+        problem = out_path_error(args.popularity_out)
+        if problem:
+            raise SystemExit(f"testbed: error: {problem}")
     done_before = _rows_in(args.out)
     results = None
     for scenario in [s for s in args.scenario.split(",") if s]:
@@ -179,10 +212,11 @@ def cmd_eval(args) -> int:
             if args.kl_tokens else None, divergence_tokens=args.kl_tokens,
             placement=placement, emulate=True if args.emulate else None,
             bandwidth=bandwidth, total_bandwidth_hz=total_bandwidth_hz,
+            latency_targets_ms=latency_targets_ms, popularity_out=args.popularity_out,
             options=tuple((k, v) for k, v in vars(args).items() if k not in ("func", "command"))))
     print_eval(args.out)
     print(f"records: {results}")
-    failed = [f"{r['scenario']} θ={r['theta']:g}" for r in read_results(args.out)[done_before:]
+    failed = [f"{r['scenario']} {row_label(r)}" for r in read_results(args.out)[done_before:]
               if exact_failure(r)]
     if failed:
         raise TestbedError(f"--exact: {len(failed)} row(s) lost experts to faults, their "
@@ -201,14 +235,14 @@ def _rows_in(folder: str) -> int:
 
 def print_eval(folder: str) -> None:
     """`testbed eval`'s tables (printed, and as files) and figures of FOLDER's records."""
-    from testbed.experiments.eval_report import draw, markdown, write_tables
+    from testbed.experiments.eval_report import axis_key, draw, markdown, write_tables
     from testbed.experiments.report import read_results
 
     by_scenario: dict[str, list[dict]] = {}
     for row in read_results(folder):
         by_scenario.setdefault(row["scenario"], []).append(row)
     for rows in by_scenario.values():
-        print(markdown(sorted(rows, key=lambda r: r["theta"])) + "\n")
+        print(markdown(sorted(rows, key=axis_key)) + "\n")
     from testbed.experiments.report_page import write_report_html
 
     for path in write_tables(folder) + draw(folder) + [write_report_html(folder)]:
@@ -298,7 +332,14 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--shards", required=True, metavar="DIR")
     p.add_argument("--scenario", default="paper", help="one or more, comma-separated: "
                    "paper | uniform | one-bad-link | flaky | FILE.toml (default paper)")
-    p.add_argument("--thetas", default="0,0.1,0.2,0.3")
+    p.add_argument("--thetas", default=None, help=f"default {EVAL_THETAS}")
+    p.add_argument("--latency-targets", metavar="MS,MS,...",
+                   help="the rows' axis instead of --thetas: mean token latency targets in ms; "
+                   "each prompt is decoded with the target's controller (θ per token), and "
+                   "the quality pass replays the θs it used")
+    p.add_argument("--popularity-out", metavar="FILE", help="count the routers' slots per "
+                   "(layer, expert) over every pass and write them here (JSON, for "
+                   "`basestation plan --popularity`)")
     p.add_argument("--tasks", default="wdmoe_mc_heldout",
                    help="lm-eval task names, comma-separated: ours (wdmoe_mc_heldout, "
                    "wdmoe_heldout_ppl, wdmoe_heldout_next_word, offline) or any lm-eval task "

@@ -59,36 +59,87 @@ def status(row: dict) -> str:
     return f"FAILED: {failure}" if failure else "ok"
 
 
+# said under a table with latency-target rows: what their quality columns were measured at
+TARGET_NOTE = ("Latency-target rows: the latency pass decodes each prompt with the target's "
+               "controller (θ per token); achieved is the mean of its measured tokens. lm-eval "
+               "scores by prefill passes, which no controller can pace on their own latency, so "
+               "each target's accuracy, KL and quality-pass drops are measured at the θs its "
+               "latency pass used, replayed one per token in order (mean θ: their mean).")
+
+
+LOOSE_TARGET_OVER = 3.0  # a target this many times the slowest achieved mean is not drawn
+
+
+def target_of(row: dict) -> float | None:
+    """A latency-target row's target in ms (issue 24), None for a θ row."""
+    return row.get("latency_target_ms")
+
+
+def axis_key(row: dict) -> tuple:
+    """How a scenario's rows are ordered: θ rows by θ, then latency-target rows by target."""
+    target = target_of(row)
+    return (0, row["theta"]) if target is None else (1, target)
+
+
+def row_label(row: dict) -> str:
+    """A row in a few words: 'θ=0.1', or 'target 40 ms' for a latency-target row."""
+    target = target_of(row)
+    return f"θ={row['theta']:g}" if target is None else f"target {target:g} ms"
+
+
 def _by_scenario(rows: list[dict]) -> dict[str, list[dict]]:
     out: dict[str, list[dict]] = {}
     for row in rows:
         out.setdefault(row["scenario"], []).append(row)
-    return {name: sorted(rs, key=lambda r: r["theta"]) for name, rs in out.items()}
+    return {name: sorted(rs, key=axis_key) for name, rs in out.items()}
+
+
+def _first_of(rows: list[dict]) -> str:
+    """What a row's change is against: its run's first θ or first target."""
+    targets = {target_of(r) is not None for r in rows}
+    return "θ" if targets == {False} else "target" if targets == {True} else "row of its run"
+
+
+def _target_cells(row: dict) -> list[str]:
+    """target ms, achieved mean ms [95% CI], mean θ, feasible; a θ row's θ is its mean θ."""
+    figures = row.get("latency_target")
+    if figures is None:
+        return ["-", _ci(row.get("mean_token_ms")), f"{row['theta']:g}", "-"]
+    feasible = "yes" if figures["feasible"] else \
+        f"no ({figures['prompts_feasible']}/{figures['prompts']} prompts)"
+    return [f"{figures['target_ms']:g}", _ci(row.get("mean_token_ms")),
+            f"{figures['mean_theta']:.3f}", feasible]
 
 
 def table_rows(rows: list[dict]) -> tuple[list[str], list[list[str]]]:
     """Header and cells: θ, each task's primary metric ± stderr, KL and top-1 agreement with
     θ = 0 with intervals, latency with intervals, and each pass's drops and faults (latency /
-    quality); with --exact rows, their verdict after θ."""
+    quality); with --exact rows, their verdict after θ. With latency-target rows, θ gives way
+    to the target, the achieved mean token latency, the mean θ used and whether the target
+    was met (θ rows: their θ, '-' for the rest)."""
     tasks = sorted({t for r in rows for t in (r.get("tasks") or {}) if not t.startswith("_")})
     exact = any(r.get("exact") for r in rows)
     cell = any(r.get("bandwidth") for r in rows)  # a shared cell's policies (issue 23)
-    header = ["θ"] + (["bandwidth"] if cell else []) + (["exact"] if exact else [])
+    targets = any(target_of(r) is not None for r in rows)  # issue 24
+    axis = ["target ms", "achieved mean ms [95% CI]", "mean θ", "feasible"] if targets \
+        else ["θ"]
+    header = axis + (["bandwidth"] if cell else []) + (["exact"] if exact else [])
     for t in tasks:  # one column per task, named by the first row that has its metric
         metric = next((p[0] for r in rows if (p := _primary((r.get("tasks") or {}).get(t, {})))),
                       "-")
         header.append(f"{t} {metric.split(',')[0]}")
     header += ["KL vs θ=0 nats [95% CI]", "top-1 agreement vs θ=0 [95% CI]",
                "median token ms [95% CI]",
-               f"Δ median vs first {'policy' if cell else 'θ'} % [95% CI]",
+               f"Δ median vs first {'policy' if cell else _first_of(rows)} % "
+               "[95% CI]",
                "modeled median ms", "Δ modeled %", "measured / modeled",
                "waiting for agents ms", "base station ms", "wait / modeled",
                "drop rate % latency / quality", "fault drops latency / quality",
                "failed requests latency / quality"]
     cells = []
     for r in rows:
-        line = [f"{r['theta']:g}"] + ([r.get("bandwidth") or "-"] if cell else []) + \
-            ([status(r)] if exact else [])
+        line = (_target_cells(r) if targets else [f"{r['theta']:g}"]) + \
+            ([r.get("bandwidth") or "-"] if cell else []) + ([status(r)] if exact else [])
         for t in tasks:
             primary = _primary((r.get("tasks") or {}).get(t, {}))
             if primary is None:
@@ -125,11 +176,13 @@ def markdown(rows: list[dict]) -> str:
     if kl:
         lines += ["", f"KL and agreement: {kl['positions']} held-out positions, "
                       f"{kl['interval']} ({kl['blocks']} blocks)."]
+    if any(target_of(r) is not None for r in rows):
+        lines += ["", TARGET_NOTE]
     links = links_lines(first.get("links") or [], first["backend"],
                         first.get("real_boxes", False), first.get("shape_dev"))
     if links:
         lines += [""] + links
-    failed = [f"θ = {r['theta']:g}" for r in rows if exact_failure(r)]
+    failed = [row_label(r).replace("=", " = ") for r in rows if exact_failure(r)]
     if failed:
         lines += ["", f"**--exact: FAILED rows** ({', '.join(failed)}): their numbers are "
                       "altered by experts lost to faults."]
@@ -175,7 +228,8 @@ def write_tables(folder: str) -> list[str]:
 def draw(folder: str) -> list[str]:
     """fig3-SCENARIO.png (`figures`): per task, accuracy bars with their standard errors and
     the median token latency (measured, with its interval, and modeled) against θ; then KL and
-    top-1 agreement with θ = 0 where every row has them."""
+    top-1 agreement with θ = 0 where every row has them. Latency-target rows stand on the x
+    axis by their target, with the target and the achieved mean as two more lines."""
     paths = []
     for name, rows in _by_scenario(read_results(folder)).items():
         policies = list(dict.fromkeys(r["bandwidth"] for r in rows if r.get("bandwidth")))
@@ -184,9 +238,21 @@ def draw(folder: str) -> list[str]:
             continue
         tasks = sorted({t for r in rows for t in (r.get("tasks") or {})
                         if not t.startswith("_")}) or [None]
-        labels = [f"{r['theta']:g}" for r in rows]
+        targets = [target_of(r) for r in rows]
+        labels = [f"{r['theta']:g}" if t is None else f"{t:g} ms" for r, t in zip(rows, targets)]
+        x_label = "θ" if all(t is None for t in targets) else \
+            "latency target" if all(t is not None for t in targets) else "θ / latency target"
         median = [r["median_token_ms"] for r in rows]
         more = []
+        if any(t is not None for t in targets):  # what the targets asked and what they got
+            achieved = [r["mean_token_ms"]["value"] for r in rows]
+            # a gap for a θ row, and for a loose target far above every token (drawn, it
+            # would flatten every other line to the axis)
+            shown = [t if t is not None and t <= LOOSE_TARGET_OVER * max(achieved)
+                     else float("nan") for t in targets]
+            more.append(figures.Series(achieved, "D-", "#8e44ad", "achieved mean token latency"))
+            if any(t == t for t in shown):  # NaN != NaN
+                more.append(figures.Series(shown, "_", "#2c3e50", "latency target"))
         if all(r.get("modeled_median_token_ms") for r in rows):
             more.append(figures.Series([r["modeled_median_token_ms"]["value"] for r in rows],
                                        "s--", "#7f8c8d", "modeled (Eqs. 6-8)"))
@@ -198,12 +264,13 @@ def draw(folder: str) -> list[str]:
             latency=figures.Series([m["value"] for m in median], "o-", figures.LATENCY_COLOR,
                                    "measured median token latency"),
             band=([m["low"] for m in median], [m["high"] for m in median]),
-            more=tuple(more), latency_axis_label="token latency (ms)") for task in tasks]
+            more=tuple(more), latency_axis_label="token latency (ms)", x_label=x_label)
+            for task in tasks]
         kl = None
         if all(r.get("divergence") for r in rows):
             kl = figures.DivergencePanel(labels, [r["divergence"]["kl_nats"] for r in rows],
                                          [r["divergence"]["top1_agreement"] for r in rows],
-                                         rows[0]["divergence"]["positions"])
+                                         rows[0]["divergence"]["positions"], x_label=x_label)
         emulated = f", emulating {rows[0]['emulated']}" if rows[0].get("emulated") else ""
         paths.append(figures.fig3(os.path.join(folder, f"fig3-{name}.png"), panels,
                                   panel_in=(4.6, 3.6), divergence=kl, legend_fontsize=7,

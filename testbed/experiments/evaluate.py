@@ -15,10 +15,24 @@ failed requests, retries; `pass_counts`). With `exact`, a row whose passes lost 
 fault is marked failed (`failed`) instead of passing altered numbers off as fine.
 One JSON record per θ goes to results.jsonl as it is made (Ctrl-C keeps what is done); the
 table and the figure come from `eval_report`.
+
+With latency targets instead of θs (issue 24: accuracy at a given latency, the way users ask),
+each prompt is decoded with the target's controller (`generate(latency_target_ms=)`), which
+picks θ per token; the record keeps the target, the achieved latency, the θ of every measured
+token, their mean (the record's `theta`) and whether the target was met. lm-eval's scoring
+passes are prefills, not decode tokens, so no controller can pace them on their own latency:
+the quality pass instead replays the latency pass's θs, one per token in order, cycling
+(`ThetaReplay`, `replayed`), so accuracy and divergence are measured under the mix of θ the
+target produced. Per token, not per forward pass: a decoded token ran at its own θ over a KV
+cache of tokens at theirs, which is what a prefill with a θ per token computes; and a pass of
+one forward (the divergence's blocks) or a few (lm-eval's batches) still gets the whole mix
+instead of the first few θs of the sequence (the controller's learning tokens, at θ = 0).
 """
 
 from __future__ import annotations
 
+import contextlib
+import functools
 import hashlib
 import json
 import os
@@ -27,8 +41,10 @@ import time
 from dataclasses import dataclass
 
 import numpy as np
+import torch
 
 from basestation.generate import generate
+from basestation.popularity import Popularity
 from testbed import scenarios
 from testbed.experiments import divergence, harness, pass_counts
 from testbed.experiments.beds import Placement
@@ -75,6 +91,16 @@ class EvalConfig:
     total_bandwidth_hz: float | None = None  # the cell's B (default: the scenario's)
     # the `testbed eval` options as parsed, kept in every record (report.html's command line)
     options: tuple[tuple[str, object], ...] = ()
+    # the axis instead of thetas (issue 24): one row per latency target, in ms (() = θs)
+    latency_targets_ms: tuple[float, ...] = ()
+    # the routers' slots per (layer, expert) over every pass, written here (JSON, for
+    # `basestation plan --popularity`; basestation/popularity.py); None: not counted
+    popularity_out: str | None = None
+
+    @property
+    def axis(self) -> tuple[float, ...]:
+        """What the rows are run at: the latency targets (ms) when given, else the θs."""
+        return self.latency_targets_ms or self.thetas
 
     @property
     def emulating(self) -> bool:
@@ -87,11 +113,15 @@ def run_eval(config: EvalConfig) -> str:
     """Runs the evaluation; returns the results.jsonl path. Raises TestbedError, RosterError."""
     if config.bandwidth and config.placement is not None and config.placement.roster:
         raise TestbedError("--bandwidth: not yet on real boxes")
+    if config.bandwidth and config.latency_targets_ms:
+        raise TestbedError("--latency-targets: not with --bandwidth yet (one axis of policies)")
     with harness.running(config.shards, config.out, config.scenario, config.num_agents,
                          emulate=config.emulating, dtype=config.dtype,
                          placement=config.placement, cell=bool(config.bandwidth),
                          total_bandwidth_hz=config.total_bandwidth_hz) as run:
         session, scenario = run.session, run.scenario
+        if config.popularity_out:
+            session.runtime.popularity = Popularity(session.runtime.table.num_experts)
         modeled = _modeled(scenario, run.num_agents, run.manifest, run.start_s) \
             if config.emulating else None
         waits = StepWaits(session.runtime.stats, _moe_layers(run.manifest))
@@ -110,8 +140,10 @@ def run_eval(config: EvalConfig) -> str:
                              for a, (call, token) in pacing.items()})
         # Latency first, every θ in turn per prompt: a busy machine or a fading epoch then
         # weighs on every θ alike, instead of on whichever θ ran at the time.
+        axis = f"latency targets {', '.join(f'{t:g}' for t in config.latency_targets_ms)} ms" \
+            if config.latency_targets_ms else f"θ = {', '.join(f'{t:g}' for t in config.thetas)}"
         _say(config, f"latency: {len(prompt_ids)} prompts x {config.max_new_tokens} tokens "
-                     f"at θ = {', '.join(f'{t:g}' for t in config.thetas)}, interleaved")
+                     f"at {axis}, interleaved")
         policies = config.bandwidth or (None,)
         samples = _latency_interleaved(session, prompt_ids, config, modeled, waits,
                                        policies, cell.set_policy if cell else None)
@@ -123,24 +155,34 @@ def run_eval(config: EvalConfig) -> str:
                          "held-out tokens")
             reference, reference_counts = reference_pass(session, config)
         with run.results() as append:
-            for theta in config.thetas:
+            for point in config.axis:
+                # a target's row: its quality pass at the θs its latency pass used (its mean
+                # is the row's θ); no cell here (run_eval refuses targets with --bandwidth)
+                replay = samples[(None, point)]["thetas"] if config.latency_targets_ms else None
+                theta = mean_theta(replay) if replay is not None else point
                 quality, quality_counts = quality_pass(session, config, theta, reference,
-                                                       reference_counts)
+                                                       reference_counts, replay=replay)
                 for policy in policies:
                     row = dict(base, theta=theta, exact=config.exact)
+                    if replay is not None:
+                        row.update(target_fields(point, samples[(None, point)]))
                     if cell is not None:
                         row.update(cell.fields(policy), quality_bandwidth=policies[0])
                         # the tokens of every prompt, as a digest: at θ = 0 every policy's
                         # must be the same (bandwidth changes time, never the answer)
                         row["tokens_sha256"] = hashlib.sha256(json.dumps(
-                            samples[(policy, theta)]["token_ids"]).encode()).hexdigest()
-                    # with a cell: against the first policy at this θ; else the first θ
-                    first = samples[(policies[0], theta)] if cell is not None else \
-                        samples[(None, config.thetas[0])]
-                    append(make_record(row, samples[(policy, theta)], first, quality,
+                            samples[(policy, point)]["token_ids"]).encode()).hexdigest()
+                    # with a cell: against the first policy at this θ; else the first row
+                    first = samples[(policies[0], point)] if cell is not None else \
+                        samples[(None, config.axis[0])]
+                    append(make_record(row, samples[(policy, point)], first, quality,
                                        quality_counts))
         if cell is not None:
             cell.close()
+        if config.popularity_out:
+            session.runtime.popularity.save(config.popularity_out)
+            _say(config, f"popularity: {session.runtime.popularity.slots} slots counted, "
+                         f"written to {config.popularity_out}")
     return run.results_path
 
 
@@ -160,19 +202,106 @@ def make_record(base: dict, sample: dict, first: dict, quality: dict,
     return record
 
 
+def target_fields(target_ms: float, sample: dict) -> dict:
+    """A latency target's own fields of its record, from its latency pass's SAMPLE: the
+    target, the achieved mean of the measured tokens (the same tokens as mean_token_ms), the
+    θ each of them was decoded at and their mean, and whether every prompt met the target as
+    far as its controller knew (latency_target.steady_feasible). Pure."""
+    measured, thetas, verdicts = sample["measured"], sample["thetas"], sample["feasible"]
+    return {"latency_target_ms": target_ms, "latency_target": {
+        "target_ms": target_ms,
+        "achieved_mean_ms": round(float(np.mean(measured)), 3) if measured else None,
+        "mean_theta": mean_theta(thetas), "thetas": list(thetas),
+        "feasible": all(verdicts), "prompts_feasible": sum(verdicts), "prompts": len(verdicts),
+        # what the quality fields were measured at (lm-eval cannot pace prefills on latency)
+        "quality_thetas": "replayed: the θs above, one per token, in order, cycling"}}
+
+
+def mean_theta(thetas: list[float]) -> float:
+    """The mean of a target's per-token θs, rounded as latency_target.mean_theta rounds
+    (0 without tokens)."""
+    return round(sum(thetas) / len(thetas), 4) if thetas else 0.0
+
+
+class ThetaReplay:
+    """θ per token from a recorded sequence, in order, from its start again when it runs out:
+    how a latency target's quality pass reproduces the mix of θ its latency pass used. Pure
+    (holds no clock); `replayed` hands its θs to the model's forward passes."""
+
+    def __init__(self, thetas: list[float]):
+        if not thetas:
+            raise ValueError("ThetaReplay needs at least one θ")
+        self.thetas = tuple(thetas)
+        self.given = 0  # θs handed out so far
+
+    def take(self, count: int) -> list[float]:
+        """The next COUNT θs of the sequence."""
+        size = len(self.thetas)
+        out = [self.thetas[(self.given + i) % size] for i in range(count)]
+        self.given += count
+        return out
+
+
+def _tokens_in(args: tuple, kwargs: dict) -> int:
+    """How many tokens a causal LM's forward call carries ([B, L] flattened, as its MoE
+    layers see them)."""
+    ids = kwargs.get("input_ids", args[0] if args else None)
+    if ids is None:
+        return kwargs["inputs_embeds"].shape[:-1].numel()
+    return ids.numel()
+
+
+@contextlib.contextmanager
+def replayed(model, runtime, replay: ThetaReplay):
+    """Inside, each forward pass of MODEL runs with REPLAY's next θs, one per token: a
+    pre-hook enters `runtime.batch` with them (a [T] θ, as serve's engine gives a batch of
+    requests), a hook that runs also when the forward raised leaves it. The hook's batch is
+    the innermost, so it holds over any θ its caller set (lm-eval's model, quality_pass)."""
+    step = contextlib.ExitStack()
+
+    def before(module, args, kwargs):
+        thetas = replay.take(_tokens_in(args, kwargs))
+        theta = thetas[0] if len(set(thetas)) == 1 else \
+            torch.tensor(thetas, dtype=torch.float64)
+        step.enter_context(runtime.batch(theta=theta))
+
+    def after(module, args, kwargs, output):
+        step.close()
+
+    hooks = [model.register_forward_pre_hook(before, with_kwargs=True),
+             model.register_forward_hook(after, with_kwargs=True, always_call=True)]
+    try:
+        yield
+    finally:
+        for hook in hooks:
+            hook.remove()
+        step.close()
+
+
 def quality_pass(session, config: EvalConfig, theta: float, reference=None,
-                 reference_counts: dict | None = None) -> tuple[dict, dict]:
-    """lm-eval's tasks and the divergence against REFERENCE (θ = 0) at THETA: the record's
-    quality fields ("tasks", "divergence") and what the pass cost in experts. Raises
-    TestbedError for an unknown task or a bad task file."""
+                 reference_counts: dict | None = None,
+                 replay: list[float] | None = None) -> tuple[dict, dict]:
+    """lm-eval's tasks and the divergence against REFERENCE (θ = 0) at THETA, or with REPLAY
+    (a latency target's per-token θs) at those θs, one per token (`replayed`; from the
+    sequence's start for each of the two): the record's quality fields ("tasks",
+    "divergence") and what the pass cost in experts. Raises TestbedError for an unknown task
+    or a bad task file."""
     fields: dict = {}
+
+    def at_replay():
+        return replayed(session.base.model, session.runtime, ThetaReplay(replay)) if replay \
+            else contextlib.nullcontext()
+
     with pass_counts.quality_pass(session, theta) as counts:
         if config.tasks:
-            _say(config, f"θ = {theta:g}: lm-eval {', '.join(config.tasks)}")
-            fields["tasks"] = _accuracy(session, config, theta)
+            at = f"the latency pass's θs (mean {theta:g})" if replay else f"θ = {theta:g}"
+            _say(config, f"{at}: lm-eval {', '.join(config.tasks)}")
+            with at_replay():
+                fields["tasks"] = _accuracy(session, config, theta)
         if reference is not None:
-            fields["divergence"] = harness.divergence_against(session, reference,
-                                                              reference_counts)
+            with at_replay():
+                fields["divergence"] = harness.divergence_against(session, reference,
+                                                                  reference_counts)
     return fields, counts
 
 
@@ -206,30 +335,36 @@ def _rotated(items: tuple, i: int) -> tuple:
 
 def _latency_interleaved(session, prompt_ids, config: EvalConfig, modeled,
                          waits: StepWaits, policies: tuple = (None,), set_policy=None) -> dict:
-    """Decode every prompt at every θ (θ order rotating per prompt; with a cell, every
-    policy in turn, its order rotating too, each at every θ): per (policy, θ), the measured
-    and modeled latency of each decode step (the first step, the prefill, is left out of
-    both), the part of each measured step spent waiting for agents, the experts called and
-    dropped, and the tokens decoded."""
-    thetas = config.thetas
+    """Decode every prompt at every θ, or with every latency target's controller (the
+    order rotating per prompt; with a cell, every policy in turn, its order rotating too,
+    each at every θ): per (policy, θ or target), the measured and modeled latency of each
+    decode step (the first step, the prefill, is left out of both), the part of each
+    measured step spent waiting for agents, the experts called and dropped, and the tokens
+    decoded; with a target also the θ of each measured step and each prompt's verdict
+    (latency_target.steady_feasible)."""
+    points, targets = config.axis, bool(config.latency_targets_ms)
     out = {(p, t): {"measured": [], "modeled": [], "wait": [], "counts": pass_counts.zero(),
-                    "token_ids": []}
-           for p in policies for t in thetas}
+                    "token_ids": [], "thetas": [], "feasible": []}
+           for p in policies for t in points}
     for i, ids in enumerate(prompt_ids):
-        for policy, theta in [(p, t) for p in _rotated(policies, i) for t in _rotated(thetas, i)]:
+        for policy, point in [(p, t) for p in _rotated(policies, i) for t in _rotated(points, i)]:
             if set_policy is not None and policy is not None:
                 set_policy(policy)
             if modeled is not None:
                 modeled.reset()
             waits.reset()
+            axis = {"latency_target_ms": point} if targets else {"theta": point}
             with pass_counts.counted(session.runtime.stats) as counts:
                 result = generate(session, ids, max_new_tokens=config.max_new_tokens,
-                                  ignore_eos=True, theta=theta)
+                                  ignore_eos=True, **axis)
             waits.close()
-            mine = out[(policy, theta)]
+            mine = out[(policy, point)]
             mine["token_ids"].append(list(result.token_ids))
             steps = len(result.token_latency_ms)
             mine["measured"] += result.token_latency_ms[1:]
+            if result.latency_target is not None:  # the measured steps' θs, as measured
+                mine["thetas"] += result.latency_target["thetas"][1:steps]
+                mine["feasible"].append(result.latency_target["feasible"])
             mine["wait"] += [1e3 * s for s in waits.step_waits_s()[1:steps]]
             if modeled is not None:
                 steps = modeled.step_totals_s()
@@ -267,21 +402,33 @@ def _figures(sample: dict) -> dict:
     return figures
 
 
+@functools.lru_cache(maxsize=4)
+def _task_manager(paths: tuple[str, ...], tasks: tuple[str, ...]):
+    """lm-eval's index of task files, made once per run, and of PATHS alone when they hold
+    every task asked for: indexing lm-eval's own thousands of YAMLs takes 5-15 s, which every
+    row paid again. Each evaluation still loads its tasks afresh."""
+    from lm_eval.tasks import TaskManager
+
+    ours = TaskManager(include_path=list(paths), include_defaults=False)
+    if all(task in ours.all_tasks for task in tasks):
+        return ours
+    return TaskManager(include_path=list(paths))
+
+
 def _accuracy(session, config: EvalConfig, theta: float) -> dict:
     """lm-eval's figures per task: {task: {metric: {"value", "stderr"}}}. Run inside a
     pass_counts.quality_pass (θ set, the latency observer off)."""
     import lm_eval
-    from lm_eval.tasks import TaskManager
 
     from testbed.experiments.lm_eval_model import DistributedLM
 
     started_s = time.monotonic()
     try:
-        paths = [TASKS_DIR] + ([config.include_path] if config.include_path else [])
+        paths = (TASKS_DIR,) + ((config.include_path,) if config.include_path else ())
         result = lm_eval.simple_evaluate(
             model=DistributedLM(session, theta=theta, batch_size=config.batch_size),
             tasks=list(config.tasks), limit=config.limit, log_samples=False,
-            task_manager=TaskManager(include_path=paths), random_seed=0,
+            task_manager=_task_manager(paths, tuple(config.tasks)), random_seed=0,
             numpy_random_seed=0, torch_random_seed=0, fewshot_random_seed=0)
     except (KeyError, ValueError) as e:  # an unknown task name, a bad task file
         raise TestbedError(f"lm-eval: {e}") from None

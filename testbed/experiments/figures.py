@@ -46,6 +46,7 @@ class Panel:
     band: tuple[list[float], list[float]] | None = None
     more: tuple[Series, ...] = ()
     title: str | None = None
+    x_label: str = "θ"  # latency-target rows stand by their target (issue 24)
 
 
 @dataclass(frozen=True)
@@ -55,6 +56,7 @@ class DivergencePanel:
     kl_nats: list[dict]
     top1_agreement: list[dict]
     positions: int
+    x_label: str = "θ"
 
 
 def policy_series(rows: list[dict], key: str, fmt: str, label: str) -> list[Series]:
@@ -122,7 +124,7 @@ def _draw_panel(ax, panel: Panel, legend_fontsize: int) -> None:
         ax.set_ylabel(bars.axis_label)
     if panel.title:
         ax.set_title(panel.title, fontsize=9)
-    ax.set_xlabel("θ")
+    ax.set_xlabel(panel.x_label)
     twin = ax.twinx()
     line = panel.latency
     twin.plot(panel.labels, line.values, line.fmt, color=line.color, label=line.label)
@@ -141,7 +143,7 @@ def _draw_divergence(ax, panel: DivergencePanel) -> None:
     kl, agree = panel.kl_nats, panel.top1_agreement
     ax.bar(panel.labels, [k["value"] for k in kl], color="#a9cba4", yerr=_error_bars(kl),
            capsize=3, label="KL(θ=0 || θ) nats (95 % CI)")
-    ax.set_xlabel("θ")
+    ax.set_xlabel(panel.x_label)
     ax.set_ylabel("KL vs θ = 0 (nats / position)")
     ax.set_title(f"next token vs θ = 0, {panel.positions} held-out positions", fontsize=9)
     twin = ax.twinx()

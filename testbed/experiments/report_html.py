@@ -70,11 +70,12 @@ def page(rows: Sequence[dict], figures: Mapping[str, bytes], title: str) -> str:
 
 
 def _by_scenario(rows: Sequence[dict]) -> dict[str, list[dict]]:
-    """Each scenario's rows by θ, in the order of the Markdown (a stable sort)."""
+    """Each scenario's rows by θ (then latency targets), in the order of the Markdown (a
+    stable sort)."""
     out: dict[str, list[dict]] = {}
     for row in rows:
         out.setdefault(row["scenario"], []).append(row)
-    return {name: sorted(rs, key=lambda r: r["theta"]) for name, rs in out.items()}
+    return {name: sorted(rs, key=eval_report.axis_key) for name, rs in out.items()}
 
 
 def _markdown_prose(rows: list[dict]) -> tuple[str, list[str]]:
@@ -136,7 +137,7 @@ def _losses(rows: list[dict], header: list[str], cells: list[list[str]],
     """Table I's loss cells as they are, then every pass's raw counters and the run's
     errors, per row."""
     at = {name: i for i, name in enumerate(header)}
-    keys = ["θ"] + [k for k in ("bandwidth",) + LOSS_COLUMNS if k in at]
+    keys = [k for k in ("θ", "target ms", "mean θ", "bandwidth") + LOSS_COLUMNS if k in at]
     counters = [c for c in COUNTERS if c != "fault_drops" and c != "failed_requests"]
     errors = any(r.get("schedule_errors") or r.get("cell_errors") for r in rows)
     out_header = keys + [f"{c.replace('_', ' ')} latency / quality / reference"
@@ -192,21 +193,31 @@ def command_line(options: Mapping) -> str:
     return shlex.join(words)
 
 
+def _made(made: list[str]) -> str:
+    """'θ = 0, 0.1' for θ rows only (as before latency targets), else every row's words."""
+    if all(m.startswith("θ = ") for m in made):
+        return "θ = " + ", ".join(m.removeprefix("θ = ") for m in made)
+    return ", ".join(made)
+
+
 def _shown(value) -> str:
     return value if isinstance(value, str) else json.dumps(value, sort_keys=True)
 
 
 def _run(rows: list[dict]) -> str:
-    """Each distinct command line and which θs it made; then the run's fields (each distinct
-    value, where rows differ) and when the records were written."""
+    """Each distinct command line and which θs (or latency targets) it made; then the run's
+    fields (each distinct value, where rows differ) and when the records were written."""
     commands: dict[str, list[str]] = {}
     for r in rows:
         line = command_line(r["eval_options"]) if r.get("eval_options") else \
             "(not recorded: the records predate eval_options, or run_eval was called directly)"
-        commands.setdefault(line, []).append(f"{r['theta']:g}")
+        target = eval_report.target_of(r)
+        commands.setdefault(line, []).append(f"θ = {r['theta']:g}" if target is None
+                                             else f"target {target:g} ms")
     out = ["<p>Command line" + ("s" if len(commands) > 1 else "") + ":</p><ul>"]
-    out += [f"<li><code>{escape(line)}</code> <span class=\"muted\">(θ = "
-            f"{escape(', '.join(thetas))})</span></li>" for line, thetas in commands.items()]
+    # θ rows read as before, "(θ = 0, 0.1)"; latency-target rows "(target 40 ms, ...)"
+    out += [f"<li><code>{escape(line)}</code> <span class=\"muted\">("
+            f"{escape(_made(made))})</span></li>" for line, made in commands.items()]
     out.append("</ul>")
     fields = []
     for key in RUN_FIELDS:
