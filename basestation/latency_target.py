@@ -26,7 +26,12 @@ from __future__ import annotations
 from dataclasses import dataclass, field, replace
 from typing import NamedTuple
 
-THETA_LADDER = tuple(round(0.05 * i, 2) for i in range(11))  # 0, 0.05, ..., 0.5
+# finer near 0: κ of a token whose slow box is R times slower is (w_s/R) / (w_s/R + w_f), so
+# with R ~ 40 (a 40 ms box beside 1 ms ones) θ = 0.05 already drops most of its slots. Measured
+# (bench/latency_target.py): steps of 0.05 made the target mix θ = 0 with 0.05, which dropped
+# 15 % more slots than the fixed θ (0.02) giving the same mean; the fine levels let it mix
+# neighbours on that curve instead.
+THETA_LADDER = (0.0, 0.005, 0.01, 0.015, 0.02, 0.03, 0.05, 0.075, 0.1, 0.15, 0.2, 0.3, 0.4, 0.5)
 EWMA_GAIN = 0.3  # weight of the newest token at its θ: links move within a few tokens
 MAX_TARGET_MS = 600_000.0  # ten minutes a token: beyond it a target is a typo, not a wish
 

@@ -13,18 +13,21 @@ def test_first_token_is_exact_then_the_floor_is_learned():
     # budget 20 x 2 - 30 = 10: nothing measured fits, so the top of the ladder is tried
     assert choose(state).theta == 0.5
     state = observe(state, 0.5, 12.0)
-    # budget 60 - 42 = 18; the line 30 -> 12 over 10 steps: 30 - 1.8 i <= 18 from i = 7
+    # budget 60 - 42 = 18; the line 30 -> 12 over the ladder's 13 steps: 30 - 18 i / 13 <= 18
+    # from i = 9 (θ = 0.15, 17.54 ms)
+    assert THETA_LADDER[9] == 0.15 and len(THETA_LADDER) == 14
     choice = choose(state)
-    assert choice.theta == pytest.approx(0.35) and choice.expected_ms == pytest.approx(17.4)
+    assert choice.theta == pytest.approx(0.15) and choice.expected_ms == pytest.approx(
+        30 - 18 * 9 / 13)
     assert choice.feasible
 
 
 def test_expected_interpolates_and_assumes_no_gain_above_what_was_measured():
-    state = observe(observe(start(10.0), 0.0, 30.0), 0.25, 20.0)
+    state = observe(observe(start(10.0), 0.0, 30.0), 0.1, 20.0)  # levels 0 and 8
     expected = expected_ms(state)
-    assert expected[0] == 30.0 and expected[5] == 20.0
-    assert expected[2] == pytest.approx(26.0)
-    assert expected[10] == 20.0
+    assert expected[0] == 30.0 and expected[8] == 20.0
+    assert expected[4] == pytest.approx(25.0)
+    assert expected[13] == 20.0
 
 
 def test_ewma_of_a_level():
