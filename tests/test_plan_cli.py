@@ -139,7 +139,7 @@ def test_plan_puts_hot_replicas_on_fast_boxes_and_its_roster_runs(start_agent, t
                    "layers": {"0": counts, "1": counts}, "slots": 2 * sum(counts)}, f)
     out = str(tmp_path / "planned.toml")
     result = run_cli("basestation", "plan", "--roster", roster, "--shards", tiny_split,
-                     "--experts-per-box", "5", "--max-copies", "2", "--popularity", hot,
+                     "--experts-per-box", "5", "--popularity", hot,
                      "--agent-shards", tiny_split, "--out", out)
     assert result.returncode == 0, result.stderr
     print(result.stdout)
