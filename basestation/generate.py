@@ -266,14 +266,15 @@ def generate(session, input_ids: torch.Tensor, max_new_tokens: int = 32,
 
 
 @contextlib.contextmanager
-def paced(model, runtime, pacer: Pacer):
-    """Inside, each forward pass of `model` runs at the θ `pacer` picks for it, as serve's
-    engine does it: a pre-hook enters `runtime.batch`, a hook that runs also when the forward
-    raised leaves it."""
+def per_pass_theta(model, runtime, theta_for: Callable):
+    """Inside, each forward pass of `model` runs at the θ `theta_for(args, kwargs)` gives it
+    (a number, or [T] one per token), as serve's engine does it: a pre-hook enters
+    `runtime.batch`, a hook that runs also when the forward raised leaves it. The hook's batch
+    is the innermost, so it holds over any θ a caller set around the model."""
     step = contextlib.ExitStack()
 
     def before(module, args, kwargs):
-        step.enter_context(runtime.batch(theta=pacer.next_theta()))
+        step.enter_context(runtime.batch(theta=theta_for(args, kwargs)))
 
     def after(module, args, kwargs, output):
         step.close()
@@ -286,6 +287,11 @@ def paced(model, runtime, pacer: Pacer):
         for hook in hooks:
             hook.remove()
         step.close()
+
+
+def paced(model, runtime, pacer: Pacer):
+    """Inside, each forward pass of `model` runs at the θ `pacer` picks for it."""
+    return per_pass_theta(model, runtime, lambda args, kwargs: pacer.next_theta())
 
 
 def prompt_logits(session, input_ids: torch.Tensor, theta: float | None = None,

@@ -14,7 +14,6 @@ target), its drops, the fixed-θ drops at that mean, and their ratio.
 from __future__ import annotations
 
 import argparse
-import os
 import shutil
 import statistics
 import subprocess
@@ -22,7 +21,7 @@ import tempfile
 
 import torch
 from decode import stop  # bench/, beside this script
-from replicas import start_agent
+from replicas import split_model, start_agent
 
 THETAS = (0.0, 0.01, 0.02, 0.03, 0.05, 0.1, 0.2, 0.3, 0.5)
 PROMPTS = ("Return the list of items in the queue.", "The queue module implements queues.",
@@ -52,16 +51,7 @@ def main() -> None:
     procs: list[subprocess.Popen] = []
     session = None
     try:
-        checkpoint = args.model
-        if checkpoint is None:
-            from testbed.models.make_model import ModelSpec, make_model
-
-            checkpoint = os.path.join(scratch, "model")
-            make_model(checkpoint, ModelSpec())
-        from shard_tool.split import split
-
-        shards = os.path.join(scratch, "shards")
-        split(checkpoint, shards)
+        shards = split_model(args.model, scratch)
         from basestation.generate import generate
         from basestation.session import build_roster, open_session
 

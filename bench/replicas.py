@@ -29,6 +29,21 @@ import torch
 from decode import PROMPT, REPO_ROOT, stop  # bench/, beside this script
 
 
+def split_model(model: str | None, scratch: str) -> str:
+    """The split of `model` (default: the tiny test model, made here) in scratch/shards."""
+    from shard_tool.split import split
+
+    checkpoint = model
+    if checkpoint is None:
+        from testbed.models.make_model import ModelSpec, make_model
+
+        checkpoint = os.path.join(scratch, "model")
+        make_model(checkpoint, ModelSpec())
+    shards = os.path.join(scratch, "shards")
+    split(checkpoint, shards)
+    return shards
+
+
 def start_agent(shards: str, experts: str, delay_s: float = 0.0) -> tuple[subprocess.Popen, str]:
     env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONUNBUFFERED="1")
     fault = ["--fault", f"delay={delay_s}"] if delay_s else []
@@ -53,16 +68,7 @@ def main() -> None:
     procs: list[subprocess.Popen] = []
     sessions = {}
     try:
-        checkpoint = args.model
-        if checkpoint is None:
-            from testbed.models.make_model import ModelSpec, make_model
-
-            checkpoint = os.path.join(scratch, "model")
-            make_model(checkpoint, ModelSpec())
-        from shard_tool.split import split
-
-        shards = os.path.join(scratch, "shards")
-        split(checkpoint, shards)
+        shards = split_model(args.model, scratch)
         from basestation.generate import generate
         from basestation.session import build_roster, open_session
 

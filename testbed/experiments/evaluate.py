@@ -43,7 +43,7 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-from basestation.generate import generate
+from basestation.generate import generate, per_pass_theta
 from basestation.popularity import Popularity
 from testbed import scenarios
 from testbed.experiments import divergence, harness, pass_counts
@@ -251,31 +251,14 @@ def _tokens_in(args: tuple, kwargs: dict) -> int:
     return ids.numel()
 
 
-@contextlib.contextmanager
 def replayed(model, runtime, replay: ThetaReplay):
-    """Inside, each forward pass of MODEL runs with REPLAY's next θs, one per token: a
-    pre-hook enters `runtime.batch` with them (a [T] θ, as serve's engine gives a batch of
-    requests), a hook that runs also when the forward raised leaves it. The hook's batch is
-    the innermost, so it holds over any θ its caller set (lm-eval's model, quality_pass)."""
-    step = contextlib.ExitStack()
-
-    def before(module, args, kwargs):
+    """Inside, each forward pass of MODEL runs with REPLAY's next θs, one per token (a [T] θ,
+    as serve's engine gives a batch of requests; generate.per_pass_theta)."""
+    def theta_for(args, kwargs):
         thetas = replay.take(_tokens_in(args, kwargs))
-        theta = thetas[0] if len(set(thetas)) == 1 else \
-            torch.tensor(thetas, dtype=torch.float64)
-        step.enter_context(runtime.batch(theta=theta))
+        return thetas[0] if len(set(thetas)) == 1 else torch.tensor(thetas, dtype=torch.float64)
 
-    def after(module, args, kwargs, output):
-        step.close()
-
-    hooks = [model.register_forward_pre_hook(before, with_kwargs=True),
-             model.register_forward_hook(after, with_kwargs=True, always_call=True)]
-    try:
-        yield
-    finally:
-        for hook in hooks:
-            hook.remove()
-        step.close()
+    return per_pass_theta(model, runtime, theta_for)
 
 
 def quality_pass(session, config: EvalConfig, theta: float, reference=None,
