@@ -11,8 +11,11 @@ measured speed in place of EPLB's equal GPUs:
 2. Pack: copies in falling load per copy, each onto the box with room that then finishes
    its load earliest (load x its seconds per unit), so a slow box takes the cold ones.
 3. Keep the count whose plan is shortest in the model below: copies that would not shorten
-   it by MIN_GAIN are not made (memory stays free, and a slow box is not given a copy that
-   would take a sliver of a hot expert's load), and a hot expert's copies land on fast boxes.
+   it by MIN_GAIN are not made (memory stays free), and a hot expert's copies land on fast
+   boxes.
+4. Prune slivers: a copy that would take under MIN_SHARE of its expert's load (a slow box
+   beside fast holders) is removed, its load left to the others: it would cost the box's memory
+   and a push for almost nothing, and the base station's route would hardly ever pick it.
 
 The model of a plan: an expert's tokens are spread over its copies in proportion to their
 boxes' speed (1 / seconds per unit of load), so every holder of expert e spends
@@ -29,6 +32,8 @@ from dataclasses import dataclass
 # a plan with more copies is kept only if it is shorter by this share (of the box time where
 # the two plans first differ): a copy costs a box's memory and a push
 MIN_GAIN = 0.02
+# a copy whose box would take less than this share of its expert's load is not kept
+MIN_SHARE = 0.1
 
 
 class PlacementError(ValueError):
@@ -101,10 +106,25 @@ def plan_placement(load: list[float], boxes: list[BoxProfile],
             best, best_key = (held, times), key
     if best is None:
         raise PlacementError("the boxes' room cannot take one copy of every expert")
-    held, times = best
+    held = _prune_slivers(load, best[0], speed)
+    times = box_times_s(load, held, speed)
     holders = tuple(tuple(b for b in range(len(boxes)) if e in held[b])
                     for e in range(num_experts))
     return Placement(tuple(tuple(sorted(h)) for h in held), holders, tuple(times))
+
+
+def _prune_slivers(load: list[float], held: list[set[int]], speed: list[float]
+                   ) -> list[set[int]]:
+    """`held` without the copies whose box would take under MIN_SHARE of the expert's load
+    (its speed over its holders' summed speed), slowest first; every expert keeps a holder."""
+    held = [set(experts) for experts in held]
+    for expert in range(len(load)):
+        holders = sorted((b for b, experts in enumerate(held) if expert in experts),
+                         key=lambda b: speed[b])
+        while len(holders) > 1 and speed[holders[0]] < MIN_SHARE * sum(
+                speed[b] for b in holders):
+            held[holders.pop(0)].discard(expert)
+    return held
 
 
 def _pack(load: list[float], copies: list[int], boxes: list[BoxProfile]) -> list[set[int]] | None:
