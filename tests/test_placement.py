@@ -118,3 +118,15 @@ def test_a_sliver_copy_is_pruned_even_when_its_plan_packed_better():
     for holders in plan.holders:
         if len(holders) > 1:
             assert min(speed[b] for b in holders) >= 0.1 * sum(speed[b] for b in holders)
+
+
+def test_one_hot_expert_gets_copies_on_the_fast_boxes_whatever_they_measure():
+    # the plan test's load, across the speeds loopback agents measure on a loaded machine
+    load = [10] * 6 + [1600, 40]
+    for fast_a in (0.8e-3, 1.7e-3, 4e-3):
+        for fast_b in (0.8e-3, 1.7e-3, 4e-3):
+            for slow in (30e-3, 60e-3):
+                plan = plan_placement(load, [BoxProfile("a", fast_a, 5),
+                                             BoxProfile("b", fast_b, 5),
+                                             BoxProfile("c", slow, 5)])
+                assert set(plan.holders[6]) == {0, 1}

@@ -131,9 +131,11 @@ def test_plan_puts_hot_replicas_on_fast_boxes_and_its_roster_runs(start_agent, t
     assert pop.slots == 2 * 2 * pop.tokens  # every token, top-2, both layers
     assert pop.tokens >= len(before["token_ids"])  # the prompt's and the generated ones
 
-    # a clear hot set on the slow box: experts 6 and 7 take most slots in both layers
+    # a clear hot expert on the slow box: expert 6 takes most slots in both layers
     hot = str(tmp_path / "hot.json")
-    counts = [5, 5, 5, 5, 5, 5, 400, 300]
+    # one hot expert: two hot ones (as 400 and 300) balance over two fast boxes with one copy
+    # each, and the planner rightly makes no copy (seen in CI: 800 vs 600 slots)
+    counts = [5, 5, 5, 5, 5, 5, 800, 20]
     with open(hot, "w") as f:
         json.dump({"version": 1, "num_experts": 8, "tokens": 365,
                    "layers": {"0": counts, "1": counts}, "slots": 2 * sum(counts)}, f)
@@ -148,7 +150,7 @@ def test_plan_puts_hot_replicas_on_fast_boxes_and_its_roster_runs(start_agent, t
     assert measured[c] > DELAY_S * 1e3 / 2 and measured[c] > max(measured[a], measured[b])
     planned = read_roster_agents(out)
     holders = {e: {agent.endpoint for agent in planned if e in agent.experts} for e in range(8)}
-    assert holders[6] == holders[7] == {a, b}  # the hot ones twice, both on fast boxes
+    assert holders[6] == {a, b}  # the hot one twice, both copies on the fast boxes
     assert all(holders[e] for e in range(8))  # every expert somewhere
     assert result.stdout.count("roster (written to") == 1
 
