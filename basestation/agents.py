@@ -196,20 +196,17 @@ class AgentTable:
         """demand: expert -> its tokens in this layer call. The replicas' split of the
         replicated experts with two live holders or more (replicas.spread on the estimates
         now), or None when no expert of `demand` has a choice."""
-        holders, boxes_of, costs = self.holders, self.box_of_agent, {}
+        holders, boxes_of = self.holders, self.box_of_agent
         live: dict[int, list[int]] = {}
         choice = False
         for expert in demand:
             boxes = [boxes_of[id(a)] for a in holders.get(expert, ()) if a.alive]
-            if not boxes:  # the fallback or no one: no request, no load
-                continue
-            live[expert] = boxes
-            choice = choice or len(boxes) > 1
-            for box in boxes:
-                if box not in costs:
-                    costs[box] = self.box_cost(self.agents[box])
-        if not choice:
+            if boxes:  # else the fallback or no one: no request, no load
+                live[expert] = boxes
+                choice = choice or len(boxes) > 1
+        if not choice:  # the costs are worked out only for a layer with a choice to make
             return None
+        costs = {box: self.box_cost(self.agents[box]) for boxes in live.values() for box in boxes}
         plan = spread({e: demand[e] for e in live}, live, costs)
         box_list = list(self.boxes().box_list)
         parts = {}
