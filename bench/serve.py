@@ -24,7 +24,6 @@ import argparse
 import json
 import os
 import shutil
-import socket
 import statistics
 import subprocess
 import sys
@@ -33,17 +32,13 @@ import threading
 import time
 import urllib.request
 
+from testbed.links.procs import free_port
+
 REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 TINY_MODEL = os.path.join(REPO_ROOT, "testbed", "data", "tiny-mixtral")
 PROMPT = "The queue module implements multi-producer, multi-consumer queues."
 START_TIMEOUT_S = 120.0
 REQUEST_TIMEOUT_S = 600.0
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def start_server(shards: str, roster: str, port: int, threads: int) -> subprocess.Popen:

@@ -14,6 +14,8 @@ import time
 
 import pytest
 
+from testbed.links.procs import free_port  # noqa: F401  (the tests import it from here)
+
 REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 START_TIMEOUT_S = 60.0  # torch import + load on a busy 2-core machine
 READY_RE = re.compile(r"serving (tcp://\S+)")
@@ -136,14 +138,6 @@ def client():
 
     with AgentClient() as c:
         yield c
-
-
-def free_port() -> int:
-    import socket
-
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 class ScriptedDialIn:

@@ -36,7 +36,7 @@ from testbed.links.plan import (
     plan_namespaced_agents,
     plan_up,
 )
-from testbed.links.procs import alive
+from testbed.links.procs import alive, free_port
 
 UNSHAPED_WHY = links.link_mode()[1]  # None where root or user namespaces work
 shaped = [pytest.mark.root,
@@ -171,6 +171,33 @@ def test_assign_experts_is_contiguous():
     assert links.assign_experts(8, 3) == [(0, 1, 2), (3, 4, 5), (6, 7)]
     with pytest.raises(TestbedError):
         links.assign_experts(8, 9)
+
+
+def test_free_port_never_hands_out_a_port_twice(monkeypatch):
+    # A kernel that gives the same ephemeral port to binds in a row once the first socket is
+    # closed (CI saw it: two cell links on one address) must not give a caller the same port
+    # twice: the second pick binds again until it gets a new one.
+    import socket
+
+    real_bind = socket.socket.bind
+    ports = iter([0] * 4)  # first four binds ask for port 0 as usual
+
+    def sticky_bind(sock, address):
+        try:
+            next(ports)
+        except StopIteration:
+            return real_bind(sock, address)
+        return real_bind(sock, (address[0], sticky.port) if sticky.port else address)
+
+    class sticky:
+        port = 0
+
+    monkeypatch.setattr(socket.socket, "bind", sticky_bind)
+    first = free_port()
+    sticky.port = first  # the kernel now answers with the same port again, three times
+    second = free_port()
+    assert second != first
+    assert len({free_port() for _ in range(50)} | {first, second}) == 52
 
 
 def test_units_parse():

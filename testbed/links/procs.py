@@ -88,7 +88,17 @@ def log_tail(path: str) -> str:
     return " | ".join(lines[-LOG_TAIL_LINES:]) or "(empty log)"
 
 
+_HANDED_OUT: set[int] = set()
+
+
 def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+    """A port of 127.0.0.1 free now and not handed out before by this process: the kernel may
+    give the same ephemeral port to two binds in a row once the first socket is closed, and a
+    caller picking several (a cell's links, a bed's agents) needs them distinct."""
+    while True:
+        with socket.socket() as s:
+            s.bind(("127.0.0.1", 0))
+            port = s.getsockname()[1]
+        if port not in _HANDED_OUT:
+            _HANDED_OUT.add(port)
+            return port
