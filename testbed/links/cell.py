@@ -58,6 +58,7 @@ from testbed.links.relay import (
     read_if_changed,
     write_json_atomic,
     write_json_settings,
+    write_released,
 )
 
 WAYS = ("down", "up")  # down: client -> target (base station -> agent); up: the reply
@@ -385,27 +386,7 @@ class Direction:
             self.cond.notify_all()
 
     def _write(self) -> None:
-        try:
-            while True:
-                with self.cond:
-                    while not self.queue and not self.closed:
-                        self.cond.wait(1.0)
-                    if self.closed:
-                        return
-                    release_s, data = self.queue.popleft()
-                wait_s = release_s - time.monotonic()
-                if wait_s > 0:
-                    time.sleep(wait_s)  # Linux sleeps are accurate to ~0.1 ms; no spinning
-                if data is None:
-                    self.dst.shutdown(socket.SHUT_WR)
-                    self.on_done()
-                    return
-                self.dst.sendall(data)
-                with self.cond:
-                    self.queued_bytes -= len(data)
-                    self.cond.notify_all()
-        except OSError:
-            self.abort()
+        write_released(self)
 
     def abort(self) -> None:
         with self.cond:

@@ -194,34 +194,42 @@ class Direction:
             self.abort()
 
     def _write(self) -> None:
-        try:
-            while True:
-                with self.cond:
-                    while not self.queue and not self.closed:
-                        self.cond.wait(1.0)
-                    if self.closed:
-                        return
-                    release, data = self.queue[0]
-                wait_s = release - time.monotonic()
-                if wait_s > 0:
-                    time.sleep(wait_s)  # Linux sleeps are accurate to ~0.1 ms; no spinning
-                with self.cond:
-                    self.queue.popleft()
-                    self.queued_bytes -= len(data) if data else 0
-                    self.cond.notify_all()
-                if data is None:
-                    self.dst.shutdown(socket.SHUT_WR)
-                    self.on_done()
-                    return
-                self.dst.sendall(data)
-        except OSError:
-            self.abort()
+        write_released(self)
 
     def abort(self) -> None:
         with self.cond:
             self.closed = True
             self.cond.notify_all()
         self.on_done(error=True)
+
+
+def write_released(direction) -> None:
+    """A direction's writer thread (the relay's and the cell's alike): send each queued
+    (release_s, data) chunk at its release time, in order; None ends the direction (a half
+    close). DIRECTION has cond, queue, closed, queued_bytes (bytes read and not yet written,
+    which bounds the memory a link takes), dst, on_done() and abort()."""
+    d = direction
+    try:
+        while True:
+            with d.cond:
+                while not d.queue and not d.closed:
+                    d.cond.wait(1.0)
+                if d.closed:
+                    return
+                release_s, data = d.queue.popleft()
+            wait_s = release_s - time.monotonic()
+            if wait_s > 0:
+                time.sleep(wait_s)  # Linux sleeps are accurate to ~0.1 ms; no spinning
+            if data is None:
+                d.dst.shutdown(socket.SHUT_WR)
+                d.on_done()
+                return
+            d.dst.sendall(data)
+            with d.cond:
+                d.queued_bytes -= len(data)
+                d.cond.notify_all()
+    except OSError:
+        d.abort()
 
 
 class Connection:
