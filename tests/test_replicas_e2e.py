@@ -133,3 +133,39 @@ def test_a_prompts_tokens_are_spread_over_equal_replicas_and_stay_exact(
     assert result.experts_dropped == 0
     assert sum(1 for n in calls.values() if n > 0) >= 2, calls
     assert ledger_calls == result.expert_calls
+
+
+@pytest.mark.parametrize("mode", ["nan", "shape", "other_id"])
+def test_a_hostile_replica_costs_no_expert(mode, start_agent, tiny_split,  # noqa: F811
+                                           tiny_checkpoint):
+    """A replica that answers garbage (a NaN, the wrong shape, another request's id) is that
+    replica failing: its rows go to the honest replica inside the same layer, so every token
+    still uses every expert the router chose."""
+    from test_rogue_agent import RogueAgent
+
+    from shard_tool.manifest import load_manifest
+
+    manifest = load_manifest(tiny_split)
+    a = start_agent("--expert", "0-3", "--shards", tiny_split, "--bind", "tcp://127.0.0.1:*")
+    honest = start_agent("--expert", "4-7", "--shards", tiny_split, "--bind",
+                         "tcp://127.0.0.1:*")
+    # the rogue answers at once (and claims 10 µs of compute): the route prefers it
+    rogue = RogueAgent(manifest.fingerprint, int(manifest.model["hidden_size"]), mode)
+    try:
+        session = _session(tiny_split, [f"0-3={a.endpoint}", f"4-7={rogue.endpoint}",
+                                        f"4-7={honest.endpoint}"])
+        try:
+            ids = session.base.tokenizer(PROMPT, return_tensors="pt").input_ids
+            result = generate(session, ids, max_new_tokens=TOKENS, ignore_eos=True)
+            stats = session.runtime.stats
+            figures = {x.name: x.figures() for x in session.agents}
+        finally:
+            session.close()
+    finally:
+        rogue.stop()
+    assert rogue.expert_requests >= 1
+    assert result.token_ids == reference_tokens(tiny_checkpoint, PROMPT, TOKENS)
+    assert result.fault_drops == 0 and result.experts_dropped == 0
+    assert stats.replica_retries >= 1 and stats.residual_only == 0
+    assert figures[rogue.endpoint]["failures"] >= 1
+    assert sum(figures[honest.endpoint]["replica_calls"].values()) > 0
