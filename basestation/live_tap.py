@@ -97,6 +97,7 @@ def agent_card(figures: dict, info: dict, rtt: tuple, fault_drops: int,
         "memory_budget_mb": round(budget_bytes / 2**20, 1)
         if isinstance(budget_bytes, (int, float)) else None,
         "cache_hit_rate": figures.get("cache_hit_rate"),
+        "replica_calls": figures.get("replica_calls"),  # None: holds no replicated expert
         "shaping": shape,
     }
 
@@ -196,6 +197,7 @@ class LiveTap:
         snapshot = {"model": self.model_id, "time_unix_s": round(wall_s, 3),
                     "uptime_s": round(now_s - self.started_s, 3),
                     "theta_default": self.theta_default, "agents": agents,
+                    "replica_retries": self.runtime.stats.replica_retries,
                     "experts": recorder.experts_view(),
                     "tokens": recorder.steps_view(self._names),
                     "series": recorder.series_view(wall_s)}

@@ -1,7 +1,8 @@
 """The dashboard in a real headless Chromium (Debian's, driven by selenium) against a real
 `basestation serve` behind the namespace testbed: every agent listed with a numeric RTT, a
 degraded link's RTT rising on the page without a reload, θ's drops in the heatmap, the key
-asked once and never put in a URL, and a banner when the server goes away (issue 25).
+asked once and never put in a URL, and a banner when the server goes away (issue 25); with
+replicas, every box holding an expert named and each replica's tokens shown (issue 24).
 
 `WDMOE_SCREENSHOT=1` also saves docs/dashboard.png (the README's picture) while one link is
 degraded.
@@ -15,9 +16,10 @@ import threading
 import time
 
 import pytest
+from agent_fixtures import start_agent  # noqa: F401
 from browser import attributes, number, start_browser, unavailable_reason
 from test_links import run_links_cli
-from test_serve import MODEL, ServerProcess
+from test_serve import MODEL, ServerProcess, http
 from waiting import wait_until
 
 from testbed.links import control as links
@@ -267,6 +269,83 @@ def ask_on_page(driver) -> None:
     assert tokens and all(number(t["data-gap-ms"]) is not None for t in tokens)
     assert all("background" in (t["style"] or "") for t in tokens)
     assert f"θ {THETA:.2f}" in driver.find_element("id", "chat-stats").text  # the server's
+
+
+def test_replicas_show_every_holder_and_their_tokens(driver, start_agent, tiny_split):  # noqa: F811
+    """Experts 4-7 on two loopback agents (B, C) and 0-3 on one (A): after a completion, each
+    replicated column names both boxes, each replica's card shows the replica tokens the state
+    gives it, and a replica retry count shows in the summary only when non-zero."""
+    def agent(spec: str) -> str:
+        return start_agent("--expert", spec, "--shards", tiny_split, "--bind",
+                           "tcp://127.0.0.1:*", *AGENT_ARGS).endpoint
+
+    roster = {"A": ("0-3", agent("0-3")), "B": ("4-7", agent("4-7")), "C": ("4-7", agent("4-7"))}
+    server = ServerProcess(["--shards", tiny_split, "--dtype", "float32", "--wait-s", "30",
+                            *[a for spec, endpoint in roster.values()
+                              for a in ("--agent", f"{spec}={endpoint}")]])
+    try:
+        server.wait_ready()
+        code, answer = http(server.url + "/v1/chat/completions", {
+            "model": MODEL, "messages": [{"role": "user", "content": "Tell me about boxes."}],
+            "max_tokens": 8, "temperature": 0, "ignore_eos": True})
+        assert code == 200, answer
+        _, state = http(server.url + "/v1/wdmoe/state")  # no traffic from here on: it stays
+        box = {a["agent"]: i for i, a in enumerate(state["agents"])}
+        a_box, b_box, c_box = (box[roster[name][1]] for name in "ABC")
+        replicas = {a["agent"]: a["replica_calls"] for a in state["agents"] if a["replica_calls"]}
+        assert sorted(replicas) == sorted([roster["B"][1], roster["C"][1]])
+        assert state["replica_retries"] == 0
+
+        driver.get(server.url + "/")
+        cards = wait_until(lambda: replica_cards(driver, replicas), PAGE_WAIT_S,
+                           what=lambda: f"the replica cards to show {replicas}; page shows "
+                                        f"{attributes(driver, '.agent', 'data-replica-tokens')}")
+        print(f"replica tokens: {replicas}; cards {cards}")
+        assert attributes(driver, f'.agent[data-agent="{roster["A"][1]}"]',
+                          "data-replica-tokens") == [{"data-replica-tokens": None}]
+        for endpoint, calls in replicas.items():  # the card's row lists them, expert: count
+            text = driver.find_element("css selector", f'.agent[data-agent="{endpoint}"]').text
+            assert f"({sum(calls.values())} in all)" in text
+            assert all(f"{e}: {n}" in text for e, n in calls.items())
+
+        heads = {int(h["data-expert"]): h for h in attributes(
+            driver, "th[data-expert]", "data-expert", "data-agents", "title", "class")}
+        texts = driver.execute_script(
+            "return [...document.querySelectorAll('th[data-expert]')].map(h => h.textContent)")
+        for e, text in enumerate(texts):
+            holders = [roster["A"][1]] if e < 4 else [roster["B"][1], roster["C"][1]]
+            assert sorted(heads[e]["data-agents"].split()) == sorted(holders)
+            assert text == (f"{e} · box {a_box}" if e < 4 else
+                            f"{e} · boxes {min(b_box, c_box)}, {max(b_box, c_box)}")
+            assert all(h in heads[e]["title"] for h in holders)
+        cells = attributes(driver, "td[data-expert]", "data-expert", "data-agent",
+                           "data-agents", "data-computed-share")
+        for cell in cells:  # one holder: data-agent as before; a replicated expert: none
+            e = int(cell["data-expert"])
+            assert cell["data-agent"] == (roster["A"][1] if e < 4 else None)
+            assert len(cell["data-agents"].split()) == (1 if e < 4 else 2)
+        computed = {int(c["data-expert"]) for c in cells
+                    if int(c["data-expert"]) >= 4 and number(c["data-computed-share"])}
+        assert computed, "no replicated expert computed"
+        for e in computed:  # computed on the page: some replica served it
+            assert sum(calls.get(str(e), 0) for calls in replicas.values()) > 0, (e, replicas)
+
+        assert "replica" not in driver.find_element("id", "summary").text
+        shown = driver.execute_script(  # one render of a snapshot with retries, read at once
+            "render({...page.snapshot, replica_retries: 3});"
+            " return [$('summary').textContent, $('summary').dataset.replicaRetries];")
+        assert shown[0].endswith("· 3 token groups re-sent to another replica"), shown
+        assert shown[1] == "3"
+    finally:
+        server.stop()
+
+
+def replica_cards(driver, replicas: dict[str, dict]) -> dict[str, float] | None:
+    """The replica agents' data-replica-tokens once each equals its total in `replicas`."""
+    cards = {a["data-agent"]: number(a["data-replica-tokens"]) for a in attributes(
+        driver, ".agent[data-replica-tokens]", "data-agent", "data-replica-tokens")}
+    want = {endpoint: float(sum(calls.values())) for endpoint, calls in replicas.items()}
+    return cards if cards == want else None
 
 
 def test_banner_when_the_server_goes_away(bed, keyed_server, driver):

@@ -185,8 +185,11 @@ async function connect() {
 function render(snapshot) {
   page.snapshot = snapshot;
   $("model").textContent = snapshot.model || "";
+  const retries = snapshot.replica_retries || 0; // only when a replica failed (issue 24)
   $("summary").textContent = `up ${fmt(snapshot.uptime_s, 0)} s · default θ ` +
-    `${fmt(snapshot.theta_default, 2)} · ${(snapshot.agents || []).length} agents`;
+    `${fmt(snapshot.theta_default, 2)} · ${(snapshot.agents || []).length} agents` +
+    (retries ? ` · ${retries} token groups re-sent to another replica` : "");
+  $("summary").dataset.replicaRetries = retries;
   renderAgents(snapshot.agents || []);
   renderHeatmap(snapshot.experts, snapshot.agents || []);
   renderWaterfall(snapshot.tokens || []);
@@ -217,6 +220,13 @@ function agentCard(agent, index) {
     rows.push(["memory budget", `${fmt(agent.memory_budget_mb, 0)} MB, cache hits ` +
       `${isNum(agent.cache_hit_rate) ? fmt(100 * agent.cache_hit_rate, 0) + " %" : "–"}`]);
   }
+  // a replicated expert's tokens are split among its holders: what this one computed of each
+  const replicaCalls = Object.entries(agent.replica_calls || {});
+  const replicaTokens = replicaCalls.reduce((sum, [, n]) => sum + n, 0);
+  if (agent.replica_calls) {
+    rows.push(["replica tokens", `${replicaCalls.map(([e, n]) => `${e}: ${n}`).join(", ")} ` +
+      `(${replicaTokens} in all)`]);
+  }
   rows.push(["shaping", describeShaping(agent.shaping)]);
   if (agent.throughput_note) rows.push(["note", agent.throughput_note]);
   const table = el("dl");
@@ -231,6 +241,7 @@ function agentCard(agent, index) {
     "data-down-mbit-s": agent.down_mbit_s, "data-up-mbit-s": agent.up_mbit_s,
     "data-compute-us-per-token": agent.compute_us_per_token,
     "data-calls": agent.calls, "data-drops": agent.drops, "data-failures": agent.failures,
+    "data-replica-tokens": agent.replica_calls ? replicaTokens : null,
   }, el("h3", { text: `box ${index} · ${agent.address || agent.agent}` }),
   el("p", { class: "muted", text: `${agent.device || ""}${agent.alive === false ? " · DOWN" : ""}` }),
   table);
@@ -249,15 +260,23 @@ function renderHeatmap(experts, agents) {
     return;
   }
   const view = page.expertsView;
-  const ownerOf = {}; // expert -> agent that holds it
-  agents.forEach((a, i) => (a.experts || []).forEach((e) => (ownerOf[e] = [a.agent, i])));
+  const holdersOf = {}; // expert -> [[agent, box]] that hold it: several for a replica
+  agents.forEach((a, i) => (a.experts || []).forEach((e) =>
+    (holdersOf[e] = holdersOf[e] || []).push([a.agent, i])));
   const routed = experts.routed, computed = experts.computed;
   const top = Math.max(1e-9, ...routed.flat()); // one scale for both views: differences show
   $("experts-tokens").textContent = `(${experts.tokens} tokens counted)`;
   const head = el("tr", {}, el("th", { text: "layer \\ expert" }));
+  const agentsOf = []; // expert -> its holders' names, space-separated (CSS `~=` finds one)
   for (let e = 0; e < experts.experts; e++) {
-    const owner = ownerOf[e];
-    head.append(el("th", { title: owner ? owner[0] : "", text: owner ? `${e} · box ${owner[1]}` : `${e}` }));
+    const holders = holdersOf[e] || [];
+    const boxes = holders.map((h) => h[1]).join(", ");
+    agentsOf[e] = holders.map((h) => h[0]).join(" ");
+    head.append(el("th", {
+      "data-expert": e, "data-agents": agentsOf[e], title: holders.map((h) => h[0]).join(", "),
+      class: holders.length > 1 ? "replicated" : null,
+      text: holders.length ? `${e} · box${holders.length > 1 ? "es" : ""} ${boxes}` : `${e}`,
+    }));
   }
   const table = el("table", { class: "heatmap", "data-view": view }, head);
   for (let l = 0; l < experts.layers; l++) {
@@ -265,8 +284,10 @@ function renderHeatmap(experts, agents) {
     for (let e = 0; e < experts.experts; e++) {
       const r = routed[l][e], c = computed[l][e];
       const share = view === "routed" ? r : c;
+      const holders = holdersOf[e] || [];
       const cell = el("td", {
-        "data-layer": l, "data-expert": e, "data-agent": ownerOf[e] ? ownerOf[e][0] : null,
+        "data-layer": l, "data-expert": e, "data-agents": agentsOf[e],
+        "data-agent": holders.length === 1 ? holders[0][0] : null, // one holder only
         "data-share": share, "data-routed-share": r, "data-computed-share": c,
         title: `layer ${l}, expert ${e}: routed ${fmt(100 * r)} %, computed ${fmt(100 * c)} %`,
         text: fmt(100 * share, 0),
