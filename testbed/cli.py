@@ -193,8 +193,6 @@ def cmd_eval(args) -> int:
     tasks = tuple(t for t in args.tasks.split(",") if t)
     placement = _placement(args)
     bandwidth, total_bandwidth_hz = _bandwidth_args(args)
-    if bandwidth and latency_targets_ms:
-        raise SystemExit("testbed: error: --latency-targets: not with --bandwidth yet")
     if args.popularity_out:
         from basestation.popularity import out_path_error
 

@@ -47,17 +47,6 @@ def test_bad_axes_are_refused_in_one_line(thetas, targets, says):
     assert "\n" not in message
 
 
-def test_targets_with_a_shared_cell_are_refused_before_anything_runs(tmp_path):
-    out = tmp_path / "never"
-    with pytest.raises(SystemExit) as refused:
-        args = cli.build_parser().parse_args([
-            "eval", "--shards", str(tmp_path), "--out", str(out), "--scenario", "paper",
-            "--latency-targets", "40", "--bandwidth", "static,joint"])
-        args.func(args)
-    assert "--latency-targets: not with --bandwidth" in str(refused.value.code)
-    assert not out.exists()
-
-
 def test_both_axes_from_the_shell_is_one_line_and_writes_nothing(run_cli, tmp_path):
     out = tmp_path / "never"
     result = run_cli("testbed", "eval", "--shards", str(tmp_path), "--out", str(out),
@@ -239,3 +228,42 @@ def test_eval_with_latency_targets_reads_accuracy_at_a_latency(run_cli, tiny_spl
     assert "| target ms |" in result.stdout
     assert "target 1 ms, target 600000 ms" in (out / "report.html").read_text()
     assert (out / "fig3-uniform.png").stat().st_size > 0
+
+
+@pytest.mark.integration
+def test_targets_under_a_shared_cell_read_each_policys_accuracy_at_a_latency(
+        run_cli, tiny_split, tmp_path):
+    """Targets with --bandwidth: a row per (target, policy), each target's quality pass
+    replaying the θs of that policy's own latency pass, under that policy."""
+    out = tmp_path / "eval"
+    env = dict(os.environ, HF_HUB_OFFLINE="1", HF_DATASETS_OFFLINE="1")
+    result = run_cli("testbed", "eval", "--shards", tiny_split, "--scenario", "paper",
+                     "--bandwidth", "static,joint", "--cell-mhz", "20",
+                     "--latency-targets", "600,1", "--tasks", "", "--kl-tokens", "64",
+                     "--max-new-tokens", "4", "--agents", "2", "--out", str(out),
+                     timeout_s=600, env=env)
+    assert result.returncode == 0, result.stderr[-3000:]
+    rows = [json.loads(line) for line in open(out / "results.jsonl")]
+    assert sorted((r["latency_target_ms"], r["bandwidth"]) for r in rows) == [
+        (1.0, "joint"), (1.0, "static"), (600.0, "joint"), (600.0, "static")]
+    for r in rows:
+        assert r["quality_bandwidth"] == r["bandwidth"]  # its own policy's quality pass
+        assert r["theta"] == r["latency_target"]["mean_theta"]
+    loose = [r for r in rows if r["latency_target_ms"] == 600]
+    tight = [r for r in rows if r["latency_target_ms"] == 1]
+    # a loose target is θ = 0 under every policy: the exact model, the same tokens
+    for r in loose:
+        assert r["latency_target"]["feasible"] and r["theta"] == 0
+        assert r["passes"]["latency"]["experts_dropped"] == 0
+        assert r["passes"]["quality"]["experts_dropped"] == 0
+        assert r["divergence"]["kl_nats"]["value"] == 0
+    assert len({r["tokens_sha256"] for r in loose}) == 1
+    # 1 ms is below any token: met as well as it can be, at θ > 0, and the replayed
+    # quality pass drops experts and moves the distribution
+    for r in tight:
+        assert not r["latency_target"]["feasible"] and r["theta"] > 0
+        assert r["passes"]["quality"]["experts_dropped"] > 0
+        assert r["divergence"]["kl_nats"]["value"] > 0
+    table = (out / "table-paper.md").read_text()
+    assert "| target ms |" in table and "| bandwidth |" in table
+    assert " static |" in table and " joint |" in table

@@ -113,8 +113,6 @@ def run_eval(config: EvalConfig) -> str:
     """Runs the evaluation; returns the results.jsonl path. Raises TestbedError, RosterError."""
     if config.bandwidth and config.placement is not None and config.placement.roster:
         raise TestbedError("--bandwidth: not yet on real boxes")
-    if config.bandwidth and config.latency_targets_ms:
-        raise TestbedError("--latency-targets: not with --bandwidth yet (one axis of policies)")
     with harness.running(config.shards, config.out, config.scenario, config.num_agents,
                          emulate=config.emulating, dtype=config.dtype,
                          placement=config.placement, cell=bool(config.bandwidth),
@@ -147,36 +145,48 @@ def run_eval(config: EvalConfig) -> str:
         policies = config.bandwidth or (None,)
         samples = _latency_interleaved(session, prompt_ids, config, modeled, waits,
                                        policies, cell.set_policy if cell else None)
-        if cell is not None:  # the quality passes run under the first policy (θ > 0: joint
-            cell.set_policy(policies[0])  # selects otherwise), as the records say
+        # each policy's cell figures now, of its latency passes alone: the quality passes
+        # below run under a policy too, and their bytes are not the latency pass's
+        cell_fields = {policy: cell.fields(policy) for policy in policies} if cell else {}
         reference = reference_counts = None
         if config.divergence_text:
+            if cell is not None:
+                cell.set_policy(policies[0])
             _say(config, f"divergence: θ = 0 reference over {config.divergence_tokens} "
                          "held-out tokens")
             reference, reference_counts = reference_pass(session, config)
         with run.results() as append:
             for point in config.axis:
-                # a target's row: its quality pass at the θs its latency pass used (its mean
-                # is the row's θ); no cell here (run_eval refuses targets with --bandwidth)
-                replay = samples[(None, point)]["thetas"] if config.latency_targets_ms else None
-                theta = mean_theta(replay) if replay is not None else point
-                quality, quality_counts = quality_pass(session, config, theta, reference,
-                                                       reference_counts, replay=replay)
+                # one quality pass per θ, under the first policy (θ > 0: joint selects
+                # otherwise), as the records say; a target's row replays the θs its own
+                # latency pass used (their mean is the row's θ), under that pass's policy
+                quality_at: dict = {}
                 for policy in policies:
+                    sample = samples[(policy, point)]
+                    replay = sample["thetas"] if config.latency_targets_ms else None
+                    theta = mean_theta(replay) if replay is not None else point
+                    key = (policy, tuple(replay)) if replay is not None else theta
+                    if key not in quality_at:
+                        ran_under = policy if replay is not None else policies[0]
+                        if cell is not None:
+                            cell.set_policy(ran_under)
+                        quality_at[key] = (*quality_pass(session, config, theta, reference,
+                                                         reference_counts, replay=replay),
+                                           ran_under)
+                    quality, quality_counts, ran_under = quality_at[key]
                     row = dict(base, theta=theta, exact=config.exact)
                     if replay is not None:
-                        row.update(target_fields(point, samples[(None, point)]))
+                        row.update(target_fields(point, sample))
                     if cell is not None:
-                        row.update(cell.fields(policy), quality_bandwidth=policies[0])
+                        row.update(cell_fields[policy], quality_bandwidth=ran_under)
                         # the tokens of every prompt, as a digest: at θ = 0 every policy's
                         # must be the same (bandwidth changes time, never the answer)
                         row["tokens_sha256"] = hashlib.sha256(json.dumps(
-                            samples[(policy, point)]["token_ids"]).encode()).hexdigest()
-                    # with a cell: against the first policy at this θ; else the first row
+                            sample["token_ids"]).encode()).hexdigest()
+                    # with a cell: against the first policy at this point; else the first row
                     first = samples[(policies[0], point)] if cell is not None else \
                         samples[(None, config.axis[0])]
-                    append(make_record(row, samples[(policy, point)], first, quality,
-                                       quality_counts))
+                    append(make_record(row, sample, first, quality, quality_counts))
         if cell is not None:
             cell.close()
         if config.popularity_out:
