@@ -5,7 +5,8 @@ on the roster's agents (connect, calibrate, then PROBE_CALLS one-token calls to 
 estimate holds its real time per call) -> the load per expert (a popularity file, a text run
 through the model at θ = 0, or uniform) -> `placement.plan_placement` -> print the measured
 table, the plan, the new roster and the commands (plan_steps.py), and write the roster to
---out. Every user error is one line before anything is written.
+--out (and what --text measured to --popularity-out). Every user error is one line before
+anything is written.
 """
 
 from __future__ import annotations
@@ -59,6 +60,9 @@ def add_parser(sub) -> None:
     source.add_argument("--text", metavar="FILE", help="measure popularity on this text "
                         "(run through the model on the roster's agents at θ = 0)")
     p.add_argument("--out", metavar="ROSTER", help="write the new roster here (atomically)")
+    p.add_argument("--popularity-out", metavar="FILE", help="with --text: write the popularity "
+                   "measured on it here (JSON, for a later plan --popularity without running "
+                   "the text again)")
     p.add_argument("--max-copies", type=number(1, integer=True), metavar="N",
                    help="copies of one expert at most (default: one per box)")
     p.add_argument("--agent-shards", metavar="DIR", help="the split's folder on the boxes: "
@@ -156,6 +160,14 @@ def cmd_plan(args) -> int:
         source = (f"popularity from {args.popularity}: {popularity.slots} slots, "
                   f"{len(popularity.snapshot())} layers, {popularity.tokens} tokens")
     text = _read_text(args.text) if args.text else None
+    if args.popularity_out:
+        from basestation.popularity import out_path_error
+
+        problem = out_path_error(args.popularity_out) if text is not None else (
+            f"--popularity-out {args.popularity_out}: needs --text (it writes what the text "
+            "measured)")
+        if problem:
+            raise RosterError(problem)
     if args.out and not os.path.isdir(os.path.dirname(os.path.abspath(args.out))):
         raise RosterError(f"--out {args.out}: no such folder")
 
@@ -192,6 +204,8 @@ def cmd_plan(args) -> int:
         from common.staging import write_file_atomic
 
         write_file_atomic(args.out, roster_text.encode())
+    if args.popularity_out:  # with the roster: after a plan, as nothing is written before one
+        popularity.save(args.popularity_out)
     return 0
 
 
