@@ -271,16 +271,22 @@ class CellPolicies:
         runtime.before_dispatch = self.allocator
         self.ledger = ShareLedger(run.bed)
         self.policy: str | None = None
+        self.account: str | None = None  # what the bytes and allocations now are charged to
         self.counts: dict[str, dict[str, int]] = {}  # policy -> the allocator's counters
         self._at_switch = {"sent": 0, "unchanged": 0, "layers": 0}
         self._reported: dict[str, dict[str, int]] = {}  # policy -> counts at the last fields
 
-    def set_policy(self, policy: str) -> None:
+    def set_policy(self, policy: str, counted: bool = True) -> None:
+        """POLICY runs from now. Not COUNTED (a quality pass): its bytes and allocations are
+        charged apart, never to the policy's record, which is of its latency passes."""
+        account = policy if counted else f"{policy} (uncounted)"
+        if account != self.account:
+            self._count()
+            self.account = account
+            self.ledger.switch(account)
         if policy == self.policy:
             return
-        self._count()
         self.policy = policy
-        self.ledger.switch(policy)
         self.bed.set_policy(policy)
         joint = policy == "joint"
         self.allocator.active = joint
@@ -292,8 +298,8 @@ class CellPolicies:
         """Charge the allocator's counters since the last switch to the policy that ran."""
         a = self.allocator
         now = {"sent": a.sent, "unchanged": a.unchanged, "layers": a.layers}
-        if self.policy is not None:
-            mine = self.counts.setdefault(self.policy, dict.fromkeys(now, 0))
+        if self.account is not None:
+            mine = self.counts.setdefault(self.account, dict.fromkeys(now, 0))
             for key, value in now.items():
                 mine[key] += value - self._at_switch[key]
         self._at_switch = now

@@ -145,13 +145,12 @@ def run_eval(config: EvalConfig) -> str:
         policies = config.bandwidth or (None,)
         samples = _latency_interleaved(session, prompt_ids, config, modeled, waits,
                                        policies, cell.set_policy if cell else None)
-        # each policy's cell figures now, of its latency passes alone: the quality passes
-        # below run under a policy too, and their bytes are not the latency pass's
-        cell_fields = {policy: cell.fields(policy) for policy in policies} if cell else {}
+        # each policy's cell figures are of its latency passes alone: the quality passes
+        # below run under a policy too, their bytes and allocations charged apart
         reference = reference_counts = None
         if config.divergence_text:
             if cell is not None:
-                cell.set_policy(policies[0])
+                cell.set_policy(policies[0], counted=False)
             _say(config, f"divergence: θ = 0 reference over {config.divergence_tokens} "
                          "held-out tokens")
             reference, reference_counts = reference_pass(session, config)
@@ -169,7 +168,7 @@ def run_eval(config: EvalConfig) -> str:
                     if key not in quality_at:
                         ran_under = policy if replay is not None else policies[0]
                         if cell is not None:
-                            cell.set_policy(ran_under)
+                            cell.set_policy(ran_under, counted=False)
                         quality_at[key] = (*quality_pass(session, config, theta, reference,
                                                          reference_counts, replay=replay),
                                            ran_under)
@@ -178,7 +177,7 @@ def run_eval(config: EvalConfig) -> str:
                     if replay is not None:
                         row.update(target_fields(point, sample))
                     if cell is not None:
-                        row.update(cell_fields[policy], quality_bandwidth=ran_under)
+                        row.update(cell.fields(policy), quality_bandwidth=ran_under)
                         # the tokens of every prompt, as a digest: at θ = 0 every policy's
                         # must be the same (bandwidth changes time, never the answer)
                         row["tokens_sha256"] = hashlib.sha256(json.dumps(

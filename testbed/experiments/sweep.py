@@ -104,8 +104,8 @@ def run_sweep(config: SweepConfig) -> str:
             for theta in config.thetas:
                 figures = _generation_figures(session, prompt_ids, config, theta, policies,
                                               cell)
-                if cell is not None:
-                    cell.set_policy(policies[0])  # the quality pass's
+                if cell is not None:  # the quality pass's, charged apart from its record
+                    cell.set_policy(policies[0], counted=False)
                 with pass_counts.quality_pass(session, theta) as counts:
                     scores = _quality(session.base.model, session.base.tokenizer, config)
                     if kl_reference is not None:
