@@ -166,8 +166,6 @@ def _bandwidth_args(args) -> tuple[tuple[str, ...], float | None]:
     if unknown or len(set(policies)) != len(policies):
         raise SystemExit(f"testbed: error: --bandwidth {args.bandwidth!r}: distinct names of "
                          f"{', '.join(POLICIES)}")
-    if policies and args.roster:
-        raise SystemExit("testbed: error: --bandwidth: not yet on real boxes")
     if args.cell_mhz is not None and (not policies or not args.cell_mhz > 0):
         raise SystemExit("testbed: error: --cell-mhz: a bandwidth > 0, with --bandwidth")
     return policies, args.cell_mhz * 1e6 if args.cell_mhz is not None else None

@@ -124,6 +124,46 @@ def test_eval_on_keyed_boxes_shapes_from_the_bridge_and_leaves_the_host_as_it_wa
         assert boxes.answering() == set(boxes.endpoints)  # the boxes were never touched
 
 
+@as_root
+@pytest.mark.root
+def test_eval_with_bandwidth_on_keyed_boxes_puts_the_shared_cell_in_front_of_them(
+        run_cli, tiny_split, tmp_path):
+    """--bandwidth on the user's boxes: the cell runs on this machine, listens on loopback and
+    forwards to each box, its policies switched as on our own agents; CurveZMQ runs end to
+    end through it (the roster's keys kept); the boxes are left running, the cell is not."""
+    with BridgeBoxes(tiny_split, 4, tmp_path / "boxes") as boxes:
+        out = tmp_path / "eval"
+        result = run_cli("testbed", "eval", "--shards", tiny_split, "--roster", boxes.roster,
+                         "--scenario", "paper", "--bandwidth", "static,joint",
+                         "--cell-mhz", "20", "--emulate", "--thetas", "0", "--tasks", "",
+                         "--kl-tokens", "0", "--max-new-tokens", "6", "--agents-on-host", "4",
+                         "--out", str(out), timeout_s=600, env=offline_env(tmp_path))
+        assert result.returncode == 0, result.stderr[-3000:]
+        rows = [json.loads(line) for line in open(out / "results.jsonl")]
+        assert [r["bandwidth"] for r in rows] == ["static", "joint"]
+        for row in rows:
+            assert row["backend"] == "shared cell (the user's agents)" and row["real_boxes"]
+            assert row["agent_endpoints"] == boxes.endpoints
+            assert [link["endpoint"] for link in row["links"]] == boxes.endpoints
+            assert all(link["answered"] for link in row["links"])
+            assert row["experts_dropped"] == 0 and not row["cell_errors"]
+            assert row["modeled_median_token_ms"]["value"] > 0  # the emulated model's wire
+            # every link carried bytes through the cell under this policy
+            assert all(share is not None for share in row["shares"].values()), row["shares"]
+        static, joint = rows
+        assert abs(static["shares"]["0/down"] - 0.25) < 0.01  # static: B/4 each
+        assert joint["joint_allocations_sent"] > 0
+        # bandwidth changes time, never the answer
+        assert static["tokens_sha256"] == joint["tokens_sha256"]
+        # the cell roster dialled the cell's ports with the boxes' own keys
+        cell_roster = (out / "testbed-state" / "cell-roster.toml").read_text()
+        assert "tcp://127.0.0.1:" in cell_roster and "public_key" in cell_roster
+        assert not any(e in cell_roster for e in boxes.endpoints)
+        assert boxes.answering() == set(boxes.endpoints)  # the boxes were never touched
+        cells = _run("pgrep", "-f", f"testbed.links.cell --settings {out}")
+        assert cells == "", cells  # the cell went with the run
+
+
 @pytest.fixture(scope="module")
 def loopback_boxes(start_module_agent, tiny_split, tmp_path_factory):
     """Four plain agents on loopback, started here, and a roster naming them: (roster,
@@ -187,6 +227,8 @@ def test_eval_on_a_roster_refuses_bad_input_in_one_line(run_cli, tiny_split, tmp
         ("--scenario", "flaky"): "give --shape-dev",
         ("--shape-dev", "wd-no-such-dev"): "wd-no-such-dev",
         ("--scenario", "uniform"): "did not answer",
+        ("--shape-dev", "lo", "--scenario", "paper", "--bandwidth", "static"):
+            "--shape-dev: not with --bandwidth",
     }
     for extra, expected in cases.items():
         args = eval_args(tiny_split, str(roster), tmp_path / "out", *extra)  # the last wins

@@ -78,13 +78,19 @@ def agents_on_host(placement: Placement, endpoints: Sequence[str]) -> int:
 
 
 def check_roster_scenario(placement: Placement, scenario, num_agents_asked: int | None,
-                          emulate: bool) -> list[str]:
-    """The roster's endpoints, after checking the scenario fits them. Raises TestbedError."""
+                          emulate: bool, cell: bool = False) -> list[str]:
+    """The roster's endpoints, after checking the scenario fits them (behind a CELL, which
+    shapes every link itself, or on placement.shape_dev). Raises TestbedError."""
     from testbed.boxes.shaper import check_scenario_fits
 
     if num_agents_asked is not None:
         raise TestbedError("--agents counts our own agents; with --roster the roster names them")
     endpoints = roster_endpoints(placement.roster)
+    if cell:
+        if placement.shape_dev is not None:
+            raise TestbedError("--shape-dev: not with --bandwidth (the cell on this machine "
+                               "shapes every link to the boxes)")
+        return endpoints
     check_scenario_fits(scenario, len(endpoints))
     if placement.shape_dev is None and (scenario.changes_over_time or emulate):
         raise TestbedError(f"scenario {scenario.name!r} shapes links while it runs: give "

@@ -27,6 +27,7 @@ from testbed.links.procs import alive, free_port, log_tail, spawn, stop_pids
 from testbed.links.spec import LinkShape, TestbedError
 
 BACKEND = "shared cell (agents on loopback)"
+ROSTER_BACKEND = "shared cell (the user's agents)"
 LOCALHOST = "127.0.0.1"
 CELL_READY_S = 20.0  # for the cell process to listen on every link
 READY_POLL_S = 0.05
@@ -77,7 +78,7 @@ class CellBed:
     """The loopback agents (links.control.Testbed), the cell in front of them, and the roster
     naming the cell's ports. The bed interface harness.running uses (roster_path, backend,
     endpoints, degrade, down), plus the cell's own (set_policy, start_schedule)."""
-    agents: object  # testbed.links.control.Testbed on loopback
+    agents: object | None  # testbed.links.control.Testbed on loopback; None: the user's
     roster_path: str
     endpoints: list[str]  # the cell's ports, in link order
     settings_path: str
@@ -139,51 +140,90 @@ class CellBed:
             self._thread.join(timeout=SCHEDULE_STOP_S)
         if self.cell_pid is not None:
             stop_pids([self.cell_pid])
-        return self.agents.down()
+        return self.agents.down() if self.agents is not None else []  # the user's run on
 
 
 def open_cell_bed(shards: str, num_agents: int, scenario, agent_args: dict,
-                  wire_bytes_per_token: int, state_dir: str) -> CellBed:
-    """Loopback agents, then the cell in front of them at epoch 0 (policy static), and the
-    roster naming the cell's ports. Everything started is stopped on any error. Raises
-    TestbedError."""
+                  wire_bytes_per_token: int | None, state_dir: str,
+                  roster: str | None = None) -> CellBed:
+    """The cell in front of the agents at epoch 0 (policy static), and the roster naming the
+    cell's ports: our own agents on loopback, or the user's agents ROSTER names (their keys
+    kept: CurveZMQ runs end to end through the cell, which only times bytes). Everything
+    started is stopped on any error. Raises TestbedError."""
     from testbed.links import control as links
 
     paper = scenario.paper
     if paper is None or paper.emulate is None:
         raise TestbedError(f"scenario {scenario.name!r}: --bandwidth needs a [paper] channel "
                            "that emulates a model")
-    agents = links.up(shards, num_agents, None, state_dir=state_dir, agent_args=agent_args,
-                      mode=links.LOOPBACK)
-    bed = None
-    try:
+    os.makedirs(state_dir, exist_ok=True)
+    if roster is not None:
+        agents, links_of, keys, source = None, _roster_links(roster), _roster_keys(roster), \
+            f"{roster} through the shared cell"
+    else:
+        agents = links.up(shards, num_agents, None, state_dir=state_dir,
+                          agent_args=agent_args, mode=links.LOOPBACK)
         by_agent: dict[int, list[int]] = {}
         for expert, index in agents.agent_of.items():
             by_agent.setdefault(index, []).append(expert)
-        order = sorted(by_agent)
-        targets = [_hostport(agents.endpoints[by_agent[i][0]]) for i in order]
-        listens = [f"{LOCALHOST}:{free_port()}" for _ in order]
+        links_of = [(tuple(sorted(by_agent[i])), agents.endpoints[by_agent[i][0]], None)
+                    for i in sorted(by_agent)]
+        keys, source = None, None
+    bed = None
+    try:
+        listens = [f"{LOCALHOST}:{free_port()}" for _ in links_of]
         bed = CellBed(agents, os.path.join(state_dir, "cell-roster.toml"),
                       [f"tcp://{listen}" for listen in listens],
                       os.path.join(state_dir, "cell.json"), f"{LOCALHOST}:{free_port()}",
-                      paper, wire_slowdown(paper.emulate, wire_bytes_per_token), listens,
-                      targets, expert_groups=[tuple(sorted(by_agent[i])) for i in order])
+                      paper, wire_slowdown(paper.emulate, wire_bytes_per_token)
+                      if wire_bytes_per_token else 1.0, listens,  # not emulating: our bytes
+                      [_hostport(endpoint) for _, endpoint, _ in links_of],
+                      expert_groups=[group for group, _, _ in links_of],
+                      backend=BACKEND if roster is None else ROSTER_BACKEND)
         with bed._lock:
             bed._write(wait=False)
         log = os.path.join(state_dir, "cell.log")
         bed.cell_pid = spawn([sys.executable, "-m", "testbed.links.cell", "--settings",
                               bed.settings_path, "--control", bed.control], log)
         _wait_ready(bed.cell_pid, log)
+        from basestation.roster import RosterAgent, format_roster
+
         with open(bed.roster_path, "w") as f:
-            f.write(links.roster_toml({tuple(sorted(by_agent[i])): endpoint
-                                       for i, endpoint in zip(order, bed.endpoints)}))
+            f.write(format_roster([RosterAgent(group, endpoint, public_key)
+                                   for (group, _, public_key), endpoint
+                                   in zip(links_of, bed.endpoints)], source, keys=keys))
     except BaseException:
         if bed is not None:
             bed.down()
-        else:
+        elif agents is not None:
             agents.down()
         raise
     return bed
+
+
+def _roster_links(roster: str) -> list[tuple[tuple[int, ...], str, str | None]]:
+    """(experts, endpoint, public key) of each agent ROSTER names, in its order: the cell's
+    links. The cell relays TCP. Raises TestbedError."""
+    from basestation.roster import RosterError, read_roster_agents
+
+    try:
+        agents = read_roster_agents(roster)
+    except RosterError as e:
+        raise TestbedError(str(e)) from None
+    for agent in agents:
+        if not agent.endpoint.startswith("tcp://"):
+            raise TestbedError(f"--bandwidth: the cell relays TCP; agent {agent.endpoint} is not "
+                               "tcp://HOST:PORT")
+    return [(tuple(sorted(a.experts)), a.endpoint, a.public_key) for a in agents]
+
+
+def _roster_keys(roster: str) -> str | None:
+    from basestation.roster import RosterError, read_roster_keys
+
+    try:
+        return read_roster_keys(roster)
+    except RosterError as e:
+        raise TestbedError(str(e)) from None
 
 
 class ShareLedger:
@@ -261,9 +301,10 @@ class CellPolicies:
         from testbed.experiments.joint_alloc import JointAllocator
 
         runtime = run.session.runtime
-        groups = run.bed.expert_groups
-        link_of_box = [groups.index(tuple(sorted(agent.experts)))
-                       if tuple(sorted(agent.experts)) in groups else None
+        # each box's link: the cell port it dials (its roster endpoint; replicas of one
+        # expert set are links of their own)
+        link_of_box = [run.bed.endpoints.index(agent.name)
+                       if agent.name in run.bed.endpoints else None
                        for agent in runtime.table.agents]
         self.bed, self.modeled, self.runtime = run.bed, modeled, runtime
         self.allocator = JointAllocator(run.bed, link_of_box, runtime.table.request_bytes,

@@ -111,8 +111,6 @@ class EvalConfig:
 
 def run_eval(config: EvalConfig) -> str:
     """Runs the evaluation; returns the results.jsonl path. Raises TestbedError, RosterError."""
-    if config.bandwidth and config.placement is not None and config.placement.roster:
-        raise TestbedError("--bandwidth: not yet on real boxes")
     with harness.running(config.shards, config.out, config.scenario, config.num_agents,
                          emulate=config.emulating, dtype=config.dtype,
                          placement=config.placement, cell=bool(config.bandwidth),

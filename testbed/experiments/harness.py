@@ -158,7 +158,7 @@ def running(shards: str, out: str, scenario: str, num_agents: int | None = None,
     if total_bandwidth_hz is not None:
         loaded = scenarios.with_total_bandwidth(loaded, total_bandwidth_hz)
     if placement.roster:
-        endpoints = beds.check_roster_scenario(placement, loaded, num_agents, emulate)
+        endpoints = beds.check_roster_scenario(placement, loaded, num_agents, emulate, cell)
         num_agents = len(endpoints)
     else:
         num_agents = num_agents or manifest.num_experts
@@ -169,13 +169,14 @@ def running(shards: str, out: str, scenario: str, num_agents: int | None = None,
     os.makedirs(out, exist_ok=True)
     if cell:
         from testbed.experiments.cell_bed import open_cell_bed
-        from testbed.links.spec import TestbedError
 
-        if placement.roster:
-            raise TestbedError("--bandwidth: not yet on real boxes")
         bed = open_cell_bed(shards, num_agents, loaded, agent_args or {}, wire_bytes,
-                            os.path.join(out, STATE_DIR_NAME))
-        endpoints, on_host, shapes = list(bed.endpoints), num_agents, None
+                            os.path.join(out, STATE_DIR_NAME), roster=placement.roster)
+        if placement.roster:  # the user's agents, named as the roster names them
+            on_host = beds.agents_on_host(placement, endpoints)
+        else:
+            endpoints, on_host = list(bed.endpoints), num_agents
+        shapes = None
     elif placement.roster:
         bed = beds.open_roster_bed(placement, shapes, endpoints)
         on_host = beds.agents_on_host(placement, endpoints)

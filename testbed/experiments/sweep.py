@@ -82,8 +82,6 @@ def _quality(model, tokenizer, config: SweepConfig) -> dict:
 
 def run_sweep(config: SweepConfig) -> str:
     """Runs the sweep; returns the results.jsonl path. Raises TestbedError, RosterError."""
-    if config.bandwidth and config.placement is not None and config.placement.roster:
-        raise TestbedError("--bandwidth: not yet on real boxes")
     cell_on = bool(config.bandwidth)
     with harness.running(config.shards, config.out, config.scenario, config.num_agents,
                          placement=config.placement, latency=config.latency, emulate=cell_on,
