@@ -1,5 +1,5 @@
-"""Our agents on loopback behind ONE shared cell (testbed/links/cell.py): the bed `testbed eval
---bandwidth` runs on (issue 23).
+"""Our agents on loopback, or the user's agents a roster names, behind ONE shared cell
+(testbed/links/cell.py) on this machine: the bed `testbed eval --bandwidth` runs on (issue 23).
 
 Every agent's link crosses the cell process, which serialises its bytes at the Shannon rate of
 the link's share of the cell's bandwidth B under the policy in force (static, shared, joint).

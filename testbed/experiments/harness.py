@@ -144,8 +144,9 @@ def running(shards: str, out: str, scenario: str, num_agents: int | None = None,
     are without it). Every link is measured before the session opens (`Run.links`).
     EMULATE: a `[paper]` scenario's emulated model sets the wire time and, on our own agents,
     paces their compute (scenarios.bring_up); real boxes compute at their own speed.
-    CELL: our agents on loopback behind one shared cell (cell_bed; `Run.bed.set_policy`),
-    its bandwidth TOTAL_BANDWIDTH_HZ (default: the scenario's).
+    CELL: our agents on loopback, or the roster's, behind one shared cell on this machine
+    (cell_bed; `Run.bed.set_policy`), its bandwidth TOTAL_BANDWIDTH_HZ (default: the
+    scenario's).
     Everything is taken down when the block ends, raised or not. Raises TestbedError,
     RosterError."""
     from shard_tool.manifest import load_manifest
