@@ -250,7 +250,8 @@ def _measure(args, roster, agents, room, text):
                 figures["rtt_ms"], figures["throughput_mbit_s"],
                 figures["compute_us_per_token"],
                 links.expected_time_s(link.state, one_bytes, one_bytes, 1, 1), capacity))
-        measured = measure_text(session, text) if text is not None else None
+        measured = measure_text(session, text, progress=sys.stderr.isatty()) \
+            if text is not None else None
     finally:
         session.close()
     return boxes, measured
@@ -281,9 +282,10 @@ def probe(session, calls: int, deadline_s: float) -> None:
             client.count_late()
 
 
-def measure_text(session, text: str):
+def measure_text(session, text: str, progress: bool = False):
     """Popularity of `text` run through the model at θ = 0, in independent chunks of at most
-    TEXT_CHUNK_TOKENS (one prefill pass each): (Popularity, source line)."""
+    TEXT_CHUNK_TOKENS (one prefill pass each), with a bar on a terminal: (Popularity, source
+    line)."""
     from basestation.generate import context_length, prompt_logits
     from basestation.popularity import Popularity
 
@@ -293,11 +295,20 @@ def measure_text(session, text: str):
     popularity = Popularity(runtime.table.num_experts)
     previous = getattr(runtime, "popularity", None)
     runtime.popularity = popularity
+    bar = None
+    if progress:
+        from tqdm import tqdm
+
+        bar = tqdm(total=ids.shape[1], desc="plan --text", unit="token", file=sys.stderr)
     try:
         for first in range(0, ids.shape[1], chunk):
             prompt_logits(session, ids[:, first:first + chunk], theta=0.0)
+            if bar is not None:
+                bar.update(min(chunk, ids.shape[1] - first))
     finally:
         runtime.popularity = previous
+        if bar is not None:
+            bar.close()
     return popularity, (f"popularity measured on the text: {ids.shape[1]} tokens in "
                         f"{-(-ids.shape[1] // chunk)} chunks, {popularity.slots} slots counted")
 
