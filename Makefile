@@ -32,8 +32,12 @@ $(VENV)/.installed: pyproject.toml
 lint: install
 	$(BIN)/ruff check .
 
+# Two workers, each test file on one of them (its module fixtures, its order): the suite's
+# tests mostly wait on the processes they start, and hold their windows with two suites at
+# once on two cores. TEST_WORKERS=0 runs them in this process, one after another.
+TEST_WORKERS ?= 2
 test: lint
-	$(BIN)/python -m pytest -q --durations=20
+	$(BIN)/python -m pytest -q --durations=20 -n $(TEST_WORKERS) --dist loadfile
 
 # Pure functions and baby models only: no processes, no sockets, seconds each.
 test-fast: install
