@@ -235,8 +235,15 @@ class Engine:
             if not self._manager.is_running() and not self._restart_generation():
                 return
             if idle and time.monotonic() - last_poll_s >= IDLE_POLL_S:
-                with self._manager.pause():  # dead agents come back while idle
-                    self.session.poll_probes(0.0)
+                try:
+                    with self._manager.pause():  # dead agents come back while idle
+                        self.session.poll_probes(0.0)
+                except RuntimeError:
+                    # the generation loop ended between is_running() and the pause (the
+                    # library then refuses or ends the pause): restarted on the next turn
+                    if self._manager.is_running():
+                        raise
+                    continue
                 last_poll_s = time.monotonic()
             with self._lock:
                 if not self._stopping and not (self._pending and self._room()):

@@ -302,6 +302,31 @@ def test_a_generation_loop_that_died_anyway_is_started_again(engine, failing_for
     assert_clean_and_alive(engine)
 
 
+def test_a_loop_that_ends_as_the_idle_engine_pauses_it_is_started_again(engine, monkeypatch):
+    """Regression (CI, two test workers on two cores): the generation loop ended between the
+    engine's is_running() and its idle pause; the library refused the pause, the engine's
+    own thread died of it, the loop was never started again and later requests hung."""
+    import contextlib
+
+    manager = engine._manager
+    restarts_before = engine._restarts
+    ended = []
+
+    @contextlib.contextmanager
+    def pause_as_the_loop_ends():
+        monkeypatch.undo()  # once
+        manager.stop(block=True, timeout=WAIT_S)  # the loop ends in the window
+        ended.append(manager.is_running())
+        with manager.pause():  # the library's own refusal
+            yield
+
+    monkeypatch.setattr(manager, "pause", pause_as_the_loop_ends)
+    wait_until(lambda: engine._restarts == restarts_before + 1, what="the loop restarted")
+    assert ended == [False]
+    outcome = Ask(engine, PROMPTS[0], tokens=4).outcome()
+    assert isinstance(outcome, Finished), outcome
+
+
 def test_a_request_that_fails_while_finishing_gets_its_error(engine, monkeypatch):
     """Regression: an exception while building the Finished event (after the request left the
     table) lost the request: its client waited for ever."""

@@ -179,9 +179,13 @@ def test_serves_concurrent_streams_over_replicas_each_as_alone(start_agent,  # n
     """`serve`'s batches (8 sequences a step) spread each replicated expert's tokens over its
     replicas: every greedy answer is token for token what it is alone, both replicas computed,
     nothing was re-sent or dropped, and /metrics counts the replicas' tokens."""
-    import threading
-
-    from test_serve import CONCURRENT_PROMPTS, ServerProcess, http, stream_completion
+    from test_serve import (
+        CONCURRENT_PROMPTS,
+        ServerProcess,
+        concurrent_completions,
+        http,
+        stream_completion,
+    )
 
     a, b, c = (start_agent("--expert", spec, "--shards", tiny_split, "--bind",
                            "tcp://127.0.0.1:*") for spec in ("0-3", "4-7", "4-7"))
@@ -192,18 +196,7 @@ def test_serves_concurrent_streams_over_replicas_each_as_alone(start_agent,  # n
         server.wait_ready()
         tokens = 12
         alone = [stream_completion(server, p, tokens) for p in CONCURRENT_PROMPTS]
-        results: list = [None] * len(CONCURRENT_PROMPTS)
-        start = threading.Barrier(len(results))
-
-        def client(i: int) -> None:
-            start.wait()
-            results[i] = stream_completion(server, CONCURRENT_PROMPTS[i], tokens)
-
-        threads = [threading.Thread(target=client, args=(i,)) for i in range(len(results))]
-        for t in threads:
-            t.start()
-        for t in threads:
-            t.join(180)
+        results = concurrent_completions(server, CONCURRENT_PROMPTS, tokens)
         _, state = http(server.url + "/v1/wdmoe/state")
         _, metrics = http(server.url + "/metrics")
     finally:

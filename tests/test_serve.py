@@ -389,24 +389,31 @@ def batch_histogram(server) -> dict[str, float]:
             for line in text.splitlines() if line.startswith("wdmoe_batch_sequences_bucket")}
 
 
+def concurrent_completions(server, prompts: list[str], tokens: int) -> list:
+    """Each prompt streamed greedily by its own client thread, all started at once: (text,
+    finish) per prompt, in order."""
+    results: list = [None] * len(prompts)
+    start = threading.Barrier(len(prompts))
+
+    def client(i: int) -> None:
+        start.wait()
+        results[i] = stream_completion(server, prompts[i], tokens)
+
+    threads = [threading.Thread(target=client, args=(i,)) for i in range(len(prompts))]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(180)
+    return results
+
+
 def test_eight_concurrent_streams_equal_each_alone(server):
     """Greedy, θ = 0, float32: every answer of 8 requests decoded together is token for token
     the answer it gets alone, and the steps really carried several sequences."""
     tokens = 16
     alone = [stream_completion(server, p, tokens) for p in CONCURRENT_PROMPTS]
     before = batch_histogram(server)
-    results: list = [None] * len(CONCURRENT_PROMPTS)
-    start = threading.Barrier(len(CONCURRENT_PROMPTS))
-
-    def client(i: int) -> None:
-        start.wait()
-        results[i] = stream_completion(server, CONCURRENT_PROMPTS[i], tokens)
-
-    threads = [threading.Thread(target=client, args=(i,)) for i in range(len(results))]
-    for t in threads:
-        t.start()
-    for t in threads:
-        t.join(180)
+    results = concurrent_completions(server, CONCURRENT_PROMPTS, tokens)
     assert results == alone
     assert all(finish == "length" and text for text, finish in results)
     after = batch_histogram(server)
