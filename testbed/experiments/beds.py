@@ -50,10 +50,16 @@ class AsIsBoxes:
 
 def roster_endpoints(roster: str) -> list[str]:
     """The roster's agent endpoints in its order. Raises TestbedError."""
-    from basestation.roster import RosterError, read_roster_agents
+    return [agent.endpoint for agent in read_roster(roster)[0]]
+
+
+def read_roster(roster: str) -> tuple[list, str | None]:
+    """The roster's agents (basestation.roster.RosterAgent, in its order) and its [basestation]
+    key folder (None without one). Raises TestbedError."""
+    from basestation.roster import RosterError, read_roster_agents, read_roster_keys
 
     try:
-        return [agent.endpoint for agent in read_roster_agents(roster)]
+        return read_roster_agents(roster), read_roster_keys(roster)
     except RosterError as e:
         raise TestbedError(str(e)) from None
 

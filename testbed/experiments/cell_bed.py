@@ -91,7 +91,6 @@ class CellBed:
     policy: str = "static"
     epoch: int = 0
     current: dict = field(default_factory=dict)  # the settings the cell runs with
-    expert_groups: list[tuple[int, ...]] = field(default_factory=list)  # each link's experts
     backend: str = BACKEND
     dev: str | None = None
     _lock: threading.Lock = field(default_factory=threading.Lock)
@@ -158,8 +157,8 @@ def open_cell_bed(shards: str, num_agents: int, scenario, agent_args: dict,
                            "that emulates a model")
     os.makedirs(state_dir, exist_ok=True)
     if roster is not None:
-        agents, links_of, keys, source = None, _roster_links(roster), _roster_keys(roster), \
-            f"{roster} through the shared cell"
+        agents, source = None, f"{roster} through the shared cell"
+        links_of, keys = _roster_links(roster)
     else:
         agents = links.up(shards, num_agents, None, state_dir=state_dir,
                           agent_args=agent_args, mode=links.LOOPBACK)
@@ -178,7 +177,6 @@ def open_cell_bed(shards: str, num_agents: int, scenario, agent_args: dict,
                       paper, wire_slowdown(paper.emulate, wire_bytes_per_token)
                       if wire_bytes_per_token else 1.0, listens,  # not emulating: our bytes
                       [_hostport(endpoint) for _, endpoint, _ in links_of],
-                      expert_groups=[group for group, _, _ in links_of],
                       backend=BACKEND if roster is None else ROSTER_BACKEND)
         with bed._lock:
             bed._write(wait=False)
@@ -201,29 +199,18 @@ def open_cell_bed(shards: str, num_agents: int, scenario, agent_args: dict,
     return bed
 
 
-def _roster_links(roster: str) -> list[tuple[tuple[int, ...], str, str | None]]:
-    """(experts, endpoint, public key) of each agent ROSTER names, in its order: the cell's
-    links. The cell relays TCP. Raises TestbedError."""
-    from basestation.roster import RosterError, read_roster_agents
+def _roster_links(roster: str) -> tuple[list[tuple[tuple[int, ...], str, str | None]],
+                                         str | None]:
+    """(experts, endpoint, public key) of each agent ROSTER names, in its order (the cell's
+    links), and its key folder. The cell relays TCP. Raises TestbedError."""
+    from testbed.experiments.beds import read_roster
 
-    try:
-        agents = read_roster_agents(roster)
-    except RosterError as e:
-        raise TestbedError(str(e)) from None
+    agents, keys = read_roster(roster)
     for agent in agents:
         if not agent.endpoint.startswith("tcp://"):
             raise TestbedError(f"--bandwidth: the cell relays TCP; agent {agent.endpoint} is not "
                                "tcp://HOST:PORT")
-    return [(tuple(sorted(a.experts)), a.endpoint, a.public_key) for a in agents]
-
-
-def _roster_keys(roster: str) -> str | None:
-    from basestation.roster import RosterError, read_roster_keys
-
-    try:
-        return read_roster_keys(roster)
-    except RosterError as e:
-        raise TestbedError(str(e)) from None
+    return [(tuple(sorted(a.experts)), a.endpoint, a.public_key) for a in agents], keys
 
 
 class ShareLedger:
